@@ -1,0 +1,180 @@
+//! Sealing small payloads (snapshot headers) to the vault's member list with age.
+//!
+//! age gives us multi-recipient encryption with a well-reviewed format: one file key wrapped
+//! once per member, so any single member identity can open it, and a removed member is
+//! simply left out of the next seal.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::str::FromStr;
+
+use age::secrecy::ExposeSecret;
+
+use crate::CryptoError;
+
+/// A device's age X25519 identity (private).
+#[derive(Clone)]
+pub struct AgeIdentity(age::x25519::Identity);
+
+/// The public recipient for an [`AgeIdentity`], listed in the vault's member list.
+#[derive(Clone)]
+pub struct AgeRecipient(age::x25519::Recipient);
+
+impl AgeIdentity {
+    pub fn generate() -> Self {
+        Self(age::x25519::Identity::generate())
+    }
+
+    pub fn recipient(&self) -> AgeRecipient {
+        AgeRecipient(self.0.to_public())
+    }
+
+    /// Bech32 `AGE-SECRET-KEY-1…` form, for the key file.
+    pub fn to_secret_string(&self) -> String {
+        self.0.to_string().expose_secret().to_string()
+    }
+}
+
+impl FromStr for AgeIdentity {
+    type Err = CryptoError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        age::x25519::Identity::from_str(s.trim())
+            .map(Self)
+            .map_err(|e| CryptoError::Parse {
+                what: "age identity",
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl fmt::Debug for AgeIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AgeIdentity(<redacted>, {})", self.recipient())
+    }
+}
+
+impl FromStr for AgeRecipient {
+    type Err = CryptoError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        age::x25519::Recipient::from_str(s.trim())
+            .map(Self)
+            .map_err(|e| CryptoError::Parse {
+                what: "age recipient",
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl fmt::Display for AgeRecipient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Debug for AgeRecipient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AgeRecipient({})", self.0)
+    }
+}
+
+impl PartialEq for AgeRecipient {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+impl Eq for AgeRecipient {}
+
+/// Encrypt `plaintext` so that any one of `recipients` can open it.
+pub fn seal_to(recipients: &[AgeRecipient], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    if recipients.is_empty() {
+        return Err(CryptoError::NoRecipients);
+    }
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| &r.0 as &dyn age::Recipient))
+            .map_err(|e| CryptoError::Seal(e.to_string()))?;
+    let mut out = Vec::with_capacity(plaintext.len() + 200 * recipients.len());
+    let mut writer = encryptor
+        .wrap_output(&mut out)
+        .map_err(|e| CryptoError::Seal(e.to_string()))?;
+    writer
+        .write_all(plaintext)
+        .and_then(|_| writer.finish().map(|_| ()))
+        .map_err(|e| CryptoError::Seal(e.to_string()))?;
+    Ok(out)
+}
+
+/// Decrypt data produced by [`seal_to`]. Fails with [`CryptoError::Open`] if `identity` is not
+/// among the recipients or any byte was altered (age authenticates header and payload).
+pub fn open_sealed(identity: &AgeIdentity, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let decryptor =
+        age::Decryptor::new_buffered(sealed).map_err(|e| CryptoError::Open(e.to_string()))?;
+    let mut reader = decryptor
+        .decrypt(std::iter::once(&identity.0 as &dyn age::Identity))
+        .map_err(|e| CryptoError::Open(e.to_string()))?;
+    let mut out = Vec::new();
+    reader
+        .read_to_end(&mut out)
+        .map_err(|e| CryptoError::Open(e.to_string()))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_recipient_can_open() {
+        let ids: Vec<_> = (0..3).map(|_| AgeIdentity::generate()).collect();
+        let recips: Vec<_> = ids.iter().map(|i| i.recipient()).collect();
+        let sealed = seal_to(&recips, b"header bytes").unwrap();
+        for id in &ids {
+            assert_eq!(open_sealed(id, &sealed).unwrap(), b"header bytes");
+        }
+    }
+
+    #[test]
+    fn outsider_cannot_open() {
+        let member = AgeIdentity::generate();
+        let outsider = AgeIdentity::generate();
+        let sealed = seal_to(&[member.recipient()], b"secret").unwrap();
+        assert!(matches!(
+            open_sealed(&outsider, &sealed),
+            Err(CryptoError::Open(_))
+        ));
+    }
+
+    #[test]
+    fn every_tampered_byte_is_detected() {
+        let id = AgeIdentity::generate();
+        let sealed = seal_to(&[id.recipient()], b"some header payload").unwrap();
+        for i in 0..sealed.len() {
+            let mut t = sealed.clone();
+            t[i] ^= 0x01;
+            assert!(
+                open_sealed(&id, &t)
+                    .map(|p| p != b"some header payload")
+                    .unwrap_or(true),
+                "flip at byte {i} went undetected"
+            );
+        }
+        for cut in [0, 1, sealed.len() / 2, sealed.len() - 1] {
+            assert!(open_sealed(&id, &sealed[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn no_recipients_is_an_error() {
+        assert!(matches!(seal_to(&[], b"x"), Err(CryptoError::NoRecipients)));
+    }
+
+    #[test]
+    fn identity_and_recipient_strings_round_trip() {
+        let id = AgeIdentity::generate();
+        let id2: AgeIdentity = id.to_secret_string().parse().unwrap();
+        assert_eq!(id.recipient(), id2.recipient());
+        let r: AgeRecipient = id.recipient().to_string().parse().unwrap();
+        assert_eq!(r, id.recipient());
+        assert!("age1notakey".parse::<AgeRecipient>().is_err());
+        assert!("garbage".parse::<AgeIdentity>().is_err());
+    }
+}

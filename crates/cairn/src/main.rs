@@ -1,0 +1,98 @@
+//! The `cairn` command: the binary edge of the project, where library errors become
+//! messages for people. Everything with logic lives in the library crates.
+
+mod state;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use state::{VaultState, default_data_dir};
+
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "End-to-end encrypted, peer-to-peer synced folder"
+)]
+struct Cli {
+    /// Where vault state (keys, store, registry) lives.
+    #[arg(long, global = true, env = "CAIRN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Which vault on this device to use.
+    #[arg(long, global = true, default_value = "default", env = "CAIRN_VAULT")]
+    vault: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new vault on this device.
+    Init {
+        /// Print the 24-word recovery phrase (write it down: it is the only way back if
+        /// every device is lost).
+        #[arg(long)]
+        show_phrase: bool,
+    },
+    /// Create the vault if there is none, then show it (idempotent).
+    Ensure,
+    /// Show this device's vault identity.
+    Status,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("cairn: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let data_dir = match cli.data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    match cli.command {
+        Command::Init { show_phrase } => {
+            let s = VaultState::create(&data_dir, &cli.vault)?;
+            println!("created vault {:?}", s.name);
+            print_identity(&s);
+            if show_phrase {
+                println!("recovery phrase: {}", s.secret.to_phrase());
+            }
+        }
+        Command::Ensure => {
+            let s = match VaultState::load(&data_dir, &cli.vault) {
+                Ok(s) => s,
+                Err(_)
+                    if !state::vault_dir(&data_dir, &cli.vault)
+                        .join("vault.secret")
+                        .exists() =>
+                {
+                    let s = VaultState::create(&data_dir, &cli.vault)?;
+                    println!("created vault {:?}", s.name);
+                    s
+                }
+                Err(e) => return Err(e),
+            };
+            print_identity(&s);
+        }
+        Command::Status => print_identity(&VaultState::load(&data_dir, &cli.vault)?),
+    }
+    Ok(())
+}
+
+fn print_identity(s: &VaultState) {
+    println!("vault id:  {}", s.secret.vault_id());
+    println!("device id: {}", s.device.device_id());
+    println!("state dir: {}", s.dir.display());
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly what CI runs: set-up, formatting, lints, every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+
+echo "== cargo clippy -D warnings" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests" >&2
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+    cargo test --workspace --locked --doc
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
