@@ -1,0 +1,461 @@
+//! SQLite persistence of registry heads, the log of accepted entries, and the member list.
+//!
+//! Settings and why:
+//! - WAL journal: readers never block the single writer, and several handles (threads or
+//!   processes: the mount daemon and the CLI) share one file.
+//! - `synchronous = FULL`: with WAL, NORMAL keeps the file consistent but may forget the last
+//!   commits on power loss. An accepted entry is pushed to peers right after the commit; if
+//!   we then forgot it, this device would sign a *different* payload under the same revision
+//!   after reboot and every peer would refuse it as a conflict. One fsync per publish is a
+//!   small price for never equivocating by accident.
+//! - `BEGIN IMMEDIATE` for every mutation: the compare-and-swap reads the head and writes the
+//!   new one; taking the write lock up front makes that read+write atomic across
+//!   connections and processes (a deferred transaction could read, then fail to upgrade).
+//! - `busy_timeout`: waiting writers block in SQLite instead of failing at once.
+//!
+//! Revisions are stored as 8-byte big-endian blobs: SQLite integers are signed 64-bit, and
+//! blob comparison of big-endian bytes orders them like the `u64` they are.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_crypto::{DeviceId, VaultId};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::accept::{Outcome, check_authentic, check_cas};
+use crate::{Payload, RegistryEntry, RegistryError, Revision};
+
+const SCHEMA_VERSION: i64 = 1;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entries (
+    vault       BLOB NOT NULL CHECK (length(vault) = 16),
+    device      BLOB NOT NULL CHECK (length(device) = 32),
+    revision    BLOB NOT NULL CHECK (length(revision) = 8),
+    payload     BLOB NOT NULL CHECK (length(payload) = 32),
+    signature   BLOB NOT NULL CHECK (length(signature) = 64),
+    raw         BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (vault, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entry_log (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    vault       BLOB NOT NULL,
+    device      BLOB NOT NULL,
+    revision    BLOB NOT NULL,
+    payload     BLOB NOT NULL,
+    raw         BLOB NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    UNIQUE (vault, device, revision)
+);
+CREATE TABLE IF NOT EXISTS members (
+    vault    BLOB NOT NULL CHECK (length(vault) = 16),
+    device   BLOB NOT NULL CHECK (length(device) = 32),
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (vault, device)
+) WITHOUT ROWID;
+";
+
+/// A handle to the registry database. `Send + Sync`: share one handle between threads (calls
+/// serialize on its connection) or open one handle per thread on the same file (calls run
+/// concurrently, SQLite serializes the writes).
+#[derive(Debug)]
+pub struct Registry {
+    conn: Mutex<Connection>,
+    path: Option<PathBuf>,
+}
+
+impl Registry {
+    /// Open (creating if needed) the registry at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, RegistryError> {
+        let path = path.as_ref();
+        let wrap = |source| RegistryError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(wrap)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(wrap)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(RegistryError::Corrupt(format!(
+                "{} refused WAL journal mode (got {mode}); is it on a network filesystem?",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(wrap)?;
+        Self::init(conn, Some(path.to_path_buf()))
+    }
+
+    /// A private, throw-away registry (tests, simulations).
+    pub fn open_in_memory() -> Result<Self, RegistryError> {
+        Self::init(Connection::open_in_memory()?, None)
+    }
+
+    /// Another handle on the same file, for another thread. `None` for in-memory registries.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn init(mut conn: Connection, path: Option<PathBuf>) -> Result<Self, RegistryError> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(RegistryError::UnsupportedSchema {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        tx.execute_batch(SCHEMA)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock drops any open transaction, which rolls it back,
+        // so the connection behind a poisoned mutex is still in a clean state.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Offer an entry for `vault`. Verifies it, then applies the compare-and-swap rule
+    /// atomically with respect to every other handle on the same file. A refusal leaves the
+    /// database exactly as it was.
+    pub fn put(&self, vault: &VaultId, entry: &RegistryEntry) -> Result<Outcome, RegistryError> {
+        // Signature checking needs no lock; do it before blocking other writers.
+        check_authentic(vault, entry)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let is_member = member_in(&tx, &entry.vault, &entry.device)?;
+        let held = get_in(&tx, &entry.vault, &entry.device)?;
+        let outcome = check_cas(is_member, held.as_ref(), entry)?;
+        if let Outcome::Accepted { .. } = outcome {
+            let raw = entry.encode();
+            let now = unix_millis();
+            tx.execute(
+                "INSERT OR REPLACE INTO entries
+                     (vault, device, revision, payload, signature, raw, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    &entry.vault.0[..],
+                    &entry.device.0[..],
+                    &entry.revision.0.to_be_bytes()[..],
+                    &entry.payload.0[..],
+                    &entry.signature.0[..],
+                    &raw[..],
+                    now
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO entry_log (vault, device, revision, payload, raw, accepted_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    &entry.vault.0[..],
+                    &entry.device.0[..],
+                    &entry.revision.0.to_be_bytes()[..],
+                    &entry.payload.0[..],
+                    &raw[..],
+                    now
+                ],
+            )?;
+            tx.commit()?;
+        }
+        Ok(outcome)
+    }
+
+    /// [`put`](Self::put) for bytes straight off the network.
+    pub fn put_bytes(&self, vault: &VaultId, bytes: &[u8]) -> Result<Outcome, RegistryError> {
+        self.put(vault, &RegistryEntry::decode(bytes)?)
+    }
+
+    /// The entry held for `device` in `vault`.
+    pub fn get(
+        &self,
+        vault: &VaultId,
+        device: &DeviceId,
+    ) -> Result<Option<RegistryEntry>, RegistryError> {
+        get_in(&self.conn(), vault, device)
+    }
+
+    /// Every entry held for `vault`, ordered by device id bytes, so two devices reconciling
+    /// walk their lists in the same order.
+    pub fn list(&self, vault: &VaultId) -> Result<Vec<RegistryEntry>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT vault, device, raw FROM entries WHERE vault = ?1 ORDER BY device",
+        )?;
+        let rows = stmt.query_map(params![&vault.0[..]], |row| {
+            Ok((
+                row.get::<_, Vec<u8>>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (v, d, raw) = row?;
+            out.push(decode_stored(&v, &d, &raw)?);
+        }
+        Ok(out)
+    }
+
+    /// Every (revision, payload) this registry accepted from `device` in `vault`, newest first:
+    /// the snapshots the device published, as far as this registry saw them.
+    pub fn log(
+        &self,
+        vault: &VaultId,
+        device: &DeviceId,
+    ) -> Result<Vec<(Revision, Payload)>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT revision, payload FROM entry_log
+             WHERE vault = ?1 AND device = ?2 ORDER BY revision DESC",
+        )?;
+        let rows = stmt.query_map(params![&vault.0[..], &device.0[..]], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (rev, payload) = row?;
+            let rev: [u8; 8] = rev
+                .try_into()
+                .map_err(|_| RegistryError::Corrupt("entry_log revision is not 8 bytes".into()))?;
+            let payload: [u8; 32] = payload
+                .try_into()
+                .map_err(|_| RegistryError::Corrupt("entry_log payload is not 32 bytes".into()))?;
+            out.push((Revision(u64::from_be_bytes(rev)), Payload(payload)));
+        }
+        Ok(out)
+    }
+
+    /// Allow `device`'s entries for `vault`. Returns false if it already was a member.
+    pub fn add_member(&self, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "INSERT OR IGNORE INTO members (vault, device, added_at) VALUES (?1, ?2, ?3)",
+            params![&vault.0[..], &device.0[..], unix_millis()],
+        )?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    /// Stop accepting `device`'s entries for `vault`. Entries already held stay (they are
+    /// history); deciding whether to ignore them is the engine's business. Returns false if
+    /// it was not a member.
+    pub fn remove_member(&self, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "DELETE FROM members WHERE vault = ?1 AND device = ?2",
+            params![&vault.0[..], &device.0[..]],
+        )?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    pub fn is_member(&self, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {
+        member_in(&self.conn(), vault, device)
+    }
+
+    /// Members of `vault`, ordered by device id bytes.
+    pub fn members(&self, vault: &VaultId) -> Result<Vec<DeviceId>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT device FROM members WHERE vault = ?1 ORDER BY device")?;
+        let rows = stmt.query_map(params![&vault.0[..]], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let d: [u8; 32] = row?
+                .try_into()
+                .map_err(|_| RegistryError::Corrupt("member device id is not 32 bytes".into()))?;
+            out.push(DeviceId(d));
+        }
+        Ok(out)
+    }
+}
+
+fn member_in(conn: &Connection, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM members WHERE vault = ?1 AND device = ?2")?
+        .exists(params![&vault.0[..], &device.0[..]])?)
+}
+
+fn get_in(
+    conn: &Connection,
+    vault: &VaultId,
+    device: &DeviceId,
+) -> Result<Option<RegistryEntry>, RegistryError> {
+    let raw: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT raw FROM entries WHERE vault = ?1 AND device = ?2")?
+        .query_row(params![&vault.0[..], &device.0[..]], |row| row.get(0))
+        .optional()?;
+    raw.map(|raw| decode_stored(&vault.0, &device.0, &raw))
+        .transpose()
+}
+
+/// Rebuild an entry from the stored raw bytes, the single source of truth. The signature
+/// was checked on the way in; re-checking the key columns catches a damaged file cheaply.
+fn decode_stored(vault: &[u8], device: &[u8], raw: &[u8]) -> Result<RegistryEntry, RegistryError> {
+    let entry = RegistryEntry::decode(raw)
+        .map_err(|e| RegistryError::Corrupt(format!("stored entry does not decode: {e}")))?;
+    if entry.vault.0[..] != *vault || entry.device.0[..] != *device {
+        return Err(RegistryError::Corrupt(
+            "stored entry bytes do not match its vault/device columns".into(),
+        ));
+    }
+    Ok(entry)
+}
+
+fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_crypto::DeviceKey;
+
+    #[test]
+    fn file_database_uses_wal_full_sync_and_busy_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path().join("r.db")).unwrap();
+        let conn = reg.conn();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous should be FULL");
+        let busy: i64 = conn
+            .pragma_query_value(None, "busy_timeout", |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 5000);
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        drop(Registry::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        assert!(matches!(
+            Registry::open(&path),
+            Err(RegistryError::UnsupportedSchema {
+                found: 2,
+                supported: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn members_add_remove_list() {
+        let reg = Registry::open_in_memory().unwrap();
+        let v = VaultId([1; 16]);
+        let other = VaultId([2; 16]);
+        let mut ids: Vec<DeviceId> = (0..5).map(|_| DeviceKey::generate().device_id()).collect();
+        for id in &ids {
+            assert!(reg.add_member(&v, id).unwrap());
+        }
+        assert!(!reg.add_member(&v, &ids[0]).unwrap());
+        ids.sort();
+        assert_eq!(reg.members(&v).unwrap(), ids);
+        assert!(reg.members(&other).unwrap().is_empty());
+        assert!(!reg.is_member(&other, &ids[0]).unwrap());
+        assert!(reg.remove_member(&v, &ids[2]).unwrap());
+        assert!(!reg.remove_member(&v, &ids[2]).unwrap());
+        assert!(!reg.is_member(&v, &ids[2]).unwrap());
+        ids.remove(2);
+        assert_eq!(reg.members(&v).unwrap(), ids);
+    }
+
+    #[test]
+    fn removed_member_keeps_history_but_cannot_publish() {
+        let reg = Registry::open_in_memory().unwrap();
+        let v = VaultId([1; 16]);
+        let k = DeviceKey::generate();
+        reg.add_member(&v, &k.device_id()).unwrap();
+        let e1 = RegistryEntry::sign(&k, v, Revision(1), Payload([1; 32]));
+        reg.put(&v, &e1).unwrap();
+        reg.remove_member(&v, &k.device_id()).unwrap();
+        let e2 = RegistryEntry::sign(&k, v, Revision(2), Payload([2; 32]));
+        assert!(matches!(
+            reg.put(&v, &e2),
+            Err(RegistryError::NotMember { .. })
+        ));
+        assert_eq!(reg.get(&v, &k.device_id()).unwrap(), Some(e1));
+    }
+
+    #[test]
+    fn corrupt_stored_row_is_reported_not_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let reg = Registry::open(&path).unwrap();
+        let v = VaultId([1; 16]);
+        let k = DeviceKey::generate();
+        reg.add_member(&v, &k.device_id()).unwrap();
+        reg.put(
+            &v,
+            &RegistryEntry::sign(&k, v, Revision(1), Payload([1; 32])),
+        )
+        .unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute("UPDATE entries SET raw = x'0102'", [])
+            .unwrap();
+        assert!(matches!(
+            reg.get(&v, &k.device_id()),
+            Err(RegistryError::Corrupt(_))
+        ));
+        assert!(matches!(reg.list(&v), Err(RegistryError::Corrupt(_))));
+    }
+
+    #[test]
+    fn revisions_above_i64_max_order_correctly() {
+        let reg = Registry::open_in_memory().unwrap();
+        let v = VaultId([1; 16]);
+        let k = DeviceKey::generate();
+        reg.add_member(&v, &k.device_id()).unwrap();
+        for rev in [1u64, 1 << 40, (1 << 63) + 5, u64::MAX] {
+            reg.put(
+                &v,
+                &RegistryEntry::sign(&k, v, Revision(rev), Payload([rev as u8; 32])),
+            )
+            .unwrap();
+        }
+        let revs: Vec<u64> = reg
+            .log(&v, &k.device_id())
+            .unwrap()
+            .iter()
+            .map(|(r, _)| r.0)
+            .collect();
+        assert_eq!(revs, vec![u64::MAX, (1 << 63) + 5, 1 << 40, 1]);
+        // And the CAS compares them as u64, not as signed integers.
+        let low = RegistryEntry::sign(&k, v, Revision(1 << 62), Payload([0; 32]));
+        assert!(matches!(
+            reg.put(&v, &low),
+            Err(RegistryError::Stale { .. })
+        ));
+    }
+}
