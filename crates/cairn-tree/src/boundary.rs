@@ -1,0 +1,148 @@
+//! The chunking rule: where one node ends and the next begins.
+//!
+//! Each level of the tree is a sorted sequence of items (leaf entries at level 0, child
+//! references above). A left-to-right scan cuts the sequence into nodes:
+//!
+//! 1. Before adding an item, if the open node is non-empty and adding the item would make its
+//!    encoding exceed `max_node_bytes`, the open node is closed first (hard size cap).
+//! 2. After adding an item, the node is closed if the keyed blake3 hash of
+//!    `(level, item key)` falls below `2^32 / target_fanout` (content-defined boundary).
+//!
+//! Both decisions depend only on the items of the open node and the next item, so the cut points
+//! are a pure function of the sequence. That is what makes the root independent of insertion
+//! history, and it gives `apply` its re-synchronisation property: once a freshly started scan
+//! closes a node at the same place the old tree did, everything after is identical.
+
+use crate::node::{ChildRef, LeafEntry, Node, child_item_len, header_len, leaf_item_len};
+
+/// Fixed key for the boundary hash. Mixing the level into the key makes the boundary decisions of
+/// different levels independent even though internal items reuse leaf keys.
+const BOUNDARY_KEY: [u8; 32] = *b"cairn-tree/boundary-rule/v1.....";
+
+/// Probability threshold for `target_fanout`: an item ends a node with probability
+/// `threshold / 2^32`.
+pub(crate) fn threshold_for(target_fanout: u32) -> u32 {
+    ((1u64 << 32) / u64::from(target_fanout.max(2))) as u32
+}
+
+/// Whether an item with `key` at `level` ends its node by the hash rule.
+pub fn is_boundary(level: u8, key: &[u8], threshold: u32) -> bool {
+    let mut k = BOUNDARY_KEY;
+    k[31] ^= level;
+    let h = blake3::keyed_hash(&k, key);
+    let b = h.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) < threshold
+}
+
+/// An item of one tree level, generic so leaves and internal levels share one chunker.
+pub(crate) trait ChunkItem: Clone {
+    fn key(&self) -> &[u8];
+    /// Encoded size when following an item with key `prev` in the same node.
+    fn encoded_len(&self, prev: &[u8]) -> usize;
+    /// Entries of the subtree this item stands for.
+    fn weight(&self) -> u64;
+    /// The items of `node` if it is a node of this item kind.
+    fn items(node: &Node) -> Option<&[Self]>;
+    fn into_node(items: Vec<Self>, level: u8) -> Node;
+}
+
+impl ChunkItem for LeafEntry {
+    fn key(&self) -> &[u8] {
+        &self.key
+    }
+    fn encoded_len(&self, prev: &[u8]) -> usize {
+        leaf_item_len(prev, self)
+    }
+    fn weight(&self) -> u64 {
+        1
+    }
+    fn items(node: &Node) -> Option<&[Self]> {
+        match node {
+            Node::Leaf(e) => Some(e),
+            Node::Internal { .. } => None,
+        }
+    }
+    fn into_node(items: Vec<Self>, _level: u8) -> Node {
+        Node::Leaf(items)
+    }
+}
+
+impl ChunkItem for ChildRef {
+    fn key(&self) -> &[u8] {
+        &self.key
+    }
+    fn encoded_len(&self, prev: &[u8]) -> usize {
+        child_item_len(prev, self)
+    }
+    fn weight(&self) -> u64 {
+        self.count
+    }
+    fn items(node: &Node) -> Option<&[Self]> {
+        match node {
+            Node::Internal { children, .. } => Some(children),
+            Node::Leaf(_) => None,
+        }
+    }
+    fn into_node(items: Vec<Self>, level: u8) -> Node {
+        Node::Internal {
+            level,
+            children: items,
+        }
+    }
+}
+
+/// Streaming cutter for one level. Holds only the open node.
+pub(crate) struct Chunker<T> {
+    level: u8,
+    threshold: u32,
+    max_node_bytes: usize,
+    items: Vec<T>,
+    body_len: usize,
+    /// Nodes closed so far; tells `finish` whether this level is the top.
+    pub(crate) emitted: u64,
+}
+
+impl<T: ChunkItem> Chunker<T> {
+    pub(crate) fn new(level: u8, threshold: u32, max_node_bytes: usize) -> Self {
+        Chunker {
+            level,
+            threshold,
+            max_node_bytes,
+            items: Vec::new(),
+            body_len: 0,
+            emitted: 0,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Adds `item`; closed nodes (zero, one or two) are appended to `closed`.
+    pub(crate) fn push(&mut self, item: T, closed: &mut Vec<Vec<T>>) {
+        let prev = self.items.last().map_or(&[][..], |p| p.key());
+        let mut len = item.encoded_len(prev);
+        if !self.items.is_empty()
+            && header_len(self.items.len() + 1) + self.body_len + len > self.max_node_bytes
+        {
+            closed.extend(self.take_open());
+            len = item.encoded_len(&[]);
+        }
+        let boundary = is_boundary(self.level, item.key(), self.threshold);
+        self.body_len += len;
+        self.items.push(item);
+        if boundary {
+            closed.extend(self.take_open());
+        }
+    }
+
+    /// Closes the open node if it has items.
+    pub(crate) fn take_open(&mut self) -> Option<Vec<T>> {
+        if self.items.is_empty() {
+            return None;
+        }
+        self.body_len = 0;
+        self.emitted += 1;
+        Some(std::mem::take(&mut self.items))
+    }
+}

@@ -1,0 +1,466 @@
+//! Node codec (format v1) and node identity.
+//!
+//! Layout of an encoded node:
+//!
+//! ```text
+//! u8      format version (1)
+//! u8      level: 0 = leaf, n > 0 = internal node whose children are at level n - 1
+//! varint  item count
+//! per item:
+//!   varint  shared   bytes shared with the previous key of this node (0 for the first)
+//!   varint  suffix length, then the suffix bytes
+//!   leaf:     varint value length, value bytes
+//!   internal: 32-byte child id, varint entry count of the child subtree
+//! ```
+//!
+//! Varints are unsigned LEB128. The decoder accepts exactly one encoding per node (minimal
+//! varints, maximal shared prefixes, strictly increasing keys, no trailing bytes) so that a node
+//! id names one logical node, not a family of equivalent byte strings.
+
+use std::fmt;
+
+use crate::error::DecodeError;
+
+/// Leading byte of every node produced by this version of the codec.
+pub const FORMAT_V1: u8 = 1;
+/// Longest key the format accepts. Paths longer than this are refused on input.
+pub const MAX_KEY_LEN: usize = 4 * 1024;
+/// Longest value the format accepts.
+pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// Decoder refuses inputs larger than this regardless of the writer's configuration.
+pub const MAX_ENCODED_NODE: usize = 1024 * 1024;
+/// Deepest level a node can have. Every internal node chunk holds at least two children (see
+/// `TreeConfig::validate`), so 2^64 entries fit well below this.
+pub const MAX_LEVEL: u8 = 64;
+
+/// blake3 hash of a node's encoding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub [u8; 32]);
+
+impl NodeId {
+    /// Id of `encoded` bytes.
+    pub fn of(encoded: &[u8]) -> Self {
+        NodeId(*blake3::hash(encoded).as_bytes())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits; `None` for anything else.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(NodeId(out))
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({})", self.to_hex())
+    }
+}
+
+/// One key/value pair stored in a leaf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeafEntry {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Reference from an internal node to a child subtree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildRef {
+    /// First key of the child subtree; doubles as the separator when descending.
+    pub key: Vec<u8>,
+    pub id: NodeId,
+    /// Number of entries in the child subtree, so sizes are known without walking it.
+    pub count: u64,
+}
+
+/// A decoded node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    Leaf(Vec<LeafEntry>),
+    Internal { level: u8, children: Vec<ChildRef> },
+}
+
+impl Node {
+    pub fn level(&self) -> u8 {
+        match self {
+            Node::Leaf(_) => 0,
+            Node::Internal { level, .. } => *level,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Node::Leaf(e) => e.len(),
+            Node::Internal { children, .. } => children.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn first_key(&self) -> Option<&[u8]> {
+        match self {
+            Node::Leaf(e) => e.first().map(|e| e.key.as_slice()),
+            Node::Internal { children, .. } => children.first().map(|c| c.key.as_slice()),
+        }
+    }
+
+    /// Entries in the subtree rooted here.
+    pub fn entry_count(&self) -> u64 {
+        match self {
+            Node::Leaf(e) => e.len() as u64,
+            Node::Internal { children, .. } => children.iter().map(|c| c.count).sum(),
+        }
+    }
+
+    /// Approximate heap footprint of the decoded form, used for cache accounting. Counts
+    /// allocator overhead per allocation so many tiny keys are not under-accounted.
+    pub fn heap_size(&self) -> usize {
+        const ALLOC_OVERHEAD: usize = 16;
+        let base = std::mem::size_of::<Node>() + ALLOC_OVERHEAD;
+        match self {
+            Node::Leaf(e) => {
+                base + e.capacity() * std::mem::size_of::<LeafEntry>()
+                    + e.iter()
+                        .map(|e| e.key.capacity() + e.value.capacity() + 2 * ALLOC_OVERHEAD)
+                        .sum::<usize>()
+            }
+            Node::Internal { children, .. } => {
+                base + children.capacity() * std::mem::size_of::<ChildRef>()
+                    + children
+                        .iter()
+                        .map(|c| c.key.capacity() + ALLOC_OVERHEAD)
+                        .sum::<usize>()
+            }
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.push(FORMAT_V1);
+        out.push(self.level());
+        put_varint(&mut out, self.len() as u64);
+        let mut prev: &[u8] = &[];
+        match self {
+            Node::Leaf(entries) => {
+                for e in entries {
+                    put_key(&mut out, prev, &e.key);
+                    put_varint(&mut out, e.value.len() as u64);
+                    out.extend_from_slice(&e.value);
+                    prev = &e.key;
+                }
+            }
+            Node::Internal { children, .. } => {
+                for c in children {
+                    put_key(&mut out, prev, &c.key);
+                    out.extend_from_slice(&c.id.0);
+                    put_varint(&mut out, c.count);
+                    prev = &c.key;
+                }
+            }
+        }
+        out
+    }
+
+    /// Parses an encoded node. Never panics; any deviation from the canonical v1 encoding is an
+    /// error.
+    pub fn decode(bytes: &[u8]) -> Result<Node, DecodeError> {
+        if bytes.len() > MAX_ENCODED_NODE {
+            return Err(DecodeError::NodeTooLarge(bytes.len()));
+        }
+        let mut r = Reader { buf: bytes, pos: 0 };
+        let version = r.byte().map_err(|_| DecodeError::Empty)?;
+        if version != FORMAT_V1 {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let level = r.byte()?;
+        if level > MAX_LEVEL {
+            return Err(DecodeError::LevelTooHigh(level));
+        }
+        let n = r.varint()?;
+        // Every item takes at least 3 bytes; bounding the pre-allocation by the input length
+        // keeps a forged count from reserving gigabytes.
+        let cap = (n as usize).min(r.remaining() / 3);
+        let node = if level == 0 {
+            let mut entries: Vec<LeafEntry> = Vec::with_capacity(cap);
+            for _ in 0..n {
+                let key = r.key(entries.last().map(|e| e.key.as_slice()))?;
+                let vlen = r.varint()?;
+                if vlen > MAX_VALUE_LEN as u64 {
+                    return Err(DecodeError::ValueTooLong(vlen));
+                }
+                let value = r.take(vlen as usize)?.to_vec();
+                entries.push(LeafEntry { key, value });
+            }
+            Node::Leaf(entries)
+        } else {
+            if n == 0 {
+                return Err(DecodeError::EmptyInternal);
+            }
+            let mut children: Vec<ChildRef> = Vec::with_capacity(cap);
+            for _ in 0..n {
+                let key = r.key(children.last().map(|c| c.key.as_slice()))?;
+                let mut id = [0u8; 32];
+                id.copy_from_slice(r.take(32)?);
+                let count = r.varint()?;
+                if count == 0 {
+                    return Err(DecodeError::ZeroCount);
+                }
+                children.push(ChildRef {
+                    key,
+                    id: NodeId(id),
+                    count,
+                });
+            }
+            Node::Internal { level, children }
+        };
+        if r.remaining() != 0 {
+            return Err(DecodeError::TrailingBytes(r.remaining()));
+        }
+        Ok(node)
+    }
+}
+
+pub(crate) fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+pub(crate) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn put_key(out: &mut Vec<u8>, prev: &[u8], key: &[u8]) {
+    let shared = common_prefix(prev, key);
+    put_varint(out, shared as u64);
+    put_varint(out, (key.len() - shared) as u64);
+    out.extend_from_slice(&key[shared..]);
+}
+
+/// Encoded size of the key part of an item that follows `prev` in the same node.
+pub(crate) fn key_encoded_len(prev: &[u8], key: &[u8]) -> usize {
+    let shared = common_prefix(prev, key);
+    let suffix = key.len() - shared;
+    varint_len(shared as u64) + varint_len(suffix as u64) + suffix
+}
+
+pub(crate) fn leaf_item_len(prev: &[u8], e: &LeafEntry) -> usize {
+    key_encoded_len(prev, &e.key) + varint_len(e.value.len() as u64) + e.value.len()
+}
+
+pub(crate) fn child_item_len(prev: &[u8], c: &ChildRef) -> usize {
+    key_encoded_len(prev, &c.key) + 32 + varint_len(c.count)
+}
+
+/// Size of the fixed part of a node holding `n` items.
+pub(crate) fn header_len(n: usize) -> usize {
+    2 + varint_len(n as u64)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = *self.buf.get(self.pos).ok_or(DecodeError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.remaining() {
+            return Err(DecodeError::Truncated);
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        let mut shift = 0u32;
+        loop {
+            let b = self.byte()?;
+            if shift == 63 && b > 1 {
+                return Err(DecodeError::VarintOverflow);
+            }
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                if b == 0 && shift > 0 {
+                    return Err(DecodeError::NonCanonical("varint has trailing zero byte"));
+                }
+                return Ok(value);
+            }
+            shift += 7;
+        }
+    }
+
+    fn key(&mut self, prev: Option<&[u8]>) -> Result<Vec<u8>, DecodeError> {
+        let prev_bytes = prev.unwrap_or(&[]);
+        let shared = self.varint()?;
+        if shared > prev_bytes.len() as u64 {
+            return Err(DecodeError::BadPrefix {
+                shared,
+                prev_len: prev_bytes.len(),
+            });
+        }
+        let shared = shared as usize;
+        let suffix_len = self.varint()?;
+        let total = shared as u64 + suffix_len;
+        if total > MAX_KEY_LEN as u64 {
+            return Err(DecodeError::KeyTooLong(total));
+        }
+        let suffix = self.take(suffix_len as usize)?;
+        if shared < prev_bytes.len() && suffix.first() == Some(&prev_bytes[shared]) {
+            return Err(DecodeError::NonCanonical("shared prefix not maximal"));
+        }
+        let mut key = Vec::with_capacity(total as usize);
+        key.extend_from_slice(&prev_bytes[..shared]);
+        key.extend_from_slice(suffix);
+        if prev.is_some_and(|p| key.as_slice() <= p) {
+            return Err(DecodeError::UnsortedKeys);
+        }
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_leaf() -> Node {
+        Node::Leaf(vec![
+            LeafEntry {
+                key: b"".to_vec(),
+                value: b"root".to_vec(),
+            },
+            LeafEntry {
+                key: b"a/".to_vec(),
+                value: vec![],
+            },
+            LeafEntry {
+                key: b"a/b.txt".to_vec(),
+                value: vec![7; 300],
+            },
+            LeafEntry {
+                key: b"a/c.txt".to_vec(),
+                value: b"x".to_vec(),
+            },
+        ])
+    }
+
+    #[test]
+    fn leaf_and_internal_round_trip() {
+        let leaf = sample_leaf();
+        assert_eq!(Node::decode(&leaf.encode()).unwrap(), leaf);
+        let internal = Node::Internal {
+            level: 3,
+            children: vec![
+                ChildRef {
+                    key: b"a".to_vec(),
+                    id: NodeId([1; 32]),
+                    count: 1,
+                },
+                ChildRef {
+                    key: b"ab".to_vec(),
+                    id: NodeId([2; 32]),
+                    count: u64::MAX,
+                },
+            ],
+        };
+        assert_eq!(Node::decode(&internal.encode()).unwrap(), internal);
+    }
+
+    #[test]
+    fn prefix_compression_shrinks_shared_paths() {
+        let leaf = sample_leaf();
+        let raw: usize = 4 + 300 + 1 + 2 + 7 + 7;
+        assert!(leaf.encode().len() < raw + 4 * 3 + 3);
+        // "a/c.txt" after "a/b.txt" stores only "c.txt".
+        let enc = leaf.encode();
+        assert!(enc.windows(5).any(|w| w == b"c.txt"));
+        assert!(!enc.windows(7).any(|w| w == b"a/c.txt"));
+    }
+
+    #[test]
+    fn computed_item_sizes_match_encoding() {
+        let leaf = sample_leaf();
+        let Node::Leaf(entries) = &leaf else {
+            unreachable!()
+        };
+        let mut prev: &[u8] = &[];
+        let mut total = header_len(entries.len());
+        for e in entries {
+            total += leaf_item_len(prev, e);
+            prev = &e.key;
+        }
+        assert_eq!(total, leaf.encode().len());
+    }
+
+    #[test]
+    fn rejects_non_canonical_forms() {
+        assert_eq!(Node::decode(&[]), Err(DecodeError::Empty));
+        assert_eq!(
+            Node::decode(&[2, 0, 0]),
+            Err(DecodeError::UnknownVersion(2))
+        );
+        assert_eq!(
+            Node::decode(&[1, 0, 0, 0]),
+            Err(DecodeError::TrailingBytes(1))
+        );
+        assert_eq!(Node::decode(&[1, 1, 0]), Err(DecodeError::EmptyInternal));
+        // count 0 written as two bytes
+        assert!(matches!(
+            Node::decode(&[1, 0, 0x80, 0x00]),
+            Err(DecodeError::NonCanonical(_))
+        ));
+        // duplicate key
+        let dup = [1, 0, 2, 0, 1, b'a', 0, 1, 0, 0];
+        assert_eq!(Node::decode(&dup), Err(DecodeError::UnsortedKeys));
+        // "ab" then "ac" with shared=0: valid keys, but prefix not maximal
+        let loose = [1, 0, 2, 0, 2, b'a', b'b', 0, 0, 2, b'a', b'c', 0];
+        assert!(matches!(
+            Node::decode(&loose),
+            Err(DecodeError::NonCanonical(_))
+        ));
+        // 11-byte varint
+        let mut huge = vec![1, 0];
+        huge.extend([0xff; 10]);
+        huge.push(0x01);
+        assert_eq!(Node::decode(&huge), Err(DecodeError::VarintOverflow));
+    }
+}

@@ -1,0 +1,435 @@
+//! Bad input, missing and tampered nodes, stores and cache bounds.
+
+mod common;
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use cairn_tree::{
+    CacheConfig, DecodeError, Edit, FileNodeStore, FileStoreOptions, LeafEntry, MAX_KEY_LEN,
+    MAX_VALUE_LEN, MemoryNodeStore, Node, NodeId, NodeStore, Result, Tree, TreeConfig, TreeError,
+};
+use common::*;
+use proptest::prelude::*;
+
+fn arb_node() -> impl Strategy<Value = Node> {
+    let leaf = prop::collection::btree_map(
+        prop::collection::vec(any::<u8>(), 0..12),
+        prop::collection::vec(any::<u8>(), 0..20),
+        0..8,
+    )
+    .prop_map(|m| {
+        Node::Leaf(
+            m.into_iter()
+                .map(|(key, value)| LeafEntry { key, value })
+                .collect(),
+        )
+    });
+    let internal = (
+        1u8..5,
+        prop::collection::btree_map(
+            prop::collection::vec(any::<u8>(), 0..12),
+            (any::<[u8; 32]>(), 1u64..u64::MAX),
+            1..8,
+        ),
+    )
+        .prop_map(|(level, m)| Node::Internal {
+            level,
+            children: m
+                .into_iter()
+                .map(|(key, (id, count))| cairn_tree::ChildRef {
+                    key,
+                    id: NodeId(id),
+                    count,
+                })
+                .collect(),
+        });
+    prop_oneof![leaf, internal]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        let r = Node::decode(&bytes);
+        if bytes.first() != Some(&cairn_tree::FORMAT_V1) {
+            prop_assert!(r.is_err());
+        }
+        if let Ok(n) = r {
+            // Whatever decodes must be in canonical form.
+            prop_assert_eq!(n.encode(), bytes);
+        }
+    }
+
+    #[test]
+    fn valid_nodes_round_trip_and_damage_is_detected(node in arb_node(), flip in any::<(usize, u8)>()) {
+        let bytes = node.encode();
+        prop_assert_eq!(Node::decode(&bytes).unwrap(), node);
+        for cut in 0..bytes.len() {
+            prop_assert!(Node::decode(&bytes[..cut]).is_err(), "prefix {} decoded", cut);
+        }
+        let mut extended = bytes.clone();
+        extended.push(0);
+        prop_assert!(Node::decode(&extended).is_err());
+
+        let mut damaged = bytes.clone();
+        let pos = flip.0 % damaged.len();
+        damaged[pos] ^= flip.1.max(1);
+        let _ = Node::decode(&damaged); // must not panic
+        // Through a tree, damage is always caught by the id check.
+        let store = MemoryNodeStore::new();
+        let id = NodeId::of(&bytes);
+        store.put(&id, &damaged).unwrap();
+        let tree = Tree::new(store);
+        // The empty leaf is the well-known empty root and never read from a store.
+        if id != Tree::<MemoryNodeStore>::empty_root() {
+            let is_mismatch = matches!(tree.read_node(&id), Err(TreeError::HashMismatch { .. }));
+            prop_assert!(is_mismatch);
+        }
+    }
+}
+
+#[test]
+fn well_hashed_garbage_is_a_decode_error() {
+    let store = MemoryNodeStore::new();
+    let junk = vec![1u8, 0, 5, 0];
+    let id = NodeId::of(&junk);
+    store.put(&id, &junk).unwrap();
+    let tree = Tree::new(store);
+    match tree.get(&id, b"x") {
+        Err(TreeError::Decode { id: got, source }) => {
+            assert_eq!(got, id);
+            assert_eq!(source, DecodeError::Truncated);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn leaf_ids(tree: &Tree<MemoryNodeStore>, root: &NodeId) -> Vec<NodeId> {
+    all_nodes(tree, root)
+        .into_iter()
+        .filter(|(_, n)| n.level() == 0)
+        .map(|(id, _)| id)
+        .collect()
+}
+
+#[test]
+fn tampered_node_is_rejected_with_hash_mismatch() {
+    let tree = Tree::new(MemoryNodeStore::new());
+    let root = tree.build(path_entries(5000)).unwrap().root;
+    let victim = leaf_ids(&tree, &root)[3];
+    let Node::Leaf(entries) = &*tree.read_node(&victim).unwrap() else {
+        panic!()
+    };
+    let key = entries[0].key.clone();
+    let mut bytes = tree.store().get(&victim).unwrap().unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    tree.store().remove(&victim);
+    tree.store().put(&victim, &bytes).unwrap();
+    tree.clear_cache();
+    match tree.get(&root, &key) {
+        Err(TreeError::HashMismatch { id, actual }) => {
+            assert_eq!(id, victim);
+            assert_eq!(actual, NodeId::of(&bytes));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let scanned: Vec<_> = tree.scan_all(&root).collect();
+    assert!(matches!(
+        scanned.last(),
+        Some(Err(TreeError::HashMismatch { .. }))
+    ));
+    assert_eq!(scanned.iter().filter(|r| r.is_err()).count(), 1);
+}
+
+#[test]
+fn missing_node_is_reported_by_every_operation() {
+    let tree = Tree::new(MemoryNodeStore::new());
+    let root = tree.build(path_entries(5000)).unwrap().root;
+    let victim = leaf_ids(&tree, &root)[2];
+    let key = tree
+        .read_node(&victim)
+        .unwrap()
+        .first_key()
+        .unwrap()
+        .to_vec();
+    assert!(tree.store().remove(&victim));
+    tree.clear_cache();
+    let missing = |r: Result<()>| matches!(r, Err(TreeError::MissingNode(id)) if id == victim);
+    assert!(missing(tree.get(&root, &key).map(|_| ())));
+    assert!(missing(
+        tree.scan_all(&root).collect::<Result<Vec<_>>>().map(|_| ())
+    ));
+    assert!(missing(
+        tree.apply(&root, [Edit::Remove(key.clone())]).map(|_| ())
+    ));
+    let other = tree
+        .build(path_entries(5000).filter(|(k, _)| *k != key))
+        .unwrap()
+        .root;
+    assert!(missing(
+        tree.diff(&root, &other)
+            .collect::<Result<Vec<_>>>()
+            .map(|_| ())
+    ));
+    // Unrelated keys still resolve.
+    assert!(
+        tree.get(&root, b"dir0004/sub09/file004999.txt")
+            .unwrap()
+            .is_some()
+    );
+    let unknown = NodeId([7; 32]);
+    assert!(matches!(tree.get(&unknown, b"a"), Err(TreeError::MissingNode(id)) if id == unknown));
+}
+
+#[test]
+fn structurally_inconsistent_tree_is_corrupt() {
+    // Two individually valid nodes where the parent's separator disagrees with the child.
+    let store = MemoryNodeStore::new();
+    let leaf = Node::Leaf(vec![LeafEntry {
+        key: b"b".to_vec(),
+        value: b"1".to_vec(),
+    }]);
+    let leaf_bytes = leaf.encode();
+    let leaf_id = NodeId::of(&leaf_bytes);
+    store.put(&leaf_id, &leaf_bytes).unwrap();
+    let parent = Node::Internal {
+        level: 1,
+        children: vec![cairn_tree::ChildRef {
+            key: b"a".to_vec(),
+            id: leaf_id,
+            count: 1,
+        }],
+    };
+    let pb = parent.encode();
+    let pid = NodeId::of(&pb);
+    store.put(&pid, &pb).unwrap();
+    let tree = Tree::new(store);
+    assert!(matches!(
+        tree.get(&pid, b"b"),
+        Err(TreeError::Corrupt { id, .. }) if id == leaf_id
+    ));
+}
+
+#[test]
+fn file_store_round_trip_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<_> = path_entries(20_000).collect();
+    let root = {
+        let store =
+            FileNodeStore::open_with(dir.path(), FileStoreOptions { fsync: false }).unwrap();
+        let tree = Tree::new(store);
+        let built = tree.build(entries.clone()).unwrap();
+        let first = tree.store().path_for(&built.root);
+        assert!(first.is_file());
+        assert_eq!(
+            first
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            &built.root.to_hex()[..2]
+        );
+        built.root
+    };
+    let tree = Tree::new(FileNodeStore::open(dir.path()).unwrap());
+    assert_eq!(scan_all(&tree, &root), entries);
+    assert_eq!(
+        tree.get(&root, &entries[777].0).unwrap(),
+        Some(entries[777].1.clone())
+    );
+    // A durable update on the reopened store, then one more reopen.
+    let upd = tree
+        .apply(
+            &root,
+            [Edit::Upsert(b"dir0000/new".to_vec(), b"v".to_vec())],
+        )
+        .unwrap();
+    let tree = Tree::new(FileNodeStore::open(dir.path()).unwrap());
+    assert_eq!(
+        tree.get(&upd.root, b"dir0000/new").unwrap(),
+        Some(b"v".to_vec())
+    );
+    assert_eq!(tree.len(&upd.root).unwrap(), 20_001);
+    // No temporary files survive.
+    for sub in std::fs::read_dir(dir.path()).unwrap() {
+        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            let name = f.unwrap().file_name();
+            assert!(!name.to_string_lossy().starts_with(".tmp"), "{name:?}");
+        }
+    }
+    // A missing file is MissingNode, not an I/O error.
+    let absent = NodeId([9; 32]);
+    assert!(matches!(
+        tree.read_node(&absent),
+        Err(TreeError::MissingNode(_))
+    ));
+}
+
+#[test]
+fn store_is_shareable_across_threads() {
+    let store = Arc::new(MemoryNodeStore::new());
+    let tree = Arc::new(Tree::new(store.clone()));
+    let root = tree.build(path_entries(10_000)).unwrap().root;
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let tree = tree.clone();
+            std::thread::spawn(move || {
+                for i in (t..10_000).step_by(97) {
+                    let (k, v) = path_entries(i + 1).last().unwrap();
+                    assert_eq!(tree.get(&root, &k).unwrap(), Some(v));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(store.len() > 10);
+}
+
+#[test]
+fn cache_stays_within_byte_bound_during_scan() {
+    let max = 64 * 1024;
+    let tree = Tree::with_config(
+        MemoryNodeStore::new(),
+        TreeConfig::default(),
+        CacheConfig { max_bytes: max },
+    )
+    .unwrap();
+    let root = tree.build(path_entries(30_000)).unwrap().root;
+    let mut n = 0;
+    for r in tree.scan_all(&root) {
+        r.unwrap();
+        n += 1;
+        if n % 500 == 0 {
+            let s = tree.cache_stats();
+            assert!(s.used_bytes <= max, "{s:?}");
+        }
+    }
+    assert_eq!(n, 30_000);
+    let s = tree.cache_stats();
+    assert!(s.used_bytes <= max && s.used_bytes > 0, "{s:?}");
+    assert!(s.misses > s.nodes as u64, "cache must have evicted: {s:?}");
+}
+
+#[test]
+fn empty_tree_is_well_defined() {
+    let tree = Tree::new(MemoryNodeStore::new());
+    let empty = Tree::<MemoryNodeStore>::empty_root();
+    let built = tree.build(Vec::<(Vec<u8>, Vec<u8>)>::new()).unwrap();
+    assert_eq!(built.root, empty);
+    assert_eq!(built.stats.nodes_written, 0);
+    assert!(tree.store().is_empty());
+    assert_eq!(tree.get(&empty, b"a").unwrap(), None);
+    assert_eq!(tree.scan_all(&empty).count(), 0);
+    assert_eq!(tree.len(&empty).unwrap(), 0);
+    assert_eq!(tree.depth(&empty).unwrap(), 1);
+    let one = tree
+        .apply(
+            &empty,
+            [
+                Edit::Upsert(b"a".to_vec(), b"1".to_vec()),
+                Edit::Remove(b"b".to_vec()),
+            ],
+        )
+        .unwrap()
+        .root;
+    assert_eq!(tree.get(&one, b"a").unwrap(), Some(b"1".to_vec()));
+    let gone = tree
+        .apply(&one, [Edit::Remove(b"a".to_vec())])
+        .unwrap()
+        .root;
+    assert_eq!(gone, empty);
+    let big = tree.build(path_entries(3000)).unwrap().root;
+    let all: Vec<Edit> = path_entries(3000).map(|(k, _)| Edit::Remove(k)).collect();
+    assert_eq!(tree.apply(&big, all).unwrap().root, empty);
+    let diff: Vec<_> = tree.diff(&empty, &one).collect::<Result<_>>().unwrap();
+    assert_eq!(diff.len(), 1);
+}
+
+#[test]
+fn input_validation_errors_are_typed() {
+    let tree = Tree::new(MemoryNodeStore::new());
+    let unsorted = vec![(b"b".to_vec(), vec![]), (b"a".to_vec(), vec![])];
+    assert!(matches!(tree.build(unsorted), Err(TreeError::Unsorted { key }) if key == b"a"));
+    let dup = vec![(b"a".to_vec(), vec![]), (b"a".to_vec(), vec![])];
+    assert!(matches!(tree.build(dup), Err(TreeError::Unsorted { .. })));
+    let long_key = vec![(vec![b'k'; MAX_KEY_LEN + 1], vec![])];
+    assert!(matches!(
+        tree.build(long_key),
+        Err(TreeError::KeyTooLarge { len, max }) if len == MAX_KEY_LEN + 1 && max == MAX_KEY_LEN
+    ));
+    let long_val = vec![(b"k".to_vec(), vec![0; MAX_VALUE_LEN + 1])];
+    assert!(matches!(
+        tree.build(long_val),
+        Err(TreeError::ValueTooLarge { .. })
+    ));
+    // The largest allowed entry fits in a node.
+    let max_entry = vec![(vec![b'k'; MAX_KEY_LEN], vec![0xab; MAX_VALUE_LEN])];
+    let root = tree.build(max_entry).unwrap().root;
+    assert_eq!(
+        tree.get(&root, &[b'k'; MAX_KEY_LEN])
+            .unwrap()
+            .unwrap()
+            .len(),
+        MAX_VALUE_LEN
+    );
+    let e = Tree::new(MemoryNodeStore::new()).root_apply_unsorted();
+    assert!(matches!(e, Err(TreeError::Unsorted { .. })));
+    let bad = TreeConfig {
+        max_node_bytes: 1000,
+        ..TreeConfig::default()
+    };
+    assert!(matches!(
+        Tree::with_config(MemoryNodeStore::new(), bad, CacheConfig::default()),
+        Err(TreeError::InvalidConfig(_))
+    ));
+    let bad = TreeConfig {
+        target_fanout: 1,
+        ..TreeConfig::default()
+    };
+    assert!(bad.validate().is_err());
+}
+
+trait ApplyUnsorted {
+    fn root_apply_unsorted(&self) -> Result<cairn_tree::TreeUpdate>;
+}
+
+impl ApplyUnsorted for Tree<MemoryNodeStore> {
+    fn root_apply_unsorted(&self) -> Result<cairn_tree::TreeUpdate> {
+        let root = self.build(path_entries(10)).unwrap().root;
+        self.apply(
+            &root,
+            [Edit::Remove(b"b".to_vec()), Edit::Remove(b"a".to_vec())],
+        )
+    }
+}
+
+#[test]
+fn range_scan_bounds() {
+    let tree = Tree::new(MemoryNodeStore::new());
+    let entries: Vec<_> = path_entries(2000).collect();
+    let root = tree.build(entries.clone()).unwrap().root;
+    let (lo, hi) = (&entries[100].0, &entries[1500].0);
+    let got: Vec<_> = tree
+        .scan(
+            &root,
+            (
+                Bound::Excluded(lo.as_slice()),
+                Bound::Included(hi.as_slice()),
+            ),
+        )
+        .collect::<Result<_>>()
+        .unwrap();
+    assert_eq!(got, entries[101..=1500].to_vec());
+    let pre: Vec<_> = tree
+        .scan_prefix(&root, b"dir0001/sub03/")
+        .collect::<Result<_>>()
+        .unwrap();
+    assert_eq!(pre, entries[1300..1400].to_vec());
+}
