@@ -4,9 +4,11 @@
 //! Levels are processed bottom-up. At each level the old nodes touched by an edit are re-cut with
 //! a fresh [`Chunker`]; because node starts in the old tree are points where the cutting rule
 //! restarts, a fresh chunker started at an old node start behaves exactly like a full rebuild from
-//! there. Re-cutting continues into following old nodes until the new cut lands on an old node
-//! end with no edits pending before the next old node; from then on old and new cuts coincide
-//! (see `boundary`). The replaced and new nodes become edits, keyed by first key, for the level
+//! there. An edit to the first item of a node also touches the node before it when that one was
+//! closed by the size cap, since the cap was applied against the edited item; re-cutting then
+//! starts one node earlier. Re-cutting continues into following old nodes until the new cut is a
+//! hash boundary on an old node end with no edits pending before the next old node; from then on
+//! old and new cuts coincide (see `boundary`). The replaced and new nodes become edits, keyed by first key, for the level
 //! above, which is processed the same way. The old root level produces the items of a virtual
 //! level above it; a [`LevelStack`] turns those into the new top of the tree, and a final pass
 //! drops single-child roots left when the tree got shallower.
@@ -15,12 +17,12 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use crate::boundary::{ChunkItem, Chunker};
+use crate::boundary::{ChunkItem, Chunker, is_boundary};
 use crate::build::{LevelStack, NodeSink};
 use crate::error::{Result, TreeError};
 use crate::node::{ChildRef, LeafEntry, Node, NodeId};
 use crate::store::NodeStore;
-use crate::tree::{Tree, TreeUpdate, WriteStats, seal};
+use crate::tree::{NodeSealer, Tree, TreeUpdate, WriteStats, seal};
 
 /// One change in an `apply` batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,15 +58,18 @@ impl<T: ChunkItem> LevelEdit<T> {
 
 /// New nodes are held back until the final root is known, so nodes discarded by the root collapse
 /// are never written and the write count is exact.
-#[derive(Default)]
 struct PendingSink {
     nodes: Vec<(NodeId, Vec<u8>)>,
+    sealer: Arc<dyn NodeSealer>,
 }
 
 impl NodeSink for PendingSink {
     fn write(&mut self, id: NodeId, bytes: Vec<u8>) -> Result<()> {
         self.nodes.push((id, bytes));
         Ok(())
+    }
+    fn sealer(&self) -> &dyn NodeSealer {
+        self.sealer.as_ref()
     }
 }
 
@@ -87,8 +92,10 @@ fn corrupt(id: NodeId, reason: &'static str) -> TreeError {
 }
 
 impl LevelCursor {
-    /// Positions on the node of `level` whose key range contains `key` (or the first node).
-    fn seek<S: NodeStore>(
+    /// Positions on the node of `level` holding the last item with a key below `key`, or on the
+    /// first node of the level if there is none. The item at `key` itself, if any, is either in
+    /// that node or first in the next one.
+    fn seek_before<S: NodeStore>(
         tree: &Tree<S>,
         root_id: NodeId,
         root: Arc<Node>,
@@ -102,7 +109,7 @@ impl LevelCursor {
                 return Err(corrupt(id, "leaf above level 0"));
             };
             let idx = children
-                .partition_point(|c| c.key.as_slice() <= key)
+                .partition_point(|c| c.key.as_slice() < key)
                 .saturating_sub(1);
             let child = tree.read_child(*l, &children[idx])?;
             id = children[idx].id;
@@ -181,7 +188,7 @@ impl<T: ChunkItem> Window<'_, T> {
     }
 
     fn seal_chunk(&mut self, chunk: Vec<T>) -> Result<()> {
-        let (r, bytes) = seal(chunk, self.level);
+        let (r, bytes) = seal(chunk, self.level, self.sink.sealer.as_ref());
         self.sink.write(r.id, bytes)?;
         self.new.push(r);
         Ok(())
@@ -258,7 +265,10 @@ impl<S: NodeStore> Tree<S> {
             }));
         }
 
-        let mut sink = PendingSink::default();
+        let mut sink = PendingSink {
+            nodes: Vec::new(),
+            sealer: self.sealer.clone(),
+        };
         let top = root_node.level();
         let mut up = self.apply_level(root, &root_node, 0, edits, &mut sink)?;
         for level in 1..=top {
@@ -287,12 +297,19 @@ impl<S: NodeStore> Tree<S> {
         // it; the canonical root is the bottom of that chain.
         loop {
             let node = match sink.position(&new_root) {
-                Some(i) => Arc::new(Node::decode(&sink.nodes[i].1).map_err(|source| {
-                    TreeError::Decode {
+                Some(i) => {
+                    let plain =
+                        sink.sealer
+                            .open(&sink.nodes[i].1)
+                            .map_err(|reason| TreeError::Unseal {
+                                id: new_root,
+                                reason,
+                            })?;
+                    Arc::new(Node::decode(&plain).map_err(|source| TreeError::Decode {
                         id: new_root,
                         source,
-                    }
-                })?),
+                    })?)
+                }
                 None => self.read_node(&new_root)?,
             };
             match &*node {
@@ -328,8 +345,30 @@ impl<S: NodeStore> Tree<S> {
     ) -> Result<Vec<LevelEdit<ChildRef>>> {
         let mut out: BTreeMap<Vec<u8>, Option<ChildRef>> = BTreeMap::new();
         let mut i = 0;
+        // First key of the old node where the previous window re-synchronised.
+        let mut resynced_at: Option<Vec<u8>> = None;
         while i < edits.len() {
-            let mut cur = LevelCursor::seek(self, *root_id, root.clone(), level, edits[i].key())?;
+            let key = edits[i].key();
+            let mut cur = LevelCursor::seek_before(self, *root_id, root.clone(), level, key)?;
+            // When the edit touches the first item of a node, the node before it is affected too
+            // unless it ended on a hash boundary: a node closed by the size cap ended there only
+            // because its successor's first item did not fit (boundary rule 1), so changing or
+            // removing that item can move the cut. Re-cutting then starts at the earlier node.
+            // Not so if the previous window ended right there: it has re-cut the earlier node
+            // itself (with its edits) and stopped on a hash boundary.
+            if cur.next_first_key() == Some(key) {
+                let after_window = resynced_at.as_deref() == Some(key);
+                let items = T::items(&cur.current)
+                    .ok_or_else(|| corrupt(cur.current_id, "node kind does not match its level"))?;
+                let last = items
+                    .last()
+                    .ok_or_else(|| corrupt(cur.current_id, "empty node below the root"))?;
+                if (after_window || is_boundary(level, last.key(), self.threshold))
+                    && !cur.advance(self)?
+                {
+                    return Err(corrupt(cur.current_id, "level ended before its last node"));
+                }
+            }
             let mark = sink.nodes.len();
             let mut w = Window {
                 chunker: Chunker::new(level, self.threshold, self.config().max_node_bytes),
@@ -365,6 +404,7 @@ impl<S: NodeStore> Tree<S> {
                         .get(i)
                         .is_none_or(|e| e.key().cmp(&nk) != Ordering::Less);
                 if resynced {
+                    resynced_at = Some(nk);
                     break;
                 }
                 if !cur.advance(self)? {

@@ -10,8 +10,15 @@
 //!
 //! Both decisions depend only on the items of the open node and the next item, so the cut points
 //! are a pure function of the sequence. That is what makes the root independent of insertion
-//! history, and it gives `apply` its re-synchronisation property: once a freshly started scan
-//! closes a node at the same place the old tree did, everything after is identical.
+//! history. Two consequences for `apply`:
+//!
+//! - A node closed by rule 2 depends on its own items only, and the scan state after it is empty.
+//!   Once a freshly started scan closes a node by rule 2 where the old tree ended a node, and the
+//!   items ahead are unchanged, everything after is identical (re-synchronisation).
+//! - A node closed by rule 1 also depends on the *next* item, the first of the following node:
+//!   its key (prefix-compressed against this node's last key) and value decide whether it fits.
+//!   Changing or removing that item can move the cut, so the node before must be re-cut too. A
+//!   rule-1 cut leaves the new item open in the scan, so it never counts as re-synchronised.
 
 use crate::node::{ChildRef, LeafEntry, Node, child_item_len, header_len, leaf_item_len};
 

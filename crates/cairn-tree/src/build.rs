@@ -5,11 +5,12 @@ use crate::boundary::Chunker;
 use crate::error::{Result, TreeError};
 use crate::node::{ChildRef, LeafEntry, MAX_LEVEL, NodeId};
 use crate::store::NodeStore;
-use crate::tree::{Tree, TreeUpdate, WriteStats, seal};
+use crate::tree::{NodeSealer, Tree, TreeUpdate, WriteStats, seal};
 
 /// Destination of freshly sealed nodes.
 pub(crate) trait NodeSink {
     fn write(&mut self, id: NodeId, bytes: Vec<u8>) -> Result<()>;
+    fn sealer(&self) -> &dyn NodeSealer;
 }
 
 /// Writes straight to the store (build: every sealed node is part of the result).
@@ -21,6 +22,9 @@ pub(crate) struct DirectSink<'t, S> {
 impl<S: NodeStore> NodeSink for DirectSink<'_, S> {
     fn write(&mut self, id: NodeId, bytes: Vec<u8>) -> Result<()> {
         self.tree.write_encoded(&id, &bytes, &mut self.stats)
+    }
+    fn sealer(&self) -> &dyn NodeSealer {
+        self.tree.sealer.as_ref()
     }
 }
 
@@ -83,7 +87,7 @@ impl LevelStack {
     }
 
     fn emit(&mut self, i: usize, chunk: Vec<ChildRef>, sink: &mut impl NodeSink) -> Result<()> {
-        let (r, bytes) = seal(chunk, self.level_of(i)?);
+        let (r, bytes) = seal(chunk, self.level_of(i)?, sink.sealer());
         sink.write(r.id, bytes)?;
         match self.levels[i].1.replace(r) {
             None => Ok(()),
@@ -154,13 +158,13 @@ impl<S: NodeStore> Tree<S> {
             }
             leaves.push(LeafEntry { key, value }, &mut closed);
             for chunk in closed.drain(..) {
-                let (r, bytes) = seal(chunk, 0);
+                let (r, bytes) = seal(chunk, 0, sink.sealer());
                 sink.write(r.id, bytes)?;
                 upper.push(r, &mut sink)?;
             }
         }
         if let Some(chunk) = leaves.take_open() {
-            let (r, bytes) = seal(chunk, 0);
+            let (r, bytes) = seal(chunk, 0, sink.sealer());
             sink.write(r.id, bytes)?;
             upper.push(r, &mut sink)?;
         }

@@ -47,6 +47,10 @@ pub enum TreeError {
     /// The store returned bytes that do not hash to the requested id.
     #[error("node {id} failed verification: content hashes to {actual}")]
     HashMismatch { id: NodeId, actual: NodeId },
+    /// The bytes under `id` hash correctly but the sealer refused them (wrong vault key, or
+    /// bytes sealed by something else).
+    #[error("node {id} cannot be opened: {reason} (is this tree from another vault?)")]
+    Unseal { id: NodeId, reason: String },
     /// The bytes under `id` hash correctly but are not a well-formed node.
     #[error("node {id} is malformed: {source}")]
     Decode {

@@ -43,4 +43,4 @@ pub use node::{
 };
 pub use read::Scan;
 pub use store::{FileNodeStore, FileStoreOptions, MemoryNodeStore, NodeStore};
-pub use tree::{Tree, TreeConfig, TreeUpdate, WriteStats};
+pub use tree::{NodeSealer, PlainNodes, Tree, TreeConfig, TreeUpdate, WriteStats};

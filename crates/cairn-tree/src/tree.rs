@@ -11,6 +11,37 @@ use crate::node::{
 };
 use crate::store::NodeStore;
 
+/// Transforms node encodings on their way to and from the store, e.g. encryption.
+///
+/// Node ids are the blake3 of the *sealed* bytes, so a peer that cannot open a node can still
+/// store, serve and verify it, and a sealer that is deterministic (same plaintext → same sealed
+/// bytes) keeps "same entries, same root". The tree never sees keys or nonces.
+pub trait NodeSealer: Send + Sync {
+    fn seal(&self, plain: Vec<u8>) -> Vec<u8>;
+    /// Returns the node encoding, or a reason why `stored` cannot be opened.
+    fn open(&self, stored: &[u8]) -> std::result::Result<Vec<u8>, String>;
+    /// Whether `seal` is the identity; lets plaintext trees skip a copy on every read.
+    fn is_identity(&self) -> bool {
+        false
+    }
+}
+
+/// Nodes stored as their plain encoding (the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlainNodes;
+
+impl NodeSealer for PlainNodes {
+    fn seal(&self, plain: Vec<u8>) -> Vec<u8> {
+        plain
+    }
+    fn open(&self, stored: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        Ok(stored.to_vec())
+    }
+    fn is_identity(&self) -> bool {
+        true
+    }
+}
+
 /// Shape parameters. They are part of the tree's identity: two writers produce the same root for
 /// the same entries only if they use the same configuration, so cairn uses the default everywhere
 /// and other values exist for tests.
@@ -119,6 +150,7 @@ pub struct Tree<S> {
     cache: NodeCache,
     config: TreeConfig,
     pub(crate) threshold: u32,
+    pub(crate) sealer: Arc<dyn NodeSealer>,
 }
 
 impl<S: NodeStore> Tree<S> {
@@ -130,6 +162,7 @@ impl<S: NodeStore> Tree<S> {
             cache: NodeCache::new(CacheConfig::default()),
             threshold: threshold_for(config.target_fanout),
             config,
+            sealer: Arc::new(PlainNodes),
         }
     }
 
@@ -140,7 +173,15 @@ impl<S: NodeStore> Tree<S> {
             cache: NodeCache::new(cache),
             threshold: threshold_for(config.target_fanout),
             config,
+            sealer: Arc::new(PlainNodes),
         })
+    }
+
+    /// Store nodes through `sealer` (see [`NodeSealer`]). Trees written with one sealer are only
+    /// readable with an equivalent one.
+    pub fn with_sealer(mut self, sealer: Arc<dyn NodeSealer>) -> Self {
+        self.sealer = sealer;
+        self
     }
 
     /// Root of the tree with no entries: the id of an encoded empty leaf. It is never written to a
@@ -178,8 +219,15 @@ impl<S: NodeStore> Tree<S> {
         if actual != *id {
             return Err(TreeError::HashMismatch { id: *id, actual });
         }
+        let plain = if self.sealer.is_identity() {
+            bytes
+        } else {
+            self.sealer
+                .open(&bytes)
+                .map_err(|reason| TreeError::Unseal { id: *id, reason })?
+        };
         let node =
-            Arc::new(Node::decode(&bytes).map_err(|source| TreeError::Decode { id: *id, source })?);
+            Arc::new(Node::decode(&plain).map_err(|source| TreeError::Decode { id: *id, source })?);
         self.cache.insert(*id, node.clone());
         Ok(node)
     }
@@ -227,10 +275,14 @@ impl<S: NodeStore> Tree<S> {
 }
 
 /// Turns a closed chunk into a node: encoding, id and the reference its parent will hold.
-pub(crate) fn seal<T: ChunkItem>(items: Vec<T>, level: u8) -> (ChildRef, Vec<u8>) {
+pub(crate) fn seal<T: ChunkItem>(
+    items: Vec<T>,
+    level: u8,
+    sealer: &dyn NodeSealer,
+) -> (ChildRef, Vec<u8>) {
     let count = items.iter().map(ChunkItem::weight).sum();
     let key = items.first().map(|i| i.key().to_vec()).unwrap_or_default();
-    let bytes = T::into_node(items, level).encode();
+    let bytes = sealer.seal(T::into_node(items, level).encode());
     let id = NodeId::of(&bytes);
     (ChildRef { key, id, count }, bytes)
 }

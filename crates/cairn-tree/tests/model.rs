@@ -197,6 +197,39 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A few edits at a time, mostly on existing keys (so often on the first item of a node),
+    /// against trees with many levels: the regime where `apply` re-cuts the fewest nodes.
+    #[test]
+    fn small_batches_on_existing_keys(
+        config in config(),
+        initial in prop::collection::btree_map(key(), value(), 20..200),
+        steps in prop::collection::vec(
+            prop::collection::vec((any::<prop::sample::Index>(), key(), prop::option::weighted(0.6, value()), any::<bool>()), 1..4),
+            1..12,
+        ),
+    ) {
+        let tree = mem_tree(config);
+        let mut model: Model = initial.clone();
+        let mut root = tree.build(initial).unwrap().root;
+        for step in &steps {
+            let keys: Vec<Vec<u8>> = model.keys().cloned().collect();
+            let mut b = Batch::new();
+            for (idx, fresh, v, existing) in step {
+                let k = if *existing && !keys.is_empty() { idx.get(&keys).clone() } else { fresh.clone() };
+                b.insert(k, v.clone());
+            }
+            root = tree.apply(&root, to_edits(&b)).unwrap().root;
+            apply_model(&mut model, &b);
+            let rebuilt = mem_tree(config).build(model.clone()).unwrap().root;
+            prop_assert_eq!(root, rebuilt);
+        }
+        prop_assert_eq!(scan_all(&tree, &root), model.into_iter().collect::<Vec<_>>());
+    }
+}
+
 #[test]
 fn test_configs_exercise_deep_trees_and_forced_splits() {
     let entries: Model = (0..150u32)
@@ -219,4 +252,56 @@ fn test_configs_exercise_deep_trees_and_forced_splits() {
         .filter(|(_, n)| n.encode().len() > tiny_config().max_node_bytes - 40)
         .count();
     assert!(forced > leaves.len() / 4, "{forced} of {}", leaves.len());
+}
+
+/// Every single-entry change (removal, shorter value, longer value, and an insert right after)
+/// applied to one deep tree with many size-forced cuts must give the rebuilt root. Small batches
+/// are where `apply` re-cuts least, so they are the sharpest test of where re-cutting starts:
+/// changing the first item of a node can move a size-forced cut at the end of the node before.
+#[test]
+fn every_single_edit_matches_rebuild() {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let entries: Model = (0..160u32)
+        .map(|i| {
+            let key = format!("d{}/s{}/f{:03}", i / 40, (i / 8) % 5, i).into_bytes();
+            let len = rand(41) as usize;
+            (key, vec![i as u8; len])
+        })
+        .collect();
+    for config in [tiny_config(), hashy_config()] {
+        let tree = mem_tree(config);
+        let root = tree.build(entries.clone()).unwrap().root;
+        for (k, v) in &entries {
+            let mut after = k.clone();
+            after.push(b'/');
+            let changes = [
+                vec![Edit::Remove(k.clone())],
+                vec![Edit::Upsert(k.clone(), Vec::new())],
+                vec![Edit::Upsert(k.clone(), vec![7; config.max_value_len])],
+                vec![Edit::Upsert(k.clone(), vec![7; v.len() / 2])],
+                vec![
+                    Edit::Upsert(k.clone(), Vec::new()),
+                    Edit::Upsert(after, vec![9; 30]),
+                ],
+            ];
+            for edits in changes {
+                let mut model = entries.clone();
+                for e in &edits {
+                    match e {
+                        Edit::Upsert(k, v) => model.insert(k.clone(), v.clone()),
+                        Edit::Remove(k) => model.remove(k),
+                    };
+                }
+                let applied = tree.apply(&root, edits.clone()).unwrap().root;
+                let rebuilt = mem_tree(config).build(model).unwrap().root;
+                assert_eq!(applied, rebuilt, "{config:?} {edits:?}");
+            }
+        }
+    }
 }
