@@ -17,6 +17,7 @@ pub mod cipher;
 pub mod error;
 pub mod file;
 pub mod id;
+pub mod meta;
 
 pub use blobstore::{BlobIter, BlobReader, BlobStore, Durability};
 pub use chunk::{AVG_CHUNK_SIZE, Chunk, Chunker, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -27,3 +28,4 @@ pub use file::{
     write_file_with,
 };
 pub use id::ChunkId;
+pub use meta::{META_OVERHEAD, MetaError, MetaSealer};
