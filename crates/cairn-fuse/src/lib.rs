@@ -1,0 +1,28 @@
+//! The cairn FUSE filesystem. It owns the POSIX semantics of a mounted vault over two
+//! layers — the local writable overlay (`cairn-overlay`) on top of a read-only base view —
+//! together with the inode table, file and directory handles, errno mapping, copy-on-write
+//! of base content into staging files, flush scheduling, and kernel cache invalidation. It
+//! does not own snapshots, merging, encryption or networking: the daemon reaches in through
+//! [`BaseLayer`] (the merged view to read from) and [`FlushSink`] (where dirty records go).
+//!
+//! Semantics worth knowing:
+//! - Paths are the identity. Hard links are refused with `EPERM`; inode numbers are stable
+//!   for as long as the kernel holds an inode, and follow renames.
+//! - Directories report `st_nlink == 1`.
+//! - Names must be UTF-8 (`EILSEQ` otherwise) and at most 255 bytes (`ENAMETOOLONG`).
+//! - An open file keeps the content it had when its data was last flushed or written, until
+//!   every handle is closed; base changes reach it after that.
+
+mod base;
+mod core;
+mod flusher;
+mod fs;
+mod mount;
+mod sink;
+
+pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
+pub use fs::CairnFs;
+pub use mount::{MountError, MountHandle, MountOptions, mount};
+pub use sink::{FlushBatch, FlushError, FlushItem, FlushSink, StagedFile};
+
+pub use cairn_overlay::{Data, Kind, Overlay, OverlayError, Record, StagingId};
