@@ -1,0 +1,125 @@
+//! Conflict-copy names: `name.sync-conflict-YYYYMMDD-HHMMSS-<device>.ext`.
+//!
+//! The name is a pure function of the losing version (its HLC wall time in UTC and its
+//! author) and of an attempt number, so every device that detects the same conflict picks
+//! the same name. Attempt `k > 0` appends `-k` before the extension; the merge moves on to
+//! the next attempt only when the name is held by an unrelated, still-live version.
+
+use crate::path::{MAX_NAME_LEN, VaultPath};
+use crate::version::Version;
+
+const MARKER: &str = ".sync-conflict-";
+
+/// The conflict-copy path for `loser`, which lost the name `path`.
+pub fn conflict_path(path: &VaultPath, loser: &Version, attempt: u32) -> VaultPath {
+    let name = path.name();
+    let (stem, ext) = split_extension(name);
+    let stamp = format_utc(loser.hlc.wall_ms);
+    let suffix = if attempt == 0 {
+        String::new()
+    } else {
+        format!("-{attempt}")
+    };
+    let tail = format!("{MARKER}{stamp}-{}{suffix}{ext}", loser.device.short());
+    // Keep the result a valid name: shorten the stem (never the marker, which is what makes
+    // the copy recognizable) at a character boundary.
+    let budget = MAX_NAME_LEN.saturating_sub(tail.len());
+    let mut cut = stem.len().min(budget);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let new_name = format!("{}{tail}", &stem[..cut]);
+    let parent = path.parent().unwrap_or_default();
+    // Every piece is a valid component character sequence of bounded length; the only way
+    // `join` can fail is a parent path near PATH_MAX, in which case we fall back to the
+    // vault root so the content is never dropped.
+    parent
+        .join(&new_name)
+        .or_else(|_| VaultPath::root().join(&new_name))
+        .unwrap_or_else(|_| VaultPath::root())
+}
+
+/// Whether a name looks like a conflict copy (for status displays).
+pub fn is_conflict_name(name: &str) -> bool {
+    name.contains(MARKER)
+}
+
+/// Splits off the final extension; a leading dot (`.bashrc`) is not an extension.
+fn split_extension(name: &str) -> (&str, &str) {
+    match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    }
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC.
+fn format_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Hlc;
+    use crate::version::VersionVector;
+    use cairn_crypto::DeviceId;
+
+    fn v(ms: u64) -> Version {
+        Version {
+            vv: VersionVector::new(),
+            hlc: Hlc {
+                wall_ms: ms,
+                counter: 0,
+            },
+            device: DeviceId([0xab; 32]),
+            dots: vec![(DeviceId([0xab; 32]), 1)],
+        }
+    }
+
+    #[test]
+    fn names() {
+        // 2024-02-29 13:14:15 UTC
+        let t = 1_709_212_455_000;
+        let p = VaultPath::new("docs/report.txt").unwrap();
+        assert_eq!(
+            conflict_path(&p, &v(t), 0).as_str(),
+            "docs/report.sync-conflict-20240229-131415-abababab.txt"
+        );
+        assert_eq!(
+            conflict_path(&p, &v(t), 2).as_str(),
+            "docs/report.sync-conflict-20240229-131415-abababab-2.txt"
+        );
+        let p = VaultPath::new(".bashrc").unwrap();
+        assert_eq!(
+            conflict_path(&p, &v(0), 0).as_str(),
+            ".bashrc.sync-conflict-19700101-000000-abababab"
+        );
+        let long = VaultPath::new(&format!("{}.txt", "é".repeat(120))).unwrap();
+        let c = conflict_path(&long, &v(t), 9);
+        assert!(c.name().len() <= MAX_NAME_LEN);
+        assert!(is_conflict_name(c.name()));
+    }
+}

@@ -1,0 +1,284 @@
+//! Merge rules on concrete scenarios, and merge laws (commutative, idempotent) on random
+//! snapshots derived from a common base.
+
+mod common;
+
+use cairn_vault::{Change, EntrySource, Vault, VaultStores};
+use common::*;
+use proptest::prelude::*;
+
+fn merged(stores: &VaultStores, a: &Vault, b: &Vault) -> cairn_vault::MergeOutcome {
+    stores.merge(&a.root(), &b.root()).unwrap()
+}
+
+#[test]
+fn concurrent_edits_keep_both_with_a_conflict_copy() {
+    let f = Fixture::new(2);
+    let (mut a, mut b) = (f.vault(0), f.vault(1));
+    write(&mut a, "notes.txt", "base", 1_000);
+    let s = a.snapshot(1_000).unwrap();
+    b.receive(s.id).unwrap();
+    // 2024-02-29 13:14:15 UTC, a few ms apart: b's edit is newer and keeps the name.
+    write(&mut a, "notes.txt", "from a", 1_709_212_455_000);
+    write(&mut b, "notes.txt", "from b", 1_709_212_455_500);
+    let out = merged(&f.stores, &a, &b);
+    let src = f.stores.source(out.root);
+    let files = live(&src);
+    let copy = format!(
+        "notes.sync-conflict-20240229-131415-{}.txt",
+        a.device().short()
+    );
+    assert_eq!(
+        files,
+        vec![
+            (
+                "notes.sync-conflict-20240229-131415-".to_string() + &a.device().short() + ".txt",
+                Some("from a".into())
+            ),
+            ("notes.txt".into(), Some("from b".into())),
+        ]
+    );
+    assert_eq!(out.report.conflicts.len(), 1);
+    assert_eq!(out.report.conflicts[0].copy.as_str(), copy);
+    // Same result from the other side.
+    assert_eq!(merged(&f.stores, &b, &a).root, out.root);
+}
+
+#[test]
+fn edit_beats_concurrent_delete_and_dominating_delete_stays() {
+    let f = Fixture::new(2);
+    let (mut a, mut b) = (f.vault(0), f.vault(1));
+    write(&mut a, "f", "v1", 1);
+    b.receive(a.snapshot(1).unwrap().id).unwrap();
+    // a deletes, b edits concurrently: the edit survives.
+    a.commit([(p("f"), Change::Remove)], 2).unwrap();
+    write(&mut b, "f", "v2", 3);
+    let out = merged(&f.stores, &a, &b);
+    assert_eq!(
+        live(&f.stores.source(out.root)),
+        vec![("f".into(), Some("v2".into()))]
+    );
+
+    // b deletes after seeing everything: the delete dominates and stays, whatever order
+    // stale snapshots arrive in.
+    let stale_a = a.snapshot(4).unwrap();
+    b.receive(stale_a.id).unwrap();
+    b.commit([(p("f"), Change::Remove)], 5).unwrap();
+    let old_edit = f.stores.merge(&a.root(), &b.root()).unwrap();
+    assert!(live(&f.stores.source(old_edit.root)).is_empty());
+    b.receive(stale_a.id).unwrap();
+    assert!(live(&b.source()).is_empty());
+}
+
+#[test]
+fn delete_after_seeing_a_merged_edit_wins() {
+    // a and b edit/delete concurrently; the merge keeps a's edit. c, having seen only
+    // a's edit, deletes it: that delete must win against the merged (joined) version.
+    let f = Fixture::new(3);
+    let (mut a, mut b, mut c) = (f.vault(0), f.vault(1), f.vault(2));
+    write(&mut a, "f", "v1", 1);
+    let s = a.snapshot(1).unwrap();
+    b.receive(s.id).unwrap();
+    b.commit([(p("f"), Change::Remove)], 2).unwrap();
+    write(&mut a, "f", "v2", 3);
+    let sa = a.snapshot(3).unwrap();
+    c.receive(sa.id).unwrap();
+    c.commit([(p("f"), Change::Remove)], 4).unwrap();
+    b.receive(sa.id).unwrap();
+    assert_eq!(live(&b.source()), vec![("f".into(), Some("v2".into()))]);
+    let out = f.stores.merge(&b.root(), &c.root()).unwrap();
+    assert!(live(&f.stores.source(out.root)).is_empty());
+}
+
+#[test]
+fn directories_are_resurrected_for_live_children_and_win_names() {
+    let f = Fixture::new(2);
+    let (mut a, mut b) = (f.vault(0), f.vault(1));
+    mkdir(&mut a, "d", 1);
+    b.receive(a.snapshot(1).unwrap().id).unwrap();
+    a.commit([(p("d"), Change::Rmdir)], 2).unwrap();
+    write(&mut b, "d/new.txt", "child", 3);
+    let out = merged(&f.stores, &a, &b);
+    assert_eq!(
+        live(&f.stores.source(out.root)),
+        vec![
+            ("d/".into(), None),
+            ("d/new.txt".into(), Some("child".into()))
+        ]
+    );
+    assert_eq!(out.report.resurrected.len(), 1);
+
+    // File `x` on one side, directory `x` on the other: the directory keeps the name.
+    let (mut c, mut d) = (f.vault(0), f.vault(1));
+    write(&mut c, "x", "file", 10);
+    mkdir(&mut d, "x", 11);
+    let out = merged(&f.stores, &c, &d);
+    let names: Vec<String> = live(&f.stores.source(out.root))
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"x/".to_string()));
+    assert!(names.iter().any(|n| n.starts_with("x.sync-conflict-")));
+    assert_eq!(merged(&f.stores, &d, &c).root, out.root);
+}
+
+#[test]
+fn concurrent_renames_keep_both_names_and_rename_vs_edit_keeps_both() {
+    let f = Fixture::new(2);
+    let (mut a, mut b) = (f.vault(0), f.vault(1));
+    write(&mut a, "f", "orig", 1);
+    b.receive(a.snapshot(1).unwrap().id).unwrap();
+    a.commit([(p("f"), Change::Rename { to: p("g") })], 2)
+        .unwrap();
+    b.commit([(p("f"), Change::Rename { to: p("h") })], 3)
+        .unwrap();
+    let out = merged(&f.stores, &a, &b);
+    assert_eq!(
+        live(&f.stores.source(out.root)),
+        vec![
+            ("g".into(), Some("orig".into())),
+            ("h".into(), Some("orig".into()))
+        ]
+    );
+
+    let (mut c, mut d) = (f.vault(0), f.vault(1));
+    write(&mut c, "f", "orig", 1);
+    d.receive(c.snapshot(1).unwrap().id).unwrap();
+    c.commit([(p("f"), Change::Rename { to: p("g") })], 2)
+        .unwrap();
+    write(&mut d, "f", "edited", 3);
+    let out = merged(&f.stores, &c, &d);
+    assert_eq!(
+        live(&f.stores.source(out.root)),
+        vec![
+            ("f".into(), Some("edited".into())),
+            ("g".into(), Some("orig".into()))
+        ]
+    );
+}
+
+#[test]
+fn commit_rejects_invalid_changes_without_changing_anything() {
+    let f = Fixture::new(1);
+    let mut a = f.vault(0);
+    write(&mut a, "f", "x", 1);
+    let root = a.root();
+    for (path, change) in [
+        ("missing/f", Change::write_inline(b"x".to_vec(), 0o644, 0)),
+        ("nope", Change::Remove),
+        ("f", Change::Rmdir),
+        (
+            "f",
+            Change::Mkdir {
+                attrs: Default::default(),
+            },
+        ),
+    ] {
+        // A valid change first: the whole commit must still be refused.
+        let err = a
+            .commit(
+                [
+                    (p("ok"), Change::write_inline(b"y".to_vec(), 0o644, 0)),
+                    (p(path), change),
+                ],
+                2,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, cairn_vault::VaultError::Rejected { .. }),
+            "{err}"
+        );
+        assert_eq!(a.root(), root);
+    }
+    mkdir(&mut a, "d", 3);
+    write(&mut a, "d/x", "1", 4);
+    assert!(a.commit([(p("d"), Change::Rmdir)], 5).is_err());
+}
+
+/// One random local operation on a tiny universe.
+fn op(sel: u8, val: u8) -> (String, Change) {
+    let files = ["a", "b.txt", "d/a", "d/b.txt", "e/x", "d"];
+    let dirs = ["d", "e"];
+    let f = files[(val as usize) % files.len()].to_string();
+    match sel % 6 {
+        0 | 1 => (f, Change::write_inline(vec![val, sel], 0o644, 0)),
+        2 => (f, Change::Remove),
+        3 => (
+            dirs[(val as usize) % 2].into(),
+            Change::Mkdir {
+                attrs: Default::default(),
+            },
+        ),
+        4 => (dirs[(val as usize) % 2].into(), Change::Rmdir),
+        _ => (
+            f,
+            Change::Rename {
+                to: p(files[(val as usize / 7) % files.len()]),
+            },
+        ),
+    }
+}
+
+fn apply_ops(v: &mut Vault, ops: &[(u8, u8)], t0: u64) {
+    for (i, &(s, x)) in ops.iter().enumerate() {
+        let (path, change) = op(s, x);
+        // Invalid operations (missing parent, ...) are refused and simply skipped.
+        let _ = v.commit([(p(&path), change)], t0 + i as u64 * 400);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn merge_is_commutative_and_idempotent(
+        base in prop::collection::vec((any::<u8>(), any::<u8>()), 0..12),
+        left in prop::collection::vec((any::<u8>(), any::<u8>()), 0..12),
+        right in prop::collection::vec((any::<u8>(), any::<u8>()), 0..12),
+        third in prop::collection::vec((any::<u8>(), any::<u8>()), 0..6),
+    ) {
+        let f = Fixture::new(3);
+        let mut o = f.vault(0);
+        apply_ops(&mut o, &base, 1_000);
+        let s = o.snapshot(5_000).unwrap();
+        let (mut a, mut b, mut c) = (f.vault(0), f.vault(1), f.vault(2));
+        for v in [&mut a, &mut b, &mut c] {
+            v.receive(s.id).unwrap();
+        }
+        apply_ops(&mut a, &left, 10_000);
+        apply_ops(&mut b, &right, 10_100);
+        apply_ops(&mut c, &third, 10_050);
+        let ab = f.stores.merge(&a.root(), &b.root()).unwrap().root;
+        let ba = f.stores.merge(&b.root(), &a.root()).unwrap().root;
+        prop_assert_eq!(ab, ba);
+        prop_assert_eq!(f.stores.merge(&a.root(), &ab).unwrap().root, ab);
+        prop_assert_eq!(f.stores.merge(&ab, &a.root()).unwrap().root, ab);
+        prop_assert_eq!(f.stores.merge(&b.root(), &ab).unwrap().root, ab);
+        prop_assert_eq!(f.stores.merge(&ab, &ab).unwrap().root, ab);
+        // Any exchange order of three converges once everyone has everything.
+        let ab_c = f.stores.merge(&ab, &c.root()).unwrap().root;
+        let ca = f.stores.merge(&c.root(), &a.root()).unwrap().root;
+        let ca_b = f.stores.merge(&ca, &b.root()).unwrap().root;
+        let x = f.stores.merge(&ab_c, &ca_b).unwrap().root;
+        let y = f.stores.merge(&ca_b, &ab_c).unwrap().root;
+        prop_assert_eq!(x, y);
+        prop_assert_eq!(f.stores.merge(&x, &ab_c).unwrap().root, x);
+        prop_assert_eq!(f.stores.merge(&x, &ca_b).unwrap().root, x);
+        // Nothing live on either side vanishes without a dominating version: every live
+        // file's content of a and b survives somewhere in the merge.
+        let all: Vec<_> = live(&f.stores.source(ab)).into_iter().filter_map(|x| x.1).collect();
+        for side in [&a, &b] {
+            let other = if std::ptr::eq(side, &a) { &b } else { &a };
+            for (k, content) in live(&side.source()) {
+                let Some(content) = content else { continue };
+                let theirs = other.source().get(k.as_bytes()).unwrap();
+                let superseded = theirs.is_some_and(|t| {
+                    let mine = side.source().get(k.as_bytes()).unwrap().unwrap();
+                    mine.version.content_seen_by(&t.version) && mine != t
+                });
+                prop_assert!(superseded || all.contains(&content), "lost {k}: {content}");
+            }
+        }
+    }
+}
