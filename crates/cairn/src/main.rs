@@ -1,6 +1,7 @@
 //! The `cairn` command: the binary edge of the project, where library errors become
 //! messages for people. Everything with logic lives in the library crates.
 
+mod daemon;
 mod state;
 
 use std::path::PathBuf;
@@ -40,6 +41,20 @@ enum Command {
     Ensure,
     /// Show this device's vault identity.
     Status,
+    /// Mount the vault at MOUNTPOINT and serve it until stopped (SIGTERM, Ctrl-C, or
+    /// `cairn unmount`). Stopping flushes every change into a published snapshot first.
+    Mount {
+        /// An existing, empty directory.
+        mountpoint: PathBuf,
+        /// Idle time after the last write before changes are folded into a snapshot.
+        #[arg(long, default_value_t = 500, value_name = "MS")]
+        debounce_ms: u64,
+        /// Create the vault first if this device has none (what `scripts/run.sh` uses).
+        #[arg(long)]
+        init: bool,
+    },
+    /// Stop the daemon serving MOUNTPOINT, waiting until all changes are flushed.
+    Unmount { mountpoint: PathBuf },
 }
 
 fn main() {
@@ -87,6 +102,30 @@ fn run(cli: Cli) -> Result<()> {
             print_identity(&s);
         }
         Command::Status => print_identity(&VaultState::load(&data_dir, &cli.vault)?),
+        Command::Mount {
+            mountpoint,
+            debounce_ms,
+            init,
+        } => {
+            let state = if init
+                && !state::vault_dir(&data_dir, &cli.vault)
+                    .join("vault.secret")
+                    .exists()
+            {
+                let s = VaultState::create(&data_dir, &cli.vault)?;
+                println!("created vault {:?}", s.name);
+                print_identity(&s);
+                s
+            } else {
+                VaultState::load(&data_dir, &cli.vault)?
+            };
+            let opts = cairn_fuse::MountOptions {
+                flush_debounce: std::time::Duration::from_millis(debounce_ms),
+                ..Default::default()
+            };
+            daemon::mount(&state, &mountpoint, opts)?;
+        }
+        Command::Unmount { mountpoint } => daemon::unmount(&data_dir, &mountpoint)?,
     }
     Ok(())
 }

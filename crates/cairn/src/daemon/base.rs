@@ -1,0 +1,208 @@
+//! The mount's read side: the engine's merged view presented as a `cairn_fuse::BaseLayer`.
+//!
+//! File content is read chunk by chunk: a read decrypts only the chunks it touches, and a
+//! small LRU of decrypted chunks serves the kernel's sequential 128 KiB requests from one
+//! 64 KiB-average chunk without decrypting it again.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, RwLock};
+
+use cairn_fuse::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind};
+use cairn_store::{ChunkId, FileManifest, open_chunk};
+use cairn_vault::{Content, Entry, EntryKey, MergedView, VaultPath, VaultStores, manifest_of};
+use lru::LruCache;
+
+const CHUNK_CACHE: usize = 32;
+const MANIFEST_CACHE: usize = 64;
+
+/// Chunk offsets of one file, for binary search.
+struct Layout {
+    manifest: FileManifest,
+    starts: Vec<u64>,
+}
+
+pub struct VaultBase {
+    stores: VaultStores,
+    view: RwLock<MergedView>,
+    chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
+    layouts: Mutex<LruCache<blake3::Hash, Arc<Layout>>>,
+}
+
+fn vault_err(e: cairn_vault::VaultError) -> BaseError {
+    BaseError::Other(e.to_string())
+}
+
+fn path(p: &str) -> Result<VaultPath, BaseError> {
+    VaultPath::new(p).map_err(|e| BaseError::Other(e.to_string()))
+}
+
+impl VaultBase {
+    pub fn new(stores: VaultStores, view: MergedView) -> Self {
+        Self {
+            stores,
+            view: RwLock::new(view),
+            chunks: Mutex::new(LruCache::new(
+                NonZeroUsize::new(CHUNK_CACHE).expect("nonzero"),
+            )),
+            layouts: Mutex::new(LruCache::new(
+                NonZeroUsize::new(MANIFEST_CACHE).expect("nonzero"),
+            )),
+        }
+    }
+
+    pub fn set_view(&self, view: MergedView) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    fn current(&self) -> MergedView {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn layout(
+        &self,
+        content_ref: &ContentRef,
+        content: &Content,
+    ) -> Result<Arc<Layout>, BaseError> {
+        let key = blake3::hash(content_ref.as_bytes());
+        if let Some(l) = self
+            .layouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(l.clone());
+        }
+        let manifest = manifest_of(self.stores.blobs.as_ref(), content)
+            .map_err(vault_err)?
+            .ok_or_else(|| BaseError::Other("file has no chunk list".into()))?;
+        let mut starts = Vec::with_capacity(manifest.chunks().len());
+        let mut at = 0u64;
+        for c in manifest.chunks() {
+            starts.push(at);
+            at += u64::from(c.len);
+        }
+        let layout = Arc::new(Layout { manifest, starts });
+        self.layouts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(key, layout.clone());
+        Ok(layout)
+    }
+
+    fn chunk(&self, index: usize, layout: &Layout) -> Result<Arc<Vec<u8>>, BaseError> {
+        let r = &layout.manifest.chunks()[index];
+        if let Some(c) = self
+            .chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&r.id)
+        {
+            return Ok(c.clone());
+        }
+        let sealed = self
+            .stores
+            .blobs
+            .get(&r.id)
+            .map_err(vault_err)?
+            .ok_or_else(|| {
+                BaseError::Unavailable(format!("chunk {} is not stored on this device", r.id))
+            })?;
+        let plain = Arc::new(
+            open_chunk(r.id, &r.key, &sealed).map_err(|e| BaseError::Other(e.to_string()))?,
+        );
+        self.chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(r.id, plain.clone());
+        Ok(plain)
+    }
+}
+
+/// The FUSE layer's picture of an engine entry. Files carry their whole encoded entry as the
+/// opaque content reference, so a renamed file keeps pointing at the same chunks.
+pub fn to_base(entry: &Entry, key: &EntryKey) -> Option<BaseEntry> {
+    let kind = match entry.kind {
+        cairn_vault::EntryKind::File => EntryKind::File,
+        cairn_vault::EntryKind::Dir => EntryKind::Dir,
+        cairn_vault::EntryKind::Symlink => EntryKind::Symlink,
+        cairn_vault::EntryKind::Tombstone => return None,
+    };
+    let _ = key;
+    let target = match &entry.content {
+        Content::Target(t) => t.clone(),
+        _ => Vec::new(),
+    };
+    let content = if kind == EntryKind::File {
+        ContentRef::new(entry.encode())
+    } else {
+        ContentRef::empty()
+    };
+    Some(BaseEntry {
+        kind,
+        mode: entry.mode & 0o7777,
+        mtime_ns: entry.mtime_ns,
+        size: entry.size,
+        xattrs: entry.xattrs.clone(),
+        target,
+        content,
+    })
+}
+
+/// Decodes a content reference made by [`to_base`].
+pub fn entry_of(content: &ContentRef) -> Result<Entry, BaseError> {
+    Entry::decode(content.as_bytes())
+        .map_err(|e| BaseError::Other(format!("bad content reference: {e}")))
+}
+
+impl BaseLayer for VaultBase {
+    fn get(&self, p: &str) -> Result<Option<BaseEntry>, BaseError> {
+        let view = self.current();
+        Ok(view
+            .get(&path(p)?)
+            .map_err(vault_err)?
+            .and_then(|(k, e)| to_base(&e, &k)))
+    }
+
+    fn children(&self, dir: &str) -> Result<BaseChildren<'_>, BaseError> {
+        // Collected per call: the FUSE layer snapshots a directory's names at opendir anyway,
+        // so this is O(directory), never O(vault).
+        let view = self.current();
+        let mut out = Vec::new();
+        for item in view.list_dir(&path(dir)?).map_err(vault_err)? {
+            let d = item.map_err(vault_err)?;
+            if let Some(b) = to_base(&d.entry, &d.key) {
+                out.push(Ok((d.name, b)));
+            }
+        }
+        Ok(Box::new(out.into_iter()))
+    }
+
+    fn read(&self, entry: &BaseEntry, offset: u64, buf: &mut [u8]) -> Result<usize, BaseError> {
+        if offset >= entry.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let e = entry_of(&entry.content)?;
+        if let Content::Inline(bytes) = &e.content {
+            let start = offset as usize;
+            let n = buf.len().min(bytes.len().saturating_sub(start));
+            buf[..n].copy_from_slice(&bytes[start..start + n]);
+            return Ok(n);
+        }
+        let layout = self.layout(&entry.content, &e.content)?;
+        let mut done = 0usize;
+        let mut pos = offset;
+        while done < buf.len() && pos < e.size {
+            let idx = match layout.starts.binary_search(&pos) {
+                Ok(i) => i,
+                Err(i) => i - 1,
+            };
+            let chunk = self.chunk(idx, &layout)?;
+            let within = (pos - layout.starts[idx]) as usize;
+            let n = (buf.len() - done).min(chunk.len() - within);
+            buf[done..done + n].copy_from_slice(&chunk[within..within + n]);
+            done += n;
+            pos += n as u64;
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,234 @@
+//! `cairn mount` and `cairn unmount`: the daemon's lifecycle.
+//!
+//! The daemon runs in the foreground (systemd `Type=notify` friendly: READY=1 is sent only
+//! once the kernel mount answers). SIGTERM, SIGINT or an external unmount stop it; stopping
+//! always flushes the overlay into a published snapshot before the process exits, and
+//! `cairn unmount` waits for that, so nothing written before unmount is lost.
+
+use std::fs;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cairn_fuse::{MountOptions, Overlay, OverlayError};
+
+use super::base::VaultBase;
+use super::device::Device;
+use super::sink::{VaultSink, view_of};
+use crate::state::VaultState;
+
+const PID_FILE: &str = "mount.pid";
+
+/// Blocks the stop signals in the calling thread (and every thread it spawns later), so one
+/// dedicated thread can receive them with `sigwait` instead of an async-signal handler.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-mask calls on a zeroed, initialized sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn is_mounted(mountpoint: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = mountpoint.to_string_lossy();
+    info.lines().any(|l| {
+        let mut f = l.split(' ');
+        f.nth(4).is_some_and(|mp| unescape(mp) == want)
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn notify_systemd(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot notify systemd");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+pub fn mount(state: &VaultState, mountpoint: &Path, opts: MountOptions) -> Result<()> {
+    let sigset = block_stop_signals();
+    let device = Arc::new(Device::open(state)?);
+    let overlay = Overlay::open(state.dir.join("overlay")).map_err(|e| match e {
+        OverlayError::Locked { .. } => anyhow::anyhow!(
+            "vault {:?} is already mounted by another cairn process ({e}); unmount it first with `cairn unmount DIR`",
+            state.name
+        ),
+        e => anyhow::Error::new(e).context("opening the local overlay"),
+    })?;
+    let source = device.vault().source();
+    let base = Arc::new(VaultBase::new(device.stores.clone(), view_of(source)));
+    let sink = Arc::new(VaultSink {
+        device: device.clone(),
+        base: base.clone(),
+    });
+    let handle = cairn_fuse::mount(base, sink, overlay, mountpoint, opts)?;
+    let mountpoint = handle.mountpoint().to_path_buf();
+    let pid_file = state.dir.join(PID_FILE);
+    fs::write(
+        &pid_file,
+        format!("{}\n{}\n", std::process::id(), mountpoint.display()),
+    )
+    .with_context(|| format!("writing {}", pid_file.display()))?;
+    // The kernel answers once the session thread runs; a stat through the mount proves it.
+    fs::metadata(&mountpoint)
+        .with_context(|| format!("the new mount at {} does not answer", mountpoint.display()))?;
+    eprintln!(
+        "cairn: vault {:?} mounted at {}",
+        state.name,
+        mountpoint.display()
+    );
+    notify_systemd(&format!(
+        "READY=1\nSTATUS=mounted at {}",
+        mountpoint.display()
+    ));
+
+    let (tx, rx) = mpsc::channel::<i32>();
+    std::thread::Builder::new()
+        .name("cairn-signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig = 0;
+                // SAFETY: sigwait on the set blocked above; `sig` is a valid out-pointer.
+                if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 && tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    let reason = loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(sig) => break format!("signal {sig}"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !is_mounted(&mountpoint) {
+                    break "external unmount".to_string();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break "signal thread ended".to_string(),
+        }
+    };
+    tracing::info!(%reason, "stopping: flushing and unmounting");
+    notify_systemd("STOPPING=1\nSTATUS=flushing");
+    let result = handle.unmount();
+    let _ = fs::remove_file(&pid_file);
+    result.context("unmounting (changes not yet in a snapshot stay in the overlay and are flushed at the next mount)")?;
+    eprintln!(
+        "cairn: {} unmounted, all changes flushed",
+        mountpoint.display()
+    );
+    Ok(())
+}
+
+fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+/// Finds the daemon serving `mountpoint` among this data dir's vaults.
+fn find_daemon(data_dir: &Path, mountpoint: &Path) -> Option<(i32, PathBuf)> {
+    let vaults = fs::read_dir(data_dir.join("vaults")).ok()?;
+    for v in vaults.flatten() {
+        let pid_file = v.path().join(PID_FILE);
+        let Ok(text) = fs::read_to_string(&pid_file) else {
+            continue;
+        };
+        let mut lines = text.lines();
+        let (Some(pid), Some(mp)) = (lines.next(), lines.next()) else {
+            continue;
+        };
+        if Path::new(mp) == mountpoint
+            && let Ok(pid) = pid.parse::<i32>()
+            && pid_alive(pid)
+        {
+            return Some((pid, pid_file));
+        }
+    }
+    None
+}
+
+pub fn unmount(data_dir: &Path, mountpoint: &Path) -> Result<()> {
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let canonical = fs::canonicalize(&abs).unwrap_or(abs.clone());
+    let found = find_daemon(data_dir, &canonical).or_else(|| find_daemon(data_dir, &abs));
+    let Some((pid, _)) = found else {
+        if !is_mounted(&canonical) && !is_mounted(&abs) {
+            bail!(
+                "{} is not a cairn mount of this data directory ({}); nothing to unmount",
+                abs.display(),
+                data_dir.display()
+            );
+        }
+        // A mount without a live daemon (crashed): detach it; its overlay is replayed and
+        // flushed at the next mount.
+        let st = std::process::Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(&canonical)
+            .status()
+            .context("running fusermount3 (install the fuse3 package)")?;
+        if !st.success() {
+            bail!("fusermount3 -u {} failed", canonical.display());
+        }
+        eprintln!(
+            "cairn: detached {} (no daemon was running; pending changes will flush at the next mount)",
+            canonical.display()
+        );
+        return Ok(());
+    };
+    // SAFETY: sending SIGTERM to a pid we just read from our own pid file.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        bail!(
+            "cannot signal the cairn daemon (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let start = Instant::now();
+    let mut told = false;
+    while pid_alive(pid) {
+        if !told && start.elapsed() > Duration::from_secs(2) {
+            eprintln!("cairn: waiting for the daemon to flush pending changes…");
+            told = true;
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("the daemon (pid {pid}) did not stop within 10 minutes; check its log");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("cairn: unmounted {}", canonical.display());
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! The mount's write side: overlay flush batches become engine commits, then a published
+//! snapshot, then the base the mount reads from.
+//!
+//! A batch is the final state of each dirty path, not a log of operations, so it is replayed
+//! as: deletions deepest-first (a directory after its children), then creations and updates
+//! in path order (a directory before its children). Each path is committed on its own, so one
+//! path the engine refuses (say, a concurrent peer change made it invalid) cannot hold every
+//! other change hostage; a refused path is logged loudly and its data is kept as a conflict-
+//! free copy whenever there is data to keep.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use cairn_fuse::{Data, FlushBatch, FlushError, FlushItem, FlushSink, Kind};
+use cairn_store::{ChunkSealer, WriteOptions, write_file_with};
+use cairn_vault::{
+    Attrs, Change, Content, INLINE_MAX, MergedView, TreeSource, VaultPath, content_from_manifest,
+};
+
+use super::base::{VaultBase, entry_of};
+use super::device::{Device, now_ms};
+
+pub struct VaultSink {
+    pub device: Arc<Device>,
+    pub base: Arc<VaultBase>,
+}
+
+/// The view the mount shows for the engine's current state.
+pub fn view_of(source: TreeSource) -> MergedView {
+    MergedView::new(vec![("own".to_string(), Arc::new(source))])
+}
+
+fn rejected(e: impl std::fmt::Display) -> FlushError {
+    FlushError::Rejected(e.to_string())
+}
+
+impl VaultSink {
+    /// Chunks, encrypts and stores staged content; small files stay inline in the tree.
+    fn store_content(&self, item: &mut FlushItem) -> Result<(u64, Content), FlushError> {
+        let Some(staged) = item.staged.as_mut() else {
+            return Err(FlushError::Rejected(format!(
+                "{}: staged data missing",
+                item.path
+            )));
+        };
+        let len = staged.file.metadata()?.len();
+        if len as usize <= INLINE_MAX {
+            let mut bytes = Vec::with_capacity(len as usize);
+            (&staged.file).take(len).read_to_end(&mut bytes)?;
+            return Ok((bytes.len() as u64, Content::Inline(bytes)));
+        }
+        let reader = std::io::BufReader::with_capacity(1 << 20, (&staged.file).take(len));
+        let opts = WriteOptions {
+            durability: cairn_store::Durability::Batch,
+            ..WriteOptions::default()
+        };
+        let manifest = write_file_with(&self.device.blobs, &self.device.content_key, reader, opts)
+            .map_err(rejected)?;
+        let sealer = ChunkSealer::new(&self.device.content_key);
+        let (content, size) =
+            content_from_manifest(self.device.stores.blobs.as_ref(), &sealer, &manifest)
+                .map_err(rejected)?;
+        Ok((size, content))
+    }
+
+    fn change_for(&self, item: &mut FlushItem, exists: bool) -> Result<Option<Change>, FlushError> {
+        let r = &item.record;
+        let attrs = Attrs {
+            mode: r.mode & 0o7777,
+            mtime_ns: r.mtime_ns,
+            xattrs: r.xattrs.clone(),
+        };
+        Ok(match (r.kind, &r.data) {
+            (Kind::Whiteout, _) => None,
+            (Kind::Dir, _) if exists => Some(Change::SetAttrs { attrs }),
+            (Kind::Dir, _) => Some(Change::Mkdir { attrs }),
+            (Kind::Symlink, Data::Target(t)) => Some(Change::Symlink {
+                target: t.clone(),
+                mtime_ns: r.mtime_ns,
+            }),
+            (Kind::Symlink, _) => {
+                return Err(rejected(format!("{}: symlink without target", item.path)));
+            }
+            (Kind::File, Data::Base) if exists => Some(Change::SetAttrs { attrs }),
+            (Kind::File, Data::Base) => None,
+            (Kind::File, Data::Staged(_)) => {
+                let (size, content) = self.store_content(item)?;
+                Some(Change::Write {
+                    attrs,
+                    size,
+                    content,
+                })
+            }
+            (Kind::File, Data::Content(bytes)) => {
+                let e = entry_of(&cairn_fuse::ContentRef::new(bytes.clone())).map_err(rejected)?;
+                Some(Change::Write {
+                    attrs,
+                    size: e.size,
+                    content: e.content,
+                })
+            }
+            (Kind::File, _) => Some(Change::Write {
+                attrs,
+                size: 0,
+                content: Content::Inline(Vec::new()),
+            }),
+        })
+    }
+}
+
+impl FlushSink for VaultSink {
+    fn flush(&self, mut batch: FlushBatch) -> Result<(), FlushError> {
+        let span = tracing::info_span!("flush", paths = batch.items.len());
+        let _g = span.enter();
+        let mut vault = self.device.vault();
+        let now = now_ms();
+        let mut refused = 0usize;
+
+        // Deletions, deepest first.
+        for item in batch
+            .items
+            .iter()
+            .rev()
+            .filter(|i| i.record.kind == Kind::Whiteout)
+        {
+            let p = VaultPath::new(&item.path).map_err(rejected)?;
+            let change = match vault.lookup(&p).map_err(rejected)? {
+                Some((key, _)) if key.dir => Change::Rmdir,
+                Some(_) => Change::Remove,
+                None => continue,
+            };
+            if let Err(e) = vault.commit([(p, change)], now) {
+                refused += 1;
+                tracing::error!(path = %item.path, error = %e, "engine refused a deletion");
+            }
+        }
+        // Creations and updates, parents first.
+        for item in batch
+            .items
+            .iter_mut()
+            .filter(|i| i.record.kind != Kind::Whiteout)
+        {
+            let p = VaultPath::new(&item.path).map_err(rejected)?;
+            if p.is_root() {
+                continue;
+            }
+            let existing = vault.lookup(&p).map_err(rejected)?;
+            let same_kind = existing
+                .as_ref()
+                .is_some_and(|(k, _)| k.dir == (item.record.kind == Kind::Dir));
+            if existing.is_some() && !same_kind {
+                // A file replaced by a directory or the reverse without a whiteout in this
+                // batch: remove the old one first so the new one can take the name.
+                let rm = if item.record.kind == Kind::Dir {
+                    Change::Remove
+                } else {
+                    Change::Rmdir
+                };
+                if let Err(e) = vault.commit([(p.clone(), rm)], now) {
+                    tracing::warn!(path = %item.path, error = %e, "could not replace entry of another kind");
+                }
+            }
+            let Some(change) = self.change_for(item, same_kind)? else {
+                continue;
+            };
+            if let Err(e) = vault.commit([(p, change)], now) {
+                refused += 1;
+                tracing::error!(path = %item.path, error = %e, "engine refused a change");
+            }
+        }
+        // Nodes and chunks were written without per-file fsyncs; make them durable before a
+        // snapshot that references them is announced.
+        self.device.blobs.sync().map_err(rejected)?;
+        let report = vault
+            .publish(&self.device.registry, now)
+            .map_err(rejected)?;
+        tracing::info!(
+            revision = report.revision.0,
+            attempts = report.attempts,
+            refused,
+            "published snapshot"
+        );
+        self.base.set_view(view_of(vault.source()));
+        Ok(())
+    }
+}

@@ -1,0 +1,812 @@
+//! Randomized model test: a seeded sequence of filesystem operations applied in lockstep to
+//! the mount under test and to a native directory (the model). After every step the results
+//! (value or errno) must match; every 100 steps and at the end the whole trees must match.
+//!
+//! `CAIRN_MODEL_SEED` (default fixed) and `CAIRN_MODEL_OPS` (default 10000) control the run.
+//! On a mismatch the seed, the failing step and the last 20 operations are printed.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use common::*;
+
+const DEFAULT_SEED: u64 = 0xCA1F_2024;
+const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+const DIRS: [&str; 3] = ["p", "q", "r"];
+const MAX_FILE: u64 = 256 * 1024;
+const SLOTS: usize = 4;
+const XATTR_NAMES: [&str; 3] = ["user.x", "user.y", "user.long.attribute.name"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// open(O_WRONLY|O_CREAT [|O_TRUNC] [|O_EXCL] [|O_APPEND]) + pwrite + close.
+    Write {
+        path: String,
+        off: u64,
+        len: usize,
+        seed: u64,
+        trunc: bool,
+        excl: bool,
+        append: bool,
+    },
+    Truncate {
+        path: String,
+        len: u64,
+    },
+    Read {
+        path: String,
+        off: u64,
+        len: usize,
+    },
+    Stat {
+        path: String,
+    },
+    Lstat {
+        path: String,
+    },
+    Readdir {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Rmdir {
+        path: String,
+    },
+    Unlink {
+        path: String,
+    },
+    Rename {
+        from: String,
+        to: String,
+        flags: u32,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Readlink {
+        path: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    SetXattr {
+        path: String,
+        name: String,
+        len: usize,
+        seed: u64,
+        flags: i32,
+    },
+    GetXattr {
+        path: String,
+        name: String,
+    },
+    RemoveXattr {
+        path: String,
+        name: String,
+    },
+    ListXattr {
+        path: String,
+    },
+    /// Open a file O_RDWR into a slot (held across later operations).
+    OpenSlot {
+        slot: usize,
+        path: String,
+        create: bool,
+    },
+    SlotWrite {
+        slot: usize,
+        off: u64,
+        len: usize,
+        seed: u64,
+    },
+    SlotRead {
+        slot: usize,
+        off: u64,
+        len: usize,
+    },
+    SlotTruncate {
+        slot: usize,
+        len: u64,
+    },
+    SlotFstat {
+        slot: usize,
+    },
+    SlotFsync {
+        slot: usize,
+    },
+    CloseSlot {
+        slot: usize,
+    },
+}
+
+type Outcome = Result<String, i32>;
+
+fn gen_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    r.fill(&mut v[..]);
+    v
+}
+
+/// One side of the lockstep: a root directory plus held file slots.
+struct Side {
+    root: PathBuf,
+    slots: Vec<Option<File>>,
+}
+
+fn err(e: io::Error) -> i32 {
+    errno_of(&e)
+}
+
+fn kind_of(md: &fs::Metadata) -> &'static str {
+    let ft = md.file_type();
+    if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else {
+        "other"
+    }
+}
+
+fn describe(md: &fs::Metadata) -> String {
+    let kind = kind_of(md);
+    // Directory sizes and link counts are filesystem-specific: left out.
+    match kind {
+        "dir" => format!("dir mode={:o}", md.mode() & 0o7777),
+        "symlink" => format!("symlink size={}", md.len()),
+        _ => format!(
+            "{kind} mode={:o} size={} nlink={}",
+            md.mode() & 0o7777,
+            md.len(),
+            md.nlink()
+        ),
+    }
+}
+
+impl Side {
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn apply(&mut self, op: &Op) -> Outcome {
+        match op {
+            Op::Write {
+                path,
+                off,
+                len,
+                seed,
+                trunc,
+                excl,
+                append,
+            } => {
+                let mut flags = libc::O_WRONLY | libc::O_CREAT;
+                if *trunc {
+                    flags |= libc::O_TRUNC;
+                }
+                if *excl {
+                    flags |= libc::O_EXCL;
+                }
+                if *append {
+                    flags |= libc::O_APPEND;
+                }
+                let f = open_raw(&self.p(path), flags, 0o644).map_err(err)?;
+                let data = gen_bytes(*seed, *len);
+                if *append {
+                    use std::io::Write;
+                    (&f).write_all(&data).map_err(err)?;
+                } else {
+                    f.write_all_at(&data, *off).map_err(err)?;
+                }
+                Ok(format!("size={}", f.metadata().map_err(err)?.len()))
+            }
+            Op::Truncate { path, len } => {
+                let c = cpath(&self.p(path));
+                if unsafe { libc::truncate(c.as_ptr(), *len as libc::off_t) } != 0 {
+                    return Err(err(io::Error::last_os_error()));
+                }
+                Ok(String::new())
+            }
+            Op::Read { path, off, len } => {
+                let f = File::open(self.p(path)).map_err(err)?;
+                let mut buf = vec![0u8; *len];
+                let mut got = 0;
+                loop {
+                    let n = f.read_at(&mut buf[got..], off + got as u64).map_err(err)?;
+                    if n == 0 || got + n == buf.len() {
+                        got += n;
+                        break;
+                    }
+                    got += n;
+                }
+                Ok(format!(
+                    "{} bytes {}",
+                    got,
+                    blake3::hash(&buf[..got]).to_hex()
+                ))
+            }
+            Op::Stat { path } => fs::metadata(self.p(path))
+                .map(|m| describe(&m))
+                .map_err(err),
+            Op::Lstat { path } => fs::symlink_metadata(self.p(path))
+                .map(|m| describe(&m))
+                .map_err(err),
+            Op::Readdir { path } => {
+                let mut names = Vec::new();
+                for e in fs::read_dir(self.p(path)).map_err(err)? {
+                    let e = e.map_err(err)?;
+                    let t = e.file_type().map_err(err)?;
+                    let k = if t.is_symlink() {
+                        "l"
+                    } else if t.is_dir() {
+                        "d"
+                    } else {
+                        "f"
+                    };
+                    names.push(format!("{}:{k}", e.file_name().to_string_lossy()));
+                }
+                names.sort();
+                Ok(names.join(","))
+            }
+            Op::Mkdir { path, mode } => {
+                let c = cpath(&self.p(path));
+                if unsafe { libc::mkdir(c.as_ptr(), *mode as libc::mode_t) } != 0 {
+                    return Err(err(io::Error::last_os_error()));
+                }
+                Ok(String::new())
+            }
+            Op::Rmdir { path } => fs::remove_dir(self.p(path))
+                .map(|_| String::new())
+                .map_err(err),
+            Op::Unlink { path } => fs::remove_file(self.p(path))
+                .map(|_| String::new())
+                .map_err(err),
+            Op::Rename { from, to, flags } => renameat2(&self.p(from), &self.p(to), *flags)
+                .map(|_| String::new())
+                .map_err(err),
+            Op::Symlink { target, path } => symlink(target, self.p(path))
+                .map(|_| String::new())
+                .map_err(err),
+            Op::Readlink { path } => fs::read_link(self.p(path))
+                .map(|t| t.to_string_lossy().into_owned())
+                .map_err(err),
+            Op::Chmod { path, mode } => {
+                fs::set_permissions(self.p(path), fs::Permissions::from_mode(*mode))
+                    .map(|_| String::new())
+                    .map_err(err)
+            }
+            Op::SetXattr {
+                path,
+                name,
+                len,
+                seed,
+                flags,
+            } => setxattr(&self.p(path), name, &gen_bytes(*seed, *len), *flags)
+                .map(|_| String::new())
+                .map_err(err),
+            Op::GetXattr { path, name } => getxattr(&self.p(path), name)
+                .map(|v| blake3::hash(&v).to_hex().to_string())
+                .map_err(err),
+            Op::RemoveXattr { path, name } => removexattr(&self.p(path), name)
+                .map(|_| String::new())
+                .map_err(err),
+            Op::ListXattr { path } => listxattr(&self.p(path))
+                .map(|v| {
+                    v.into_iter()
+                        .filter(|n| n.starts_with("user."))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .map_err(err),
+            Op::OpenSlot { slot, path, create } => {
+                let f = File::options()
+                    .read(true)
+                    .write(true)
+                    .create(*create)
+                    .mode(0o644)
+                    .open(self.p(path))
+                    .map_err(err)?;
+                self.slots[*slot] = Some(f);
+                Ok(String::new())
+            }
+            Op::SlotWrite {
+                slot,
+                off,
+                len,
+                seed,
+            } => {
+                let f = self.slots[*slot].as_ref().expect("slot open");
+                f.write_all_at(&gen_bytes(*seed, *len), *off).map_err(err)?;
+                Ok(String::new())
+            }
+            Op::SlotRead { slot, off, len } => {
+                let f = self.slots[*slot].as_ref().expect("slot open");
+                let mut buf = vec![0u8; *len];
+                let n = f.read_at(&mut buf, *off).map_err(err)?;
+                Ok(format!("{n} bytes {}", blake3::hash(&buf[..n]).to_hex()))
+            }
+            Op::SlotTruncate { slot, len } => {
+                let f = self.slots[*slot].as_ref().expect("slot open");
+                f.set_len(*len).map(|_| String::new()).map_err(err)
+            }
+            Op::SlotFstat { slot } => {
+                let f = self.slots[*slot].as_ref().expect("slot open");
+                let md = f.metadata().map_err(err)?;
+                // nlink of an fd whose name was unlinked is 0 natively; FUSE may lag: skip it.
+                Ok(format!(
+                    "{} mode={:o} size={}",
+                    kind_of(&md),
+                    md.mode() & 0o7777,
+                    md.len()
+                ))
+            }
+            Op::SlotFsync { slot } => {
+                let f = self.slots[*slot].as_ref().expect("slot open");
+                f.sync_all().map(|_| String::new()).map_err(err)
+            }
+            Op::CloseSlot { slot } => {
+                self.slots[*slot] = None;
+                Ok(String::new())
+            }
+        }
+    }
+}
+
+struct Gen {
+    rng: StdRng,
+    open: [bool; SLOTS],
+}
+
+impl Gen {
+    fn name(&mut self) -> &'static str {
+        if self.rng.random_bool(0.4) {
+            DIRS[self.rng.random_range(0..DIRS.len())]
+        } else {
+            NAMES[self.rng.random_range(0..NAMES.len())]
+        }
+    }
+
+    /// A path of depth 1 or 2 (a `p/q` style nesting makes ENOTDIR/ENOENT frequent).
+    fn path(&mut self) -> String {
+        if self.rng.random_bool(0.45) {
+            self.name().to_string()
+        } else {
+            let d = DIRS[self.rng.random_range(0..DIRS.len())];
+            let d = if self.rng.random_bool(0.1) {
+                NAMES[0]
+            } else {
+                d
+            };
+            format!("{d}/{}", self.name())
+        }
+    }
+
+    /// A path whose last component is usually a file name (`a`..`f`).
+    fn file_path(&mut self) -> String {
+        let mut p = self.path();
+        if self.rng.random_bool(0.85) {
+            let cut = p.rfind('/').map(|i| i + 1).unwrap_or(0);
+            p.truncate(cut);
+            p += NAMES[self.rng.random_range(0..NAMES.len())];
+        }
+        p
+    }
+
+    /// A path whose last component is usually a directory name (`p`, `q`, `r`).
+    fn subdir_path(&mut self) -> String {
+        let mut p = self.path();
+        if self.rng.random_bool(0.85) {
+            let cut = p.rfind('/').map(|i| i + 1).unwrap_or(0);
+            p.truncate(cut);
+            p += DIRS[self.rng.random_range(0..DIRS.len())];
+        }
+        p
+    }
+
+    fn dir_path(&mut self) -> String {
+        match self.rng.random_range(0..5) {
+            0 => String::new(), // the root
+            1 | 2 => DIRS[self.rng.random_range(0..DIRS.len())].to_string(),
+            _ => self.path(),
+        }
+    }
+
+    /// Symlink targets never escape the tree wherever the link is later renamed to: they
+    /// are relative, without `..` (a `../x` target would point outside the root once the
+    /// link moves up a level), and never absolute.
+    fn link_target(&mut self, link_path: &str) -> String {
+        match self.rng.random_range(0..6) {
+            0 => format!(
+                "{}/{}",
+                DIRS[self.rng.random_range(0..DIRS.len())],
+                self.name()
+            ),
+            1 => "dangling-target".to_string(),
+            2 => link_path.rsplit('/').next().unwrap().to_string(), // self-loop
+            _ => self.name().to_string(),
+        }
+    }
+
+    fn offset(&mut self) -> u64 {
+        match self.rng.random_range(0..4) {
+            0 => 0,
+            1 => self.rng.random_range(0..4096),
+            _ => self.rng.random_range(0..MAX_FILE - 65536),
+        }
+    }
+
+    fn len(&mut self) -> usize {
+        match self.rng.random_range(0..4) {
+            0 => self.rng.random_range(0..16),
+            1 | 2 => self.rng.random_range(0..8192),
+            _ => self.rng.random_range(0..65536),
+        }
+    }
+
+    fn mode(&mut self) -> u32 {
+        [0o644, 0o600, 0o755, 0o700, 0o640, 0o444, 0o2755, 0o1777][self.rng.random_range(0..8)]
+    }
+
+    fn open_slot(&mut self) -> Option<usize> {
+        let open: Vec<usize> = (0..SLOTS).filter(|i| self.open[*i]).collect();
+        if open.is_empty() {
+            None
+        } else {
+            Some(open[self.rng.random_range(0..open.len())])
+        }
+    }
+
+    fn next(&mut self) -> Op {
+        loop {
+            let seed = self.rng.random();
+            let op = match self.rng.random_range(0..100) {
+                0..=17 => Op::Write {
+                    path: self.file_path(),
+                    off: self.offset(),
+                    len: self.len(),
+                    seed,
+                    trunc: self.rng.random_bool(0.2),
+                    excl: self.rng.random_bool(0.1),
+                    append: self.rng.random_bool(0.1),
+                },
+                18..=21 => Op::Truncate {
+                    path: self.file_path(),
+                    len: self.rng.random_range(0..MAX_FILE),
+                },
+                22..=27 => Op::Read {
+                    path: self.file_path(),
+                    off: self.offset(),
+                    len: self.len(),
+                },
+                28..=30 => Op::Stat { path: self.path() },
+                31..=32 => Op::Lstat { path: self.path() },
+                33..=36 => Op::Readdir {
+                    path: self.dir_path(),
+                },
+                37..=43 => Op::Mkdir {
+                    path: self.subdir_path(),
+                    mode: 0o755,
+                },
+                44..=47 => Op::Rmdir {
+                    path: self.subdir_path(),
+                },
+                48..=53 => Op::Unlink {
+                    path: self.file_path(),
+                },
+                54..=62 => {
+                    let flags = match self.rng.random_range(0..10) {
+                        0 => libc::RENAME_NOREPLACE,
+                        1 => libc::RENAME_EXCHANGE,
+                        _ => 0,
+                    };
+                    Op::Rename {
+                        from: self.path(),
+                        to: self.path(),
+                        flags,
+                    }
+                }
+                63..=65 => {
+                    let path = self.file_path();
+                    Op::Symlink {
+                        target: self.link_target(&path),
+                        path,
+                    }
+                }
+                66 => Op::Readlink {
+                    path: self.file_path(),
+                },
+                67..=69 => Op::Chmod {
+                    path: self.path(),
+                    mode: self.mode(),
+                },
+                70..=73 => Op::SetXattr {
+                    path: self.path(),
+                    name: XATTR_NAMES[self.rng.random_range(0..XATTR_NAMES.len())].into(),
+                    len: self.rng.random_range(0..300),
+                    seed,
+                    flags: [0, 0, libc::XATTR_CREATE, libc::XATTR_REPLACE]
+                        [self.rng.random_range(0..4)],
+                },
+                74 => Op::GetXattr {
+                    path: self.path(),
+                    name: XATTR_NAMES[self.rng.random_range(0..XATTR_NAMES.len())].into(),
+                },
+                75..=76 => Op::RemoveXattr {
+                    path: self.path(),
+                    name: XATTR_NAMES[self.rng.random_range(0..XATTR_NAMES.len())].into(),
+                },
+                77 => Op::ListXattr { path: self.path() },
+                78..=81 => {
+                    let slot = self.rng.random_range(0..SLOTS);
+                    if self.open[slot] {
+                        continue;
+                    }
+                    Op::OpenSlot {
+                        slot,
+                        path: self.file_path(),
+                        create: self.rng.random_bool(0.5),
+                    }
+                }
+                82..=88 => {
+                    let Some(slot) = self.open_slot() else {
+                        continue;
+                    };
+                    Op::SlotWrite {
+                        slot,
+                        off: self.offset(),
+                        len: self.len(),
+                        seed,
+                    }
+                }
+                89..=91 => {
+                    let Some(slot) = self.open_slot() else {
+                        continue;
+                    };
+                    Op::SlotRead {
+                        slot,
+                        off: self.offset(),
+                        len: self.len(),
+                    }
+                }
+                92 => {
+                    let Some(slot) = self.open_slot() else {
+                        continue;
+                    };
+                    Op::SlotTruncate {
+                        slot,
+                        len: self.rng.random_range(0..MAX_FILE),
+                    }
+                }
+                93..=94 => {
+                    let Some(slot) = self.open_slot() else {
+                        continue;
+                    };
+                    Op::SlotFstat { slot }
+                }
+                95 => {
+                    let Some(slot) = self.open_slot() else {
+                        continue;
+                    };
+                    Op::SlotFsync { slot }
+                }
+                _ => {
+                    let Some(slot) = self.open_slot() else {
+                        continue;
+                    };
+                    Op::CloseSlot { slot }
+                }
+            };
+            return op;
+        }
+    }
+}
+
+/// Mode tweak applied after generation: chmod of a directory keeps u+rwx so a non-root run
+/// of the suite can still walk the tree (root ignores mode bits anyway).
+fn fix_chmod(op: &mut Op, model_root: &Path) {
+    if let Op::Chmod { path, mode } = op
+        && fs::metadata(model_root.join(&*path))
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+    {
+        *mode |= 0o700;
+    }
+}
+
+struct Run {
+    seed: u64,
+    step: usize,
+    history: VecDeque<(usize, Op, Outcome)>,
+    gen_: Gen,
+    mount: Side,
+    model: Side,
+    /// (operation kind, outcome class) → count, printed at the end so a degenerate run
+    /// (say, everything failing with ENOENT) is easy to spot.
+    stats: std::collections::BTreeMap<String, usize>,
+    max_entries: usize,
+}
+
+impl Run {
+    fn new(seed: u64, mount_root: &Path, model_root: &Path) -> Run {
+        Run {
+            seed,
+            step: 0,
+            history: VecDeque::new(),
+            gen_: Gen {
+                rng: StdRng::seed_from_u64(seed),
+                open: [false; SLOTS],
+            },
+            mount: Side {
+                root: mount_root.to_path_buf(),
+                slots: (0..SLOTS).map(|_| None).collect(),
+            },
+            model: Side {
+                root: model_root.to_path_buf(),
+                slots: (0..SLOTS).map(|_| None).collect(),
+            },
+            stats: Default::default(),
+            max_entries: 0,
+        }
+    }
+
+    fn context(&self) -> String {
+        let mut s = format!(
+            "model test seed={} (rerun: CAIRN_MODEL_SEED={}) step={}\nlast operations:\n",
+            self.seed, self.seed, self.step
+        );
+        for (i, op, out) in &self.history {
+            s += &format!("  #{i}: {op:?} -> {}\n", fmt_outcome(out));
+        }
+        s
+    }
+
+    fn step(&mut self) {
+        let mut op = self.gen_.next();
+        fix_chmod(&mut op, &self.model.root);
+        let want = self.model.apply(&op);
+        let got = self.mount.apply(&op);
+        match &op {
+            Op::OpenSlot { slot, .. } if want.is_ok() => self.gen_.open[*slot] = true,
+            Op::CloseSlot { slot } => self.gen_.open[*slot] = false,
+            _ => {}
+        }
+        self.history
+            .push_back((self.step, op.clone(), want.clone()));
+        if self.history.len() > 20 {
+            self.history.pop_front();
+        }
+        let kind = format!("{op:?}");
+        let kind = kind.split([' ', '{']).next().unwrap_or("").to_string();
+        let class = match &want {
+            Ok(_) => "ok".to_string(),
+            Err(e) => errno_name(*e),
+        };
+        *self.stats.entry(format!("{kind} {class}")).or_default() += 1;
+        if want != got {
+            panic!(
+                "{}\nMISMATCH at step {}: {op:?}\n  model (native): {}\n  mount         : {}",
+                self.context(),
+                self.step,
+                fmt_outcome(&want),
+                fmt_outcome(&got)
+            );
+        }
+        self.step += 1;
+    }
+
+    fn compare_trees(&mut self, what: &str) {
+        let a = snapshot(&self.model.root);
+        let b = snapshot(&self.mount.root);
+        self.max_entries = self.max_entries.max(a.len());
+        if a != b {
+            eprintln!("{}", self.context());
+            assert_snapshots_eq(&a, &b, &format!("{what} (left = model, right = mount)"));
+        }
+    }
+
+    fn close_all(&mut self) {
+        for s in 0..SLOTS {
+            self.mount.slots[s] = None;
+            self.model.slots[s] = None;
+            self.gen_.open[s] = false;
+        }
+    }
+
+    fn print_stats(&self) {
+        let mut s = format!("outcomes (largest tree: {} entries):\n", self.max_entries);
+        for (k, n) in &self.stats {
+            s += &format!("  {k}: {n}\n");
+        }
+        eprintln!("{s}");
+    }
+
+    fn run(&mut self, ops: usize) {
+        for _ in 0..ops {
+            self.step();
+            if self.step.is_multiple_of(100) {
+                self.compare_trees(&format!("tree after step {}", self.step));
+            }
+        }
+        self.compare_trees(&format!("final tree after step {}", self.step));
+    }
+}
+
+fn fmt_outcome(o: &Outcome) -> String {
+    match o {
+        Ok(s) => format!("Ok({s})"),
+        Err(e) => format!("Err({})", errno_name(*e)),
+    }
+}
+
+fn seed() -> u64 {
+    match std::env::var("CAIRN_MODEL_SEED") {
+        Ok(s) => {
+            let s = s.trim();
+            let parsed = match s.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16),
+                None => s.parse(),
+            };
+            parsed.unwrap_or_else(|_| panic!("CAIRN_MODEL_SEED={s:?} is not a u64"))
+        }
+        Err(_) => DEFAULT_SEED,
+    }
+}
+
+fn ops() -> usize {
+    std::env::var("CAIRN_MODEL_OPS")
+        .ok()
+        .map(|s| s.parse().expect("CAIRN_MODEL_OPS must be a number"))
+        .unwrap_or(10_000)
+}
+
+#[test]
+fn model_lockstep() {
+    let m = TestMount::new();
+    let model = tempfile::tempdir().unwrap();
+    let seed = seed();
+    let n = ops();
+    eprintln!("fs_model: seed={seed} ops={n} target={:?}", m.target());
+    let started = std::time::Instant::now();
+    let mut run = Run::new(seed, m.root(), model.path());
+    run.run(n);
+    run.close_all();
+    run.compare_trees("after closing every handle");
+    run.print_stats();
+    eprintln!("fs_model: {n} ops matched in {:?}", started.elapsed());
+}
+
+#[test]
+fn model_lockstep_with_remount() {
+    let mut m = TestMount::new();
+    let model = tempfile::tempdir().unwrap();
+    let seed = seed() ^ 0x5EED_0F2E_0000;
+    let n = ops() / 2;
+    eprintln!(
+        "fs_model (remount): seed={seed} ops={n}x2 target={:?}",
+        m.target()
+    );
+    let mut run = Run::new(seed, m.root(), model.path());
+    run.run(n);
+    // Handles do not survive a remount; close them on both sides first.
+    run.close_all();
+    m.remount();
+    run.compare_trees("tree right after remount");
+    run.run(n);
+    run.close_all();
+    m.remount();
+    run.compare_trees("tree after the second remount");
+}

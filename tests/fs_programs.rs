@@ -1,0 +1,422 @@
+//! Real programs on the mount: git, tar, cp -a, diff -r, rsync; a 1 GiB file with random
+//! overwrites checked after a remount; and a kill -9 crash test for fsync'd data.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, PermissionsExt, symlink};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngExt, SeedableRng};
+
+use common::*;
+
+fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+#[track_caller]
+fn run(cmd: &mut Command) -> Output {
+    let desc = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{desc} failed with {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn git(dir: &Path, home: &Path, args: &[&str]) -> Output {
+    run(Command::new("git")
+        .current_dir(dir)
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("LC_ALL", "C")
+        .args([
+            "-c",
+            "user.name=Cairn Test",
+            "-c",
+            "user.email=test@cairn.invalid",
+        ])
+        .args(["-c", "init.defaultBranch=main", "-c", "core.fsync=all"])
+        .args(args))
+}
+
+#[test]
+fn git_init_add_commit() {
+    if !have("git") {
+        eprintln!("SKIPPED git_init_add_commit: `git` is not installed");
+        return;
+    }
+    let mut m = TestMount::new();
+    let home = tempfile::tempdir().unwrap();
+    let repo = m.path("repo");
+    fs::create_dir(&repo).unwrap();
+    git(&repo, home.path(), &["init", "-q"]);
+    fs::create_dir_all(repo.join("src/deep")).unwrap();
+    for i in 0..50 {
+        fs::write(
+            repo.join(format!("src/file{i}.txt")),
+            format!("line {i}\n").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    fs::write(repo.join("src/deep/big.bin"), vec![42u8; 3 << 20]).unwrap();
+    fs::write(repo.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(repo.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    symlink("src/file1.txt", repo.join("link")).unwrap();
+    git(&repo, home.path(), &["add", "-A"]);
+    git(&repo, home.path(), &["commit", "-q", "-m", "first"]);
+    // a second commit with a rename, a delete and an edit
+    git(
+        &repo,
+        home.path(),
+        &["mv", "src/file2.txt", "src/renamed.txt"],
+    );
+    git(&repo, home.path(), &["rm", "-q", "src/file3.txt"]);
+    fs::write(repo.join("src/file4.txt"), "edited\n").unwrap();
+    git(&repo, home.path(), &["commit", "-q", "-a", "-m", "second"]);
+    let status = git(&repo, home.path(), &["status", "--porcelain"]);
+    assert!(
+        status.stdout.is_empty(),
+        "clean tree: {}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let log = git(&repo, home.path(), &["log", "--oneline"]);
+    assert_eq!(String::from_utf8_lossy(&log.stdout).lines().count(), 2);
+    git(&repo, home.path(), &["fsck", "--full", "--strict"]);
+    git(&repo, home.path(), &["gc", "-q"]);
+    m.remount();
+    git(&repo, home.path(), &["fsck", "--full", "--strict"]);
+    let status = git(&repo, home.path(), &["status", "--porcelain"]);
+    assert!(
+        status.stdout.is_empty(),
+        "clean after remount: {}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    // check out the first commit and back
+    git(&repo, home.path(), &["checkout", "-q", "HEAD~1"]);
+    assert!(repo.join("src/file3.txt").exists());
+    git(&repo, home.path(), &["checkout", "-q", "main"]);
+    assert!(!repo.join("src/file3.txt").exists());
+}
+
+/// ~3,000 small files in nested directories, with a few symlinks, modes and empty files.
+fn make_tree(root: &Path, seed: u64) -> usize {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut count = 0;
+    for a in 0..10 {
+        for b in 0..10 {
+            let dir = root.join(format!("top{a}/mid{b}"));
+            fs::create_dir_all(&dir).unwrap();
+            for c in 0..30 {
+                let len = match rng.random_range(0..10) {
+                    0 => 0,
+                    1 => rng.random_range(10_000..100_000),
+                    _ => rng.random_range(1..4000),
+                };
+                let mut data = vec![0u8; len];
+                rng.fill_bytes(&mut data);
+                let p = dir.join(format!("f{c}.dat"));
+                fs::write(&p, &data).unwrap();
+                if c % 7 == 0 {
+                    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+                }
+                if c % 11 == 0 {
+                    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+                }
+                count += 1;
+            }
+            symlink(format!("f{}.dat", b), dir.join("link")).unwrap();
+        }
+        fs::create_dir(root.join(format!("top{a}/empty"))).unwrap();
+    }
+    count
+}
+
+#[test]
+fn tar_extract_cp_back_and_diff() {
+    let mut m = TestMount::new();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let n = make_tree(&src, 7);
+    assert!(n >= 3000);
+    let archive = work.path().join("tree.tar");
+    run(Command::new("tar")
+        .arg("cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&src)
+        .arg("."));
+
+    let dest = m.path("extracted");
+    fs::create_dir(&dest).unwrap();
+    let t = Instant::now();
+    run(Command::new("tar")
+        .arg("xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&dest));
+    eprintln!("tar x of {n} files: {:?}", t.elapsed());
+    assert_snapshots_eq(&snapshot(&src), &snapshot(&dest), "tar x into the mount");
+
+    let back = work.path().join("back");
+    run(Command::new("cp").arg("-a").arg(&dest).arg(&back));
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&src)
+        .arg(&back));
+    assert_snapshots_eq(
+        &snapshot(&src),
+        &snapshot(&back),
+        "cp -a back out of the mount",
+    );
+
+    // cp -a within the mount, then diff against the source
+    run(Command::new("cp").arg("-a").arg(&dest).arg(m.path("copy")));
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&src)
+        .arg(m.path("copy")));
+
+    m.remount();
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&src)
+        .arg(&dest));
+    assert_snapshots_eq(&snapshot(&src), &snapshot(&dest), "after remount");
+
+    // tar c from the mount reproduces the same listing
+    let out = run(Command::new("tar").arg("tf").arg(&archive));
+    let archive2 = work.path().join("again.tar");
+    run(Command::new("tar")
+        .arg("cf")
+        .arg(&archive2)
+        .arg("-C")
+        .arg(&dest)
+        .arg("."));
+    let out2 = run(Command::new("tar").arg("tf").arg(&archive2));
+    let mut l1: Vec<&[u8]> = out.stdout.split(|b| *b == b'\n').collect();
+    let mut l2: Vec<&[u8]> = out2.stdout.split(|b| *b == b'\n').collect();
+    l1.sort();
+    l2.sort();
+    assert_eq!(l1, l2);
+
+    // rm -rf of the whole tree
+    run(Command::new("rm").arg("-rf").arg(&dest).arg(m.path("copy")));
+    assert_eq!(fs::read_dir(m.root()).unwrap().count(), 0);
+}
+
+#[test]
+fn rsync_roundtrip() {
+    if !have("rsync") {
+        eprintln!("SKIPPED rsync_roundtrip: `rsync` is not installed");
+        return;
+    }
+    let m = TestMount::new();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    make_tree(&src, 11);
+    let mut src_arg = src.as_os_str().to_owned();
+    src_arg.push("/");
+    run(Command::new("rsync")
+        .arg("-a")
+        .arg(&src_arg)
+        .arg(m.path("r")));
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&src)
+        .arg(m.path("r")));
+    // second run: nothing to transfer; then modify and sync again
+    fs::write(src.join("top0/mid0/f1.dat"), b"changed").unwrap();
+    fs::remove_file(src.join("top1/mid1/f2.dat")).unwrap();
+    run(Command::new("rsync")
+        .arg("-a")
+        .arg("--delete")
+        .arg(&src_arg)
+        .arg(m.path("r")));
+    assert_snapshots_eq(
+        &snapshot(&src),
+        &snapshot(&m.path("r")),
+        "rsync -a --delete",
+    );
+    let back = work.path().join("back");
+    let mut mnt_arg = m.path("r").into_os_string();
+    mnt_arg.push("/");
+    run(Command::new("rsync").arg("-a").arg(&mnt_arg).arg(&back));
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&src)
+        .arg(&back));
+}
+
+#[test]
+fn one_gib_file_with_random_overwrites() {
+    const SIZE: u64 = 1 << 30;
+    const BLOCK: usize = 1 << 20;
+    let mut m = TestMount::new();
+    let reference_dir = tempfile::tempdir().unwrap();
+    let reference = File::create(reference_dir.path().join("ref")).unwrap();
+    let target = File::create(m.path("big")).unwrap();
+    let mut rng = StdRng::seed_from_u64(0xB16_F11E);
+    let mut block = vec![0u8; BLOCK];
+    let t = Instant::now();
+    for i in 0..(SIZE / BLOCK as u64) {
+        rng.fill_bytes(&mut block);
+        target.write_all_at(&block, i * BLOCK as u64).unwrap();
+        reference.write_all_at(&block, i * BLOCK as u64).unwrap();
+    }
+    eprintln!("1 GiB sequential write: {:?}", t.elapsed());
+    let t = Instant::now();
+    for _ in 0..2000 {
+        let len = rng.random_range(4096..=65536);
+        let off = rng.random_range(0..SIZE - len as u64 + 4096); // may extend past the end
+        rng.fill_bytes(&mut block[..len]);
+        target.write_all_at(&block[..len], off).unwrap();
+        reference.write_all_at(&block[..len], off).unwrap();
+    }
+    eprintln!("2000 random overwrites: {:?}", t.elapsed());
+    drop(target);
+    drop(reference);
+    m.remount();
+    let t = Instant::now();
+    let want = hash_file(&reference_dir.path().join("ref")).unwrap();
+    let got = hash_file(&m.path("big")).unwrap();
+    eprintln!("hashing both: {:?}", t.elapsed());
+    assert_eq!(
+        fs::metadata(m.path("big")).unwrap().len(),
+        fs::metadata(reference_dir.path().join("ref"))
+            .unwrap()
+            .len()
+    );
+    assert_eq!(got, want, "1 GiB file content differs after remount");
+}
+
+/// Durable-write protocol of the writer: create, write, fsync the file, fsync the directory
+/// (POSIX requires the latter for the new name), and only then record (name, hash).
+fn crash_writer(
+    dir: OwnedFd,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    done: Arc<Mutex<Vec<(String, blake3::Hash)>>>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut i = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let name = format!("f{i:05}");
+        i += 1;
+        let cname = std::ffi::CString::new(name.as_bytes()).unwrap();
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                cname.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o644 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return; // the mount went away (ENOTCONN after the kill): stop writing
+        }
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        let len = rng.random_range(1..=64 * 1024);
+        let mut data = vec![0u8; len];
+        rng.fill_bytes(&mut data);
+        if f.write_all(&data).is_err() || f.sync_all().is_err() {
+            return;
+        }
+        if unsafe { libc::fsync(dir.as_raw_fd()) } != 0 {
+            return;
+        }
+        done.lock().unwrap().push((name, blake3::hash(&data)));
+    }
+}
+
+#[test]
+fn crash_kill9_keeps_fsynced_files() {
+    let mut m = TestMount::new();
+    let mut rng = StdRng::seed_from_u64(0x000C_2A54);
+    let mut all: Vec<(String, blake3::Hash)> = Vec::new();
+    let trials = 20;
+    for trial in 0..trials {
+        let rel = format!("trial{trial:02}");
+        fs::create_dir(m.path(&rel)).unwrap();
+        File::open(m.root()).unwrap().sync_all().unwrap();
+        let dir: OwnedFd = File::open(m.path(&rel)).unwrap().into();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let (stop, done) = (stop.clone(), done.clone());
+            let seed = rng.random();
+            std::thread::spawn(move || crash_writer(dir, seed, stop, done))
+        };
+        std::thread::sleep(Duration::from_millis(rng.random_range(10..=300)));
+        m.kill9_and_remount();
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("writer thread panicked");
+        let recorded = std::mem::take(&mut *done.lock().unwrap());
+        for (name, hash) in &recorded {
+            let p = m.path(format!("{rel}/{name}"));
+            let got = hash_file(&p).unwrap_or_else(|e| {
+                panic!(
+                    "trial {trial}: fsync'd file {p:?} lost after kill -9: {e}\n{}",
+                    m.daemon_log()
+                )
+            });
+            assert_eq!(
+                &got, hash,
+                "trial {trial}: fsync'd file {p:?} corrupted after kill -9"
+            );
+        }
+        // files that were being written when the daemon died may exist partially; they
+        // must at least be readable (no EIO)
+        for e in fs::read_dir(m.path(&rel)).unwrap() {
+            let p = e.unwrap().path();
+            let mut buf = Vec::new();
+            File::open(&p)
+                .and_then(|mut f| f.read_to_end(&mut buf))
+                .unwrap_or_else(|e| panic!("trial {trial}: unreadable after crash: {p:?}: {e}"));
+        }
+        eprintln!("trial {trial}: {} fsync'd files intact", recorded.len());
+        all.extend(recorded.into_iter().map(|(n, h)| (format!("{rel}/{n}"), h)));
+    }
+    // every file from every trial is still there after one more clean remount
+    m.remount();
+    for (rel, hash) in &all {
+        assert_eq!(
+            &hash_file(&m.path(rel)).unwrap(),
+            hash,
+            "{rel} after final remount"
+        );
+    }
+    assert!(
+        !all.is_empty(),
+        "the writers never got a file durably written"
+    );
+}
