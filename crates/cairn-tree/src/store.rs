@@ -128,7 +128,6 @@ impl Default for FileStoreOptions {
 pub struct FileNodeStore {
     dir: PathBuf,
     options: FileStoreOptions,
-    tmp_seq: AtomicU64,
 }
 
 impl FileNodeStore {
@@ -140,11 +139,7 @@ impl FileNodeStore {
     pub fn open_with(dir: impl Into<PathBuf>, options: FileStoreOptions) -> Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(|source| io_err("create", &dir, source))?;
-        Ok(FileNodeStore {
-            dir,
-            options,
-            tmp_seq: AtomicU64::new(0),
-        })
+        Ok(FileNodeStore { dir, options })
     }
 
     pub fn dir(&self) -> &Path {
@@ -191,10 +186,13 @@ impl NodeStore for FileNodeStore {
             ));
         };
         fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
+        // Process-wide sequence: several stores over one directory in one process (one per
+        // engine) must never pick the same temporary name.
+        static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
         let tmp = parent.join(format!(
             ".tmp-{}-{}",
             std::process::id(),
-            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
