@@ -3,7 +3,8 @@
 //! (value or errno) must match; every 100 steps and at the end the whole trees must match.
 //!
 //! `CAIRN_MODEL_SEED` (default fixed) and `CAIRN_MODEL_OPS` (default 10000) control the run.
-//! On a mismatch the seed, the failing step and the last 20 operations are printed.
+//! On a mismatch the seed, the failing step and the last 20 operations (`CAIRN_MODEL_HISTORY`)
+//! are printed.
 
 mod common;
 
@@ -686,7 +687,7 @@ impl Run {
         }
         self.history
             .push_back((self.step, op.clone(), want.clone()));
-        if self.history.len() > 20 {
+        if self.history.len() > history_len() {
             self.history.pop_front();
         }
         let kind = format!("{op:?}");
@@ -764,6 +765,14 @@ fn seed() -> u64 {
         }
         Err(_) => DEFAULT_SEED,
     }
+}
+
+/// How many past operations a mismatch report shows (`CAIRN_MODEL_HISTORY`, default 20).
+fn history_len() -> usize {
+    std::env::var("CAIRN_MODEL_HISTORY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
 }
 
 fn ops() -> usize {

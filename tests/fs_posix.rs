@@ -1536,3 +1536,51 @@ fn fsynced_data_survives_kill9() {
     m.kill9_and_remount();
     assert_snapshots_eq(&before, &snapshot(m.root()), "after kill -9 and remount");
 }
+
+#[test]
+fn replacing_an_entry_with_another_kind_survives_flush() {
+    let mut m = TestMount::new();
+    write(&m, "f2l", b"file");
+    symlink("old", m.path("l2l")).unwrap();
+    symlink("f2d", m.path("l2f")).unwrap();
+    fs::create_dir(m.path("f2d")).unwrap();
+    m.remount(); // everything is in the base now
+    fs::remove_file(m.path("f2l")).unwrap();
+    symlink("f2l", m.path("f2l")).unwrap(); // a self loop
+    fs::remove_file(m.path("l2l")).unwrap();
+    symlink("new", m.path("l2l")).unwrap();
+    fs::remove_file(m.path("l2f")).unwrap();
+    write(&m, "l2f", b"x");
+    fs::remove_dir(m.path("f2d")).unwrap();
+    write(&m, "f2d", b"now a file");
+    m.remount();
+    assert_eq!(
+        fs::read_link(m.path("f2l")).unwrap(),
+        std::path::Path::new("f2l")
+    );
+    assert_errno(fs::read(m.path("f2l")), libc::ELOOP);
+    assert_eq!(
+        fs::read_link(m.path("l2l")).unwrap(),
+        std::path::Path::new("new")
+    );
+    assert_eq!(read(&m, "l2f"), b"x");
+    assert_eq!(read(&m, "f2d"), b"now a file");
+}
+
+#[test]
+fn setgid_directory_is_inherited() {
+    let m = TestMount::new();
+    fs::create_dir(m.path("g")).unwrap();
+    fs::set_permissions(m.path("g"), fs::Permissions::from_mode(0o2755)).unwrap();
+    fs::create_dir(m.path("g/sub")).unwrap();
+    write(&m, "g/file", b"");
+    let sub = fs::metadata(m.path("g/sub")).unwrap();
+    assert_eq!(
+        sub.mode() & 0o7777,
+        0o2755,
+        "subdirectory inherits set-group-ID"
+    );
+    let file = fs::metadata(m.path("g/file")).unwrap();
+    assert_eq!(file.mode() & 0o2000, 0, "files do not get the bit");
+    assert_eq!(file.gid(), fs::metadata(m.path("g")).unwrap().gid());
+}

@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -111,6 +111,9 @@ pub(crate) struct Stat {
     pub atime_ns: i64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    /// Allocated 512-byte blocks when known (staged files: the staging file's allocation);
+    /// otherwise derived from the size.
+    pub blocks: Option<u64>,
 }
 
 impl Stat {
@@ -118,7 +121,7 @@ impl Stat {
         FileAttr {
             ino: INodeNo(ino),
             size: self.size,
-            blocks: self.size.div_ceil(512),
+            blocks: self.blocks.unwrap_or_else(|| self.size.div_ceil(512)),
             atime: ns_to_time(self.atime_ns),
             mtime: ns_to_time(self.mtime_ns),
             ctime: ns_to_time(self.ctime_ns),
@@ -197,6 +200,16 @@ impl FileCell {
     }
 }
 
+/// Where the content of an unlinked (or replaced) inode lives while the kernel may still
+/// open it: a lookup that raced with the unlink or rename-over must still be able to open
+/// the old file, like on any local filesystem.
+#[derive(Clone, Debug)]
+pub(crate) enum GoneSrc {
+    /// A staging file, held (see [`Ns::held`]) until the inode is dropped.
+    Staged(StagingId),
+    Base(BaseEntry),
+}
+
 pub(crate) struct Inode {
     /// `None` once the path was unlinked or replaced while the kernel or a handle still uses
     /// this inode.
@@ -206,6 +219,8 @@ pub(crate) struct Inode {
     pub file_users: u32,
     /// Attributes of an unlinked inode that is still open.
     pub detached: Option<Stat>,
+    /// Content of an unlinked inode the kernel still knows.
+    pub gone: Option<GoneSrc>,
 }
 
 #[derive(Default)]
@@ -219,6 +234,8 @@ pub(crate) struct Ns {
     /// Staging files held open by in-use inodes, so releasing their record does not delete
     /// them under the handle.
     pub held: HashMap<StagingId, u32>,
+    /// Holds of dropped detached inodes, for [`Core::settle`] to release.
+    pub unheld: Vec<StagingId>,
 }
 
 impl Ns {
@@ -235,6 +252,7 @@ impl Ns {
                 file: None,
                 file_users: 0,
                 detached: None,
+                gone: None,
             },
         );
         ns.paths.insert(String::new(), ROOT);
@@ -262,6 +280,7 @@ impl Ns {
                 file: None,
                 file_users: 0,
                 detached: None,
+                gone: None,
             },
         );
         self.paths.insert(path.to_string(), ino);
@@ -281,7 +300,11 @@ impl Ns {
             {
                 self.paths.remove(p);
             }
-            self.inodes.remove(&ino);
+            if let Some(i) = self.inodes.remove(&ino)
+                && let Some(GoneSrc::Staged(id)) = i.gone
+            {
+                self.unheld.push(id);
+            }
         }
     }
 
@@ -293,11 +316,14 @@ impl Ns {
     }
 
     /// The inode at `path` no longer names anything there (unlinked or replaced).
-    pub(crate) fn detach(&mut self, path: &str, last: Option<Stat>) {
+    pub(crate) fn detach(&mut self, path: &str, last: Option<Stat>, gone: Option<GoneSrc>) {
         if let Some(ino) = self.paths.remove(path) {
             if let Some(i) = self.inodes.get_mut(&ino) {
                 i.path = None;
                 i.detached = last;
+                i.gone = gone;
+            } else if let Some(GoneSrc::Staged(id)) = gone {
+                self.unheld.push(id);
             }
             self.maybe_drop(ino);
         }
@@ -350,6 +376,9 @@ pub(crate) struct Core {
     pub dirs: Mutex<HashMap<u64, DirHandle>>,
     pub next_fh: AtomicU64,
     pub flush: FlushCtl,
+    /// The root directory has no record; its times live here.
+    pub root_mtime_ns: AtomicI64,
+    pub root_ctime_ns: AtomicI64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -375,6 +404,8 @@ impl Core {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             flush: FlushCtl::new(),
+            root_mtime_ns: AtomicI64::new(now_ns()),
+            root_ctime_ns: AtomicI64::new(now_ns()),
         }
     }
 
@@ -424,6 +455,14 @@ impl Core {
                 } else {
                     r.size
                 };
+                let blocks = match (&r.kind, &r.data) {
+                    (Kind::File, Data::Staged(id)) => {
+                        std::fs::metadata(self.overlay.staging_path(*id))
+                            .ok()
+                            .map(|m| m.blocks())
+                    }
+                    _ => None,
+                };
                 Stat {
                     kind: entry_kind(r.kind),
                     perm: r.mode,
@@ -433,6 +472,7 @@ impl Core {
                     atime_ns: r.atime_ns.unwrap_or(r.mtime_ns),
                     mtime_ns: r.mtime_ns,
                     ctime_ns: r.ctime_ns,
+                    blocks,
                 }
             }
             Node::Base(b) => Stat {
@@ -444,6 +484,7 @@ impl Core {
                 atime_ns: b.mtime_ns,
                 mtime_ns: b.mtime_ns,
                 ctime_ns: b.mtime_ns,
+                blocks: None,
             },
         })
     }
@@ -455,9 +496,10 @@ impl Core {
             uid: self.opts.uid,
             gid: self.opts.gid,
             size: 0,
-            atime_ns: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
+            atime_ns: self.root_mtime_ns.load(Ordering::Relaxed),
+            mtime_ns: self.root_mtime_ns.load(Ordering::Relaxed),
+            ctime_ns: self.root_ctime_ns.load(Ordering::Relaxed),
+            blocks: None,
         }
     }
 
@@ -532,6 +574,77 @@ impl Core {
             data,
             generation: 0,
         }
+    }
+
+    /// Releases the staging holds of detached inodes the namespace dropped.
+    pub(crate) fn settle(&self, ns: &mut Ns) {
+        for id in std::mem::take(&mut ns.unheld) {
+            self.unhold(ns, id);
+        }
+    }
+
+    pub(crate) fn forget(&self, ino: u64, n: u64) {
+        let mut ns = self.ns();
+        ns.forget(ino, n);
+        self.settle(&mut ns);
+    }
+
+    /// The entry at `path` (currently `node`) is about to be unlinked or replaced: detaches
+    /// its inode, keeping its last attributes and, while the kernel still knows the inode,
+    /// its content (a lookup racing with the unlink may still open it). Call before the
+    /// overlay change so a staging file is held before the change releases it.
+    pub(crate) fn detach(&self, ns: &mut Ns, path: &str, node: &Node) -> Res<()> {
+        let Some(&ino) = ns.paths.get(path) else {
+            return Ok(());
+        };
+        let last = self.stat_node(path, node)?;
+        let known = ns.inodes.get(&ino).is_some_and(|i| i.nlookup > 0);
+        let gone = match node {
+            _ if !known => None,
+            Node::Rec(r) => match (&r.kind, &r.data) {
+                (Kind::File, Data::Staged(id)) => {
+                    self.hold(ns, *id);
+                    Some(GoneSrc::Staged(*id))
+                }
+                (Kind::File, Data::Base) => Some(GoneSrc::Base(
+                    self.base
+                        .get(path)
+                        .map_err(base_errno)?
+                        .unwrap_or_else(|| content_entry(r, ContentRef::empty())),
+                )),
+                (Kind::File, Data::Content(c)) => {
+                    Some(GoneSrc::Base(content_entry(r, ContentRef::new(c.clone()))))
+                }
+                (Kind::File, _) => Some(GoneSrc::Base(content_entry(r, ContentRef::empty()))),
+                _ => None,
+            },
+            Node::Base(b) if b.kind == EntryKind::File => Some(GoneSrc::Base(b.clone())),
+            Node::Base(_) => None,
+        };
+        ns.detach(path, Some(last), gone);
+        self.settle(ns);
+        Ok(())
+    }
+
+    /// The entries of directory `dir` changed: its mtime and ctime move to `now`.
+    pub(crate) fn touch_dir(&self, ns: &Ns, dir: &str, now: i64) -> Res<()> {
+        if dir.is_empty() {
+            self.root_mtime_ns.store(now, Ordering::Relaxed);
+            self.root_ctime_ns.store(now, Ordering::Relaxed);
+            return Ok(());
+        }
+        let Some(node) = self.resolve(dir)? else {
+            return Ok(());
+        };
+        if node.kind() != EntryKind::Dir {
+            return Ok(());
+        }
+        let mut rec = self.materialize(node);
+        rec.mtime_ns = now;
+        rec.ctime_ns = now;
+        let change = self.overlay.put(dir, rec).map_err(overlay_errno)?;
+        self.drop_released(ns, change.released);
+        Ok(())
     }
 
     /// Deletes staging files nobody references or holds open any more.
@@ -641,6 +754,7 @@ impl Core {
             }
             let cell = inode.file.take();
             ns.maybe_drop(ino);
+            self.settle(&mut ns);
             cell
         };
         let Some(cell) = cell else { return };
@@ -696,7 +810,22 @@ impl Core {
             return Ok(());
         }
         let mut ns = self.ns();
-        let path = ns.path(ino)?.to_string();
+        let path = match ns.path(ino) {
+            Ok(p) => p.to_string(),
+            Err(e) => {
+                // Unlinked or replaced after the kernel looked it up: the old content.
+                match ns.inodes.get(&ino).and_then(|i| i.gone.clone()) {
+                    Some(GoneSrc::Staged(id)) => {
+                        let f = self.overlay.open_staging(id).map_err(overlay_errno)?;
+                        self.hold(&mut ns, id);
+                        st.staging = Some((id, Arc::new(f)));
+                    }
+                    Some(GoneSrc::Base(b)) => st.base = Some(b),
+                    None => return Err(e),
+                }
+                return Ok(());
+            }
+        };
         let node = self.resolve(&path)?.ok_or(Errno::ENOENT)?;
         match node {
             Node::Rec(r) => match (&r.kind, &r.data) {

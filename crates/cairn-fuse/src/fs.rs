@@ -27,6 +27,8 @@ pub struct CairnFs {
 }
 
 const GEN: Generation = Generation(0);
+/// Set-group-ID on a directory: new entries take its group, new subdirectories the bit.
+const S_ISGID: u32 = 0o2000;
 
 /// The optional changes of one setattr call.
 struct AttrChange {
@@ -88,6 +90,26 @@ impl CairnFs {
         }
     }
 
+    /// Checks that `dir` is a directory and returns its attributes.
+    fn dir_stat(&self, dir: &str) -> Res<Stat> {
+        let st = self.core.stat_path(dir)?;
+        if st.kind != EntryKind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(st)
+    }
+
+    /// A new entry in a set-group-ID directory takes the directory's group, and a new
+    /// subdirectory inherits the bit (Linux/System V semantics).
+    fn inherit_setgid(parent: &Stat, rec: &mut Record) {
+        if parent.perm & S_ISGID != 0 {
+            rec.gid = parent.gid;
+            if rec.kind == Kind::Dir {
+                rec.mode |= S_ISGID;
+            }
+        }
+    }
+
     /// Counts a kernel lookup of `path` and returns its inode and attributes.
     fn entry_for(&self, ns: &mut Ns, path: &str) -> Res<(u64, Stat)> {
         let stat = self.core.stat_path(path)?;
@@ -104,15 +126,17 @@ impl CairnFs {
         self.entry_for(&mut ns, &path)
     }
 
-    fn create_node(&self, parent: INodeNo, name: &OsStr, rec: Record) -> Res<(u64, Stat)> {
+    fn create_node(&self, parent: INodeNo, name: &OsStr, mut rec: Record) -> Res<(u64, Stat)> {
         let mut ns = self.core.ns();
         let path = self.child_path(&ns, parent, name)?;
-        self.require_dir(parent_of(&path))?;
+        let pst = self.dir_stat(parent_of(&path))?;
         if self.core.resolve(&path)?.is_some() {
             return Err(Errno::EEXIST);
         }
+        Self::inherit_setgid(&pst, &mut rec);
         let change = self.core.overlay.put(&path, rec).map_err(overlay_errno)?;
         self.core.drop_released(&ns, change.released);
+        self.core.touch_dir(&ns, parent_of(&path), now_ns())?;
         self.core.touched();
         self.entry_for(&mut ns, &path)
     }
@@ -256,7 +280,7 @@ impl CairnFs {
         let (ino, stat) = {
             let mut ns = self.core.ns();
             let path = self.child_path(&ns, parent, name)?;
-            self.require_dir(parent_of(&path))?;
+            let pst = self.dir_stat(parent_of(&path))?;
             if self.core.resolve(&path)?.is_some() {
                 if flags & libc::O_EXCL != 0 {
                     return Err(Errno::EEXIST);
@@ -272,15 +296,17 @@ impl CairnFs {
                 return Ok((ino, stat, fh));
             }
             let (id, _file) = self.core.overlay.create_staging().map_err(overlay_errno)?;
-            let rec = self.core.new_record(
+            let mut rec = self.core.new_record(
                 Kind::File,
                 mode & !umask,
                 req.uid(),
                 req.gid(),
                 Data::Staged(id),
             );
+            Self::inherit_setgid(&pst, &mut rec);
             let change = self.core.overlay.put(&path, rec).map_err(overlay_errno)?;
             self.core.drop_released(&ns, change.released);
+            self.core.touch_dir(&ns, parent_of(&path), now_ns())?;
             self.entry_for(&mut ns, &path)?
         };
         self.core.touched();
@@ -302,9 +328,9 @@ impl CairnFs {
         if dir && !self.core.dir_is_empty(&path)? {
             return Err(Errno::ENOTEMPTY);
         }
-        let last = self.core.stat_node(&path, &node)?;
+        self.core.detach(&mut ns, &path, &node)?;
         self.core.delete_path(&ns, &path)?;
-        ns.detach(&path, Some(last));
+        self.core.touch_dir(&ns, parent_of(&path), now_ns())?;
         drop(ns);
         self.core.touched();
         Ok(())
@@ -458,8 +484,7 @@ impl CairnFs {
                     (true, true) if !self.core.dir_is_empty(&to)? => return Err(Errno::ENOTEMPTY),
                     _ => {}
                 }
-                let last = self.core.stat_node(&to, dst)?;
-                ns.detach(&to, Some(last));
+                self.core.detach(&mut ns, &to, dst)?;
             }
             let old_paths = self.subtree_paths(&from)?;
             let base_paths = self.pin_subtree(&from)?;
@@ -473,10 +498,15 @@ impl CairnFs {
             ns.move_paths(&from, &to);
         }
         // A moved file counts as a metadata change of the file itself (ctime), like ext4.
+        let now = now_ns();
         if let Some(Node::Rec(mut r)) = self.core.resolve(&to)? {
-            r.ctime_ns = now_ns();
+            r.ctime_ns = now;
             let change = self.core.overlay.put(&to, r).map_err(overlay_errno)?;
             self.core.drop_released(&ns, change.released);
+        }
+        self.core.touch_dir(&ns, parent_of(&from), now)?;
+        if parent_of(&to) != parent_of(&from) {
+            self.core.touch_dir(&ns, parent_of(&to), now)?;
         }
         drop(ns);
         self.core.touched();
@@ -559,7 +589,7 @@ impl Filesystem for CairnFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.core.ns().forget(ino.0, nlookup);
+        self.core.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

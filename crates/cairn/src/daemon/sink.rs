@@ -145,25 +145,28 @@ impl FlushSink for VaultSink {
                 continue;
             }
             let existing = vault.lookup(&p).map_err(rejected)?;
-            let same_kind = existing
-                .as_ref()
-                .is_some_and(|(k, _)| k.dir == (item.record.kind == Kind::Dir));
-            if existing.is_some() && !same_kind {
-                // A file replaced by a directory or the reverse without a whiteout in this
-                // batch: remove the old one first so the new one can take the name.
-                let rm = if item.record.kind == Kind::Dir {
-                    Change::Remove
-                } else {
-                    Change::Rmdir
-                };
-                if let Err(e) = vault.commit([(p.clone(), rm)], now) {
-                    tracing::warn!(path = %item.path, error = %e, "could not replace entry of another kind");
-                }
-            }
-            let Some(change) = self.change_for(item, same_kind)? else {
-                continue;
+            let want_dir = item.record.kind == Kind::Dir;
+            // An entry of another kind must go first, in the same commit: a file replaced by
+            // a directory or the reverse without a whiteout in this batch, and anything that
+            // is not a directory where a symlink goes (the engine creates symlinks only on a
+            // free name, while a file write replaces a file or symlink in place).
+            let removal = match &existing {
+                Some((k, _)) if k.dir && !want_dir => Some(Change::Rmdir),
+                Some((k, _)) if !k.dir && want_dir => Some(Change::Remove),
+                Some((k, _)) if !k.dir && item.record.kind == Kind::Symlink => Some(Change::Remove),
+                _ => None,
             };
-            if let Err(e) = vault.commit([(p, change)], now) {
+            let exists = existing.is_some() && removal.is_none();
+            let change = self.change_for(item, exists)?;
+            let changes: Vec<(VaultPath, Change)> = removal
+                .into_iter()
+                .chain(change)
+                .map(|c| (p.clone(), c))
+                .collect();
+            if changes.is_empty() {
+                continue;
+            }
+            if let Err(e) = vault.commit(changes, now) {
                 refused += 1;
                 tracing::error!(path = %item.path, error = %e, "engine refused a change");
             }
