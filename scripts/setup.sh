@@ -15,8 +15,8 @@ fi
 
 # Debian packages: fuse3 (fusermount3 + /etc/fuse.conf), libfuse3-dev and pkg-config (the
 # mount links libfuse3 and its examples provide the benchmark passthrough baseline), gcc for
-# bundled SQLite, attr for getfattr/setfattr in end-to-end tests.
-PKGS=(fuse3 libfuse3-dev pkg-config gcc attr)
+# bundled SQLite; attr, rsync, git and tar are real programs the end-to-end tests run.
+PKGS=(fuse3 libfuse3-dev pkg-config gcc attr rsync git tar)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

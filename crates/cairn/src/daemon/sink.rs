@@ -5,8 +5,10 @@
 //! as: deletions deepest-first (a directory after its children), then creations and updates
 //! in path order (a directory before its children). Each path is committed on its own, so one
 //! path the engine refuses (say, a concurrent peer change made it invalid) cannot hold every
-//! other change hostage; a refused path is logged loudly and its data is kept as a conflict-
-//! free copy whenever there is data to keep.
+//! other change hostage. A refused change that carries data (file content, a symlink target)
+//! is never dropped: it is committed beside its path as `NAME.cairn-rescued-<ms>` (or at the
+//! vault root if its directory is gone), and if even that fails the flush fails, so the
+//! overlay keeps the record and retries.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -115,6 +117,7 @@ impl FlushSink for VaultSink {
         let mut vault = self.device.vault();
         let now = now_ms();
         let mut refused = 0usize;
+        let mut unsaved: Vec<String> = Vec::new();
 
         // Deletions, deepest first.
         for item in batch
@@ -166,9 +169,30 @@ impl FlushSink for VaultSink {
             if changes.is_empty() {
                 continue;
             }
-            if let Err(e) = vault.commit(changes, now) {
+            if let Err(e) = vault.commit(changes.clone(), now) {
                 refused += 1;
                 tracing::error!(path = %item.path, error = %e, "engine refused a change");
+                let Some((_, data_change)) = changes
+                    .into_iter()
+                    .rev()
+                    .find(|(_, c)| matches!(c, Change::Write { .. } | Change::Symlink { .. }))
+                else {
+                    continue;
+                };
+                let mut saved = false;
+                for spot in rescue_paths(&p, now) {
+                    if vault
+                        .commit([(spot.clone(), data_change.clone())], now)
+                        .is_ok()
+                    {
+                        tracing::warn!(path = %item.path, rescued_to = %spot.as_str(), "kept refused data beside its path");
+                        saved = true;
+                        break;
+                    }
+                }
+                if !saved {
+                    unsaved.push(item.path.clone());
+                }
             }
         }
         // Nodes and chunks were written without per-file fsyncs; make them durable before a
@@ -184,6 +208,31 @@ impl FlushSink for VaultSink {
             "published snapshot"
         );
         self.base.set_view(view_of(vault.source()));
+        if !unsaved.is_empty() {
+            // Failing keeps these records in the overlay (durable) for the next attempt.
+            return Err(FlushError::Rejected(format!(
+                "could not commit {} path(s), kept in the local overlay: {}",
+                unsaved.len(),
+                unsaved.join(", ")
+            )));
+        }
         Ok(())
     }
+}
+
+/// Where refused data goes: beside its path, else at the vault root (its directory may be
+/// what the engine refused).
+fn rescue_paths(p: &VaultPath, now_ms: u64) -> Vec<VaultPath> {
+    let name = format!("{}.cairn-rescued-{now_ms}", p.name());
+    let mut out = Vec::new();
+    if let Some(parent) = p.parent()
+        && let Ok(beside) = parent.join(&name)
+    {
+        out.push(beside);
+    }
+    let flat = format!("{}.cairn-rescued-{now_ms}", p.as_str().replace('/', "_"));
+    if let Ok(root) = VaultPath::root().join(&flat) {
+        out.push(root);
+    }
+    out
 }
