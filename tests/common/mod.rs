@@ -103,6 +103,11 @@ impl TestMount {
         m
     }
 
+    /// The daemon's `--data-dir` (cairn target only).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
     pub fn target(&self) -> Target {
         self.target
     }

@@ -32,6 +32,8 @@ pub struct MountOptions {
     pub gid: u32,
     /// Let other users access the mount (needs `user_allow_other` in /etc/fuse.conf).
     pub allow_other: bool,
+    /// Mount read-only (history views): the kernel answers every write with EROFS.
+    pub read_only: bool,
 }
 
 impl Default for MountOptions {
@@ -46,6 +48,7 @@ impl Default for MountOptions {
             uid,
             gid,
             allow_other: false,
+            read_only: false,
         }
     }
 }
@@ -233,6 +236,7 @@ pub fn mount(
     let mountpoint = check_mountpoint(mountpoint)?;
     let threads = opts.threads.clamp(1, 16);
     let allow_other = opts.allow_other;
+    let read_only = opts.read_only;
     let core = Arc::new(Core::new(base, sink, overlay, opts));
     let mut config = Config::default();
     config.mount_options = vec![
@@ -242,6 +246,9 @@ pub fn mount(
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
+    if read_only {
+        config.mount_options.push(MountOption::RO);
+    }
     config.acl = if allow_other {
         SessionACL::All
     } else {

@@ -52,7 +52,13 @@ enum Command {
         /// Create the vault first if this device has none (what `scripts/run.sh` uses).
         #[arg(long)]
         init: bool,
+        /// Show the vault as it was at TIME, read-only: `2026-11-23T10:00:00Z`,
+        /// `"2026-11-23 10:00:00"` (UTC) or an age such as `90m` or `2days`.
+        #[arg(long, value_name = "TIME", conflicts_with = "init")]
+        at: Option<String>,
     },
+    /// List the snapshots this device published, newest first.
+    Log,
     /// Stop the daemon serving MOUNTPOINT, waiting until all changes are flushed.
     Unmount { mountpoint: PathBuf },
 }
@@ -106,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
             debounce_ms,
             init,
+            at,
         } => {
             let state = if init
                 && !state::vault_dir(&data_dir, &cli.vault)
@@ -123,7 +130,31 @@ fn run(cli: Cli) -> Result<()> {
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
                 ..Default::default()
             };
-            daemon::mount(&state, &mountpoint, opts)?;
+            match at {
+                Some(t) => {
+                    let at_ms = daemon::parse_time(&t, daemon::now_ms())?;
+                    daemon::mount_at(&state, &mountpoint, at_ms, opts)?;
+                }
+                None => daemon::mount(&state, &mountpoint, opts)?,
+            }
+        }
+        Command::Log => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let device = daemon::Device::open(&state)?;
+            let entries = daemon::log(&device)?;
+            if entries.is_empty() {
+                println!("no snapshots yet: mount the vault and write something");
+            }
+            for e in entries {
+                let h = &e.snapshot.header;
+                println!(
+                    "revision {:>5}  {}  snapshot {}  parents {}",
+                    e.revision,
+                    daemon::format_time(h.created_ms),
+                    &e.snapshot.id.0.to_string()[..16],
+                    h.parents.len()
+                );
+            }
         }
         Command::Unmount { mountpoint } => daemon::unmount(&data_dir, &mountpoint)?,
     }

@@ -7,24 +7,25 @@
 
 use std::fs;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use cairn_fuse::{MountOptions, Overlay, OverlayError};
+use cairn_fuse::{BaseLayer, FlushSink, MountOptions, Overlay, OverlayError};
 
 use super::base::VaultBase;
 use super::device::Device;
 use super::sink::{VaultSink, view_of};
 use crate::state::VaultState;
 
-const PID_FILE: &str = "mount.pid";
+/// `<vault dir>/run/<pid>` holds the mountpoint a live daemon serves.
+const RUN_DIR: &str = "run";
 
 /// Blocks the stop signals in the calling thread (and every thread it spawns later), so one
 /// dedicated thread can receive them with `sigwait` instead of an async-signal handler.
-fn block_stop_signals() -> libc::sigset_t {
+pub(super) fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-mask calls on a zeroed, initialized sigset_t.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -96,14 +97,27 @@ pub fn mount(state: &VaultState, mountpoint: &Path, opts: MountOptions) -> Resul
         device: device.clone(),
         base: base.clone(),
     });
+    serve(state, mountpoint, base, sink, overlay, opts, sigset)
+}
+
+/// Mounts `base` + `overlay`, announces readiness, and serves until a stop signal or an
+/// external unmount; then flushes and unmounts.
+pub(super) fn serve(
+    state: &VaultState,
+    mountpoint: &Path,
+    base: Arc<dyn BaseLayer>,
+    sink: Arc<dyn FlushSink>,
+    overlay: Overlay,
+    opts: MountOptions,
+    sigset: libc::sigset_t,
+) -> Result<()> {
     let handle = cairn_fuse::mount(base, sink, overlay, mountpoint, opts)?;
     let mountpoint = handle.mountpoint().to_path_buf();
-    let pid_file = state.dir.join(PID_FILE);
-    fs::write(
-        &pid_file,
-        format!("{}\n{}\n", std::process::id(), mountpoint.display()),
-    )
-    .with_context(|| format!("writing {}", pid_file.display()))?;
+    let run_dir = state.dir.join(RUN_DIR);
+    fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let pid_file = run_dir.join(std::process::id().to_string());
+    fs::write(&pid_file, format!("{}\n", mountpoint.display()))
+        .with_context(|| format!("writing {}", pid_file.display()))?;
     // The kernel answers once the session thread runs; a stat through the mount proves it.
     fs::metadata(&mountpoint)
         .with_context(|| format!("the new mount at {} does not answer", mountpoint.display()))?;
@@ -161,22 +175,22 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// Finds the daemon serving `mountpoint` among this data dir's vaults.
-fn find_daemon(data_dir: &Path, mountpoint: &Path) -> Option<(i32, PathBuf)> {
+fn find_daemon(data_dir: &Path, mountpoint: &Path) -> Option<i32> {
     let vaults = fs::read_dir(data_dir.join("vaults")).ok()?;
     for v in vaults.flatten() {
-        let pid_file = v.path().join(PID_FILE);
-        let Ok(text) = fs::read_to_string(&pid_file) else {
+        let Ok(runs) = fs::read_dir(v.path().join(RUN_DIR)) else {
             continue;
         };
-        let mut lines = text.lines();
-        let (Some(pid), Some(mp)) = (lines.next(), lines.next()) else {
-            continue;
-        };
-        if Path::new(mp) == mountpoint
-            && let Ok(pid) = pid.parse::<i32>()
-            && pid_alive(pid)
-        {
-            return Some((pid, pid_file));
+        for r in runs.flatten() {
+            let Some(pid) = r.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(text) = fs::read_to_string(r.path()) else {
+                continue;
+            };
+            if Path::new(text.trim_end_matches('\n')) == mountpoint && pid_alive(pid) {
+                return Some(pid);
+            }
         }
     }
     None
@@ -186,7 +200,7 @@ pub fn unmount(data_dir: &Path, mountpoint: &Path) -> Result<()> {
     let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let canonical = fs::canonicalize(&abs).unwrap_or(abs.clone());
     let found = find_daemon(data_dir, &canonical).or_else(|| find_daemon(data_dir, &abs));
-    let Some((pid, _)) = found else {
+    let Some(pid) = found else {
         if !is_mounted(&canonical) && !is_mounted(&abs) {
             bail!(
                 "{} is not a cairn mount of this data directory ({}); nothing to unmount",
