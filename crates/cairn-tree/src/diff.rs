@@ -7,6 +7,7 @@
 //! changed regions times the depth, not to the tree size.
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use crate::error::{Result, TreeError};
 use crate::node::{Node, NodeId};
@@ -41,15 +42,53 @@ impl DiffEntry {
     }
 }
 
-enum Elem {
-    Subtree { key: Vec<u8>, id: NodeId, level: u8 },
-    Entry { key: Vec<u8>, value: Vec<u8> },
+/// One frontier element: item `idx` of a loaded node (an entry of a leaf, or a child subtree of
+/// an internal node). Referring into the shared node avoids copying keys and values that are
+/// only compared; emitted entries are copied once, when emitted.
+struct Elem {
+    node: Arc<Node>,
+    idx: usize,
+}
+
+/// A borrowed view of an [`Elem`].
+enum View<'a> {
+    Subtree {
+        key: &'a [u8],
+        id: NodeId,
+        level: u8,
+    },
+    Entry {
+        key: &'a [u8],
+        value: &'a [u8],
+    },
 }
 
 impl Elem {
-    fn key(&self) -> &[u8] {
-        match self {
-            Elem::Subtree { key, .. } | Elem::Entry { key, .. } => key,
+    fn view(&self) -> View<'_> {
+        match &*self.node {
+            Node::Leaf(entries) => {
+                let e = &entries[self.idx];
+                View::Entry {
+                    key: &e.key,
+                    value: &e.value,
+                }
+            }
+            Node::Internal { level, children } => {
+                let c = &children[self.idx];
+                View::Subtree {
+                    key: &c.key,
+                    id: c.id,
+                    level: level - 1,
+                }
+            }
+        }
+    }
+
+    /// Key and value of an entry element (copied).
+    fn entry(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        match self.view() {
+            View::Entry { key, value } => Some((key.to_vec(), value.to_vec())),
+            View::Subtree { .. } => None,
         }
     }
 }
@@ -60,36 +99,36 @@ struct Side {
 }
 
 impl Side {
-    fn push_node(&mut self, node: &Node) {
-        match node {
-            Node::Leaf(entries) => self.stack.extend(entries.iter().rev().map(|e| Elem::Entry {
-                key: e.key.clone(),
-                value: e.value.clone(),
-            })),
-            Node::Internal { level, children } => {
-                self.stack
-                    .extend(children.iter().rev().map(|c| Elem::Subtree {
-                        key: c.key.clone(),
-                        id: c.id,
-                        level: level - 1,
-                    }))
-            }
-        }
+    fn push_node(&mut self, node: Arc<Node>) {
+        let n = node.len();
+        self.stack.extend((0..n).rev().map(|idx| Elem {
+            node: node.clone(),
+            idx,
+        }));
+    }
+
+    /// Pops the head, which must be an entry, as a (key, value) pair.
+    fn pop_entry(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
+        self.stack.pop().and_then(|e| e.entry())
     }
 
     /// Replaces the subtree at the head with its children.
     fn expand<S: NodeStore>(&mut self, tree: &Tree<S>) -> Result<()> {
-        let Some(Elem::Subtree { key, id, level }) = self.stack.pop() else {
+        let Some(head) = self.stack.pop() else {
+            return Ok(());
+        };
+        let View::Subtree { key, id, level } = head.view() else {
+            self.stack.push(head);
             return Ok(());
         };
         let node = tree.read_node(&id)?;
-        if node.level() != level || node.first_key() != Some(key.as_slice()) {
+        if node.level() != level || node.first_key() != Some(key) {
             return Err(TreeError::Corrupt {
                 id,
                 reason: "child does not match its reference",
             });
         }
-        self.push_node(&node);
+        self.push_node(node);
         Ok(())
     }
 }
@@ -117,7 +156,9 @@ impl<S: NodeStore> Tree<S> {
 }
 
 enum Step {
-    Emit(DiffEntry),
+    EmitA,
+    EmitB,
+    EmitChanged,
     ExpandA,
     ExpandB,
     ExpandBoth,
@@ -128,31 +169,26 @@ enum Step {
 impl<S: NodeStore> Diff<'_, S> {
     fn step(&mut self) -> Result<Option<DiffEntry>> {
         if let Some((a, b)) = self.roots.take() {
-            self.a.push_node(&*self.tree.read_node(&a)?);
-            self.b.push_node(&*self.tree.read_node(&b)?);
+            self.a.push_node(self.tree.read_node(&a)?);
+            self.b.push_node(self.tree.read_node(&b)?);
         }
         loop {
-            let step = match (self.a.stack.last(), self.b.stack.last()) {
+            let step = match (
+                self.a.stack.last().map(Elem::view),
+                self.b.stack.last().map(Elem::view),
+            ) {
                 (None, None) => Step::End,
-                (Some(Elem::Subtree { .. }), None) => Step::ExpandA,
-                (None, Some(Elem::Subtree { .. })) => Step::ExpandB,
-                (Some(Elem::Entry { .. }), None) => match self.a.stack.pop() {
-                    Some(Elem::Entry { key, value }) => {
-                        Step::Emit(DiffEntry::Removed { key, value })
-                    }
-                    _ => Step::End,
-                },
-                (None, Some(Elem::Entry { .. })) => match self.b.stack.pop() {
-                    Some(Elem::Entry { key, value }) => Step::Emit(DiffEntry::Added { key, value }),
-                    _ => Step::End,
-                },
+                (Some(View::Subtree { .. }), None) => Step::ExpandA,
+                (None, Some(View::Subtree { .. })) => Step::ExpandB,
+                (Some(View::Entry { .. }), None) => Step::EmitA,
+                (None, Some(View::Entry { .. })) => Step::EmitB,
                 (
-                    Some(Elem::Subtree {
+                    Some(View::Subtree {
                         key: ka,
                         id: ia,
                         level: la,
                     }),
-                    Some(Elem::Subtree {
+                    Some(View::Subtree {
                         key: kb,
                         id: ib,
                         level: lb,
@@ -161,68 +197,50 @@ impl<S: NodeStore> Diff<'_, S> {
                     if ia == ib {
                         Step::SkipBoth
                     } else {
-                        match la.cmp(lb).then_with(|| kb.cmp(ka)) {
+                        match la.cmp(&lb).then_with(|| kb.cmp(ka)) {
                             Ordering::Greater => Step::ExpandA,
                             Ordering::Less => Step::ExpandB,
                             Ordering::Equal => Step::ExpandBoth,
                         }
                     }
                 }
-                (Some(Elem::Entry { key: ka, .. }), Some(sb @ Elem::Subtree { .. })) => {
-                    if ka.as_slice() < sb.key() {
-                        match self.a.stack.pop() {
-                            Some(Elem::Entry { key, value }) => {
-                                Step::Emit(DiffEntry::Removed { key, value })
-                            }
-                            _ => Step::End,
-                        }
-                    } else {
-                        Step::ExpandB
-                    }
+                (Some(View::Entry { key: ka, .. }), Some(View::Subtree { key: kb, .. })) => {
+                    if ka < kb { Step::EmitA } else { Step::ExpandB }
                 }
-                (Some(sa @ Elem::Subtree { .. }), Some(Elem::Entry { key: kb, .. })) => {
-                    if kb.as_slice() < sa.key() {
-                        match self.b.stack.pop() {
-                            Some(Elem::Entry { key, value }) => {
-                                Step::Emit(DiffEntry::Added { key, value })
-                            }
-                            _ => Step::End,
-                        }
-                    } else {
-                        Step::ExpandA
-                    }
+                (Some(View::Subtree { key: ka, .. }), Some(View::Entry { key: kb, .. })) => {
+                    if kb < ka { Step::EmitB } else { Step::ExpandA }
                 }
-                (Some(Elem::Entry { key: ka, .. }), Some(Elem::Entry { key: kb, .. })) => {
-                    match ka.cmp(kb) {
-                        Ordering::Less => match self.a.stack.pop() {
-                            Some(Elem::Entry { key, value }) => {
-                                Step::Emit(DiffEntry::Removed { key, value })
-                            }
-                            _ => Step::End,
-                        },
-                        Ordering::Greater => match self.b.stack.pop() {
-                            Some(Elem::Entry { key, value }) => {
-                                Step::Emit(DiffEntry::Added { key, value })
-                            }
-                            _ => Step::End,
-                        },
-                        Ordering::Equal => match (self.a.stack.pop(), self.b.stack.pop()) {
-                            (
-                                Some(Elem::Entry { key, value: old }),
-                                Some(Elem::Entry { value: new, .. }),
-                            ) => {
-                                if old == new {
-                                    continue;
-                                }
-                                Step::Emit(DiffEntry::Changed { key, old, new })
-                            }
-                            _ => Step::End,
-                        },
-                    }
-                }
+                (
+                    Some(View::Entry { key: ka, value: va }),
+                    Some(View::Entry { key: kb, value: vb }),
+                ) => match ka.cmp(kb) {
+                    Ordering::Less => Step::EmitA,
+                    Ordering::Greater => Step::EmitB,
+                    Ordering::Equal if va == vb => Step::SkipBoth,
+                    Ordering::Equal => Step::EmitChanged,
+                },
             };
             match step {
-                Step::Emit(d) => return Ok(Some(d)),
+                Step::EmitA => {
+                    return Ok(self
+                        .a
+                        .pop_entry()
+                        .map(|(key, value)| DiffEntry::Removed { key, value }));
+                }
+                Step::EmitB => {
+                    return Ok(self
+                        .b
+                        .pop_entry()
+                        .map(|(key, value)| DiffEntry::Added { key, value }));
+                }
+                Step::EmitChanged => {
+                    return Ok(match (self.a.pop_entry(), self.b.pop_entry()) {
+                        (Some((key, old)), Some((_, new))) => {
+                            Some(DiffEntry::Changed { key, old, new })
+                        }
+                        _ => None,
+                    });
+                }
                 Step::End => return Ok(None),
                 Step::ExpandA => self.a.expand(self.tree)?,
                 Step::ExpandB => self.b.expand(self.tree)?,

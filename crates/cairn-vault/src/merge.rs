@@ -32,7 +32,7 @@
 //! the entry they replace, so every device invents the identical version.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::clock::Hlc;
 use crate::conflict::conflict_path;
@@ -222,21 +222,34 @@ struct State<'a> {
     decided: BTreeMap<Vec<u8>, Entry>,
     /// What `ours` holds for each decided key (to compute the write batch).
     ours_at: BTreeMap<Vec<u8>, Option<Entry>>,
+    /// Point lookups already made in `ours` during this merge (`ours` never changes, and
+    /// many changed keys share ancestors), so each key is read from the tree at most once.
+    ours_memo: HashMap<Vec<u8>, Option<Entry>>,
     report: MergeReport,
 }
 
 impl State<'_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+    /// `ours.get(key)`, memoized for the duration of the merge.
+    fn ours_get(&mut self, key: &[u8]) -> Result<Option<Entry>> {
+        if let Some(e) = self.ours_memo.get(key) {
+            return Ok(e.clone());
+        }
+        let e = self.ours.get(key)?;
+        self.ours_memo.insert(key.to_vec(), e.clone());
+        Ok(e)
+    }
+
+    fn get(&mut self, key: &[u8]) -> Result<Option<Entry>> {
         match self.decided.get(key) {
             Some(e) => Ok(Some(e.clone())),
             // Undecided keys are equal on both sides, so reading ours is symmetric.
-            None => self.ours.get(key),
+            None => self.ours_get(key),
         }
     }
 
     fn set(&mut self, key: Vec<u8>, entry: Entry) -> Result<()> {
         if !self.ours_at.contains_key(&key) {
-            let old = self.ours.get(&key)?;
+            let old = self.ours_get(&key)?;
             self.ours_at.insert(key.clone(), old);
         }
         self.decided.insert(key, entry);
@@ -322,6 +335,7 @@ pub fn merge_rows(
         ours,
         decided: BTreeMap::new(),
         ours_at: BTreeMap::new(),
+        ours_memo: HashMap::new(),
         report: MergeReport::default(),
     };
     let mut losers: Vec<(Vec<u8>, Entry)> = Vec::new();
