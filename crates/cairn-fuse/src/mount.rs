@@ -127,7 +127,7 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len()
+            && i + 4 <= b.len()
             && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
@@ -140,7 +140,8 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
     out
 }
 
-pub(crate) fn is_mounted(path: &Path) -> bool {
+/// Whether `path` is a mount point in this process's mount namespace.
+pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
@@ -151,7 +152,7 @@ pub(crate) fn is_mounted(path: &Path) -> bool {
 }
 
 /// Detaches a mount: fusermount3 when available (works unprivileged), else umount2 directly.
-pub(crate) fn lazy_unmount(path: &Path) -> Result<(), String> {
+pub fn lazy_unmount(path: &Path) -> Result<(), String> {
     if let Some(bin) = find_in_path("fusermount3") {
         let out = Command::new(bin)
             .args([OsStr::new("-u"), OsStr::new("-z"), path.as_os_str()])

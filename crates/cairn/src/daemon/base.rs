@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use cairn_fuse::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind};
 use cairn_store::{ChunkId, FileManifest, open_chunk};
-use cairn_vault::{Content, Entry, EntryKey, MergedView, VaultPath, VaultStores, manifest_of};
+use cairn_vault::{Content, Entry, MergedView, VaultPath, VaultStores, manifest_of};
 use lru::LruCache;
 
 const CHUNK_CACHE: usize = 32;
@@ -120,14 +120,13 @@ impl VaultBase {
 
 /// The FUSE layer's picture of an engine entry. Files carry their whole encoded entry as the
 /// opaque content reference, so a renamed file keeps pointing at the same chunks.
-pub fn to_base(entry: &Entry, key: &EntryKey) -> Option<BaseEntry> {
+pub fn to_base(entry: &Entry) -> Option<BaseEntry> {
     let kind = match entry.kind {
         cairn_vault::EntryKind::File => EntryKind::File,
         cairn_vault::EntryKind::Dir => EntryKind::Dir,
         cairn_vault::EntryKind::Symlink => EntryKind::Symlink,
         cairn_vault::EntryKind::Tombstone => return None,
     };
-    let _ = key;
     let target = match &entry.content {
         Content::Target(t) => t.clone(),
         _ => Vec::new(),
@@ -160,7 +159,7 @@ impl BaseLayer for VaultBase {
         Ok(view
             .get(&path(p)?)
             .map_err(vault_err)?
-            .and_then(|(k, e)| to_base(&e, &k)))
+            .and_then(|(_, e)| to_base(&e)))
     }
 
     fn children(&self, dir: &str) -> Result<BaseChildren<'_>, BaseError> {
@@ -170,7 +169,7 @@ impl BaseLayer for VaultBase {
         let mut out = Vec::new();
         for item in view.list_dir(&path(dir)?).map_err(vault_err)? {
             let d = item.map_err(vault_err)?;
-            if let Some(b) = to_base(&d.entry, &d.key) {
+            if let Some(b) = to_base(&d.entry) {
                 out.push(Ok((d.name, b)));
             }
         }

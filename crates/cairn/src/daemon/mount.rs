@@ -13,7 +13,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use cairn_fuse::{BaseLayer, FlushSink, MountOptions, Overlay, OverlayError};
+use cairn_fuse::{
+    BaseLayer, FlushSink, MountOptions, Overlay, OverlayError, is_mounted, lazy_unmount,
+};
 
 use super::base::VaultBase;
 use super::device::Device;
@@ -36,25 +38,6 @@ pub(super) fn block_stop_signals() -> libc::sigset_t {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
-}
-
-fn is_mounted(mountpoint: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = mountpoint.to_string_lossy();
-    info.lines().any(|l| {
-        let mut f = l.split(' ');
-        f.nth(4).is_some_and(|mp| unescape(mp) == want)
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
 }
 
 fn notify_systemd(msg: &str) {
@@ -210,14 +193,8 @@ pub fn unmount(data_dir: &Path, mountpoint: &Path) -> Result<()> {
         }
         // A mount without a live daemon (crashed): detach it; its overlay is replayed and
         // flushed at the next mount.
-        let st = std::process::Command::new("fusermount3")
-            .args(["-u", "-z"])
-            .arg(&canonical)
-            .status()
-            .context("running fusermount3 (install the fuse3 package)")?;
-        if !st.success() {
-            bail!("fusermount3 -u {} failed", canonical.display());
-        }
+        lazy_unmount(&canonical)
+            .map_err(|e| anyhow::anyhow!("detaching {} failed: {e}", canonical.display()))?;
         eprintln!(
             "cairn: detached {} (no daemon was running; pending changes will flush at the next mount)",
             canonical.display()
