@@ -196,6 +196,9 @@ impl TestMount {
         c.env("XDG_DATA_HOME", base.join("xdg-data"));
         c.env_remove("CAIRN_DATA_DIR");
         c.env_remove("CAIRN_VAULT");
+        // Tests never leave loopback: no relays, endpoint bound to 127.0.0.1.
+        c.env("CAIRN_BIND", "127.0.0.1:0");
+        c.env("CAIRN_RELAY", "disabled");
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info");
         }

@@ -22,7 +22,9 @@ mod sink;
 
 pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
 pub use fs::CairnFs;
-pub use mount::{MountError, MountHandle, MountOptions, is_mounted, lazy_unmount, mount};
+pub use mount::{
+    Invalidator, MountError, MountHandle, MountOptions, is_mounted, lazy_unmount, mount,
+};
 pub use sink::{FlushBatch, FlushError, FlushItem, FlushSink, StagedFile};
 
 pub use cairn_overlay::{Data, Kind, Overlay, OverlayError, Record, StagingId};

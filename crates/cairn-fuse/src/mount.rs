@@ -281,34 +281,21 @@ pub fn mount(
     })
 }
 
-/// A live mount. Dropping it unmounts like [`MountHandle::unmount`], logging any error.
-pub struct MountHandle {
+/// Drops kernel caches when the base layer changes under a live mount. Harmless after the
+/// mount is gone (notifications then fail quietly).
+#[derive(Clone)]
+pub struct Invalidator {
     core: Arc<Core>,
-    session: Option<BackgroundSession>,
     notifier: Notifier,
-    flusher: Option<JoinHandle<()>>,
-    mountpoint: PathBuf,
 }
 
-impl std::fmt::Debug for MountHandle {
+impl std::fmt::Debug for Invalidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MountHandle")
-            .field("mountpoint", &self.mountpoint)
-            .finish()
+        f.debug_struct("Invalidator").finish_non_exhaustive()
     }
 }
 
-impl MountHandle {
-    pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
-    }
-
-    /// Flushes now and waits for the outcome.
-    pub fn flush_now(&self) -> Result<(), FlushError> {
-        let ticket = self.core.flush.request();
-        self.core.flush.wait(ticket)
-    }
-
+impl Invalidator {
     /// The base layer changed at these paths (a new snapshot arrived): drop the kernel's
     /// cached names, attributes and pages for them, and the content pinned by open files
     /// that have no local copy.
@@ -375,6 +362,54 @@ impl MountHandle {
                 tracing::debug!(error = %e, ino, "kernel inode invalidation failed");
             }
         }
+    }
+}
+
+/// A live mount. Dropping it unmounts like [`MountHandle::unmount`], logging any error.
+pub struct MountHandle {
+    core: Arc<Core>,
+    session: Option<BackgroundSession>,
+    notifier: Notifier,
+    flusher: Option<JoinHandle<()>>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for MountHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountHandle")
+            .field("mountpoint", &self.mountpoint)
+            .finish()
+    }
+}
+
+impl MountHandle {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Flushes now and waits for the outcome.
+    pub fn flush_now(&self) -> Result<(), FlushError> {
+        let ticket = self.core.flush.request();
+        self.core.flush.wait(ticket)
+    }
+
+    /// A cloneable handle for telling the kernel that the base layer changed (for the
+    /// network side, which lives longer than any one borrow of the mount).
+    pub fn invalidator(&self) -> Invalidator {
+        Invalidator {
+            core: self.core.clone(),
+            notifier: self.notifier.clone(),
+        }
+    }
+
+    /// See [`Invalidator::base_changed`].
+    pub fn base_changed(&self, changed_paths: &[String]) {
+        self.invalidator().base_changed(changed_paths)
+    }
+
+    /// See [`Invalidator::invalidate_all`].
+    pub fn invalidate_all(&self) {
+        self.invalidator().invalidate_all()
     }
 
     /// Unmounts, waits for the kernel session to end, then flushes everything that is left.

@@ -24,9 +24,10 @@ use cairn_crypto::{DeviceId, VaultId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::accept::{Outcome, check_authentic, check_cas};
+use crate::roster::{MemberRecord, RosterChange};
 use crate::{Payload, RegistryEntry, RegistryError, Revision};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
@@ -50,6 +51,22 @@ CREATE TABLE IF NOT EXISTS entry_log (
     accepted_at INTEGER NOT NULL,
     UNIQUE (vault, device, revision)
 );
+-- v2: the signed member list (one winning record per device) and the last socket
+-- addresses each device was seen at (with address lookup off, this is how peers find
+-- each other again after a restart).
+CREATE TABLE IF NOT EXISTS roster (
+    vault  BLOB NOT NULL CHECK (length(vault) = 16),
+    device BLOB NOT NULL CHECK (length(device) = 32),
+    record BLOB NOT NULL,
+    PRIMARY KEY (vault, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS addresses (
+    vault      BLOB NOT NULL CHECK (length(vault) = 16),
+    device     BLOB NOT NULL CHECK (length(device) = 32),
+    addrs      TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (vault, device)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS members (
     vault    BLOB NOT NULL CHECK (length(vault) = 16),
     device   BLOB NOT NULL CHECK (length(device) = 32),
@@ -282,6 +299,156 @@ impl Registry {
         }
         Ok(out)
     }
+
+    /// The signed member records of `vault` (removals included), ordered by device.
+    pub fn roster(&self, vault: &VaultId) -> Result<Vec<MemberRecord>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT record FROM roster WHERE vault = ?1 ORDER BY device")?;
+        let rows = stmt.query_map(params![&vault.0[..]], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (r, _) = MemberRecord::decode_prefix(&row?)
+                .map_err(|e| RegistryError::Corrupt(format!("stored member record: {e}")))?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Merges member records received from a peer (or made locally) into the roster and the
+    /// member list, by the rules in [`crate::roster`]. Refused records are reported, not
+    /// fatal; every accepted change commits atomically.
+    pub fn merge_roster(
+        &self,
+        vault: &VaultId,
+        records: &[MemberRecord],
+    ) -> Result<RosterChange, RegistryError> {
+        let mut change = RosterChange::default();
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Records signed by a device added earlier in the same batch count: a roster is
+        // usually sent whole, founder first or not.
+        let mut pending: Vec<&MemberRecord> = records.iter().collect();
+        loop {
+            let mut progressed = false;
+            let mut retry = Vec::new();
+            for r in pending {
+                if r.vault != *vault {
+                    change.refused.push((
+                        r.device,
+                        RegistryError::WrongVault {
+                            expected: *vault,
+                            got: r.vault,
+                        }
+                        .to_string(),
+                    ));
+                    continue;
+                }
+                if let Err(e) = r.verify() {
+                    change.refused.push((r.device, e.to_string()));
+                    continue;
+                }
+                if !member_in(&tx, vault, &r.signer)? {
+                    retry.push(r);
+                    continue;
+                }
+                let held: Option<Vec<u8>> = tx
+                    .prepare_cached("SELECT record FROM roster WHERE vault = ?1 AND device = ?2")?
+                    .query_row(params![&vault.0[..], &r.device.0[..]], |row| row.get(0))
+                    .optional()?;
+                if let Some(h) = held {
+                    let (h, _) = MemberRecord::decode_prefix(&h).map_err(|e| {
+                        RegistryError::Corrupt(format!("stored member record: {e}"))
+                    })?;
+                    if !r.supersedes(&h) {
+                        continue;
+                    }
+                }
+                tx.execute(
+                    "INSERT OR REPLACE INTO roster (vault, device, record) VALUES (?1, ?2, ?3)",
+                    params![&vault.0[..], &r.device.0[..], r.encode()],
+                )?;
+                if r.removed {
+                    let n = tx.execute(
+                        "DELETE FROM members WHERE vault = ?1 AND device = ?2",
+                        params![&vault.0[..], &r.device.0[..]],
+                    )?;
+                    if n == 1 {
+                        change.removed.push(r.device);
+                    }
+                } else {
+                    let n = tx.execute(
+                        "INSERT OR IGNORE INTO members (vault, device, added_at) VALUES (?1, ?2, ?3)",
+                        params![&vault.0[..], &r.device.0[..], unix_millis()],
+                    )?;
+                    if n == 1 {
+                        change.added.push(r.device);
+                    }
+                }
+                progressed = true;
+            }
+            pending = retry;
+            if pending.is_empty() || !progressed {
+                break;
+            }
+        }
+        for r in pending {
+            change.refused.push((
+                r.device,
+                format!("signed by {}, who is not a member of this vault", r.signer),
+            ));
+        }
+        tx.commit()?;
+        Ok(change)
+    }
+
+    /// Whether `device` was removed from `vault` (a removal record is held).
+    pub fn is_removed(&self, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {
+        Ok(self
+            .roster(vault)?
+            .iter()
+            .any(|r| r.device == *device && r.removed))
+    }
+
+    /// Remembers where `device` was last reachable (socket addresses as text).
+    pub fn set_addrs(
+        &self,
+        vault: &VaultId,
+        device: &DeviceId,
+        addrs: &[String],
+    ) -> Result<(), RegistryError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR REPLACE INTO addresses (vault, device, addrs, updated_at) VALUES (?1, ?2, ?3, ?4)",
+            params![&vault.0[..], &device.0[..], addrs.join(","), unix_millis()],
+        )?;
+        Ok(())
+    }
+
+    /// Last known addresses of every device of `vault`.
+    pub fn addrs(&self, vault: &VaultId) -> Result<Vec<(DeviceId, Vec<String>)>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT device, addrs FROM addresses WHERE vault = ?1 ORDER BY device",
+        )?;
+        let rows = stmt.query_map(params![&vault.0[..]], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, a) = row?;
+            let d: [u8; 32] = d
+                .try_into()
+                .map_err(|_| RegistryError::Corrupt("address device id is not 32 bytes".into()))?;
+            let list = a
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            out.push((DeviceId(d), list));
+        }
+        Ok(out)
+    }
 }
 
 fn member_in(conn: &Connection, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {
@@ -362,10 +529,8 @@ mod tests {
             .unwrap();
         assert!(matches!(
             Registry::open(&path),
-            Err(RegistryError::UnsupportedSchema {
-                found: 2,
-                supported: 1
-            })
+            Err(RegistryError::UnsupportedSchema { found, supported })
+                if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION
         ));
     }
 

@@ -50,6 +50,8 @@ pub enum RegistryError {
         held: Payload,
         incoming: Payload,
     },
+    #[error("malformed member record: {0}")]
+    BadRoster(String),
     #[error(
         "the registry database is locked by another writer for too long; retry later (is another cairn process stuck?)"
     )]

@@ -13,11 +13,13 @@ mod db;
 mod entry;
 mod error;
 mod publish;
+pub mod roster;
 
 pub use accept::{Outcome, accept, check_authentic, check_cas};
 pub use db::Registry;
 pub use entry::{ENTRY_LEN, FORMAT_V1, Payload, RegistryEntry, Revision, SIGNING_DOMAIN};
 pub use error::RegistryError;
 pub use publish::{PublishError, PublishPolicy, Published, publish};
+pub use roster::{MemberRecord, RosterChange, decode_roster, encode_roster};
 
 pub use cairn_crypto::{DeviceId, DeviceKey, Signature, VaultId};

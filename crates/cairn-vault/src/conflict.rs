@@ -12,15 +12,27 @@ const MARKER: &str = ".sync-conflict-";
 
 /// The conflict-copy path for `loser`, which lost the name `path`.
 pub fn conflict_path(path: &VaultPath, loser: &Version, attempt: u32) -> VaultPath {
+    conflict_path_for(path, &loser.device, loser.hlc.wall_ms, attempt)
+}
+
+/// The conflict-copy path for a version written by `device` at `wall_ms` (for callers that
+/// detect a conflict before the version exists, such as a mount flushing an edit made on
+/// top of content a peer has replaced since).
+pub fn conflict_path_for(
+    path: &VaultPath,
+    device: &cairn_crypto::DeviceId,
+    wall_ms: u64,
+    attempt: u32,
+) -> VaultPath {
     let name = path.name();
     let (stem, ext) = split_extension(name);
-    let stamp = format_utc(loser.hlc.wall_ms);
+    let stamp = format_utc(wall_ms);
     let suffix = if attempt == 0 {
         String::new()
     } else {
         format!("-{attempt}")
     };
-    let tail = format!("{MARKER}{stamp}-{}{suffix}{ext}", loser.device.short());
+    let tail = format!("{MARKER}{stamp}-{}{suffix}{ext}", device.short());
     // Keep the result a valid name: shorten the stem (never the marker, which is what makes
     // the copy recognizable) at a character boundary.
     let budget = MAX_NAME_LEN.saturating_sub(tail.len());

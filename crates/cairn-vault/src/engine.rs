@@ -163,6 +163,11 @@ impl Vault {
         &self.stores
     }
 
+    /// Seals the next snapshots to these members (after the member list changed).
+    pub fn set_recipients(&mut self, recipients: Vec<cairn_crypto::AgeRecipient>) {
+        self.keys.recipients = recipients;
+    }
+
     pub fn keys(&self) -> &Keyring {
         &self.keys
     }

@@ -6,7 +6,7 @@ mod state;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use state::{VaultState, default_data_dir};
@@ -59,6 +59,33 @@ enum Command {
     },
     /// List the snapshots this device published, newest first.
     Log,
+    /// Print a one-time ticket that lets another device join this vault (the daemon must
+    /// be running: `cairn mount` or `cairn sync`).
+    Invite {
+        /// How long the ticket stays valid.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Join a vault with a ticket from `cairn invite`, then mount it at MOUNTPOINT (or only
+    /// sync it with --no-mount, for an always-on replica).
+    Join {
+        ticket: String,
+        /// Where to mount the joined vault (an existing, empty directory).
+        #[arg(required_unless_present = "no_mount")]
+        mountpoint: Option<PathBuf>,
+        /// Only sync (no mount): keep a complete replica of the vault on this device.
+        #[arg(long)]
+        no_mount: bool,
+        #[arg(long, default_value_t = 500, value_name = "MS")]
+        debounce_ms: u64,
+    },
+    /// Run the sync daemon without mounting (an always-on replica).
+    Sync,
+    /// List the vault's member devices and whether they are connected.
+    Peers,
+    /// Revoke a member device: it can no longer connect or fetch, and later snapshots are
+    /// not readable by it. DEVICE is its id or an unambiguous prefix (see `cairn peers`).
+    RemoveDevice { device: String },
     /// Stop the daemon serving MOUNTPOINT, waiting until all changes are flushed.
     Unmount { mountpoint: PathBuf },
 }
@@ -79,7 +106,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let data_dir = match cli.data_dir {
-        Some(d) => d,
+        // Absolute, so nothing depends on the daemon's working directory later.
+        Some(d) => std::path::absolute(&d).unwrap_or(d),
         None => default_data_dir()?,
     };
     match cli.command {
@@ -135,7 +163,7 @@ fn run(cli: Cli) -> Result<()> {
                     let at_ms = daemon::parse_time(&t, daemon::now_ms())?;
                     daemon::mount_at(&state, &mountpoint, at_ms, opts)?;
                 }
-                None => daemon::mount(&state, &mountpoint, opts)?,
+                None => daemon::mount(&state, &mountpoint, opts, Some(net_settings()?))?,
             }
         }
         Command::Log => {
@@ -157,8 +185,112 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Unmount { mountpoint } => daemon::unmount(&data_dir, &mountpoint)?,
+        Command::Invite { ttl } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let reply = daemon::control_request(&state.dir, &format!("invite {}", ttl.as_secs()))?
+                .ok_or_else(no_daemon)?;
+            println!("{}", reply.trim());
+            eprintln!(
+                "cairn: on the new device run `cairn join TICKET DIR` within {}; the ticket works once",
+                humantime::format_duration(ttl)
+            );
+        }
+        Command::Join {
+            ticket,
+            mountpoint,
+            no_mount,
+            debounce_ms,
+        } => {
+            let settings = net_settings()?;
+            let state = daemon::join_vault(&data_dir, &cli.vault, &ticket, settings)?;
+            eprintln!(
+                "cairn: joined vault {} as device {}",
+                state.secret.vault_id(),
+                state.device.device_id()
+            );
+            match mountpoint {
+                Some(mp) if !no_mount => {
+                    let opts = cairn_fuse::MountOptions {
+                        flush_debounce: std::time::Duration::from_millis(debounce_ms),
+                        ..Default::default()
+                    };
+                    daemon::mount(&state, &mp, opts, Some(settings))?;
+                }
+                _ => daemon::sync_only(&state, settings)?,
+            }
+        }
+        Command::Sync => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            daemon::sync_only(&state, net_settings()?)?;
+        }
+        Command::Peers => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let me = state.device.device_id();
+            match daemon::control_request(&state.dir, "peers")? {
+                Some(reply) => {
+                    println!("{me}  this device");
+                    for line in reply.lines().filter(|l| !l.is_empty()) {
+                        let f: Vec<&str> = line.split(' ').collect();
+                        if f.len() < 4 {
+                            continue;
+                        }
+                        let state = if f[1] == "1" {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        };
+                        let seen = match f[2].parse::<u64>() {
+                            Ok(ms) => format!("last contact {}", daemon::format_time(ms)),
+                            Err(_) => "never contacted".to_string(),
+                        };
+                        println!("{}  {state}, {seen}, addresses {}", f[0], f[3]);
+                    }
+                }
+                None => {
+                    let device = daemon::Device::open(&state)?;
+                    println!("{me}  this device (daemon not running: connection state unknown)");
+                    for d in device.registry.members(&device.vault_id)? {
+                        if d != me {
+                            println!("{d}  member");
+                        }
+                    }
+                }
+            }
+        }
+        Command::RemoveDevice { device } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            match daemon::control_request(&state.dir, &format!("remove {device}"))? {
+                Some(reply) => println!("removed device {}", reply.trim()),
+                None => bail!(
+                    "the daemon of this vault is not running; start it (`cairn mount DIR` or `cairn sync`) so the removal reaches the other members, then retry"
+                ),
+            }
+        }
     }
     Ok(())
+}
+
+fn no_daemon() -> anyhow::Error {
+    anyhow::anyhow!(
+        "the daemon of this vault is not running; start it with `cairn mount DIR` (or `cairn sync`) and retry"
+    )
+}
+
+/// Network settings: `CAIRN_BIND` (default `0.0.0.0:0`) and `CAIRN_RELAY` (`disabled`, the
+/// default, or `default` for n0's public relays).
+fn net_settings() -> Result<daemon::NetSettings> {
+    let bind = match std::env::var("CAIRN_BIND") {
+        Ok(b) if !b.is_empty() => b.parse().map_err(|e| {
+            anyhow::anyhow!("CAIRN_BIND={b:?} is not a socket address ({e}); use e.g. 0.0.0.0:0 or 127.0.0.1:7777")
+        })?,
+        _ => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
+    let relays = match std::env::var("CAIRN_RELAY").as_deref() {
+        Ok("default") => true,
+        Ok("disabled") | Ok("") | Err(_) => false,
+        Ok(other) => bail!("CAIRN_RELAY={other:?} is not valid; use \"disabled\" or \"default\""),
+    };
+    Ok(daemon::NetSettings { bind, relays })
 }
 
 fn print_identity(s: &VaultState) {

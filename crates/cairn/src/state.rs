@@ -59,6 +59,23 @@ impl VaultState {
     /// Create a new vault. Refuses to overwrite an existing one: its secret is the only
     /// key to its data.
     pub fn create(data_dir: &Path, name: &str) -> Result<Self> {
+        Self::create_with(
+            data_dir,
+            name,
+            VaultSecret::generate(),
+            DeviceKey::generate(),
+            AgeIdentity::generate(),
+        )
+    }
+
+    /// Stores the given keys as vault `name` (a joined vault: its secret came from a member).
+    pub fn create_with(
+        data_dir: &Path,
+        name: &str,
+        secret: VaultSecret,
+        device: DeviceKey,
+        age: AgeIdentity,
+    ) -> Result<Self> {
         check_name(name)?;
         let dir = vault_dir(data_dir, name);
         if dir.join("vault.secret").exists() {
@@ -72,9 +89,9 @@ impl VaultState {
         let state = Self {
             name: name.to_string(),
             dir: dir.clone(),
-            secret: VaultSecret::generate(),
-            device: DeviceKey::generate(),
-            age: AgeIdentity::generate(),
+            secret,
+            device,
+            age,
         };
         // Device and age keys first: a vault.secret without them would look complete.
         write_secret_file(&dir.join("device.key"), &state.device.to_bytes())?;

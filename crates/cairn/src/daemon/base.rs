@@ -12,7 +12,12 @@ use cairn_store::{ChunkId, FileManifest, open_chunk};
 use cairn_vault::{Content, Entry, MergedView, VaultPath, VaultStores, manifest_of};
 use lru::LruCache;
 
+use super::stores::LocalOrRemote;
+
 const CHUNK_CACHE: usize = 32;
+/// Chunks fetched ahead of a read that missed locally (~512 KiB at the average chunk size):
+/// sequential readers then find the next chunks already here.
+const READ_AHEAD: usize = 8;
 const MANIFEST_CACHE: usize = 64;
 
 /// Chunk offsets of one file, for binary search.
@@ -26,6 +31,8 @@ pub struct VaultBase {
     view: RwLock<MergedView>,
     chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
     layouts: Mutex<LruCache<blake3::Hash, Arc<Layout>>>,
+    /// For read-ahead of chunks that are not local yet.
+    remote: Option<Arc<LocalOrRemote>>,
 }
 
 fn vault_err(e: cairn_vault::VaultError) -> BaseError {
@@ -47,7 +54,13 @@ impl VaultBase {
             layouts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(MANIFEST_CACHE).expect("nonzero"),
             )),
+            remote: None,
         }
+    }
+
+    pub fn with_remote(mut self, remote: Arc<LocalOrRemote>) -> Self {
+        self.remote = Some(remote);
+        self
     }
 
     pub fn set_view(&self, view: MergedView) {
@@ -98,6 +111,20 @@ impl VaultBase {
             .get(&r.id)
         {
             return Ok(c.clone());
+        }
+        if let Some(remote) = &self.remote
+            && !remote.local.has(&r.id).unwrap_or(true)
+            && let Some(fetcher) = remote.remote()
+        {
+            let ahead: Vec<ChunkId> = layout.manifest.chunks()[index + 1..]
+                .iter()
+                .take(READ_AHEAD)
+                .map(|c| c.id)
+                .filter(|id| !remote.local.has(id).unwrap_or(true))
+                .collect();
+            if !ahead.is_empty() {
+                fetcher.prefetch(ahead);
+            }
         }
         let sealed = self
             .stores

@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use cairn_crypto::ContentKey;
-use cairn_registry::Registry;
+use cairn_crypto::{AgeRecipient, ContentKey, DeviceId, VaultId};
+use cairn_registry::{MemberRecord, Registry};
 use cairn_store::BlobStore;
 use cairn_vault::{Keyring, SnapshotId, Vault, VaultStores};
 
+use super::stores::LocalOrRemote;
 use crate::state::VaultState;
 
 /// Node cache budget of the daemon (bytes). Bounded so a huge vault cannot grow the daemon.
@@ -17,7 +18,13 @@ pub const NODE_CACHE_BYTES: usize = 32 << 20;
 
 pub struct Device {
     pub blobs: Arc<BlobStore>,
-    pub registry: Registry,
+    /// The same store, falling back to peers for missing blobs once the network is up.
+    pub remote_blobs: Arc<LocalOrRemote>,
+    pub registry: Arc<Registry>,
+    pub vault_id: VaultId,
+    pub device_id: DeviceId,
+    /// Signs member records (invites, removals).
+    pub key: cairn_crypto::DeviceKey,
     pub stores: VaultStores,
     pub content_key: ContentKey,
     vault: Mutex<Vault>,
@@ -36,17 +43,38 @@ impl Device {
             BlobStore::open(state.dir.join("store"))
                 .with_context(|| format!("opening the blob store in {}", state.dir.display()))?,
         );
-        let registry = Registry::open(state.dir.join("registry.sqlite"))
-            .with_context(|| format!("opening the registry in {}", state.dir.display()))?;
+        let registry = Arc::new(
+            Registry::open(state.dir.join("registry.sqlite"))
+                .with_context(|| format!("opening the registry in {}", state.dir.display()))?,
+        );
         let vault_id = state.secret.vault_id();
         let device_id = state.device.device_id();
+        if registry.is_removed(&vault_id, &device_id)? {
+            anyhow::bail!(
+                "this device was removed from vault {vault_id}; it can no longer sync. Join again with a new ticket (`cairn join`) into another --vault name"
+            );
+        }
         registry.add_member(&vault_id, &device_id)?;
+        let roster = registry.roster(&vault_id)?;
+        if roster.is_empty() && registry.members(&vault_id)? == vec![device_id] {
+            // The founder signs itself in; joiners get their record from the inviter.
+            let me = MemberRecord::add(
+                &state.device,
+                vault_id,
+                device_id,
+                state.age.recipient().to_string(),
+                now_ms(),
+            );
+            registry.merge_roster(&vault_id, &[me])?;
+        }
         let content_key = state.secret.content_key();
-        let stores = super::stores::vault_stores(blobs.clone(), &content_key, NODE_CACHE_BYTES)?;
+        let remote_blobs = Arc::new(LocalOrRemote::new(blobs.clone()));
+        let stores =
+            super::stores::vault_stores(remote_blobs.clone(), &content_key, NODE_CACHE_BYTES)?;
         let keys = Keyring {
             vault: vault_id,
             identity: state.age.clone(),
-            recipients: vec![state.age.recipient()],
+            recipients: recipients(&registry, &vault_id, state.age.recipient())?,
         };
         let vault = match registry.get(&vault_id, &device_id)? {
             Some(head) => Vault::open(stores.clone(), keys, state.device.clone(), SnapshotId::from(head.payload))
@@ -55,7 +83,11 @@ impl Device {
         };
         Ok(Self {
             blobs,
+            remote_blobs,
             registry,
+            vault_id,
+            device_id,
+            key: state.device.clone(),
             stores,
             content_key,
             vault: Mutex::new(vault),
@@ -67,4 +99,27 @@ impl Device {
     pub fn vault(&self) -> MutexGuard<'_, Vault> {
         self.vault.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Everyone a snapshot header must be readable by: the current members' recipients from the
+/// signed roster, and this device's own (always, even before its record arrives).
+pub fn recipients(
+    registry: &Registry,
+    vault: &VaultId,
+    own: AgeRecipient,
+) -> Result<Vec<AgeRecipient>> {
+    let mut out = vec![own];
+    for r in registry.roster(vault)? {
+        if r.removed {
+            continue;
+        }
+        match r.recipient.parse::<AgeRecipient>() {
+            Ok(rec) if !out.contains(&rec) => out.push(rec),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(device = %r.device.short(), error = %e, "member record has an unusable age recipient")
+            }
+        }
+    }
+    Ok(out)
 }

@@ -127,5 +127,6 @@ pub fn mount_at(
         overlay,
         opts,
         sigset,
+        None,
     )
 }

@@ -1,12 +1,20 @@
-//! The mount daemon: the engine opened on local disk, exposed through FUSE.
+//! The mount daemon: the engine opened on local disk, exposed through FUSE, and synced with
+//! the other members over the network.
 
 mod base;
+mod control;
 mod device;
 mod history;
+mod hub;
+mod join;
 mod mount;
+mod net;
 mod sink;
 mod stores;
 
+pub use control::request as control_request;
 pub use device::{Device, now_ms};
 pub use history::{format_time, log, mount_at, parse_time};
-pub use mount::{mount, unmount};
+pub use join::join_vault;
+pub use mount::{mount, sync_only, unmount};
+pub use net::NetSettings;

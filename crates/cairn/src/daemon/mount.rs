@@ -18,7 +18,10 @@ use cairn_fuse::{
 };
 
 use super::base::VaultBase;
+use super::control::ControlServer;
 use super::device::Device;
+use super::hub::Hub;
+use super::net::{Net, NetSettings};
 use super::sink::{VaultSink, view_of};
 use crate::state::VaultState;
 
@@ -64,7 +67,90 @@ fn notify_systemd(msg: &str) {
     }
 }
 
-pub fn mount(state: &VaultState, mountpoint: &Path, opts: MountOptions) -> Result<()> {
+/// The network side of a running daemon: stopped after the mount's final flush, so the last
+/// snapshot is still announced to connected peers.
+struct Networking {
+    control: Option<ControlServer>,
+    net: Option<Net>,
+}
+
+impl Networking {
+    fn start(state: &VaultState, hub: &Arc<Hub>, settings: Option<NetSettings>) -> Result<Self> {
+        let Some(settings) = settings else {
+            return Ok(Self {
+                control: None,
+                net: None,
+            });
+        };
+        let net = Net::start(state, hub.clone(), settings)?;
+        let control = ControlServer::start(&state.dir, net.inner().clone())?;
+        eprintln!(
+            "cairn: device {} listening on {}",
+            hub.device.device_id.short(),
+            net.addrs()
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(Self {
+            control: Some(control),
+            net: Some(net),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.control.take();
+        if let Some(net) = self.net.take() {
+            net.shutdown();
+        }
+    }
+}
+
+/// Runs the network side only (an always-on replica, `cairn sync` / `cairn join --no-mount`)
+/// until a stop signal.
+pub fn sync_only(state: &VaultState, settings: NetSettings) -> Result<()> {
+    let sigset = block_stop_signals();
+    let device = Arc::new(Device::open(state)?);
+    let hub = Arc::new(Hub::new(device, None));
+    let mut networking = Networking::start(state, &hub, Some(settings))?;
+    eprintln!(
+        "cairn: syncing vault {:?} (no mount); stop with Ctrl-C or SIGTERM",
+        state.name
+    );
+    notify_systemd("READY=1\nSTATUS=syncing (no mount)");
+    let rx = signal_thread(sigset)?;
+    let sig = rx.recv().unwrap_or(libc::SIGTERM);
+    tracing::info!(signal = sig, "stopping");
+    notify_systemd("STOPPING=1");
+    networking.stop();
+    eprintln!("cairn: stopped");
+    Ok(())
+}
+
+fn signal_thread(sigset: libc::sigset_t) -> Result<mpsc::Receiver<i32>> {
+    let (tx, rx) = mpsc::channel::<i32>();
+    std::thread::Builder::new()
+        .name("cairn-signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig = 0;
+                // SAFETY: sigwait on the set blocked above; `sig` is a valid out-pointer.
+                if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 && tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(rx)
+}
+
+pub fn mount(
+    state: &VaultState,
+    mountpoint: &Path,
+    opts: MountOptions,
+    net: Option<NetSettings>,
+) -> Result<()> {
     let sigset = block_stop_signals();
     let device = Arc::new(Device::open(state)?);
     let overlay = Overlay::open(state.dir.join("overlay")).map_err(|e| match e {
@@ -75,12 +161,25 @@ pub fn mount(state: &VaultState, mountpoint: &Path, opts: MountOptions) -> Resul
         e => anyhow::Error::new(e).context("opening the local overlay"),
     })?;
     let source = device.vault().source();
-    let base = Arc::new(VaultBase::new(device.stores.clone(), view_of(source)));
-    let sink = Arc::new(VaultSink {
-        device: device.clone(),
-        base: base.clone(),
-    });
-    serve(state, mountpoint, base, sink, overlay, opts, sigset)
+    let base = Arc::new(
+        VaultBase::new(device.stores.clone(), view_of(source))
+            .with_remote(device.remote_blobs.clone()),
+    );
+    let hub = Arc::new(Hub::new(device.clone(), Some(base.clone())));
+    let sink = Arc::new(VaultSink { hub: hub.clone() });
+    let mut networking = Networking::start(state, &hub, net)?;
+    let result = serve(
+        state,
+        mountpoint,
+        base,
+        sink,
+        overlay,
+        opts,
+        sigset,
+        Some(&hub),
+    );
+    networking.stop();
+    result
 }
 
 /// Mounts `base` + `overlay`, announces readiness, and serves until a stop signal or an
@@ -93,8 +192,12 @@ pub(super) fn serve(
     overlay: Overlay,
     opts: MountOptions,
     sigset: libc::sigset_t,
+    hub: Option<&Arc<Hub>>,
 ) -> Result<()> {
     let handle = cairn_fuse::mount(base, sink, overlay, mountpoint, opts)?;
+    if let Some(hub) = hub {
+        hub.set_invalidator(Some(handle.invalidator()));
+    }
     let mountpoint = handle.mountpoint().to_path_buf();
     let run_dir = state.dir.join(RUN_DIR);
     fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -114,19 +217,7 @@ pub(super) fn serve(
         mountpoint.display()
     ));
 
-    let (tx, rx) = mpsc::channel::<i32>();
-    std::thread::Builder::new()
-        .name("cairn-signals".into())
-        .spawn(move || {
-            loop {
-                let mut sig = 0;
-                // SAFETY: sigwait on the set blocked above; `sig` is a valid out-pointer.
-                if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 && tx.send(sig).is_err() {
-                    break;
-                }
-            }
-        })
-        .context("starting the signal thread")?;
+    let rx = signal_thread(sigset)?;
     let reason = loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(sig) => break format!("signal {sig}"),
@@ -140,6 +231,9 @@ pub(super) fn serve(
     };
     tracing::info!(%reason, "stopping: flushing and unmounting");
     notify_systemd("STOPPING=1\nSTATUS=flushing");
+    if let Some(hub) = hub {
+        hub.set_invalidator(None);
+    }
     let result = handle.unmount();
     let _ = fs::remove_file(&pid_file);
     result.context("unmounting (changes not yet in a snapshot stay in the overlay and are flushed at the next mount)")?;

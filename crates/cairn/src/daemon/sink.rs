@@ -19,12 +19,12 @@ use cairn_vault::{
     Attrs, Change, Content, INLINE_MAX, MergedView, TreeSource, VaultPath, content_from_manifest,
 };
 
-use super::base::{VaultBase, entry_of};
-use super::device::{Device, now_ms};
+use super::base::entry_of;
+use super::device::now_ms;
+use super::hub::Hub;
 
 pub struct VaultSink {
-    pub device: Arc<Device>,
-    pub base: Arc<VaultBase>,
+    pub hub: Arc<Hub>,
 }
 
 /// The view the mount shows for the engine's current state.
@@ -56,11 +56,16 @@ impl VaultSink {
             durability: cairn_store::Durability::Batch,
             ..WriteOptions::default()
         };
-        let manifest = write_file_with(&self.device.blobs, &self.device.content_key, reader, opts)
-            .map_err(rejected)?;
-        let sealer = ChunkSealer::new(&self.device.content_key);
+        let manifest = write_file_with(
+            &self.hub.device.blobs,
+            &self.hub.device.content_key,
+            reader,
+            opts,
+        )
+        .map_err(rejected)?;
+        let sealer = ChunkSealer::new(&self.hub.device.content_key);
         let (content, size) =
-            content_from_manifest(self.device.stores.blobs.as_ref(), &sealer, &manifest)
+            content_from_manifest(self.hub.device.stores.blobs.as_ref(), &sealer, &manifest)
                 .map_err(rejected)?;
         Ok((size, content))
     }
@@ -114,10 +119,13 @@ impl FlushSink for VaultSink {
     fn flush(&self, mut batch: FlushBatch) -> Result<(), FlushError> {
         let span = tracing::info_span!("flush", paths = batch.items.len());
         let _g = span.enter();
-        let mut vault = self.device.vault();
+        let device = self.hub.device.clone();
+        let mut vault = device.vault();
         let now = now_ms();
         let mut refused = 0usize;
         let mut unsaved: Vec<String> = Vec::new();
+        let mut diverted: Vec<String> = Vec::new();
+        let peer_touched = self.hub.take_peer_touched();
 
         // Deletions, deepest first.
         for item in batch
@@ -161,6 +169,24 @@ impl FlushSink for VaultSink {
             };
             let exists = existing.is_some() && removal.is_none();
             let change = self.change_for(item, exists)?;
+            // A peer replaced this file since the last flush: the local edit may not have
+            // seen that version, so it goes beside it as a conflict copy, never over it.
+            if let Some(Change::Write { .. }) = &change
+                && existing.as_ref().is_some_and(|(k, _)| !k.dir)
+                && peer_touched.contains(&item.path)
+                && let Some(spot) = free_conflict_path(&vault, &p, device.device_id, now)
+            {
+                tracing::warn!(path = %item.path, copy = %spot.as_str(), "local edit raced a peer's change; kept as a conflict copy");
+                match vault.commit([(spot, change.expect("checked"))], now) {
+                    Ok(_) => diverted.push(item.path.clone()),
+                    Err(e) => {
+                        refused += 1;
+                        unsaved.push(item.path.clone());
+                        tracing::error!(path = %item.path, error = %e, "engine refused a conflict copy");
+                    }
+                }
+                continue;
+            }
             let changes: Vec<(VaultPath, Change)> = removal
                 .into_iter()
                 .chain(change)
@@ -195,19 +221,20 @@ impl FlushSink for VaultSink {
                 }
             }
         }
-        // Nodes and chunks were written without per-file fsyncs; make them durable before a
-        // snapshot that references them is announced.
-        self.device.blobs.sync().map_err(rejected)?;
-        let report = vault
-            .publish(&self.device.registry, now)
-            .map_err(rejected)?;
+        // Nodes and chunks were written without per-file fsyncs; the hub makes them durable
+        // before a snapshot that references them is announced.
+        let report = self.hub.publish(&mut vault, now).map_err(rejected)?;
         tracing::info!(
             revision = report.revision.0,
             attempts = report.attempts,
             refused,
             "published snapshot"
         );
-        self.base.set_view(view_of(vault.source()));
+        self.hub.show(&vault, None);
+        if !diverted.is_empty() {
+            // The mount showed the local edit at these paths; they now hold the peer's.
+            self.hub.invalidate(&diverted);
+        }
         if !unsaved.is_empty() {
             // Failing keeps these records in the overlay (durable) for the next attempt.
             return Err(FlushError::Rejected(format!(
@@ -218,6 +245,18 @@ impl FlushSink for VaultSink {
         }
         Ok(())
     }
+}
+
+/// The first conflict-copy name for a local edit of `p` that is not taken.
+fn free_conflict_path(
+    vault: &cairn_vault::Vault,
+    p: &VaultPath,
+    device: cairn_crypto::DeviceId,
+    now_ms: u64,
+) -> Option<VaultPath> {
+    (0..100)
+        .map(|attempt| cairn_vault::conflict_path_for(p, &device, now_ms, attempt))
+        .find(|c| c != p && matches!(vault.lookup(c), Ok(None)))
 }
 
 /// Where refused data goes: beside its path, else at the vault root (its directory may be

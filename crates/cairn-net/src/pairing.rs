@@ -1,0 +1,724 @@
+//! `cairn/pair/1`: inviting a new device into a vault with a one-time ticket.
+//!
+//! The inviter creates an [`Invitation`]: a random 32-byte token, valid once, until an expiry
+//! time. Its [`Ticket`] (endpoint id + loopback/LAN socket addresses + vault id + token +
+//! expiry) is printed as a copy-pasteable string. While at least one invitation is live,
+//! the allowlist lets non-members reach this ALPN (and only this one).
+//!
+//! The joiner connects to the endpoint id in the ticket (TLS authenticates the inviter) and
+//! sends, in one frame, `0x01 | mac(32) | age recipient (UTF-8)` where
+//! `mac = blake3::keyed_hash(token, "cairn pair v1 join" | inviter id | joiner id)`: the token
+//! itself never crosses the wire, and the proof is bound to both authenticated endpoint ids,
+//! so it cannot be replayed on another connection. The inviter replies with one frame:
+//! `0x00 | confirm(32) | vault secret(32) | n u16 | n × (device(32) | len u16 | recipient)`
+//! where `confirm = keyed_hash(token, "cairn pair v1 accept" | inviter id | joiner id)`, or
+//! `0x01 | code u8 | message` (codes: 1 unknown token, 2 already used, 3 expired,
+//! 4 malformed request). All of it travels inside the QUIC connection's encryption.
+//!
+//! On success the inviter adds the joiner to the allowlist [`Members`] and to its roster, and
+//! emits [`PairingEvent::Joined`] so the daemon can add it to the signed member list.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_crypto::{DeviceId, VaultId, VaultSecret};
+use data_encoding::{BASE32_NOPAD, BASE32_NOPAD_NOCASE};
+use iroh::endpoint::{Connection, ConnectionError};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use iroh::{Endpoint, EndpointAddr};
+use tokio::sync::broadcast;
+
+use crate::endpoint::{Members, device_id_of, endpoint_id_of};
+use crate::wire::{FrameError, read_frame, write_frame};
+
+pub const PAIR_ALPN: &[u8] = b"cairn/pair/1";
+const TICKET_PREFIX: &str = "cairn1";
+const TICKET_VERSION: u8 = 1;
+const MAX_RECIPIENT: usize = 512;
+const MAX_MEMBERS: usize = 4096;
+const JOIN_CONTEXT: &[u8] = b"cairn pair v1 join";
+const ACCEPT_CONTEXT: &[u8] = b"cairn pair v1 accept";
+
+/// A member as the roster knows it: its device id and the age recipient its snapshot
+/// headers are sealed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub device: DeviceId,
+    pub age_recipient: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Ticket
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TicketError {
+    #[error(
+        "not a cairn ticket: it must start with \"{TICKET_PREFIX}\" (copy the whole line `cairn invite` printed)"
+    )]
+    Prefix,
+    #[error("the ticket contains characters that are not base32: it was mangled while copying")]
+    Encoding,
+    #[error(
+        "the ticket's checksum does not match: some characters were changed or lost while copying"
+    )]
+    Checksum,
+    #[error(
+        "ticket format version {0} is not supported by this cairn (only version {TICKET_VERSION}); upgrade cairn"
+    )]
+    Version(u8),
+    #[error("the ticket is cut off: copy the whole line")]
+    Truncated,
+    #[error("the ticket has unexpected data after its end")]
+    Trailing,
+    #[error("the ticket's device id is not a valid public key")]
+    BadId,
+    #[error("the ticket has an unknown address family {0}")]
+    AddressFamily(u8),
+}
+
+/// What a joiner needs to reach the inviter and prove it was invited.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub inviter: DeviceId,
+    pub addrs: Vec<SocketAddr>,
+    pub vault: VaultId,
+    pub token: [u8; 32],
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket")
+            .field("inviter", &self.inviter)
+            .field("addrs", &self.addrs)
+            .field("vault", &self.vault)
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl Ticket {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = vec![TICKET_VERSION];
+        v.extend_from_slice(self.inviter.as_bytes());
+        v.extend_from_slice(self.vault.as_bytes());
+        v.extend_from_slice(&self.token);
+        v.extend_from_slice(&self.expires_at.to_be_bytes());
+        let addrs = &self.addrs[..self.addrs.len().min(255)];
+        v.push(addrs.len() as u8);
+        for a in addrs {
+            match a.ip() {
+                IpAddr::V4(ip) => {
+                    v.push(4);
+                    v.extend_from_slice(&ip.octets());
+                }
+                IpAddr::V6(ip) => {
+                    v.push(6);
+                    v.extend_from_slice(&ip.octets());
+                }
+            }
+            v.extend_from_slice(&a.port().to_be_bytes());
+        }
+        let sum = blake3::hash(&v);
+        v.extend_from_slice(&sum.as_bytes()[..4]);
+        v
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<Self, TicketError> {
+        if b.len() < 5 {
+            return Err(TicketError::Truncated);
+        }
+        let (body, sum) = b.split_at(b.len() - 4);
+        if blake3::hash(body).as_bytes()[..4] != *sum {
+            return Err(TicketError::Checksum);
+        }
+        let mut r = Reader(body);
+        let version = r.take::<1>()?[0];
+        if version != TICKET_VERSION {
+            return Err(TicketError::Version(version));
+        }
+        let inviter = DeviceId(r.take::<32>()?);
+        endpoint_id_of(&inviter).map_err(|_| TicketError::BadId)?;
+        let vault = VaultId(r.take::<16>()?);
+        let token = r.take::<32>()?;
+        let expires_at = u64::from_be_bytes(r.take::<8>()?);
+        let n = r.take::<1>()?[0];
+        let mut addrs = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let ip = match r.take::<1>()?[0] {
+                4 => IpAddr::V4(Ipv4Addr::from(r.take::<4>()?)),
+                6 => IpAddr::V6(Ipv6Addr::from(r.take::<16>()?)),
+                f => return Err(TicketError::AddressFamily(f)),
+            };
+            let port = u16::from_be_bytes(r.take::<2>()?);
+            addrs.push(SocketAddr::new(ip, port));
+        }
+        if !r.0.is_empty() {
+            return Err(TicketError::Trailing);
+        }
+        Ok(Self {
+            inviter,
+            addrs,
+            vault,
+            token,
+            expires_at,
+        })
+    }
+
+    pub fn is_expired(&self) -> bool {
+        unix_now() >= self.expires_at
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], TicketError> {
+        if self.0.len() < N {
+            return Err(TicketError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(N);
+        self.0 = rest;
+        Ok(head.try_into().expect("length checked"))
+    }
+}
+
+impl fmt::Display for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{TICKET_PREFIX}{}",
+            BASE32_NOPAD.encode(&self.to_bytes()).to_ascii_lowercase()
+        )
+    }
+}
+
+impl FromStr for Ticket {
+    type Err = TicketError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let body = s.strip_prefix(TICKET_PREFIX).ok_or(TicketError::Prefix)?;
+        let bytes = BASE32_NOPAD_NOCASE
+            .decode(body.as_bytes())
+            .map_err(|_| TicketError::Encoding)?;
+        Self::from_bytes(&bytes)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn proof(token: &[u8; 32], context: &[u8], inviter: &DeviceId, joiner: &DeviceId) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(token);
+    h.update(context);
+    h.update(inviter.as_bytes());
+    h.update(joiner.as_bytes());
+    h.finalize()
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors and events
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum PairError {
+    #[error("invalid ticket: {0}")]
+    Ticket(#[from] TicketError),
+    #[error("this invitation expired; ask for a new one with `cairn invite`")]
+    Expired,
+    #[error(
+        "this invitation was already used; each ticket works once, ask for a new one with `cairn invite`"
+    )]
+    AlreadyUsed,
+    #[error(
+        "the inviter does not know this invitation (wrong ticket, or the inviting daemon restarted); ask for a new one"
+    )]
+    UnknownToken,
+    #[error("malformed pairing message: {0}")]
+    Malformed(String),
+    #[error(
+        "the inviter refused the connection: {0} (the invitation may have expired or been used)"
+    )]
+    Refused(String),
+    #[error(
+        "cannot reach the inviter: {0} (is its cairn running and reachable at the ticket's address?)"
+    )]
+    Connect(String),
+    #[error("the inviter could not prove it issued this ticket: refusing its vault secret")]
+    BadConfirmation,
+}
+
+impl PairError {
+    fn code(&self) -> u8 {
+        match self {
+            PairError::UnknownToken => 1,
+            PairError::AlreadyUsed => 2,
+            PairError::Expired => 3,
+            _ => 4,
+        }
+    }
+
+    fn from_code(code: u8, message: String) -> Self {
+        match code {
+            1 => PairError::UnknownToken,
+            2 => PairError::AlreadyUsed,
+            3 => PairError::Expired,
+            _ => PairError::Malformed(message),
+        }
+    }
+}
+
+/// A device that joined through one of our invitations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub device: DeviceId,
+    pub age_recipient: String,
+}
+
+/// What happened on the inviter side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairingEvent {
+    Joined(Joined),
+    Refused { device: DeviceId, error: PairError },
+}
+
+/// What the joiner receives.
+#[derive(Clone)]
+pub struct JoinResult {
+    pub vault_secret: VaultSecret,
+    pub inviter: DeviceId,
+    /// The whole roster, including the inviter and the joiner itself.
+    pub members: Vec<MemberInfo>,
+}
+
+impl fmt::Debug for JoinResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinResult")
+            .field("vault_secret", &"<redacted>")
+            .field("inviter", &self.inviter)
+            .field("members", &self.members)
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Inviter state
+
+/// A created invitation: give `ticket.to_string()` to the joining device.
+#[derive(Debug, Clone)]
+pub struct Invitation {
+    pub ticket: Ticket,
+}
+
+#[derive(Debug)]
+struct State {
+    /// token → expiry (unix seconds)
+    pending: HashMap<[u8; 32], u64>,
+    spent: HashSet<[u8; 32]>,
+    roster: Vec<MemberInfo>,
+}
+
+/// The inviter's pairing state: vault secret, roster, pending tokens. Clone freely.
+#[derive(Clone)]
+pub struct Pairing(Arc<PairingInner>);
+
+struct PairingInner {
+    secret: VaultSecret,
+    members: Members,
+    state: Mutex<State>,
+    events: broadcast::Sender<PairingEvent>,
+}
+
+impl fmt::Debug for Pairing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pairing")
+            .field("vault", &self.0.secret.vault_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pairing {
+    /// `roster` is the current member list (with this device in it); `members` is the
+    /// allowlist the endpoint enforces, to which joiners are added.
+    pub fn new(secret: VaultSecret, roster: Vec<MemberInfo>, members: Members) -> Self {
+        let (events, _) = broadcast::channel(64);
+        Self(Arc::new(PairingInner {
+            secret,
+            members,
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                spent: HashSet::new(),
+                roster,
+            }),
+            events,
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates a one-time invitation valid for `ttl`, addressed to `endpoint`'s bound sockets.
+    pub fn invite(&self, endpoint: &Endpoint, ttl: Duration) -> Invitation {
+        let token: [u8; 32] = rand::random();
+        let expires_at = unix_now() + ttl.as_secs().max(1);
+        self.state().pending.insert(token, expires_at);
+        let ticket = Ticket {
+            inviter: device_id_of(&endpoint.id()),
+            addrs: endpoint.addr().ip_addrs().copied().collect(),
+            vault: self.0.secret.vault_id(),
+            token,
+            expires_at,
+        };
+        Invitation { ticket }
+    }
+
+    /// Withdraws all pending invitations.
+    pub fn cancel_all(&self) {
+        self.state().pending.clear();
+    }
+
+    /// Whether any invitation is pending and unexpired (opens the pairing ALPN to strangers).
+    pub fn has_live_invitation(&self) -> bool {
+        let now = unix_now();
+        self.state().pending.values().any(|&exp| exp > now)
+    }
+
+    pub fn roster(&self) -> Vec<MemberInfo> {
+        self.state().roster.clone()
+    }
+
+    /// Replaces the roster handed to the next joiners (after the member list changed).
+    pub fn set_roster(&self, roster: Vec<MemberInfo>) {
+        self.state().roster = roster;
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<PairingEvent> {
+        self.0.events.subscribe()
+    }
+
+    /// Checks the joiner's proof and consumes the token. Returns the token on success.
+    fn redeem(
+        &self,
+        mac: &[u8; 32],
+        inviter: &DeviceId,
+        joiner: &DeviceId,
+    ) -> Result<[u8; 32], PairError> {
+        let mac = blake3::Hash::from_bytes(*mac);
+        let now = unix_now();
+        let mut st = self.state();
+        // blake3::Hash equality is constant-time.
+        let hit = st
+            .pending
+            .iter()
+            .find(|(t, _)| proof(t, JOIN_CONTEXT, inviter, joiner) == mac)
+            .map(|(t, exp)| (*t, *exp));
+        if let Some((token, exp)) = hit {
+            st.pending.remove(&token);
+            st.spent.insert(token);
+            return if exp > now {
+                Ok(token)
+            } else {
+                Err(PairError::Expired)
+            };
+        }
+        if st
+            .spent
+            .iter()
+            .any(|t| proof(t, JOIN_CONTEXT, inviter, joiner) == mac)
+        {
+            return Err(PairError::AlreadyUsed);
+        }
+        Err(PairError::UnknownToken)
+    }
+}
+
+/// Serves [`PAIR_ALPN`] for a [`Pairing`].
+#[derive(Debug, Clone)]
+pub struct PairingProtocol {
+    pairing: Pairing,
+    local: DeviceId,
+}
+
+impl PairingProtocol {
+    /// `endpoint` is the endpoint this handler is registered on (its id is the inviter id
+    /// the joiner's proof is bound to).
+    pub fn new(pairing: Pairing, endpoint: &Endpoint) -> Self {
+        Self {
+            pairing,
+            local: device_id_of(&endpoint.id()),
+        }
+    }
+
+    async fn handle(&self, conn: &Connection) -> Result<(), PairError> {
+        let joiner = device_id_of(&conn.remote_id());
+        let inviter = self.local;
+        let (mut send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| PairError::Connect(e.to_string()))?;
+        let req = read_frame(&mut recv, 1 + 32 + MAX_RECIPIENT)
+            .await
+            .map_err(frame_err)?
+            .ok_or_else(|| PairError::Malformed("empty pairing request".into()))?;
+        let result = parse_join_request(&req).and_then(|(mac, recipient)| {
+            self.pairing
+                .redeem(&mac, &inviter, &joiner)
+                .map(|token| (token, recipient))
+        });
+        let reply = match &result {
+            Ok((token, recipient)) => {
+                let roster = {
+                    let mut st = self.pairing.state();
+                    if !st.roster.iter().any(|m| m.device == joiner) {
+                        st.roster.push(MemberInfo {
+                            device: joiner,
+                            age_recipient: recipient.clone(),
+                        });
+                    }
+                    st.roster.clone()
+                };
+                self.pairing.0.members.insert(joiner);
+                let mut v = vec![0x00];
+                v.extend_from_slice(proof(token, ACCEPT_CONTEXT, &inviter, &joiner).as_bytes());
+                v.extend_from_slice(self.pairing.0.secret.as_bytes());
+                let roster = &roster[..roster.len().min(MAX_MEMBERS)];
+                v.extend_from_slice(&(roster.len() as u16).to_be_bytes());
+                for m in roster {
+                    v.extend_from_slice(m.device.as_bytes());
+                    v.extend_from_slice(&(m.age_recipient.len() as u16).to_be_bytes());
+                    v.extend_from_slice(m.age_recipient.as_bytes());
+                }
+                v
+            }
+            Err(e) => {
+                let mut v = vec![0x01, e.code()];
+                v.extend_from_slice(e.to_string().as_bytes());
+                v
+            }
+        };
+        write_frame(&mut send, &reply).await.map_err(frame_err)?;
+        let _ = send.finish();
+        // Wait for the joiner to read the reply and close (bounded).
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        result.map(|(_, recipient)| {
+            let _ = self.pairing.0.events.send(PairingEvent::Joined(Joined {
+                device: joiner,
+                age_recipient: recipient,
+            }));
+        })
+    }
+}
+
+fn parse_join_request(req: &[u8]) -> Result<([u8; 32], String), PairError> {
+    match req {
+        [0x01, rest @ ..] if rest.len() >= 32 => {
+            let mac: [u8; 32] = rest[..32].try_into().expect("32 bytes");
+            let recipient = std::str::from_utf8(&rest[32..])
+                .map_err(|_| PairError::Malformed("age recipient is not UTF-8".into()))?;
+            Ok((mac, recipient.to_owned()))
+        }
+        _ => Err(PairError::Malformed("bad join request".into())),
+    }
+}
+
+fn frame_err(e: FrameError) -> PairError {
+    PairError::Malformed(e.to_string())
+}
+
+impl ProtocolHandler for PairingProtocol {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let device = device_id_of(&conn.remote_id());
+        if let Err(error) = self.handle(&conn).await {
+            tracing::info!(device = %device.short(), "pairing refused: {error}");
+            let _ = self
+                .pairing
+                .0
+                .events
+                .send(PairingEvent::Refused { device, error });
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Joiner
+
+/// Joins through `ticket`: proves the token, receives the vault secret and the roster.
+/// `age_recipient` is this device's recipient, added to the roster by the inviter.
+pub async fn join(
+    endpoint: &Endpoint,
+    ticket: &Ticket,
+    age_recipient: &str,
+) -> Result<JoinResult, PairError> {
+    if ticket.is_expired() {
+        return Err(PairError::Expired);
+    }
+    if age_recipient.len() > MAX_RECIPIENT {
+        return Err(PairError::Malformed("age recipient too long".into()));
+    }
+    let id = endpoint_id_of(&ticket.inviter).map_err(|_| TicketError::BadId)?;
+    let addr = ticket
+        .addrs
+        .iter()
+        .fold(EndpointAddr::new(id), |a, s| a.with_ip_addr(*s));
+    let conn = endpoint
+        .connect(addr, PAIR_ALPN)
+        .await
+        .map_err(|e| PairError::Connect(e.to_string()))?;
+    let result = join_on(&conn, device_id_of(&endpoint.id()), ticket, age_recipient).await;
+    conn.close(0u32.into(), b"done");
+    result
+}
+
+fn closed_err(conn: &Connection, fallback: String) -> PairError {
+    match conn.close_reason() {
+        Some(ConnectionError::ApplicationClosed(close)) => {
+            PairError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        Some(other) => PairError::Connect(other.to_string()),
+        None => PairError::Connect(fallback),
+    }
+}
+
+async fn join_on(
+    conn: &Connection,
+    joiner: DeviceId,
+    ticket: &Ticket,
+    recipient: &str,
+) -> Result<JoinResult, PairError> {
+    let inviter = device_id_of(&conn.remote_id());
+    let mut req = vec![0x01];
+    req.extend_from_slice(proof(&ticket.token, JOIN_CONTEXT, &inviter, &joiner).as_bytes());
+    req.extend_from_slice(recipient.as_bytes());
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| closed_err(conn, e.to_string()))?;
+    write_frame(&mut send, &req)
+        .await
+        .map_err(|e| closed_err(conn, e.to_string()))?;
+    let _ = send.finish();
+    let reply = read_frame(&mut recv, 3 + 64 + MAX_MEMBERS * (34 + MAX_RECIPIENT))
+        .await
+        .map_err(|e| closed_err(conn, e.to_string()))?
+        .ok_or_else(|| closed_err(conn, "the inviter sent no reply".into()))?;
+    match reply.split_first() {
+        Some((0x00, rest)) => {
+            let bad = || PairError::Malformed("truncated pairing reply".into());
+            if rest.len() < 66 {
+                return Err(bad());
+            }
+            let confirm = blake3::Hash::from_bytes(rest[..32].try_into().expect("32"));
+            if confirm != proof(&ticket.token, ACCEPT_CONTEXT, &inviter, &joiner) {
+                return Err(PairError::BadConfirmation);
+            }
+            let secret = VaultSecret::from_bytes(rest[32..64].try_into().expect("32"));
+            if secret.vault_id() != ticket.vault {
+                return Err(PairError::Malformed(
+                    "the inviter sent the secret of a different vault than the ticket names".into(),
+                ));
+            }
+            let n = u16::from_be_bytes([rest[64], rest[65]]) as usize;
+            let mut r = &rest[66..];
+            let mut members = Vec::with_capacity(n);
+            for _ in 0..n {
+                if r.len() < 34 {
+                    return Err(bad());
+                }
+                let device = DeviceId(r[..32].try_into().expect("32"));
+                let len = u16::from_be_bytes([r[32], r[33]]) as usize;
+                r = &r[34..];
+                if r.len() < len {
+                    return Err(bad());
+                }
+                let age_recipient = String::from_utf8(r[..len].to_vec())
+                    .map_err(|_| PairError::Malformed("age recipient is not UTF-8".into()))?;
+                r = &r[len..];
+                members.push(MemberInfo {
+                    device,
+                    age_recipient,
+                });
+            }
+            Ok(JoinResult {
+                vault_secret: secret,
+                inviter,
+                members,
+            })
+        }
+        Some((0x01, [code, msg @ ..])) => Err(PairError::from_code(
+            *code,
+            String::from_utf8_lossy(msg).into_owned(),
+        )),
+        _ => Err(PairError::Malformed("unknown pairing reply".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_crypto::DeviceKey;
+
+    fn ticket() -> Ticket {
+        Ticket {
+            inviter: DeviceKey::generate().device_id(),
+            addrs: vec![
+                "127.0.0.1:4242".parse().unwrap(),
+                "[::1]:7".parse().unwrap(),
+            ],
+            vault: VaultSecret::generate().vault_id(),
+            token: rand::random(),
+            expires_at: 1_900_000_000,
+        }
+    }
+
+    #[test]
+    fn ticket_round_trip() {
+        let t = ticket();
+        let s = t.to_string();
+        assert!(s.starts_with("cairn1"));
+        assert_eq!(s.parse::<Ticket>().unwrap(), t);
+        assert_eq!(
+            s.to_uppercase()
+                .replacen("CAIRN1", "cairn1", 1)
+                .parse::<Ticket>()
+                .unwrap(),
+            t
+        );
+        assert!(!format!("{t:?}").contains(&hex::encode(t.token)));
+    }
+
+    #[test]
+    fn malformed_tickets() {
+        let s = ticket().to_string();
+        assert_eq!("hello".parse::<Ticket>(), Err(TicketError::Prefix));
+        assert_eq!(
+            format!("{s}!").parse::<Ticket>(),
+            Err(TicketError::Encoding)
+        );
+        assert_eq!(
+            s[..s.len() - 8].parse::<Ticket>().unwrap_err(),
+            TicketError::Checksum
+        );
+        let mut chars: Vec<char> = s.chars().collect();
+        chars[20] = if chars[20] == 'a' { 'b' } else { 'a' };
+        let flipped: String = chars.into_iter().collect();
+        assert_eq!(flipped.parse::<Ticket>(), Err(TicketError::Checksum));
+        assert_eq!("cairn1".parse::<Ticket>(), Err(TicketError::Truncated));
+        let mut b = ticket().to_bytes();
+        b[0] = 9;
+        let n = b.len() - 4;
+        let sum = blake3::hash(&b[..n]);
+        b[n..].copy_from_slice(&sum.as_bytes()[..4]);
+        assert_eq!(Ticket::from_bytes(&b), Err(TicketError::Version(9)));
+    }
+}

@@ -1,0 +1,717 @@
+//! `cairn/registry/1`: exchanging signed registry entries between members.
+//!
+//! Every request opens its own bidirectional stream and sends one frame (see `wire`: a
+//! big-endian `u32` length, then the body):
+//!
+//! | request    | body                                   | reply frames                        |
+//! |------------|----------------------------------------|-------------------------------------|
+//! | Push       | `0x01` vault(16) entry(153)            | one [`PushResult`]                  |
+//! | FetchAll   | `0x02` vault(16)                       | one: `0x00` then n × entry(153)     |
+//! | Subscribe  | `0x03` vault(16)                       | a stream of events (below)          |
+//! | Roster     | `0x04` vault(16) roster message        | one: `0x00` then roster message     |
+//!
+//! Push result: `0x00` Accepted (`0x00` | `0x01` previous u64), `0x01` Unchanged,
+//! `0x02` Rejected + UTF-8 reason. Errors to FetchAll/Subscribe: `0x02` + UTF-8 reason.
+//! Subscription events: `0x10` entry(153) for each newly accepted entry, or `0x11` + u64 when
+//! the subscriber fell behind and that many entries were skipped (it should FetchAll).
+//!
+//! A roster message is `u32 len | member records (see cairn_registry::roster) | u16 n |
+//! n × (device(32) | u8 k | k × (u8 len | socket address as text))`: the sender's signed
+//! member list and the addresses it knows, its own first. Both sides merge what they receive
+//! (the exchange runs on every (re)connection and whenever the roster changes), so a member
+//! added through any device reaches every other one.
+//!
+//! The server checks nothing itself: every pushed entry goes through
+//! [`Registry::put`](cairn_registry::Registry::put), which checks format, signature, vault,
+//! membership of the signer and the compare-and-swap rule. Fetching and subscribing require
+//! the connecting device to be a member of the requested vault. Subscriptions are fed from a
+//! bounded broadcast queue; a slow subscriber lags (and is told), memory stays bounded.
+
+use std::sync::Arc;
+
+use cairn_crypto::{DeviceId, VaultId};
+use std::net::SocketAddr;
+use std::sync::RwLock;
+
+use cairn_registry::{
+    ENTRY_LEN, MemberRecord, Outcome, Registry, RegistryEntry, RegistryError, Revision,
+    RosterChange, decode_roster, encode_roster,
+};
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use tokio::sync::broadcast;
+
+use crate::endpoint::device_id_of;
+use crate::wire::{FrameError, read_frame, write_frame};
+
+pub const REGISTRY_ALPN: &[u8] = b"cairn/registry/1";
+
+const REQ_PUSH: u8 = 0x01;
+const REQ_FETCH_ALL: u8 = 0x02;
+const REQ_SUBSCRIBE: u8 = 0x03;
+const REQ_ROSTER: u8 = 0x04;
+/// A roster of thousands of members with their addresses stays far below this.
+const MAX_ROSTER: usize = 4 << 20;
+const RES_OK: u8 = 0x00;
+const RES_UNCHANGED: u8 = 0x01;
+const RES_REJECTED: u8 = 0x02;
+const EV_ENTRY: u8 = 0x10;
+const EV_LAGGED: u8 = 0x11;
+
+/// Requests are tiny; replies to FetchAll hold one entry per device of a vault.
+const MAX_REQUEST: usize = 1 + 16 + ENTRY_LEN;
+const MAX_REPLY: usize = 1 + 65_536 * ENTRY_LEN;
+const MAX_REASON: usize = 4096;
+/// How many accepted entries a subscriber may fall behind before it lags.
+pub const SUBSCRIBER_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryProtoError {
+    #[error("cannot connect to the peer's registry: {0}")]
+    Connect(String),
+    #[error("registry exchange failed: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the peer refused the request: {0}")]
+    Refused(String),
+    #[error("the peer sent a malformed registry message: {0}")]
+    Malformed(String),
+    #[error("the local registry failed: {0}")]
+    Local(#[from] RegistryError),
+    #[error("the registry task failed: {0}")]
+    Join(String),
+}
+
+/// What the receiving peer did with a pushed entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushResult {
+    Accepted {
+        previous: Option<Revision>,
+    },
+    Unchanged,
+    /// Refused, with the registry's reason (bad signature, not a member, stale, …). Nothing
+    /// changed on the peer.
+    Rejected(String),
+}
+
+fn encode_push_result(r: &PushResult) -> Vec<u8> {
+    match r {
+        PushResult::Accepted { previous: None } => vec![RES_OK, 0],
+        PushResult::Accepted {
+            previous: Some(rev),
+        } => {
+            let mut v = vec![RES_OK, 1];
+            v.extend_from_slice(&rev.0.to_be_bytes());
+            v
+        }
+        PushResult::Unchanged => vec![RES_UNCHANGED],
+        PushResult::Rejected(reason) => rejected(reason),
+    }
+}
+
+fn rejected(reason: &str) -> Vec<u8> {
+    let mut v = vec![RES_REJECTED];
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    v.extend_from_slice(&reason.as_bytes()[..end]);
+    v
+}
+
+fn decode_push_result(b: &[u8]) -> Result<PushResult, RegistryProtoError> {
+    let bad = || RegistryProtoError::Malformed(format!("push reply of {} bytes", b.len()));
+    match b {
+        [RES_OK, 0] => Ok(PushResult::Accepted { previous: None }),
+        [RES_OK, 1, rest @ ..] => {
+            let rev: [u8; 8] = rest.try_into().map_err(|_| bad())?;
+            Ok(PushResult::Accepted {
+                previous: Some(Revision(u64::from_be_bytes(rev))),
+            })
+        }
+        [RES_UNCHANGED] => Ok(PushResult::Unchanged),
+        [RES_REJECTED, reason @ ..] => Ok(PushResult::Rejected(
+            String::from_utf8_lossy(reason).into_owned(),
+        )),
+        _ => Err(bad()),
+    }
+}
+
+/// Serves the registry ALPN from a local [`Registry`]. Clone it freely (shared state).
+#[derive(Debug, Clone)]
+pub struct RegistryProtocol {
+    registry: Arc<Registry>,
+    events: broadcast::Sender<RegistryEntry>,
+    roster_events: broadcast::Sender<RosterChange>,
+    /// This device and the addresses it tells peers to reach it at.
+    local: Arc<RwLock<Option<(DeviceId, Vec<SocketAddr>)>>>,
+}
+
+/// A signed member list plus known addresses, as exchanged between members.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RosterMessage {
+    pub records: Vec<MemberRecord>,
+    pub addrs: Vec<(DeviceId, Vec<SocketAddr>)>,
+}
+
+impl RosterMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        let roster = encode_roster(&self.records);
+        let mut v = Vec::with_capacity(4 + roster.len() + 2 + self.addrs.len() * 64);
+        v.extend_from_slice(&(roster.len() as u32).to_be_bytes());
+        v.extend_from_slice(&roster);
+        let addrs = &self.addrs[..self.addrs.len().min(u16::MAX as usize)];
+        v.extend_from_slice(&(addrs.len() as u16).to_be_bytes());
+        for (d, list) in addrs {
+            v.extend_from_slice(d.as_bytes());
+            let list = &list[..list.len().min(16)];
+            v.push(list.len() as u8);
+            for a in list {
+                let t = a.to_string();
+                v.push(t.len() as u8);
+                v.extend_from_slice(t.as_bytes());
+            }
+        }
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, RegistryProtoError> {
+        let bad = |why: &str| RegistryProtoError::Malformed(format!("roster message: {why}"));
+        let mut r = Reader(b);
+        let n = u32::from_be_bytes(
+            r.take(4)
+                .ok_or_else(|| bad("cut off"))?
+                .try_into()
+                .expect("4"),
+        ) as usize;
+        let records = decode_roster(r.take(n).ok_or_else(|| bad("cut off"))?)?;
+        let count = u16::from_be_bytes(
+            r.take(2)
+                .ok_or_else(|| bad("cut off"))?
+                .try_into()
+                .expect("2"),
+        );
+        let mut addrs = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let d = DeviceId(
+                r.take(32)
+                    .ok_or_else(|| bad("cut off"))?
+                    .try_into()
+                    .expect("32"),
+            );
+            let k = r.take(1).ok_or_else(|| bad("cut off"))?[0];
+            let mut list = Vec::with_capacity(k as usize);
+            for _ in 0..k {
+                let len = r.take(1).ok_or_else(|| bad("cut off"))?[0] as usize;
+                let t = r.take(len).ok_or_else(|| bad("cut off"))?;
+                let a = std::str::from_utf8(t)
+                    .ok()
+                    .and_then(|t| t.parse::<SocketAddr>().ok())
+                    .ok_or_else(|| bad("invalid socket address"))?;
+                list.push(a);
+            }
+            addrs.push((d, list));
+        }
+        if !r.0.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Self { records, addrs })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+}
+
+impl RegistryProtocol {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        let (events, _) = broadcast::channel(SUBSCRIBER_QUEUE);
+        let (roster_events, _) = broadcast::channel(64);
+        Self {
+            registry,
+            events,
+            roster_events,
+            local: Arc::default(),
+        }
+    }
+
+    /// Who this device is and where peers can reach it (sent in roster exchanges).
+    pub fn set_local(&self, device: DeviceId, addrs: Vec<SocketAddr>) {
+        *self.local.write().unwrap_or_else(|p| p.into_inner()) = Some((device, addrs));
+    }
+
+    /// Tells subscribers about an entry already stored locally (this device's own publish,
+    /// which went through the registry's publish loop rather than [`Self::submit`]).
+    pub fn announce(&self, entry: RegistryEntry) {
+        let _ = self.events.send(entry);
+    }
+
+    /// Member list changes made by roster exchanges (in either direction).
+    pub fn roster_events(&self) -> broadcast::Receiver<RosterChange> {
+        self.roster_events.subscribe()
+    }
+
+    /// This device's roster message for `vault`: every record it holds, then the addresses
+    /// it knows (its own first).
+    pub async fn roster_message(
+        &self,
+        vault: VaultId,
+    ) -> Result<RosterMessage, RegistryProtoError> {
+        let registry = self.registry.clone();
+        let local = self.local.read().unwrap_or_else(|p| p.into_inner()).clone();
+        tokio::task::spawn_blocking(move || -> Result<RosterMessage, RegistryError> {
+            let records = registry.roster(&vault)?;
+            let mut addrs = Vec::new();
+            if let Some((d, a)) = &local {
+                addrs.push((*d, a.clone()));
+            }
+            for (d, list) in registry.addrs(&vault)? {
+                if local.as_ref().is_some_and(|(me, _)| *me == d) {
+                    continue;
+                }
+                let list: Vec<SocketAddr> = list.iter().filter_map(|a| a.parse().ok()).collect();
+                if !list.is_empty() {
+                    addrs.push((d, list));
+                }
+            }
+            Ok(RosterMessage { records, addrs })
+        })
+        .await
+        .map_err(|e| RegistryProtoError::Join(e.to_string()))?
+        .map_err(Into::into)
+    }
+
+    /// Merges a roster message received from member `from`: signed records by the roster
+    /// rules; `from`'s own addresses always, others' only where we know none.
+    pub async fn absorb(
+        &self,
+        vault: VaultId,
+        from: DeviceId,
+        msg: RosterMessage,
+    ) -> Result<RosterChange, RegistryProtoError> {
+        let registry = self.registry.clone();
+        let me = self
+            .local
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(d, _)| *d);
+        let change = tokio::task::spawn_blocking(move || -> Result<RosterChange, RegistryError> {
+            let change = registry.merge_roster(&vault, &msg.records)?;
+            let known: std::collections::HashSet<DeviceId> = registry
+                .addrs(&vault)?
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect();
+            for (d, list) in &msg.addrs {
+                if Some(*d) == me || list.is_empty() {
+                    continue;
+                }
+                if *d == from || !known.contains(d) {
+                    let text: Vec<String> = list.iter().map(|a| a.to_string()).collect();
+                    registry.set_addrs(&vault, d, &text)?;
+                }
+            }
+            Ok(change)
+        })
+        .await
+        .map_err(|e| RegistryProtoError::Join(e.to_string()))??;
+        for (device, why) in &change.refused {
+            tracing::debug!(from = %from.short(), device = %device.short(), %why, "refused member record");
+        }
+        if !change.is_empty() {
+            let _ = self.roster_events.send(change.clone());
+        }
+        Ok(change)
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Offers an entry as if a peer pushed it (e.g. one this device just published, or one
+    /// fetched from another peer): stored through `Registry::put`, and broadcast to
+    /// subscribers if accepted.
+    pub async fn submit(&self, entry: RegistryEntry) -> Result<PushResult, RegistryProtoError> {
+        let registry = self.registry.clone();
+        let held = entry.clone();
+        let outcome = tokio::task::spawn_blocking(move || registry.put(&held.vault, &held))
+            .await
+            .map_err(|e| RegistryProtoError::Join(e.to_string()))?;
+        Ok(match outcome {
+            Ok(Outcome::Accepted { previous }) => {
+                // No subscribers is fine.
+                let _ = self.events.send(entry);
+                PushResult::Accepted { previous }
+            }
+            Ok(Outcome::Unchanged) => PushResult::Unchanged,
+            Err(e @ (RegistryError::Db(_) | RegistryError::Busy | RegistryError::Corrupt(_))) => {
+                return Err(e.into());
+            }
+            Err(e) => PushResult::Rejected(e.to_string()),
+        })
+    }
+
+    /// Local subscription to accepted entries (for the engine).
+    pub fn subscribe_local(&self) -> broadcast::Receiver<RegistryEntry> {
+        self.events.subscribe()
+    }
+
+    async fn is_member(
+        &self,
+        vault: VaultId,
+        device: DeviceId,
+    ) -> Result<bool, RegistryProtoError> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.is_member(&vault, &device))
+            .await
+            .map_err(|e| RegistryProtoError::Join(e.to_string()))?
+            .map_err(Into::into)
+    }
+
+    async fn handle_stream(
+        &self,
+        remote: DeviceId,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> Result<(), RegistryProtoError> {
+        let Some(req) = read_frame(&mut recv, MAX_ROSTER).await? else {
+            return Ok(());
+        };
+        let (tag, rest) = req
+            .split_first()
+            .ok_or_else(|| RegistryProtoError::Malformed("empty request".into()))?;
+        if rest.len() < 16 {
+            write_frame(&mut send, &rejected("request too short for a vault id")).await?;
+            return Ok(());
+        }
+        let vault = VaultId(rest[..16].try_into().expect("16 bytes"));
+        let body = &rest[16..];
+        if *tag != REQ_ROSTER && req.len() > MAX_REQUEST {
+            write_frame(&mut send, &rejected("request too large")).await?;
+            return Ok(());
+        }
+        match *tag {
+            REQ_PUSH => {
+                let result = match RegistryEntry::decode(body) {
+                    Err(e) => PushResult::Rejected(e.to_string()),
+                    Ok(entry) if entry.vault != vault => PushResult::Rejected(
+                        RegistryError::WrongVault {
+                            expected: vault,
+                            got: entry.vault,
+                        }
+                        .to_string(),
+                    ),
+                    Ok(entry) => self.submit(entry).await?,
+                };
+                if let PushResult::Rejected(reason) = &result {
+                    tracing::debug!(from = %remote.short(), %reason, "rejected pushed entry");
+                }
+                write_frame(&mut send, &encode_push_result(&result)).await?;
+            }
+            REQ_FETCH_ALL | REQ_SUBSCRIBE | REQ_ROSTER
+                if !self.is_member(vault, remote).await? =>
+            {
+                let msg = format!("device {remote} is not a member of vault {vault}");
+                write_frame(&mut send, &rejected(&msg)).await?;
+            }
+            REQ_FETCH_ALL => {
+                let registry = self.registry.clone();
+                let entries = tokio::task::spawn_blocking(move || registry.list(&vault))
+                    .await
+                    .map_err(|e| RegistryProtoError::Join(e.to_string()))??;
+                let mut reply = Vec::with_capacity(1 + entries.len() * ENTRY_LEN);
+                reply.push(RES_OK);
+                for e in entries.iter().take((MAX_REPLY - 1) / ENTRY_LEN) {
+                    reply.extend_from_slice(&e.encode());
+                }
+                write_frame(&mut send, &reply).await?;
+            }
+            REQ_ROSTER => {
+                let reply = match RosterMessage::decode(body) {
+                    Ok(msg) => {
+                        self.absorb(vault, remote, msg).await?;
+                        let mut r = vec![RES_OK];
+                        r.extend_from_slice(&self.roster_message(vault).await?.encode());
+                        r
+                    }
+                    Err(e) => rejected(&e.to_string()),
+                };
+                write_frame(&mut send, &reply).await?;
+            }
+            REQ_SUBSCRIBE => {
+                let mut rx = self.events.subscribe();
+                write_frame(&mut send, &[RES_OK]).await?;
+                loop {
+                    let frame = tokio::select! {
+                        ev = rx.recv() => match ev {
+                            // A member removed while subscribed gets nothing more.
+                            Ok(_) if !self.is_member(vault, remote).await? => break,
+                            Ok(entry) if entry.vault == vault => {
+                                let mut f = vec![EV_ENTRY];
+                                f.extend_from_slice(&entry.encode());
+                                f
+                            }
+                            Ok(_) => continue,
+                            Err(broadcast::error::RecvError::Lagged(n)) => {
+                                let mut f = vec![EV_LAGGED];
+                                f.extend_from_slice(&n.to_be_bytes());
+                                f
+                            }
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        },
+                        // The subscriber went away.
+                        _ = send.stopped() => break,
+                    };
+                    write_frame(&mut send, &frame).await?;
+                }
+            }
+            other => {
+                write_frame(
+                    &mut send,
+                    &rejected(&format!("unknown request type {other:#04x}")),
+                )
+                .await?;
+            }
+        }
+        let _ = send.finish();
+        Ok(())
+    }
+}
+
+impl ProtocolHandler for RegistryProtocol {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let remote = device_id_of(&conn.remote_id());
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                // Connection closed: normal end.
+                Err(_) => return Ok(()),
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.handle_stream(remote, send, recv).await {
+                    tracing::debug!(from = %remote.short(), "registry stream failed: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Client side of the registry protocol over an established connection (ALPN
+/// [`REGISTRY_ALPN`]).
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    conn: Connection,
+}
+
+impl RegistryClient {
+    /// Connects to `addr` (an `EndpointAddr`, or an id the endpoint can resolve).
+    pub async fn connect(
+        endpoint: &iroh::Endpoint,
+        addr: impl Into<iroh::EndpointAddr>,
+    ) -> Result<Self, RegistryProtoError> {
+        let conn = endpoint
+            .connect(addr, REGISTRY_ALPN)
+            .await
+            .map_err(|e| RegistryProtoError::Connect(e.to_string()))?;
+        Ok(Self { conn })
+    }
+
+    pub fn from_connection(conn: Connection) -> Self {
+        Self { conn }
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    async fn request(
+        &self,
+        tag: u8,
+        vault: &VaultId,
+        body: &[u8],
+    ) -> Result<(SendStream, RecvStream), RegistryProtoError> {
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| {
+            RegistryProtoError::Connect(format!("{e} (refused: is this device a member?)"))
+        })?;
+        let mut req = Vec::with_capacity(1 + 16 + body.len());
+        req.push(tag);
+        req.extend_from_slice(vault.as_bytes());
+        req.extend_from_slice(body);
+        write_frame(&mut send, &req).await?;
+        Ok((send, recv))
+    }
+
+    async fn reply(recv: &mut RecvStream, max: usize) -> Result<Vec<u8>, RegistryProtoError> {
+        read_frame(recv, max)
+            .await?
+            .ok_or_else(|| RegistryProtoError::Malformed("the peer sent no reply".into()))
+    }
+
+    /// Pushes one entry (any bytes: the peer validates) to the peer's registry.
+    pub async fn push_bytes(
+        &self,
+        vault: &VaultId,
+        entry: &[u8],
+    ) -> Result<PushResult, RegistryProtoError> {
+        let (mut send, mut recv) = self.request(REQ_PUSH, vault, entry).await?;
+        let _ = send.finish();
+        decode_push_result(&Self::reply(&mut recv, 2 + MAX_REASON).await?)
+    }
+
+    pub async fn push(&self, entry: &RegistryEntry) -> Result<PushResult, RegistryProtoError> {
+        self.push_bytes(&entry.vault, &entry.encode()).await
+    }
+
+    /// Every current entry the peer holds for `vault`, each verified locally (signature and
+    /// vault) before being returned.
+    pub async fn fetch_all(
+        &self,
+        vault: &VaultId,
+    ) -> Result<Vec<RegistryEntry>, RegistryProtoError> {
+        let (mut send, mut recv) = self.request(REQ_FETCH_ALL, vault, &[]).await?;
+        let _ = send.finish();
+        let reply = Self::reply(&mut recv, MAX_REPLY).await?;
+        match reply.split_first() {
+            Some((&RES_OK, rest)) if rest.len().is_multiple_of(ENTRY_LEN) => rest
+                .chunks_exact(ENTRY_LEN)
+                .map(|b| {
+                    let e = RegistryEntry::decode(b)?;
+                    cairn_registry::check_authentic(vault, &e)?;
+                    Ok(e)
+                })
+                .collect(),
+            Some((&RES_REJECTED, reason)) => Err(RegistryProtoError::Refused(
+                String::from_utf8_lossy(reason).into_owned(),
+            )),
+            _ => Err(RegistryProtoError::Malformed(format!(
+                "fetch-all reply of {} bytes",
+                reply.len()
+            ))),
+        }
+    }
+
+    /// Sends our roster message and returns the peer's (merged with ours on its side).
+    pub async fn exchange_roster(
+        &self,
+        vault: &VaultId,
+        ours: &RosterMessage,
+    ) -> Result<RosterMessage, RegistryProtoError> {
+        let (mut send, mut recv) = self.request(REQ_ROSTER, vault, &ours.encode()).await?;
+        let _ = send.finish();
+        let reply = Self::reply(&mut recv, MAX_ROSTER + 1).await?;
+        match reply.split_first() {
+            Some((&RES_OK, rest)) => RosterMessage::decode(rest),
+            Some((&RES_REJECTED, reason)) => Err(RegistryProtoError::Refused(
+                String::from_utf8_lossy(reason).into_owned(),
+            )),
+            _ => Err(RegistryProtoError::Malformed("roster reply".into())),
+        }
+    }
+
+    /// Subscribes to entries the peer accepts for `vault` from now on.
+    pub async fn subscribe(&self, vault: &VaultId) -> Result<Subscription, RegistryProtoError> {
+        let (send, mut recv) = self.request(REQ_SUBSCRIBE, vault, &[]).await?;
+        let reply = Self::reply(&mut recv, 1 + MAX_REASON).await?;
+        match reply.split_first() {
+            Some((&RES_OK, [])) => Ok(Subscription {
+                vault: *vault,
+                _send: send,
+                recv,
+            }),
+            Some((&RES_REJECTED, reason)) => Err(RegistryProtoError::Refused(
+                String::from_utf8_lossy(reason).into_owned(),
+            )),
+            _ => Err(RegistryProtoError::Malformed("subscribe reply".into())),
+        }
+    }
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionEvent {
+    /// An entry the peer accepted (verified locally: signature and vault).
+    Entry(RegistryEntry),
+    /// This many entries were skipped because we read too slowly; re-fetch all.
+    Lagged(u64),
+}
+
+/// A live subscription; dropping it ends it.
+#[derive(Debug)]
+pub struct Subscription {
+    vault: VaultId,
+    _send: SendStream,
+    recv: RecvStream,
+}
+
+impl Subscription {
+    /// The next event, or `Ok(None)` when the peer ended the subscription.
+    pub async fn next(&mut self) -> Result<Option<SubscriptionEvent>, RegistryProtoError> {
+        let Some(frame) = read_frame(&mut self.recv, 1 + ENTRY_LEN).await? else {
+            return Ok(None);
+        };
+        match frame.split_first() {
+            Some((&EV_ENTRY, body)) => {
+                let e = RegistryEntry::decode(body)?;
+                cairn_registry::check_authentic(&self.vault, &e)?;
+                Ok(Some(SubscriptionEvent::Entry(e)))
+            }
+            Some((&EV_LAGGED, n)) if n.len() == 8 => Ok(Some(SubscriptionEvent::Lagged(
+                u64::from_be_bytes(n.try_into().expect("8 bytes")),
+            ))),
+            _ => Err(RegistryProtoError::Malformed("subscription event".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roster_message_round_trip() {
+        let k = cairn_crypto::DeviceKey::generate();
+        let v = VaultId([3; 16]);
+        let msg = RosterMessage {
+            records: vec![MemberRecord::add(&k, v, k.device_id(), "age1x".into(), 4)],
+            addrs: vec![(
+                k.device_id(),
+                vec![
+                    "127.0.0.1:4000".parse().unwrap(),
+                    "[::1]:9".parse().unwrap(),
+                ],
+            )],
+        };
+        let b = msg.encode();
+        assert_eq!(RosterMessage::decode(&b).unwrap(), msg);
+        for n in 0..b.len() {
+            assert!(RosterMessage::decode(&b[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn push_result_round_trip() {
+        for r in [
+            PushResult::Accepted { previous: None },
+            PushResult::Accepted {
+                previous: Some(Revision(7)),
+            },
+            PushResult::Unchanged,
+            PushResult::Rejected("nope ✓".into()),
+        ] {
+            assert_eq!(decode_push_result(&encode_push_result(&r)).unwrap(), r);
+        }
+        assert!(decode_push_result(&[9]).is_err());
+        let long = "é".repeat(MAX_REASON);
+        assert!(rejected(&long).len() <= 1 + MAX_REASON);
+    }
+}

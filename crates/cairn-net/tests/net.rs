@@ -1,0 +1,593 @@
+//! End-to-end tests: several endpoints in one process, loopback only (`NetConfig::loopback`:
+//! no relays, no address lookup, no port mapping, bound to 127.0.0.1).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_crypto::{DeviceId, DeviceKey, VaultId, VaultSecret};
+use cairn_net::{
+    BlobService, EndpointAddr, Members, NetConfig, PAIR_ALPN, PairError, Pairing, PairingEvent,
+    PairingProtocol, PushResult, REGISTRY_ALPN, RegistryClient, RegistryProtocol, Router,
+    SubscriptionEvent, Ticket, TicketError, bind_endpoint, join,
+};
+use cairn_registry::{Payload, Registry, RegistryEntry, Revision};
+use cairn_store::{BlobStore, ChunkId, Durability};
+use iroh::Endpoint;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Node {
+    key: DeviceKey,
+    endpoint: Endpoint,
+    router: Router,
+    members: Members,
+    registry: RegistryProtocol,
+    blobs: BlobService,
+    pairing: Pairing,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn spawn(secret: &VaultSecret, members: &[DeviceId], key: DeviceKey) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = secret.vault_id();
+        let registry = Registry::open(dir.path().join("registry.sqlite")).unwrap();
+        for m in members {
+            registry.add_member(&vault, m).unwrap();
+        }
+        let members = Members::new(members.iter().copied());
+        let roster = vec![cairn_net::MemberInfo {
+            device: key.device_id(),
+            age_recipient: format!("age1-{}", key.device_id().short()),
+        }];
+        let pairing = Pairing::new(secret.clone(), roster, members.clone());
+        let endpoint = bind_endpoint(
+            &key,
+            NetConfig::loopback(),
+            members.clone(),
+            Some(pairing.clone()),
+        )
+        .await
+        .unwrap();
+        for s in endpoint.bound_sockets() {
+            assert!(s.ip().is_loopback(), "bound to {s}");
+        }
+        let store = Arc::new(BlobStore::open(dir.path().join("blobs")).unwrap());
+        let blobs = BlobService::open(&dir.path().join("serve-index"), store, members.clone())
+            .await
+            .unwrap();
+        let registry = RegistryProtocol::new(Arc::new(registry));
+        let router = Router::builder(endpoint.clone())
+            .accept(REGISTRY_ALPN, registry.clone())
+            .accept(iroh_blobs::ALPN, blobs.protocol())
+            .accept(PAIR_ALPN, PairingProtocol::new(pairing.clone(), &endpoint))
+            .spawn();
+        Node {
+            key,
+            endpoint,
+            router,
+            members,
+            registry,
+            blobs,
+            pairing,
+            _dir: dir,
+        }
+    }
+
+    fn id(&self) -> DeviceId {
+        self.key.device_id()
+    }
+
+    fn addr(&self) -> EndpointAddr {
+        self.endpoint.addr()
+    }
+
+    async fn shutdown(self) {
+        let _ = self.router.shutdown().await;
+    }
+}
+
+async fn trio() -> (VaultSecret, Node, Node, Node) {
+    let secret = VaultSecret::generate();
+    let keys = [
+        DeviceKey::generate(),
+        DeviceKey::generate(),
+        DeviceKey::generate(),
+    ];
+    let ids: Vec<DeviceId> = keys.iter().map(|k| k.device_id()).collect();
+    let [a, b, c] = keys;
+    let a = Node::spawn(&secret, &ids, a).await;
+    let b = Node::spawn(&secret, &ids, b).await;
+    let c = Node::spawn(&secret, &ids, c).await;
+    (secret, a, b, c)
+}
+
+fn entry(key: &DeviceKey, vault: VaultId, rev: u64, payload: u8) -> RegistryEntry {
+    RegistryEntry::sign(key, vault, Revision(rev), Payload([payload; 32]))
+}
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_fetch_and_subscribe() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+
+    // C subscribes to B; A pushes to B; C must see it.
+    let c_to_b = within("connect", RegistryClient::connect(&c.endpoint, b.addr()))
+        .await
+        .unwrap();
+    let mut sub = within("subscribe", c_to_b.subscribe(&vault)).await.unwrap();
+
+    let a_to_b = within("connect", RegistryClient::connect(&a.endpoint, b.addr()))
+        .await
+        .unwrap();
+    let e1 = entry(&a.key, vault, 1, 1);
+    assert_eq!(
+        within("push", a_to_b.push(&e1)).await.unwrap(),
+        PushResult::Accepted { previous: None }
+    );
+    assert_eq!(
+        b.registry.registry().get(&vault, &a.id()).unwrap(),
+        Some(e1.clone())
+    );
+    match within("event", sub.next()).await.unwrap() {
+        Some(SubscriptionEvent::Entry(e)) => assert_eq!(e, e1),
+        other => panic!("expected the pushed entry, got {other:?}"),
+    }
+
+    // Replay is harmless, a newer revision replaces, a stale one is refused with a reason.
+    assert_eq!(a_to_b.push(&e1).await.unwrap(), PushResult::Unchanged);
+    let e2 = entry(&a.key, vault, 2, 2);
+    assert_eq!(
+        a_to_b.push(&e2).await.unwrap(),
+        PushResult::Accepted {
+            previous: Some(Revision(1))
+        }
+    );
+    match within("event", sub.next()).await.unwrap() {
+        Some(SubscriptionEvent::Entry(e)) => assert_eq!(e, e2),
+        other => panic!("expected the second entry, got {other:?}"),
+    }
+    let stale = entry(&a.key, vault, 1, 9);
+    match a_to_b.push(&stale).await.unwrap() {
+        PushResult::Rejected(reason) => assert!(reason.contains("stale"), "{reason}"),
+        other => panic!("stale entry: {other:?}"),
+    }
+
+    // Local submissions (this device's own publishes) reach subscribers too.
+    let eb = entry(&b.key, vault, 1, 3);
+    assert!(matches!(
+        b.registry.submit(eb.clone()).await.unwrap(),
+        PushResult::Accepted { .. }
+    ));
+    match within("event", sub.next()).await.unwrap() {
+        Some(SubscriptionEvent::Entry(e)) => assert_eq!(e, eb),
+        other => panic!("expected B's own entry, got {other:?}"),
+    }
+
+    let mut all = within("fetch", c_to_b.fetch_all(&vault)).await.unwrap();
+    all.sort_by_key(|e| e.device);
+    let mut want = vec![e2, eb];
+    want.sort_by_key(|e| e.device);
+    assert_eq!(all, want);
+
+    drop(sub);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_garbage_entries_are_rejected() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+    let client = RegistryClient::connect(&a.endpoint, b.addr())
+        .await
+        .unwrap();
+    let reason = |r: PushResult| match r {
+        PushResult::Rejected(reason) => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+
+    let garbage = reason(client.push_bytes(&vault, b"not an entry").await.unwrap());
+    assert!(garbage.contains("registry entry"), "{garbage}");
+    let mut short = entry(&a.key, vault, 5, 5).encode().to_vec();
+    short.truncate(100);
+    let short = reason(client.push_bytes(&vault, &short).await.unwrap());
+    assert!(short.contains("expected 153"), "{short}");
+
+    let mut forged = entry(&a.key, vault, 5, 5).encode();
+    forged[60] ^= 1; // inside the signed payload
+    let forged = reason(client.push_bytes(&vault, &forged).await.unwrap());
+    assert!(forged.contains("does not verify"), "{forged}");
+
+    let outsider = DeviceKey::generate();
+    let stranger = reason(client.push(&entry(&outsider, vault, 1, 1)).await.unwrap());
+    assert!(stranger.contains("not a member"), "{stranger}");
+
+    let other_vault = VaultSecret::generate().vault_id();
+    let wrong = reason(
+        client
+            .push_bytes(&vault, &entry(&a.key, other_vault, 1, 1).encode())
+            .await
+            .unwrap(),
+    );
+    assert!(wrong.contains("vault"), "{wrong}");
+
+    assert!(b.registry.registry().list(&vault).unwrap().is_empty());
+    assert!(client.fetch_all(&vault).await.unwrap().is_empty());
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_members_are_refused_on_every_alpn() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+    // A stranger: its own vault, knows nobody.
+    let stranger = Node::spawn(&secret, &[], DeviceKey::generate()).await;
+
+    let id = a
+        .blobs
+        .blob_store()
+        .put(b"members only", Durability::Immediate)
+        .unwrap();
+
+    // Registry: the connection is closed right after the handshake.
+    let res = within("registry", async {
+        let client = RegistryClient::connect(&stranger.endpoint, a.addr()).await?;
+        client.push(&entry(&stranger.key, vault, 1, 1)).await
+    })
+    .await;
+    assert!(res.is_err(), "stranger push got {res:?}");
+    assert!(a.registry.registry().list(&vault).unwrap().is_empty());
+
+    // Blobs.
+    let res = within(
+        "blobs",
+        stranger.blobs.fetch_from(&stranger.endpoint, a.addr(), id),
+    )
+    .await;
+    assert!(res.is_err(), "stranger fetched a blob");
+    assert!(!stranger.blobs.blob_store().has(&id).unwrap());
+
+    // Pairing with no pending invitation.
+    let ticket = Ticket {
+        inviter: a.id(),
+        addrs: a.addr().ip_addrs().copied().collect(),
+        vault,
+        token: [7; 32],
+        expires_at: u64::MAX,
+    };
+    let res = within("pair", join(&stranger.endpoint, &ticket, "age1x")).await;
+    assert!(
+        matches!(res, Err(PairError::Refused(_) | PairError::Connect(_))),
+        "{res:?}"
+    );
+    assert!(!a.members.contains(&stranger.id()));
+
+    // A member on the same nodes still gets through.
+    within("member blob", b.blobs.fetch_from(&b.endpoint, a.addr(), id))
+        .await
+        .unwrap();
+    for n in [a, b, c, stranger] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_invite_join_reuse_expiry() {
+    let secret = VaultSecret::generate();
+    let ka = DeviceKey::generate();
+    let a = Node::spawn(&secret, &[ka.device_id()], ka).await;
+    // The joiner knows no vault yet.
+    let j = Node::spawn(&VaultSecret::generate(), &[], DeviceKey::generate()).await;
+    let mut events = a.pairing.events();
+
+    let inv = a.pairing.invite(&a.endpoint, Duration::from_secs(600));
+    let text = inv.ticket.to_string();
+    let ticket: Ticket = text.parse().unwrap();
+    let got = within("join", join(&j.endpoint, &ticket, "age1joiner"))
+        .await
+        .unwrap();
+    assert_eq!(got.vault_secret.as_bytes(), secret.as_bytes());
+    assert_eq!(got.inviter, a.id());
+    let devices: Vec<DeviceId> = got.members.iter().map(|m| m.device).collect();
+    assert!(
+        devices.contains(&a.id()) && devices.contains(&j.id()),
+        "{devices:?}"
+    );
+    assert!(
+        got.members
+            .iter()
+            .any(|m| m.device == j.id() && m.age_recipient == "age1joiner")
+    );
+    assert!(a.members.contains(&j.id()));
+    match within("event", events.recv()).await.unwrap() {
+        PairingEvent::Joined(joined) => assert_eq!(joined.device, j.id()),
+        other => panic!("{other:?}"),
+    }
+
+    // Reuse: with no live invitation the pairing ALPN is closed to strangers…
+    let stranger = Node::spawn(&VaultSecret::generate(), &[], DeviceKey::generate()).await;
+    let res = within("reuse", join(&stranger.endpoint, &ticket, "age1s")).await;
+    assert!(matches!(res, Err(PairError::Refused(_))), "{res:?}");
+    // …and with another invitation pending the inviter says exactly why.
+    let _other = a.pairing.invite(&a.endpoint, Duration::from_secs(600));
+    let res = within("reuse", join(&stranger.endpoint, &ticket, "age1s")).await;
+    assert_eq!(res.unwrap_err(), PairError::AlreadyUsed);
+    match within("event", events.recv()).await.unwrap() {
+        PairingEvent::Refused { device, error } => {
+            assert_eq!(device, stranger.id());
+            assert_eq!(error, PairError::AlreadyUsed);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A wrong token.
+    let mut wrong = ticket.clone();
+    wrong.token = [1; 32];
+    let res = within("wrong", join(&stranger.endpoint, &wrong, "age1s")).await;
+    assert_eq!(res.unwrap_err(), PairError::UnknownToken);
+    assert!(!a.members.contains(&stranger.id()));
+
+    // Expiry: refused locally by the joiner, and by the inviter even if the joiner lies
+    // about the expiry.
+    let short = a.pairing.invite(&a.endpoint, Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let res = join(&stranger.endpoint, &short.ticket, "age1s").await;
+    assert_eq!(res.unwrap_err(), PairError::Expired);
+    let mut lying = short.ticket.clone();
+    lying.expires_at = u64::MAX;
+    let res = within("expired", join(&stranger.endpoint, &lying, "age1s")).await;
+    assert_eq!(res.unwrap_err(), PairError::Expired);
+    assert!(!a.members.contains(&stranger.id()));
+
+    // Malformed ticket strings give a clear error.
+    let err = "cairn1zzzz!".parse::<Ticket>().unwrap_err();
+    assert_eq!(err, TicketError::Encoding);
+    let mut mangled = text.clone();
+    mangled.truncate(text.len() - 3);
+    let err = mangled.parse::<Ticket>().unwrap_err();
+    assert!(
+        matches!(err, TicketError::Checksum | TicketError::Encoding),
+        "{err}"
+    );
+    assert!(PairError::from(err).to_string().contains("copying"));
+
+    for n in [a, j, stranger] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_fetch_verified_missing_and_tampered() {
+    let (_secret, a, b, c) = trio().await;
+    let mut data = vec![0u8; 5 * 1024 * 1024];
+    blake3::Hasher::new()
+        .update(b"cairn-net blob test")
+        .finalize_xof()
+        .fill(&mut data);
+    let id = a
+        .blobs
+        .blob_store()
+        .put(&data, Durability::Immediate)
+        .unwrap();
+    b.blobs
+        .blob_store()
+        .put(&data, Durability::Immediate)
+        .unwrap();
+
+    // C fetches from A: byte-identical, verified by the store's own re-hash.
+    within("fetch", c.blobs.fetch_from(&c.endpoint, a.addr(), id))
+        .await
+        .unwrap();
+    assert_eq!(c.blobs.blob_store().get(&id).unwrap(), data);
+
+    // A hash nobody has: a clean error, nothing stored.
+    let missing = ChunkId::of(b"nobody has this");
+    let err = within(
+        "missing",
+        c.blobs.fetch_from(&c.endpoint, a.addr(), missing),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains(&missing.to_hex()), "{err}");
+    assert!(!c.blobs.blob_store().has(&missing).unwrap());
+
+    // Tamper with A's copy in place (A already indexed it for serving, so it will stream the
+    // changed bytes under the original hash). A fresh node must reject A's data and get the
+    // blob from B instead.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.blobs.blob_store().path_of(&id))
+            .unwrap();
+        f.seek(SeekFrom::Start(3 * 1024 * 1024 + 17)).unwrap();
+        f.write_all(b"tampered").unwrap();
+        f.sync_all().unwrap();
+    }
+    let d_key = DeviceKey::generate();
+    let d = Node::spawn(&_secret, &[], d_key).await;
+    a.members.insert(d.id());
+    b.members.insert(d.id());
+    let err = within("tampered", d.blobs.fetch_from(&d.endpoint, a.addr(), id))
+        .await
+        .unwrap_err();
+    assert!(
+        !d.blobs.blob_store().has(&id).unwrap(),
+        "stored tampered data: {err}"
+    );
+    let from = within(
+        "fallback",
+        d.blobs
+            .fetch_from_any(&d.endpoint, &[a.addr(), b.addr()], id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(from, b.id());
+    assert_eq!(d.blobs.blob_store().get(&id).unwrap(), data);
+
+    for n in [a, b, c, d] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roster_exchange_spreads_members_and_addresses() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+    // A signs the founder record and B in; C will hear about them only through B.
+    let founder = cairn_registry::MemberRecord::add(&a.key, vault, a.id(), "age1a".into(), 1);
+    let add_b = cairn_registry::MemberRecord::add(&a.key, vault, b.id(), "age1b".into(), 2);
+    a.registry
+        .registry()
+        .merge_roster(&vault, &[founder.clone(), add_b.clone()])
+        .unwrap();
+    let new_dev = DeviceKey::generate().device_id();
+    let add_new = cairn_registry::MemberRecord::add(&a.key, vault, new_dev, "age1n".into(), 3);
+    a.registry
+        .registry()
+        .merge_roster(&vault, &[add_new])
+        .unwrap();
+    a.registry.set_local(a.id(), a.endpoint.bound_sockets());
+
+    // B asks A: B now holds A's three records and A's address.
+    let mut events = b.registry.roster_events();
+    let b_to_a = within("connect", RegistryClient::connect(&b.endpoint, a.addr()))
+        .await
+        .unwrap();
+    let ours = b.registry.roster_message(vault).await.unwrap();
+    let theirs = within("exchange", b_to_a.exchange_roster(&vault, &ours))
+        .await
+        .unwrap();
+    let change = b.registry.absorb(vault, a.id(), theirs).await.unwrap();
+    assert_eq!(change.added, vec![new_dev], "{change:?}");
+    assert!(b.registry.registry().is_member(&vault, &new_dev).unwrap());
+    assert_eq!(within("event", events.recv()).await.unwrap(), change);
+    let addrs = b.registry.registry().addrs(&vault).unwrap();
+    let a_addrs = &addrs.iter().find(|(d, _)| *d == a.id()).unwrap().1;
+    assert_eq!(
+        a_addrs,
+        &a.endpoint
+            .bound_sockets()
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    );
+
+    // A removal signed by A travels the same way and wins over the earlier addition.
+    let rm = cairn_registry::MemberRecord::remove(&a.key, vault, new_dev, 4);
+    a.registry.registry().merge_roster(&vault, &[rm]).unwrap();
+    let theirs = b_to_a
+        .exchange_roster(&vault, &b.registry.roster_message(vault).await.unwrap())
+        .await
+        .unwrap();
+    let change = b.registry.absorb(vault, a.id(), theirs).await.unwrap();
+    assert_eq!(change.removed, vec![new_dev]);
+    assert!(!b.registry.registry().is_member(&vault, &new_dev).unwrap());
+
+    // A forged record (signed by a non-member) is dropped on the receiving side.
+    let stranger = DeviceKey::generate();
+    let forged = cairn_registry::MemberRecord::add(
+        &stranger,
+        vault,
+        stranger.device_id(),
+        "age1s".into(),
+        5,
+    );
+    let msg = cairn_net::RosterMessage {
+        records: vec![forged],
+        addrs: vec![],
+    };
+    let c_to_a = RegistryClient::connect(&c.endpoint, a.addr())
+        .await
+        .unwrap();
+    c_to_a.exchange_roster(&vault, &msg).await.unwrap();
+    assert!(
+        !a.registry
+            .registry()
+            .is_member(&vault, &stranger.device_id())
+            .unwrap()
+    );
+
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_still_converges() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+    let b_to_a = RegistryClient::connect(&b.endpoint, a.addr())
+        .await
+        .unwrap();
+    let mut sub = within("subscribe", b_to_a.subscribe(&vault)).await.unwrap();
+    // More accepted entries than the server's per-subscriber queue, without reading any:
+    // the server either forwards them (QUIC flow control bounds what is buffered) or tells
+    // the subscriber it lagged; it never queues without bound.
+    let n = cairn_net::registry_proto::SUBSCRIBER_QUEUE as u64 + 200;
+    for rev in 1..=n {
+        let e = entry(&c.key, vault, rev, (rev % 251) as u8);
+        a.registry.submit(e).await.unwrap();
+    }
+    let mut newest = 0;
+    loop {
+        match within("event", sub.next()).await.unwrap() {
+            Some(SubscriptionEvent::Lagged(k)) => {
+                assert!(k > 0);
+                // What a lagging subscriber does: refetch the current heads.
+                let all = b_to_a.fetch_all(&vault).await.unwrap();
+                newest = all.iter().map(|e| e.revision.0).max().unwrap_or(0);
+            }
+            Some(SubscriptionEvent::Entry(e)) => {
+                assert!(e.revision.0 > newest || e.revision.0 <= n, "out of range");
+                newest = newest.max(e.revision.0);
+            }
+            None => panic!("subscription ended"),
+        }
+        if newest == n {
+            break;
+        }
+    }
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_stops_receiving_and_cannot_reconnect() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+    let b_to_a = RegistryClient::connect(&b.endpoint, a.addr())
+        .await
+        .unwrap();
+    let mut sub = within("subscribe", b_to_a.subscribe(&vault)).await.unwrap();
+    a.registry
+        .registry()
+        .remove_member(&vault, &b.id())
+        .unwrap();
+    a.members.remove(&b.id());
+    a.registry.submit(entry(&c.key, vault, 1, 1)).await.unwrap();
+    // The open subscription ends instead of delivering the entry.
+    match within("end of subscription", sub.next()).await {
+        Ok(None) | Err(_) => {}
+        Ok(Some(ev)) => panic!("a removed member still received {ev:?}"),
+    }
+    // And a fresh connection is refused on every request.
+    let again = RegistryClient::connect(&b.endpoint, a.addr()).await;
+    if let Ok(client) = again {
+        assert!(within("fetch", client.fetch_all(&vault)).await.is_err());
+    }
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}

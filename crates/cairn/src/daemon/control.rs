@@ -1,0 +1,174 @@
+//! The running daemon's control socket (`<vault dir>/run/control.sock`, mode 0600), through
+//! which `cairn invite`, `cairn peers` and `cairn remove-device` reach the live endpoint.
+//!
+//! One request per connection, one line each way (then EOF): `invite SECONDS`, `peers`,
+//! `remove DEVICE_HEX`. Replies start with `ok` or `err`; `peers` answers one line per
+//! member: `DEVICE CONNECTED(0|1) LAST_CONTACT_MS(-) ADDRS(,-separated or -)`.
+//! Only the owner can connect (file mode), which is also who owns the vault's keys.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cairn_crypto::DeviceId;
+
+use super::net::{Inner, PeerStatus};
+
+pub fn socket_path(vault_dir: &Path) -> PathBuf {
+    vault_dir.join("run").join("control.sock")
+}
+
+/// Serves the control socket until dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlServer {
+    pub fn start(vault_dir: &Path, net: Arc<Inner>) -> Result<Self> {
+        let path = socket_path(vault_dir);
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        // A socket left by a daemon that died is just a file; a live one answers.
+        if UnixStream::connect(&path).is_ok() {
+            bail!(
+                "another cairn daemon serves this vault (control socket {} answers); stop it first",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cairn-control".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                            if let Err(e) = handle(stream, &net) {
+                                tracing::debug!(error = %e, "control request failed");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control socket accept failed");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            path,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn handle(stream: UnixStream, net: &Arc<Inner>) -> Result<()> {
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let reply = match (words.next(), words.next()) {
+        (Some("invite"), secs) => {
+            let ttl = secs.and_then(|s| s.parse::<u64>().ok()).unwrap_or(600);
+            let inv = net
+                .pairing
+                .invite(&net.endpoint, Duration::from_secs(ttl.max(1)));
+            format!("ok {}\n", inv.ticket)
+        }
+        (Some("peers"), _) => {
+            let mut out = String::from("ok\n");
+            for p in net.peer_status() {
+                out.push_str(&peer_line(&p));
+            }
+            out
+        }
+        (Some("remove"), Some(dev)) => match resolve_device(net, dev) {
+            Ok(d) => match net.remove_member(d) {
+                Ok(()) => format!("ok {d}\n"),
+                Err(e) => format!("err {e:#}\n"),
+            },
+            Err(e) => format!("err {e:#}\n"),
+        },
+        _ => "err unknown request\n".to_string(),
+    };
+    (&stream).write_all(reply.as_bytes())?;
+    Ok(())
+}
+
+fn peer_line(p: &PeerStatus) -> String {
+    format!(
+        "{} {} {} {}\n",
+        p.device,
+        u8::from(p.connected),
+        p.last_contact_ms
+            .map_or_else(|| "-".to_string(), |t| t.to_string()),
+        if p.addrs.is_empty() {
+            "-".to_string()
+        } else {
+            p.addrs.join(",")
+        }
+    )
+}
+
+/// A full device id, or an unambiguous hex prefix of a member's.
+fn resolve_device(net: &Inner, text: &str) -> Result<DeviceId> {
+    let members = net.hub.device.registry.members(&net.vault)?;
+    resolve_among(&members, text)
+}
+
+fn resolve_among(members: &[DeviceId], text: &str) -> Result<DeviceId> {
+    let text = text.trim().to_ascii_lowercase();
+    let hits: Vec<&DeviceId> = members
+        .iter()
+        .filter(|d| d.to_string().starts_with(&text))
+        .collect();
+    match hits.as_slice() {
+        [one] if !text.is_empty() => Ok(**one),
+        [] => bail!("no member's device id starts with {text:?}; see `cairn peers`"),
+        _ => bail!("{text:?} matches several devices; give more characters of the id"),
+    }
+}
+
+/// Sends one request to the daemon of `vault_dir`; `Ok(None)` if no daemon runs.
+pub fn request(vault_dir: &Path, line: &str) -> Result<Option<String>> {
+    let path = socket_path(vault_dir);
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(_) => return Ok(None),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    (&stream).write_all(format!("{line}\n").as_bytes())?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut &stream, &mut reply)
+        .context("reading the daemon's reply")?;
+    if let Some(err) = reply.strip_prefix("err ") {
+        bail!("{}", err.trim());
+    }
+    Ok(Some(reply.strip_prefix("ok").unwrap_or(&reply).to_string()))
+}

@@ -1,0 +1,162 @@
+//! The one place that knows what must follow a change of the engine's state: the mount's base
+//! shows the new state, the kernel forgets what it cached for changed paths, and a new
+//! snapshot is announced to connected peers. Both writers of the engine go through it: the
+//! mount's flush (local edits) and the network's sync worker (merged peer snapshots).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+
+use cairn_fuse::Invalidator;
+use cairn_registry::RegistryEntry;
+use cairn_tree::{DiffEntry, NodeId};
+use cairn_vault::{EntryKey, PublishReport, Vault, VaultError};
+
+use super::base::VaultBase;
+use super::device::Device;
+use super::sink::view_of;
+
+/// Beyond this many changed paths one "drop everything" is cheaper than one notification
+/// per path.
+const INVALIDATE_ALL_OVER: usize = 2_000;
+
+type Announce = Arc<dyn Fn(RegistryEntry) + Send + Sync>;
+
+pub struct Hub {
+    pub device: Arc<Device>,
+    base: Option<Arc<VaultBase>>,
+    invalidator: Mutex<Option<Invalidator>>,
+    announce: RwLock<Option<Announce>>,
+    /// Paths a merged peer snapshot changed since the mount last flushed. A local edit of one
+    /// of them may have been made on top of the content the peer replaced; the flush keeps
+    /// such an edit as a conflict copy instead of silently overwriting the peer's version.
+    peer_touched: Mutex<HashSet<String>>,
+}
+
+/// Beyond this many remembered peer changes the set is dropped (memory stays bounded; the
+/// rare edit racing one of them is then resolved by version order alone).
+const PEER_TOUCHED_MAX: usize = 100_000;
+
+impl Hub {
+    pub fn new(device: Arc<Device>, base: Option<Arc<VaultBase>>) -> Self {
+        Self {
+            device,
+            base,
+            invalidator: Mutex::new(None),
+            announce: RwLock::new(None),
+            peer_touched: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn set_invalidator(&self, inv: Option<Invalidator>) {
+        *self.invalidator.lock().unwrap_or_else(|e| e.into_inner()) = inv;
+    }
+
+    pub fn set_announcer(&self, f: Option<Announce>) {
+        *self.announce.write().unwrap_or_else(|e| e.into_inner()) = f;
+    }
+
+    /// Makes every blob written so far durable, publishes the engine's state, and tells
+    /// peers. The caller holds the engine lock.
+    pub fn publish(&self, vault: &mut Vault, now_ms: u64) -> Result<PublishReport, VaultError> {
+        self.device.blobs.sync()?;
+        let report = vault.publish(&self.device.registry, now_ms)?;
+        let announce = self
+            .announce
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(announce) = announce {
+            match self
+                .device
+                .registry
+                .get(&self.device.vault_id, &self.device.device_id)
+            {
+                Ok(Some(entry)) => announce(entry),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read back the published entry"),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Takes the set of paths peers changed since the last call (see `peer_touched`).
+    pub fn take_peer_touched(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.peer_touched.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Drops the kernel's caches for these paths (content the mount showed changed under it).
+    pub fn invalidate(&self, paths: &[String]) {
+        let inv = self
+            .invalidator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(inv) = inv {
+            inv.base_changed(paths);
+        }
+    }
+
+    /// Shows the engine's current state in the mount. With `changed_from`, the kernel's
+    /// caches for every path that differs from that older root are dropped too (changes
+    /// that did not come through the mount itself).
+    pub fn show(&self, vault: &Vault, changed_from: Option<NodeId>) {
+        let Some(base) = &self.base else {
+            return;
+        };
+        base.set_view(view_of(vault.source()));
+        let Some(old) = changed_from else {
+            return;
+        };
+        let new = vault.root();
+        if old == new {
+            return;
+        }
+        let mut paths = Vec::new();
+        let mut all = false;
+        for d in vault.stores().tree.diff(&old, &new) {
+            match d {
+                Ok(d) => {
+                    if paths.len() >= INVALIDATE_ALL_OVER {
+                        all = true;
+                        break;
+                    }
+                    if let Some(p) = path_of_key(&d) {
+                        paths.push(p);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list changed paths; dropping all kernel caches");
+                    all = true;
+                    break;
+                }
+            }
+        }
+        {
+            let mut touched = self.peer_touched.lock().unwrap_or_else(|e| e.into_inner());
+            if all || touched.len() + paths.len() > PEER_TOUCHED_MAX {
+                touched.clear();
+            } else {
+                touched.extend(paths.iter().cloned());
+            }
+        }
+        let inv = self
+            .invalidator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(inv) = inv else {
+            return;
+        };
+        if all {
+            inv.invalidate_all();
+        } else {
+            inv.base_changed(&paths);
+        }
+    }
+}
+
+fn path_of_key(d: &DiffEntry) -> Option<String> {
+    EntryKey::from_bytes(d.key())
+        .ok()
+        .map(|k| k.path.as_str().to_string())
+}

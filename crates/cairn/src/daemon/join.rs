@@ -1,0 +1,104 @@
+//! `cairn join`: becoming a member of an existing vault with a ticket from `cairn invite`.
+//!
+//! The new device makes its keys, proves the ticket's token to the inviter over an
+//! authenticated connection (see `cairn_net::pairing`), receives the vault secret, and pulls
+//! the signed member list before anything is written to disk as a vault: a failed join
+//! leaves no half-made vault behind.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use cairn_crypto::{AgeIdentity, DeviceKey};
+use cairn_net::{
+    EndpointAddr, Members, NetConfig, RegistryClient, RegistryProtocol, Ticket, bind_endpoint,
+    endpoint_id_of, join,
+};
+use cairn_registry::Registry;
+
+use super::net::NetSettings;
+use crate::state::{VaultState, vault_dir};
+
+pub fn join_vault(
+    data_dir: &Path,
+    name: &str,
+    ticket_text: &str,
+    settings: NetSettings,
+) -> Result<VaultState> {
+    let ticket: Ticket = ticket_text
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = vault_dir(data_dir, name);
+    if dir.join("vault.secret").exists() {
+        bail!(
+            "a vault named {name:?} already exists on this device ({}); join into another one with `--vault NAME`",
+            dir.display()
+        );
+    }
+    if ticket.is_expired() {
+        bail!("this ticket has expired; ask for a new one with `cairn invite` on a member device");
+    }
+    let device = DeviceKey::generate();
+    let age = AgeIdentity::generate();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    let (secret, members, roster) = rt.block_on(async {
+        let endpoint = bind_endpoint(
+            &device,
+            NetConfig {
+                bind: settings.bind,
+                relays: settings.relays,
+            },
+            Members::new([ticket.inviter]),
+            None,
+        )
+        .await
+        .context("starting the network endpoint")?;
+        let result = join(&endpoint, &ticket, &age.recipient().to_string())
+            .await
+            .map_err(|e| anyhow::anyhow!("joining failed: {e}"))?;
+        if result.vault_secret.vault_id() != ticket.vault {
+            bail!(
+                "the inviter sent the secret of another vault than the ticket names; refusing it"
+            );
+        }
+        // The signed member list, with our own record that the inviter just signed.
+        let addr = ticket.addrs.iter().fold(
+            EndpointAddr::new(endpoint_id_of(&ticket.inviter)?),
+            |a, s| a.with_ip_addr(*s),
+        );
+        let client = RegistryClient::connect(&endpoint, addr)
+            .await
+            .context("connecting to the inviter's registry")?;
+        let roster = client
+            .exchange_roster(&ticket.vault, &Default::default())
+            .await
+            .context("fetching the member list from the inviter")?;
+        endpoint.close().await;
+        Ok((result.vault_secret, result.members, roster))
+    })?;
+
+    let state = VaultState::create_with(data_dir, name, secret, device, age)?;
+    let registry = Arc::new(
+        Registry::open(state.dir.join("registry.sqlite"))
+            .with_context(|| format!("opening the registry in {}", state.dir.display()))?,
+    );
+    let vault = state.secret.vault_id();
+    // The inviter authenticated itself as the ticket's device and vouches for these members;
+    // their signed records (in `roster`) are checked against this list.
+    for m in &members {
+        registry.add_member(&vault, &m.device)?;
+    }
+    registry.add_member(&vault, &state.device.device_id())?;
+    let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
+    registry.set_addrs(&vault, &ticket.inviter, &addrs)?;
+    let proto = RegistryProtocol::new(registry);
+    proto.set_local(state.device.device_id(), Vec::new());
+    rt.block_on(proto.absorb(vault, ticket.inviter, roster))
+        .context("storing the member list")?;
+    Ok(state)
+}
