@@ -1225,6 +1225,52 @@ fn access_checks() {
 // extended attributes
 // ---------------------------------------------------------------------------------------
 
+/// `getfattr -n user.cairn.status FILE` tells whether a file's latest change is uploaded.
+#[test]
+fn sync_status_xattr_goes_from_pending_to_synced() {
+    let m = TestMount::new();
+    if m.is_native() {
+        return; // a cairn-only attribute
+    }
+    let p = m.path("report.txt");
+    write(&m, "report.txt", b"draft");
+    let first = getxattr(&p, "user.cairn.status").unwrap();
+    assert!(
+        first == b"pending" || first == b"synced",
+        "right after a write: {:?}",
+        String::from_utf8_lossy(&first)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while getxattr(&p, "user.cairn.status").unwrap() != b"synced" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still not synced after 60 s\n{}",
+            m.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Computed, not stored: copying tools must not see it, and nobody can set it.
+    assert!(
+        !listxattr(&p)
+            .unwrap()
+            .iter()
+            .any(|n| n == "user.cairn.status")
+    );
+    assert_errno(setxattr(&p, "user.cairn.status", b"synced", 0), libc::EPERM);
+    assert_errno(removexattr(&p, "user.cairn.status"), libc::EPERM);
+    assert_errno(
+        getxattr(&m.path("missing.txt"), "user.cairn.status"),
+        libc::ENOENT,
+    );
+    // A conflict copy beside a file marks both.
+    write(
+        &m,
+        "report.sync-conflict-20240229-131415-abababab.txt",
+        b"theirs",
+    );
+    assert_eq!(getxattr(&p, "user.cairn.status").unwrap(), b"conflict");
+}
+
 #[test]
 fn xattrs() {
     let m = TestMount::new();

@@ -558,6 +558,66 @@ impl CairnFs {
     }
 }
 
+/// The sync state of one path, readable as `getfattr -n user.cairn.status FILE`. Computed on
+/// each read, never stored, and left out of `listxattr` so that copying tools (`cp -a`,
+/// `rsync -X`) do not carry it to other filesystems.
+pub const STATUS_XATTR: &[u8] = b"user.cairn.status";
+/// Marks a conflict copy made by the merge: `name.sync-conflict-YYYYMMDD-HHMMSS-<dev>.ext`.
+const CONFLICT_MARK: &str = ".sync-conflict-";
+
+/// Whether `sibling` is a conflict copy of `name` (same stem and extension).
+fn is_conflict_copy_of(sibling: &str, name: &str) -> bool {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    sibling.len() > name.len()
+        && sibling
+            .strip_prefix(stem)
+            .is_some_and(|rest| rest.starts_with(CONFLICT_MARK) && rest.ends_with(ext))
+}
+
+impl CairnFs {
+    /// `conflict` when the path is a conflict copy or has one beside it, `pending` when it
+    /// has a local change not yet in a snapshot, else `synced`.
+    fn sync_status(&self, ino: u64) -> Res<&'static str> {
+        let (path, inflight) = {
+            let ns = self.core.ns();
+            let path = ns.path(ino)?.to_string();
+            let inflight = ns.inflight.contains(&path);
+            (path, inflight)
+        };
+        if path.is_empty() {
+            return Ok("synced");
+        }
+        if self.core.resolve(&path)?.is_none() {
+            return Err(Errno::ENOENT);
+        }
+        let name = crate::core::name_of(&path);
+        if name.contains(CONFLICT_MARK)
+            || self
+                .core
+                .merged_children(parent_of(&path))?
+                .iter()
+                .any(|(sibling, _)| is_conflict_copy_of(sibling, name))
+        {
+            return Ok("conflict");
+        }
+        // A record being flushed right now stays in the overlay until the flush succeeds.
+        if inflight
+            || self
+                .core
+                .overlay
+                .get(&path)
+                .map_err(overlay_errno)?
+                .is_some()
+        {
+            return Ok("pending");
+        }
+        Ok("synced")
+    }
+}
+
 fn reply_xattr_bytes(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -1002,6 +1062,9 @@ impl Filesystem for CairnFs {
         reply: ReplyEmpty,
     ) {
         let key = name.as_bytes();
+        if key == STATUS_XATTR {
+            return reply.error(Errno::EPERM);
+        }
         // POSIX ACLs live in system.*; the vault has no ACL model, so do not pretend to store them.
         if key.starts_with(b"system.") {
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
@@ -1021,6 +1084,11 @@ impl Filesystem for CairnFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name.as_bytes() == STATUS_XATTR {
+            let r = self.sync_status(ino.0).map(|s| s.as_bytes().to_vec());
+            reply_result!(reply, r, |v| reply_xattr_bytes(reply, size, &v));
+            return;
+        }
         let r = self
             .xattrs_of(ino.0)
             .and_then(|x| x.get(name.as_bytes()).cloned().ok_or(Errno::NO_XATTR));
@@ -1040,6 +1108,9 @@ impl Filesystem for CairnFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if name.as_bytes() == STATUS_XATTR {
+            return reply.error(Errno::EPERM);
+        }
         let r = self.modify_xattrs(ino.0, |rec| {
             rec.xattrs
                 .remove(name.as_bytes())
@@ -1096,6 +1167,32 @@ impl Filesystem for CairnFs {
             GEN,
             FileHandle(v.2),
             FopenFlags::empty()
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_conflict_copy_of;
+
+    #[test]
+    fn conflict_copies_are_recognised_beside_their_original() {
+        assert!(is_conflict_copy_of(
+            "report.sync-conflict-20240229-131415-abababab.txt",
+            "report.txt"
+        ));
+        assert!(is_conflict_copy_of(
+            ".bashrc.sync-conflict-19700101-000000-abababab",
+            ".bashrc"
+        ));
+        assert!(!is_conflict_copy_of("report.txt", "report.txt"));
+        assert!(!is_conflict_copy_of(
+            "other.sync-conflict-20240229-131415-abababab.txt",
+            "report.txt"
+        ));
+        assert!(!is_conflict_copy_of(
+            "report.sync-conflict-20240229-131415-abababab.md",
+            "report.txt"
         ));
     }
 }

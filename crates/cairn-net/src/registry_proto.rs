@@ -143,8 +143,11 @@ pub struct RegistryProtocol {
     events: broadcast::Sender<RegistryEntry>,
     roster_events: broadcast::Sender<RosterChange>,
     /// This device and the addresses it tells peers to reach it at.
-    local: Arc<RwLock<Option<(DeviceId, Vec<SocketAddr>)>>>,
+    local: Arc<RwLock<Option<LocalInfo>>>,
 }
+
+/// This device and the addresses it announces.
+type LocalInfo = (DeviceId, Vec<SocketAddr>);
 
 /// A signed member list plus known addresses, as exchanged between members.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -11,8 +11,10 @@
 
 mod error;
 mod journal;
+mod pending;
 mod record;
 
 pub use error::OverlayError;
 pub use journal::{Change, Overlay};
+pub use pending::{PendingPath, read_pending};
 pub use record::{Data, Kind, Record, StagingId};

@@ -1,8 +1,12 @@
 //! The `cairn` command: the binary edge of the project, where library errors become
 //! messages for people. Everything with logic lives in the library crates.
 
+mod config;
 mod daemon;
+mod logging;
+mod service;
 mod state;
+mod status;
 
 use std::path::PathBuf;
 
@@ -24,6 +28,10 @@ struct Cli {
     /// Which vault on this device to use.
     #[arg(long, global = true, default_value = "default", env = "CAIRN_VAULT")]
     vault: String,
+    /// Configuration file (default: $XDG_CONFIG_HOME/cairn/config.toml; see
+    /// docs/config.example.toml).
+    #[arg(long, global = true, env = "CAIRN_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,16 +47,22 @@ enum Command {
     },
     /// Create the vault if there is none, then show it (idempotent).
     Ensure,
-    /// Show this device's vault identity.
-    Status,
+    /// Show the vault: identity, whether it is mounted, changes not yet uploaded, the last
+    /// snapshot, conflicts, peers.
+    Status {
+        /// Machine-readable output (`"state": "synced" | "pending" | "not mounted"`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Mount the vault at MOUNTPOINT and serve it until stopped (SIGTERM, Ctrl-C, or
     /// `cairn unmount`). Stopping flushes every change into a published snapshot first.
     Mount {
         /// An existing, empty directory.
         mountpoint: PathBuf,
-        /// Idle time after the last write before changes are folded into a snapshot.
-        #[arg(long, default_value_t = 500, value_name = "MS")]
-        debounce_ms: u64,
+        /// Idle time after the last write before changes are folded into a snapshot
+        /// (default: `[mount] debounce_ms` of the configuration, 150).
+        #[arg(long, value_name = "MS")]
+        debounce_ms: Option<u64>,
         /// Create the vault first if this device has none (what `scripts/run.sh` uses).
         #[arg(long)]
         init: bool,
@@ -76,8 +90,9 @@ enum Command {
         /// Only sync (no mount): keep a complete replica of the vault on this device.
         #[arg(long)]
         no_mount: bool,
-        #[arg(long, default_value_t = 500, value_name = "MS")]
-        debounce_ms: u64,
+        /// Idle time after the last write before a flush (default: the configuration's).
+        #[arg(long, value_name = "MS")]
+        debounce_ms: Option<u64>,
     },
     /// Run the sync daemon without mounting (an always-on replica).
     Sync,
@@ -88,16 +103,37 @@ enum Command {
     RemoveDevice { device: String },
     /// Stop the daemon serving MOUNTPOINT, waiting until all changes are flushed.
     Unmount { mountpoint: PathBuf },
+    /// Bring back a deleted or older version of one file or directory tree, touching nothing
+    /// else (through the mount if the vault is mounted).
+    Restore {
+        /// Path relative to the vault root (or inside the mount).
+        path: String,
+        /// Restore the version of this time (`2026-11-23T10:00:00Z`, `90m`, `@UNIX_SECONDS`);
+        /// default: the newest snapshot that has PATH.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// Restore to this vault path instead of PATH (e.g. to keep the current version).
+        #[arg(long, value_name = "DEST")]
+        to: Option<String>,
+    },
+    /// Run the mount as a systemd user service.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Write the user unit and enable + start it for DIR (or print how, if no user manager
+    /// is reachable).
+    Install { dir: PathBuf },
+    /// Stop and disable the service of DIR and remove its files.
+    Uninstall { dir: PathBuf },
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("cairn: error: {e:#}");
         std::process::exit(1);
@@ -105,6 +141,8 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let config = config::Config::load(cli.config.as_deref())?;
+    let explicit_data_dir = cli.data_dir.clone();
     let data_dir = match cli.data_dir {
         // Absolute, so nothing depends on the daemon's working directory later.
         Some(d) => std::path::absolute(&d).unwrap_or(d),
@@ -135,7 +173,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             print_identity(&s);
         }
-        Command::Status => print_identity(&VaultState::load(&data_dir, &cli.vault)?),
+        Command::Status { json } => {
+            let report = status::report(&VaultState::load(&data_dir, &cli.vault)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                status::print_human(&report);
+            }
+        }
         Command::Mount {
             mountpoint,
             debounce_ms,
@@ -154,6 +199,10 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 VaultState::load(&data_dir, &cli.vault)?
             };
+            if let Err(e) = logging::log_to_file(&state.dir) {
+                tracing::warn!(error = %format!("{e:#}"), "logging to stderr only");
+            }
+            let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
             let opts = cairn_fuse::MountOptions {
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
                 ..Default::default()
@@ -163,7 +212,13 @@ fn run(cli: Cli) -> Result<()> {
                     let at_ms = daemon::parse_time(&t, daemon::now_ms())?;
                     daemon::mount_at(&state, &mountpoint, at_ms, opts)?;
                 }
-                None => daemon::mount(&state, &mountpoint, opts, Some(net_settings()?))?,
+                None => daemon::mount(
+                    &state,
+                    &mountpoint,
+                    opts,
+                    &config.cache,
+                    Some(net_settings(&config)),
+                )?,
             }
         }
         Command::Log => {
@@ -201,7 +256,7 @@ fn run(cli: Cli) -> Result<()> {
             no_mount,
             debounce_ms,
         } => {
-            let settings = net_settings()?;
+            let settings = net_settings(&config);
             let state = daemon::join_vault(&data_dir, &cli.vault, &ticket, settings)?;
             eprintln!(
                 "cairn: joined vault {} as device {}",
@@ -210,18 +265,19 @@ fn run(cli: Cli) -> Result<()> {
             );
             match mountpoint {
                 Some(mp) if !no_mount => {
+                    let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
                     let opts = cairn_fuse::MountOptions {
                         flush_debounce: std::time::Duration::from_millis(debounce_ms),
                         ..Default::default()
                     };
-                    daemon::mount(&state, &mp, opts, Some(settings))?;
+                    daemon::mount(&state, &mp, opts, &config.cache, Some(settings))?;
                 }
                 _ => daemon::sync_only(&state, settings)?,
             }
         }
         Command::Sync => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
-            daemon::sync_only(&state, net_settings()?)?;
+            daemon::sync_only(&state, net_settings(&config))?;
         }
         Command::Peers => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
@@ -266,6 +322,23 @@ fn run(cli: Cli) -> Result<()> {
                 ),
             }
         }
+        Command::Restore { path, at, to } => daemon::restore(
+            &VaultState::load(&data_dir, &cli.vault)?,
+            &path,
+            at.as_deref(),
+            to.as_deref(),
+        )?,
+        Command::Service { action } => match action {
+            ServiceAction::Install { dir } => service::install(
+                &dir,
+                &service::InstanceSettings {
+                    vault: &cli.vault,
+                    data_dir: explicit_data_dir.as_deref(),
+                    config: cli.config.as_deref(),
+                },
+            )?,
+            ServiceAction::Uninstall { dir } => service::uninstall(&dir)?,
+        },
     }
     Ok(())
 }
@@ -276,21 +349,13 @@ fn no_daemon() -> anyhow::Error {
     )
 }
 
-/// Network settings: `CAIRN_BIND` (default `0.0.0.0:0`) and `CAIRN_RELAY` (`disabled`, the
-/// default, or `default` for n0's public relays).
-fn net_settings() -> Result<daemon::NetSettings> {
-    let bind = match std::env::var("CAIRN_BIND") {
-        Ok(b) if !b.is_empty() => b.parse().map_err(|e| {
-            anyhow::anyhow!("CAIRN_BIND={b:?} is not a socket address ({e}); use e.g. 0.0.0.0:0 or 127.0.0.1:7777")
-        })?,
-        _ => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-    };
-    let relays = match std::env::var("CAIRN_RELAY").as_deref() {
-        Ok("default") => true,
-        Ok("disabled") | Ok("") | Err(_) => false,
-        Ok(other) => bail!("CAIRN_RELAY={other:?} is not valid; use \"disabled\" or \"default\""),
-    };
-    Ok(daemon::NetSettings { bind, relays })
+/// The daemon's network settings from the configuration (which already applied the
+/// `CAIRN_BIND` / `CAIRN_RELAY` environment overrides).
+fn net_settings(config: &config::Config) -> daemon::NetSettings {
+    daemon::NetSettings {
+        bind: config.net.bind,
+        relays: config.net.relay == config::RelayMode::Default,
+    }
 }
 
 fn print_identity(s: &VaultState) {

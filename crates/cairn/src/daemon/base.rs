@@ -14,7 +14,8 @@ use lru::LruCache;
 
 use super::stores::LocalOrRemote;
 
-const CHUNK_CACHE: usize = 32;
+/// Decrypted chunk budget when the configuration does not say (`[cache] chunk_cache_mib`).
+const CHUNK_CACHE_BYTES: usize = 8 << 20;
 /// Chunks fetched ahead of a read that missed locally (~512 KiB at the average chunk size):
 /// sequential readers then find the next chunks already here.
 const READ_AHEAD: usize = 8;
@@ -29,7 +30,7 @@ struct Layout {
 pub struct VaultBase {
     stores: VaultStores,
     view: RwLock<MergedView>,
-    chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
+    chunks: Mutex<ChunkCache>,
     layouts: Mutex<LruCache<blake3::Hash, Arc<Layout>>>,
     /// For read-ahead of chunks that are not local yet.
     remote: Option<Arc<LocalOrRemote>>,
@@ -43,14 +44,55 @@ fn path(p: &str) -> Result<VaultPath, BaseError> {
     VaultPath::new(p).map_err(|e| BaseError::Other(e.to_string()))
 }
 
+/// Decrypted chunks, bounded by bytes rather than count: chunk sizes vary 16x around the
+/// 64 KiB average, so a count would not bound memory.
+struct ChunkCache {
+    lru: LruCache<ChunkId, Arc<Vec<u8>>>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl ChunkCache {
+    fn get(&mut self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.lru.get(id).cloned()
+    }
+
+    fn put(&mut self, id: ChunkId, chunk: Arc<Vec<u8>>) {
+        if chunk.len() > self.max_bytes {
+            return;
+        }
+        self.bytes += chunk.len();
+        if let Some(old) = self.lru.put(id, chunk) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > self.max_bytes {
+            match self.lru.pop_lru() {
+                Some((_, c)) => self.bytes -= c.len(),
+                None => break,
+            }
+        }
+    }
+}
+
 impl VaultBase {
     pub fn new(stores: VaultStores, view: MergedView) -> Self {
+        Self::with_chunk_cache(stores, view, CHUNK_CACHE_BYTES)
+    }
+
+    /// A base whose decrypted chunk cache holds at most `chunk_cache_bytes`.
+    pub fn with_chunk_cache(
+        stores: VaultStores,
+        view: MergedView,
+        chunk_cache_bytes: usize,
+    ) -> Self {
         Self {
             stores,
             view: RwLock::new(view),
-            chunks: Mutex::new(LruCache::new(
-                NonZeroUsize::new(CHUNK_CACHE).expect("nonzero"),
-            )),
+            chunks: Mutex::new(ChunkCache {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                max_bytes: chunk_cache_bytes,
+            }),
             layouts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(MANIFEST_CACHE).expect("nonzero"),
             )),
@@ -110,7 +152,7 @@ impl VaultBase {
             .unwrap_or_else(|e| e.into_inner())
             .get(&r.id)
         {
-            return Ok(c.clone());
+            return Ok(c);
         }
         if let Some(remote) = &self.remote
             && !remote.local.has(&r.id).unwrap_or(true)

@@ -13,7 +13,8 @@ use cairn_vault::{Keyring, SnapshotId, Vault, VaultStores};
 use super::stores::LocalOrRemote;
 use crate::state::VaultState;
 
-/// Node cache budget of the daemon (bytes). Bounded so a huge vault cannot grow the daemon.
+/// Node cache budget (bytes) of short-lived commands; the daemon takes its budget from the
+/// configuration. Bounded so a huge vault cannot grow the process.
 pub const NODE_CACHE_BYTES: usize = 32 << 20;
 
 pub struct Device {
@@ -39,6 +40,11 @@ pub fn now_ms() -> u64 {
 
 impl Device {
     pub fn open(state: &VaultState) -> Result<Self> {
+        Self::open_with(state, NODE_CACHE_BYTES)
+    }
+
+    /// [`Device::open`] with a node cache of `node_cache_bytes`.
+    pub fn open_with(state: &VaultState, node_cache_bytes: usize) -> Result<Self> {
         let blobs = Arc::new(
             BlobStore::open(state.dir.join("store"))
                 .with_context(|| format!("opening the blob store in {}", state.dir.display()))?,
@@ -70,7 +76,7 @@ impl Device {
         let content_key = state.secret.content_key();
         let remote_blobs = Arc::new(LocalOrRemote::new(blobs.clone()));
         let stores =
-            super::stores::vault_stores(remote_blobs.clone(), &content_key, NODE_CACHE_BYTES)?;
+            super::stores::vault_stores(remote_blobs.clone(), &content_key, node_cache_bytes)?;
         let keys = Keyring {
             vault: vault_id,
             identity: state.age.clone(),

@@ -128,5 +128,6 @@ pub fn mount_at(
         opts,
         sigset,
         None,
+        None,
     )
 }

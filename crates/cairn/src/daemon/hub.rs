@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use cairn_fuse::Invalidator;
 use cairn_registry::RegistryEntry;
 use cairn_tree::{DiffEntry, NodeId};
-use cairn_vault::{EntryKey, PublishReport, Vault, VaultError};
+use cairn_vault::{EntryKey, PublishReport, Vault};
 
 use super::base::VaultBase;
 use super::device::Device;
@@ -57,9 +57,8 @@ impl Hub {
 
     /// Makes every blob written so far durable, publishes the engine's state, and tells
     /// peers. The caller holds the engine lock.
-    pub fn publish(&self, vault: &mut Vault, now_ms: u64) -> Result<PublishReport, VaultError> {
-        self.device.blobs.sync()?;
-        let report = vault.publish(&self.device.registry, now_ms)?;
+    pub fn publish(&self, vault: &mut Vault, now_ms: u64) -> anyhow::Result<PublishReport> {
+        let report = super::sink::publish(&self.device, vault, now_ms)?;
         let announce = self
             .announce
             .read()

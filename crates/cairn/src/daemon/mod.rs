@@ -9,12 +9,17 @@ mod hub;
 mod join;
 mod mount;
 mod net;
+mod restore;
 mod sink;
+mod status;
 mod stores;
 
 pub use control::request as control_request;
 pub use device::{Device, now_ms};
 pub use history::{format_time, log, mount_at, parse_time};
 pub use join::join_vault;
-pub use mount::{mount, sync_only, unmount};
+pub use mount::{mount, sync_only, unmount, writable_mount};
 pub use net::NetSettings;
+pub use restore::restore;
+pub use sink::view_of;
+pub use status::{DaemonStatus, Downloads, PeerStatus};

@@ -23,10 +23,56 @@ use super::device::Device;
 use super::hub::Hub;
 use super::net::{Net, NetSettings};
 use super::sink::{VaultSink, view_of};
+use super::status::{StatusBoard, StatusSink};
+use crate::config::CacheSettings;
 use crate::state::VaultState;
 
-/// `<vault dir>/run/<pid>` holds the mountpoint a live daemon serves.
+/// `<vault dir>/run/<pid>` holds the mountpoint a live daemon serves, followed by a
+/// `read-only` line for history views (which must never be mistaken for the vault's mount).
 const RUN_DIR: &str = "run";
+const READ_ONLY_MARK: &str = "read-only";
+
+/// A daemon of this vault that is still running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveMount {
+    pub pid: i32,
+    pub mountpoint: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+/// Every live daemon of the vault in `vault_dir` (pid files of dead ones are skipped).
+pub fn live_mounts(vault_dir: &Path) -> Vec<LiveMount> {
+    let Ok(runs) = fs::read_dir(vault_dir.join(RUN_DIR)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for r in runs.flatten() {
+        let Some(pid) = r.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(text) = fs::read_to_string(r.path()) else {
+            continue;
+        };
+        let mut lines = text.lines();
+        let Some(mountpoint) = lines.next() else {
+            continue;
+        };
+        if pid_alive(pid) {
+            out.push(LiveMount {
+                pid,
+                mountpoint: mountpoint.into(),
+                read_only: lines.any(|l| l == READ_ONLY_MARK),
+            });
+        }
+    }
+    out.sort_by_key(|m| m.pid);
+    out
+}
+
+/// The live daemon serving the writable mount of this vault, if any.
+pub fn writable_mount(vault_dir: &Path) -> Option<LiveMount> {
+    live_mounts(vault_dir).into_iter().find(|m| !m.read_only)
+}
 
 /// Blocks the stop signals in the calling thread (and every thread it spawns later), so one
 /// dedicated thread can receive them with `sigwait` instead of an async-signal handler.
@@ -72,18 +118,67 @@ fn notify_systemd(msg: &str) {
 struct Networking {
     control: Option<ControlServer>,
     net: Option<Net>,
+    reporter: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+impl Drop for Networking {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Networking {
-    fn start(state: &VaultState, hub: &Arc<Hub>, settings: Option<NetSettings>) -> Result<Self> {
+    fn none() -> Self {
+        Self {
+            control: None,
+            net: None,
+            reporter: None,
+        }
+    }
+
+    fn start(
+        state: &VaultState,
+        hub: &Arc<Hub>,
+        settings: Option<NetSettings>,
+        board: Option<Arc<StatusBoard>>,
+    ) -> Result<Self> {
         let Some(settings) = settings else {
-            return Ok(Self {
-                control: None,
-                net: None,
-            });
+            return Ok(Self::none());
         };
         let net = Net::start(state, hub.clone(), settings)?;
         let control = ControlServer::start(&state.dir, net.inner().clone())?;
+        let reporter = match board {
+            Some(board) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (stop2, inner) = (stop.clone(), net.inner().clone());
+                let t = std::thread::Builder::new()
+                    .name("cairn-netstatus".into())
+                    .spawn(move || {
+                        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                            board.set_peers(
+                                inner
+                                    .peer_status()
+                                    .into_iter()
+                                    .map(|p| super::status::PeerStatus {
+                                        device: p.device.to_string(),
+                                        connected: p.connected,
+                                        last_contact_ms: p.last_contact_ms,
+                                        addrs: p.addrs,
+                                    })
+                                    .collect(),
+                            );
+                            let (chunks, bytes) = inner.downloads();
+                            board.set_downloads(chunks, bytes);
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    })?;
+                Some((stop, t))
+            }
+            None => None,
+        };
         eprintln!(
             "cairn: device {} listening on {}",
             hub.device.device_id.short(),
@@ -96,10 +191,15 @@ impl Networking {
         Ok(Self {
             control: Some(control),
             net: Some(net),
+            reporter,
         })
     }
 
     fn stop(&mut self) {
+        if let Some((stop, t)) = self.reporter.take() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = t.join();
+        }
         self.control.take();
         if let Some(net) = self.net.take() {
             net.shutdown();
@@ -113,7 +213,7 @@ pub fn sync_only(state: &VaultState, settings: NetSettings) -> Result<()> {
     let sigset = block_stop_signals();
     let device = Arc::new(Device::open(state)?);
     let hub = Arc::new(Hub::new(device, None));
-    let mut networking = Networking::start(state, &hub, Some(settings))?;
+    let mut networking = Networking::start(state, &hub, Some(settings), None)?;
     eprintln!(
         "cairn: syncing vault {:?} (no mount); stop with Ctrl-C or SIGTERM",
         state.name
@@ -149,10 +249,11 @@ pub fn mount(
     state: &VaultState,
     mountpoint: &Path,
     opts: MountOptions,
+    cache: &CacheSettings,
     net: Option<NetSettings>,
 ) -> Result<()> {
     let sigset = block_stop_signals();
-    let device = Arc::new(Device::open(state)?);
+    let device = Arc::new(Device::open_with(state, cache.node_cache_bytes())?);
     let overlay = Overlay::open(state.dir.join("overlay")).map_err(|e| match e {
         OverlayError::Locked { .. } => anyhow::anyhow!(
             "vault {:?} is already mounted by another cairn process ({e}); unmount it first with `cairn unmount DIR`",
@@ -162,13 +263,18 @@ pub fn mount(
     })?;
     let source = device.vault().source();
     let base = Arc::new(
-        VaultBase::new(device.stores.clone(), view_of(source))
-            .with_remote(device.remote_blobs.clone()),
+        VaultBase::with_chunk_cache(
+            device.stores.clone(),
+            view_of(source),
+            cache.chunk_cache_bytes(),
+        )
+        .with_remote(device.remote_blobs.clone()),
     );
     let hub = Arc::new(Hub::new(device.clone(), Some(base.clone())));
     let sink = Arc::new(VaultSink { hub: hub.clone() });
-    let mut networking = Networking::start(state, &hub, net)?;
-    let result = serve(
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let board = StatusBoard::new(&state.dir, &fs::canonicalize(&abs).unwrap_or(abs));
+    serve(
         state,
         mountpoint,
         base,
@@ -176,14 +282,15 @@ pub fn mount(
         overlay,
         opts,
         sigset,
-        Some(&hub),
-    );
-    networking.stop();
-    result
+        Some(board),
+        Some((&hub, net)),
+    )
 }
 
 /// Mounts `base` + `overlay`, announces readiness, and serves until a stop signal or an
-/// external unmount; then flushes and unmounts.
+/// external unmount; then flushes and unmounts. `board` (the writable mount's, not a history
+/// view's) is published as the vault's status file while serving.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn serve(
     state: &VaultState,
     mountpoint: &Path,
@@ -192,18 +299,52 @@ pub(super) fn serve(
     overlay: Overlay,
     opts: MountOptions,
     sigset: libc::sigset_t,
-    hub: Option<&Arc<Hub>>,
+    board: Option<Arc<StatusBoard>>,
+    hub: Option<(&Arc<Hub>, Option<NetSettings>)>,
 ) -> Result<()> {
+    let read_only = opts.read_only;
+    let sink: Arc<dyn FlushSink> = match &board {
+        Some(b) => Arc::new(StatusSink {
+            inner: sink,
+            board: b.clone(),
+        }),
+        None => sink,
+    };
     let handle = cairn_fuse::mount(base, sink, overlay, mountpoint, opts)?;
-    if let Some(hub) = hub {
-        hub.set_invalidator(Some(handle.invalidator()));
-    }
+    // The network starts once the mount exists (so a bad mountpoint fails before anything
+    // binds) and before READY (so a ready daemon is reachable by its peers).
+    let mut networking = match hub {
+        Some((hub, settings)) => {
+            hub.set_invalidator(Some(handle.invalidator()));
+            match Networking::start(state, hub, settings, board.clone()) {
+                Ok(n) => n,
+                Err(e) => {
+                    hub.set_invalidator(None);
+                    if let Err(u) = handle.unmount() {
+                        tracing::error!(error = %u, "unmount after a failed start");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        None => Networking::none(),
+    };
+    let hub = hub.map(|(h, _)| h);
     let mountpoint = handle.mountpoint().to_path_buf();
     let run_dir = state.dir.join(RUN_DIR);
     fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let pid_file = run_dir.join(std::process::id().to_string());
-    fs::write(&pid_file, format!("{}\n", mountpoint.display()))
+    let mark = if read_only {
+        format!("{READ_ONLY_MARK}\n")
+    } else {
+        String::new()
+    };
+    fs::write(&pid_file, format!("{}\n{mark}", mountpoint.display()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
+    let status_writer = match &board {
+        Some(b) => Some((b.clone(), b.spawn_writer()?)),
+        None => None,
+    };
     // The kernel answers once the session thread runs; a stat through the mount proves it.
     fs::metadata(&mountpoint)
         .with_context(|| format!("the new mount at {} does not answer", mountpoint.display()))?;
@@ -235,6 +376,10 @@ pub(super) fn serve(
         hub.set_invalidator(None);
     }
     let result = handle.unmount();
+    networking.stop();
+    if let Some((b, w)) = status_writer {
+        b.stop(w);
+    }
     let _ = fs::remove_file(&pid_file);
     result.context("unmounting (changes not yet in a snapshot stay in the overlay and are flushed at the next mount)")?;
     eprintln!(
@@ -255,19 +400,11 @@ fn pid_alive(pid: i32) -> bool {
 fn find_daemon(data_dir: &Path, mountpoint: &Path) -> Option<i32> {
     let vaults = fs::read_dir(data_dir.join("vaults")).ok()?;
     for v in vaults.flatten() {
-        let Ok(runs) = fs::read_dir(v.path().join(RUN_DIR)) else {
-            continue;
-        };
-        for r in runs.flatten() {
-            let Some(pid) = r.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(text) = fs::read_to_string(r.path()) else {
-                continue;
-            };
-            if Path::new(text.trim_end_matches('\n')) == mountpoint && pid_alive(pid) {
-                return Some(pid);
-            }
+        if let Some(m) = live_mounts(&v.path())
+            .into_iter()
+            .find(|m| m.mountpoint == mountpoint)
+        {
+            return Some(m.pid);
         }
     }
     None

@@ -395,6 +395,14 @@ impl Inner {
         self.roster_changed.notify_waiters();
     }
 
+    /// Chunk fetches in flight, and bytes fetched since the daemon started.
+    pub fn downloads(&self) -> (u64, u64) {
+        (
+            self.downloads_active.load(Ordering::Relaxed),
+            self.downloaded_bytes.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn peer_status(&self) -> Vec<PeerStatus> {
         let addrs: HashMap<DeviceId, Vec<String>> = self
             .hub
@@ -477,7 +485,7 @@ impl Inner {
             .filter(|(d, _)| self.members.contains(d))
             .map(|(d, p)| (p.connected, p.last_contact_ms.unwrap_or(0), *d))
             .collect();
-        v.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        v.sort_by_key(|p| std::cmp::Reverse((p.0, p.1)));
         v.into_iter().map(|(_, _, d)| d).collect()
     }
 

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use cairn_fuse::{Data, FlushBatch, FlushError, FlushItem, FlushSink, Kind};
 use cairn_store::{ChunkSealer, WriteOptions, write_file_with};
 use cairn_vault::{
-    Attrs, Change, Content, INLINE_MAX, MergedView, TreeSource, VaultPath, content_from_manifest,
+    Attrs, Change, Content, INLINE_MAX, MergedView, PublishReport, TreeSource, Vault, VaultPath,
+    content_from_manifest,
 };
 
 use super::base::entry_of;
-use super::device::now_ms;
+use super::device::{Device, now_ms};
 use super::hub::Hub;
 
 pub struct VaultSink {
@@ -257,6 +258,14 @@ fn free_conflict_path(
     (0..100)
         .map(|attempt| cairn_vault::conflict_path_for(p, &device, now_ms, attempt))
         .find(|c| c != p && matches!(vault.lookup(c), Ok(None)))
+}
+
+/// Announces the engine's current state as this device's next snapshot.
+pub fn publish(device: &Device, vault: &mut Vault, now_ms: u64) -> anyhow::Result<PublishReport> {
+    // Nodes and chunks were written without per-file fsyncs; make them durable before a
+    // snapshot that references them is announced.
+    device.blobs.sync()?;
+    Ok(vault.publish(&device.registry, now_ms)?)
 }
 
 /// Where refused data goes: beside its path, else at the vault root (its directory may be

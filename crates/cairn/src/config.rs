@@ -1,0 +1,292 @@
+//! The optional configuration file, `$XDG_CONFIG_HOME/cairn/config.toml`.
+//!
+//! Every key has a default, so a missing file is a valid configuration; a present file must be
+//! entirely understood (unknown keys are rejected), because a typo that silently falls back
+//! to a default is worse than a refusal. `docs/config.example.toml` documents every key.
+//! Precedence, lowest first: defaults, the file, environment (`CAIRN_RELAY`, `CAIRN_BIND`),
+//! command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub net: NetSettings,
+    pub mount: MountSettings,
+    pub cache: CacheSettings,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// n0's public relays, for NAT traversal. Off by default: tickets and the member
+    /// address book carry direct socket addresses only, so devices must reach each other
+    /// directly (same LAN, VPN, or a forwarded UDP port).
+    Default,
+    /// Direct connections only: nothing is sent to any third party.
+    #[default]
+    Disabled,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetSettings {
+    pub relay: RelayMode,
+    /// UDP address of the endpoint; port 0 picks one (then remembered per vault).
+    pub bind: SocketAddr,
+}
+
+impl Default for NetSettings {
+    fn default() -> Self {
+        Self {
+            relay: RelayMode::Disabled,
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountSettings {
+    /// Idle time after the last write before a flush.
+    pub debounce_ms: u64,
+}
+
+impl Default for MountSettings {
+    fn default() -> Self {
+        // Short enough that a saved file reaches peers well within a second, long enough
+        // that a burst of writes becomes one snapshot.
+        Self { debounce_ms: 150 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Decrypted file chunks kept by the mount (MiB).
+    pub chunk_cache_mib: usize,
+    /// Decoded tree nodes kept by the engine (MiB).
+    pub node_cache_mib: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            chunk_cache_mib: 8,
+            node_cache_mib: 32,
+        }
+    }
+}
+
+impl CacheSettings {
+    pub fn chunk_cache_bytes(&self) -> usize {
+        self.chunk_cache_mib.saturating_mul(1 << 20)
+    }
+
+    pub fn node_cache_bytes(&self) -> usize {
+        self.node_cache_mib.saturating_mul(1 << 20)
+    }
+}
+
+/// Where the configuration is read from when no `--config` / `CAIRN_CONFIG` is given.
+pub fn default_path(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf> {
+    if let Some(x) = env("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("cairn/config.toml"));
+    }
+    let home = env("HOME")
+        .filter(|v| !v.is_empty())
+        .context("neither XDG_CONFIG_HOME nor HOME is set; pass --config PATH")?;
+    Ok(PathBuf::from(home).join(".config/cairn/config.toml"))
+}
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl Config {
+    /// Reads `explicit` (which must exist), else the default path (which may be missing),
+    /// then applies the environment overrides.
+    pub fn load(explicit: Option<&Path>) -> Result<Config> {
+        Self::load_with(explicit, &process_env)
+    }
+
+    fn load_with(explicit: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut config = match explicit {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "cannot read the configuration file {} (named by --config or CAIRN_CONFIG); create it or drop the option",
+                        path.display()
+                    )
+                })?;
+                Self::parse(&text, path)?
+            }
+            None => {
+                let path = default_path(env)?;
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Self::parse(&text, &path)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot read the configuration file {}", path.display())
+                        });
+                    }
+                }
+            }
+        };
+        if let Some(relay) = env("CAIRN_RELAY").filter(|v| !v.is_empty()) {
+            config.net.relay = match relay.as_str() {
+                "default" => RelayMode::Default,
+                "disabled" => RelayMode::Disabled,
+                other => bail!(
+                    "CAIRN_RELAY={other:?} is not understood; use \"default\" or \"disabled\""
+                ),
+            };
+        }
+        if let Some(bind) = env("CAIRN_BIND").filter(|v| !v.is_empty()) {
+            config.net.bind = bind.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "CAIRN_BIND={bind:?} is not a socket address; use IP:PORT such as 0.0.0.0:0 or [::]:4433"
+                )
+            })?;
+        }
+        Ok(config)
+    }
+
+    /// Parses a whole file; errors name the file and line, then say how to find valid keys.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let reason = e.message().trim().replace('\n', " ");
+            let place = match line {
+                Some(l) => format!("{}:{l}", path.display()),
+                None => path.display().to_string(),
+            };
+            anyhow::anyhow!(
+                "{place}: {reason}; every valid key and its default is listed in docs/config.example.toml (or delete the file to use the defaults)"
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn missing_file_gives_the_documented_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().to_str().unwrap().to_string();
+        let env = move |k: &str| (k == "XDG_CONFIG_HOME").then(|| home.clone());
+        let c = Config::load_with(None, &env).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.net.relay, RelayMode::Disabled);
+        assert_eq!(c.net.bind, "0.0.0.0:0".parse().unwrap());
+        assert_eq!(c.mount.debounce_ms, 150);
+        assert_eq!(c.cache.chunk_cache_mib, 8);
+        assert_eq!(c.cache.node_cache_mib, 32);
+    }
+
+    #[test]
+    fn the_example_file_parses_to_the_defaults() {
+        let text = include_str!("../../../docs/config.example.toml");
+        let c = Config::parse(text, Path::new("config.example.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn a_full_file_sets_every_key() {
+        let text = r#"
+[net]
+relay = "default"
+bind = "127.0.0.1:4433"
+[mount]
+debounce_ms = 50
+[cache]
+chunk_cache_mib = 2
+node_cache_mib = 64
+"#;
+        let c = Config::parse(text, Path::new("config.toml")).unwrap();
+        assert_eq!(c.net.relay, RelayMode::Default);
+        assert_eq!(c.net.bind, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(c.mount.debounce_ms, 50);
+        assert_eq!(c.cache.chunk_cache_bytes(), 2 << 20);
+        assert_eq!(c.cache.node_cache_bytes(), 64 << 20);
+    }
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults() {
+        let c = Config::parse("[mount]\ndebounce_ms = 10\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.mount.debounce_ms, 10);
+        assert_eq!(c.cache, CacheSettings::default());
+        assert_eq!(c.net, NetSettings::default());
+    }
+
+    #[test]
+    fn an_unknown_key_is_rejected_with_its_line() {
+        let text = "[mount]\ndebounce_ms = 10\n\n[cache]\nchunk_cache_mb = 4\n";
+        let err = Config::parse(text, Path::new("config.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config.toml:5: "), "{err}");
+        assert!(err.contains("chunk_cache_mb"), "{err}");
+        assert!(err.contains("docs/config.example.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_bind_address_is_rejected_with_its_line() {
+        let text = "[net]\nbind = \"localhost:99999\"\n";
+        let err = Config::parse(text, Path::new("config.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config.toml:2: "), "{err}");
+    }
+
+    #[test]
+    fn a_bad_relay_mode_is_rejected() {
+        let err = Config::parse("[net]\nrelay = \"sometimes\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:2: "), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("config.toml");
+        std::fs::write(&path, "[net]\nrelay = \"default\"\nbind = \"0.0.0.0:1\"\n").unwrap();
+        let env = |k: &str| match k {
+            "CAIRN_RELAY" => Some("disabled".to_string()),
+            "CAIRN_BIND" => Some("127.0.0.1:7000".to_string()),
+            _ => None,
+        };
+        let c = Config::load_with(Some(&path), &env).unwrap();
+        assert_eq!(c.net.relay, RelayMode::Disabled);
+        assert_eq!(c.net.bind, "127.0.0.1:7000".parse().unwrap());
+
+        let bad = |k: &str| (k == "CAIRN_BIND").then(|| "nonsense".to_string());
+        let err = Config::load_with(Some(&path), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CAIRN_BIND"), "{err}");
+    }
+
+    #[test]
+    fn an_explicit_path_must_exist() {
+        let d = tempfile::tempdir().unwrap();
+        let err = Config::load_with(Some(&d.path().join("nope.toml")), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+}
