@@ -80,17 +80,25 @@ impl Home {
 
     fn wait_synced(&self, daemon: &mut Daemon) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
+        // The journal groups commits over a few milliseconds, so a status taken right after a
+        // write may not see it yet: only a synced state that holds across polls counts.
+        let mut synced_polls = 0;
         loop {
             let s = self.status();
-            if s["state"] == "synced" {
-                return s;
+            if s["state"] == "synced" && !s["last_snapshot"].is_null() {
+                synced_polls += 1;
+                if synced_polls >= 3 {
+                    return s;
+                }
+            } else {
+                synced_polls = 0;
             }
             daemon.assert_running();
             assert!(
                 Instant::now() < deadline,
                 "never synced; last status: {s:#}"
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(150));
         }
     }
 }

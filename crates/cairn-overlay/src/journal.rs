@@ -1,7 +1,9 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
@@ -49,10 +51,42 @@ pub struct Change {
     pub released: Vec<StagingId>,
 }
 
+/// How long mutations may sit in an uncommitted group transaction by default. A commit is
+/// cheap (no fsync) but not free: one per create/write was most of the cost of creating
+/// many small files. A killed process loses at most this much unsynced metadata, each
+/// operation wholly or not at all, like a local filesystem's journal commit interval.
+pub const DEFAULT_GROUP_WINDOW: Duration = Duration::from_millis(10);
+
+/// Bounds the size of one group transaction however busy the mount is.
+const GROUP_MAX_OPS: usize = 512;
+
+/// An open group transaction: mutations since `since`, each inside its own savepoint so a
+/// failed one rolls back alone.
+struct Group {
+    since: Instant,
+    ops: usize,
+    /// Staging files released by the group's mutations. They are deleted only once the
+    /// group commits: until then a crash rolls the records back to pointing at them.
+    removals: Vec<StagingId>,
+}
+
 struct Inner {
     conn: Connection,
     next_gen: u64,
     next_staging: u64,
+    group: Option<Group>,
+    /// A group commit failed after its mutations had been acknowledged: the next
+    /// [`Overlay::durable_barrier`] reports it (like writeback errors surfacing at fsync).
+    lost_commit: bool,
+    shutdown: bool,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the committer when a group opens or the overlay closes.
+    cv: Condvar,
+    staging_dir: PathBuf,
+    window: Duration,
 }
 
 /// The durable overlay: `<dir>/journal.sqlite` plus `<dir>/staging/<id>`. Cheap to share
@@ -61,7 +95,8 @@ pub struct Overlay {
     dir: PathBuf,
     staging_dir: PathBuf,
     journal_path: PathBuf,
-    inner: Mutex<Inner>,
+    shared: Arc<Shared>,
+    committer: Option<JoinHandle<()>>,
     _lock: File,
 }
 
@@ -124,6 +159,16 @@ impl Overlay {
     /// references (written by a process that died before recording them, or released but
     /// not yet deleted) are deleted.
     pub fn open(dir: impl AsRef<Path>) -> Result<Overlay, OverlayError> {
+        Self::open_with_window(dir, DEFAULT_GROUP_WINDOW)
+    }
+
+    /// [`Overlay::open`] with a chosen group-commit window: how long a mutation may stay
+    /// uncommitted (lost by a kill -9) before a background commit. Tests use a long one to
+    /// make a crash between group commits deterministic.
+    pub fn open_with_window(
+        dir: impl AsRef<Path>,
+        window: Duration,
+    ) -> Result<Overlay, OverlayError> {
         let dir = dir.as_ref().to_path_buf();
         let staging_dir = dir.join("staging");
         let dir_err = |path: &Path| {
@@ -150,6 +195,9 @@ impl Overlay {
             source,
         };
         let conn = Connection::open(&journal_path).map_err(jerr)?;
+        // Normal (shared) locking, not EXCLUSIVE: only this process writes (the lock file
+        // above guarantees it), but `cairn status` reads the journal while the daemon runs
+        // (see `pending`). Group commit below is what keeps the per-operation cost low.
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(jerr)?;
         // NORMAL in WAL mode fsyncs only at checkpoints, and a checkpoint always syncs the
@@ -212,15 +260,33 @@ impl Overlay {
             tracing::info!(records, dir = %dir.display(), "overlay replayed unflushed changes");
         }
 
-        Ok(Overlay {
-            dir,
-            staging_dir,
-            journal_path,
+        let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 conn,
                 next_gen: max_gen as u64 + 1,
                 next_staging: max_staging + 1,
+                group: None,
+                lost_commit: false,
+                shutdown: false,
             }),
+            cv: Condvar::new(),
+            staging_dir: staging_dir.clone(),
+            window,
+        });
+        let committer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("cairn-overlay-commit".into())
+                .spawn(move || shared.run_committer())
+                .map_err(dir_err(&dir))?
+        };
+
+        Ok(Overlay {
+            dir,
+            staging_dir,
+            journal_path,
+            shared,
+            committer: Some(committer),
             _lock: lock,
         })
     }
@@ -230,9 +296,37 @@ impl Overlay {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the connection mid-transaction (the
-        // transaction rolls back on drop), so the data behind a poisoned lock is still sound.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
+    }
+
+    /// Commits the open group transaction now, if any.
+    pub fn commit(&self) -> Result<(), OverlayError> {
+        let mut inner = self.lock();
+        self.shared
+            .commit_group(&mut inner)
+            .map_err(|e| self.jerr(e))
+    }
+
+    /// Test support: stops like a killed process would, abandoning the open group (its
+    /// mutations and the deletion of the staging files they released) without committing.
+    #[doc(hidden)]
+    pub fn abandon(mut self) {
+        self.stop_committer();
+        let mut inner = self.lock();
+        inner.group = None;
+        if !inner.conn.is_autocommit() {
+            let _ = inner.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn stop_committer(&mut self) {
+        self.lock().shutdown = true;
+        self.shared.cv.notify_all();
+        if let Some(t) = self.committer.take()
+            && t.join().is_err()
+        {
+            tracing::error!("overlay commit thread panicked");
+        }
     }
 
     fn jerr(&self, source: rusqlite::Error) -> OverlayError {
@@ -276,7 +370,12 @@ impl Overlay {
 
     /// Every record, in path order: what a flush has to fold into the next snapshot.
     pub fn dirty(&self) -> Result<Vec<(String, Record)>, OverlayError> {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        // A snapshot must never hold changes a crash could still take out of the overlay:
+        // the overlay would then come back older than the snapshot and shadow it.
+        self.shared
+            .commit_group(&mut inner)
+            .map_err(|e| self.jerr(e))?;
         let mut stmt = inner
             .conn
             .prepare_cached(&format!("SELECT {COLUMNS} FROM records ORDER BY path"))
@@ -406,6 +505,7 @@ impl Overlay {
     pub fn retire(&self, committed: &[(String, u64)]) -> Result<Vec<StagingId>, OverlayError> {
         let mut inner = self.lock();
         let result = (|| {
+            self.shared.commit_group(&mut inner)?;
             let tx = Transaction::new(&mut inner.conn, TransactionBehavior::Immediate)?;
             let mut released = Vec::new();
             for (path, generation) in committed {
@@ -454,14 +554,18 @@ impl Overlay {
             .map_err(|source| OverlayError::Staging { path, source })
     }
 
-    /// Deletes a staging file; a file that is already gone is not an error.
+    /// Deletes a staging file; a file that is already gone is not an error. While a group
+    /// transaction is open the deletion waits for its commit, because the release that made
+    /// the file unreferenced is not durable yet.
     pub fn remove_staging(&self, id: StagingId) -> Result<(), OverlayError> {
-        let path = self.staging_path(id);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(OverlayError::Staging { path, source }),
+        {
+            let mut inner = self.lock();
+            if let Some(g) = inner.group.as_mut() {
+                g.removals.push(id);
+                return Ok(());
+            }
         }
+        remove_staging_file(&self.staging_dir, id)
     }
 
     /// Makes everything committed so far survive power loss. Staging file *contents* are the
@@ -473,7 +577,19 @@ impl Overlay {
                 path: self.staging_dir.clone(),
                 source,
             })?;
-        let inner = self.lock();
+        let mut inner = self.lock();
+        self.shared
+            .commit_group(&mut inner)
+            .map_err(|e| self.jerr(e))?;
+        if std::mem::take(&mut inner.lost_commit) {
+            return Err(self.jerr(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some(
+                    "a group commit failed since the last fsync; changes made since were lost"
+                        .into(),
+                ),
+            )));
+        }
         let conn = &inner.conn;
         // One commit with synchronous=FULL fsyncs the WAL. The WAL is append-only and every
         // earlier commit's frames precede this one in it (or were already checkpointed into
@@ -494,18 +610,32 @@ impl Overlay {
         result.map_err(|e| self.jerr(e))
     }
 
+    /// Runs one mutation inside the group transaction (opening one if needed): atomic on
+    /// its own through a savepoint, committed together with its neighbours.
     fn mutate(
         &self,
-        f: impl FnOnce(&Transaction<'_>, u64) -> Result<Vec<StagingId>, MutateError>,
+        f: impl FnOnce(&Connection, u64) -> Result<Vec<StagingId>, MutateError>,
     ) -> Result<Change, OverlayError> {
         let mut inner = self.lock();
         let generation = inner.next_gen;
         let result = (|| {
-            let tx = Transaction::new(&mut inner.conn, TransactionBehavior::Immediate)?;
-            let released = f(&tx, generation)?;
-            tx.commit()?;
+            if inner.group.is_none() {
+                inner.conn.execute_batch("BEGIN IMMEDIATE")?;
+                inner.group = Some(Group {
+                    since: Instant::now(),
+                    ops: 0,
+                    removals: Vec::new(),
+                });
+                self.shared.cv.notify_all();
+            }
+            let sp = inner.conn.savepoint()?;
+            let released = f(&sp, generation)?;
+            sp.commit()?;
             Ok(released)
         })();
+        if let Err(e) = self.shared.end_op(&mut inner, result.is_ok()) {
+            return Err(self.jerr(e));
+        }
         match result {
             Ok(released) => {
                 inner.next_gen += 1;
@@ -524,6 +654,97 @@ impl Overlay {
             MutateError::Sql(e) => self.jerr(e),
             MutateError::Overlay(e) => e,
         }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        self.stop_committer();
+        let mut inner = self.lock();
+        if let Err(e) = self.shared.commit_group(&mut inner) {
+            tracing::error!(error = %e, "could not commit the overlay journal at close");
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-done mutation behind (its
+        // savepoint rolls back on drop), so the data behind a poisoned lock is still sound.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bookkeeping after a mutation: commits early when the group is big enough.
+    fn end_op(&self, inner: &mut Inner, ok: bool) -> Result<(), rusqlite::Error> {
+        let Some(g) = inner.group.as_mut() else {
+            return Ok(());
+        };
+        if ok {
+            g.ops += 1;
+        }
+        if g.ops >= GROUP_MAX_OPS || g.since.elapsed() >= self.window {
+            self.commit_group(inner)?;
+        }
+        Ok(())
+    }
+
+    fn commit_group(&self, inner: &mut Inner) -> Result<(), rusqlite::Error> {
+        let Some(group) = inner.group.take() else {
+            return Ok(());
+        };
+        if let Err(e) = inner.conn.execute_batch("COMMIT") {
+            // The records are back to the last commit, which still references the staging
+            // files this group released, so those stay.
+            if !inner.conn.is_autocommit() {
+                let _ = inner.conn.execute_batch("ROLLBACK");
+            }
+            tracing::error!(error = %e, ops = group.ops, "overlay group commit failed; its changes are lost");
+            inner.lost_commit = true;
+            return Err(e);
+        }
+        for id in group.removals {
+            if let Err(e) = remove_staging_file(&self.staging_dir, id) {
+                tracing::warn!(error = %e, "could not delete a released staging file; the next open removes it");
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits each group once its window has passed, so an idle mount does not keep
+    /// acknowledged changes uncommitted.
+    fn run_committer(&self) {
+        let mut inner = self.lock();
+        loop {
+            if inner.shutdown {
+                return;
+            }
+            let deadline = inner.group.as_ref().map(|g| g.since + self.window);
+            match deadline {
+                None => inner = self.cv.wait(inner).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if d <= now {
+                        // A failure is logged and remembered for the next fsync.
+                        let _ = self.commit_group(&mut inner);
+                    } else {
+                        inner = self
+                            .cv
+                            .wait_timeout(inner, d - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn remove_staging_file(staging_dir: &Path, id: StagingId) -> Result<(), OverlayError> {
+    let path = staging_dir.join(id.to_string());
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(OverlayError::Staging { path, source }),
     }
 }
 
@@ -561,7 +782,7 @@ fn check_move(from: &str, to: &str) -> Result<(), OverlayError> {
 }
 
 fn move_subtree(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     from: &str,
     to: &str,
     generation: u64,

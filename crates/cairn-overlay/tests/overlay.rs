@@ -1,6 +1,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::time::Duration;
 
 use cairn_overlay::{Data, Kind, Overlay, OverlayError, Record, StagingId};
 use proptest::prelude::*;
@@ -98,19 +99,32 @@ fn second_open_of_same_dir_is_refused() {
 const CHILD_ENV: &str = "CAIRN_OVERLAY_TEST_CHILD_DIR";
 
 /// Runs as a child process of `survives_abort_of_writer_process`: writes, then dies without
-/// running any destructor, like kill -9.
+/// running any destructor, like kill -9. The group window is long enough that nothing commits
+/// except what the barrier commits.
 #[test]
 fn child_writer_process() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let ov = Overlay::open(&dir).unwrap();
+    let ov = Overlay::open_with_window(&dir, Duration::from_secs(3600)).unwrap();
     let (id, f) = ov.create_staging().unwrap();
     f.write_all_at(b"survivor", 0).unwrap();
     ov.put("kept.txt", file(8, Data::Staged(id))).unwrap();
+    ov.durable_barrier().unwrap();
     for i in 0..100 {
         ov.put(&format!("d/{i:03}"), file(i, Data::Base)).unwrap();
     }
+    // An uncommitted overwrite releases the barrier's staging file; deleting it must wait
+    // for the commit that never comes.
+    let (newer, n) = ov.create_staging().unwrap();
+    n.write_all_at(b"uncommitted", 0).unwrap();
+    let change = ov.put("kept.txt", file(11, Data::Staged(newer))).unwrap();
+    assert_eq!(change.released, vec![id]);
+    ov.remove_staging(id).unwrap();
+    assert!(
+        ov.staging_path(id).exists(),
+        "deletion waits for the group commit"
+    );
     // An unreferenced staging file, as a crash between create_staging and put leaves.
     let (_orphan, o) = ov.create_staging().unwrap();
     o.write_all_at(b"orphan", 0).unwrap();
@@ -129,17 +143,87 @@ fn survives_abort_of_writer_process() {
     assert!(!status.success(), "the child is meant to abort");
     let ov = Overlay::open(tmp.path()).unwrap();
     let rec = ov.get("kept.txt").unwrap().unwrap();
+    assert_eq!(
+        rec.size, 8,
+        "the barrier's state, not the uncommitted overwrite"
+    );
     let mut buf = [0u8; 8];
     ov.open_staging(rec.staging().unwrap())
         .unwrap()
         .read_exact_at(&mut buf, 0)
         .unwrap();
     assert_eq!(&buf, b"survivor");
-    assert_eq!(ov.children("d").unwrap().len(), 100);
+    assert_eq!(
+        ov.children("d").unwrap().len(),
+        0,
+        "the open group is lost whole"
+    );
     let files = std::fs::read_dir(tmp.path().join("staging"))
         .unwrap()
         .count();
-    assert_eq!(files, 1, "the orphan staging file is deleted on open");
+    assert_eq!(
+        files, 1,
+        "only the referenced staging file is left: unreferenced ones are deleted on open"
+    );
+}
+
+/// A crash between group commits keeps exactly the committed prefix of the history, each
+/// multi-record operation whole, and every staging file a surviving record references.
+#[test]
+fn crash_between_group_commits_keeps_the_committed_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = Duration::from_secs(3600);
+    let ov = Overlay::open_with_window(tmp.path(), long).unwrap();
+    let (a, fa) = ov.create_staging().unwrap();
+    fa.write_all_at(b"aaaa", 0).unwrap();
+    ov.put("dir", dir()).unwrap();
+    ov.put("dir/a", file(4, Data::Staged(a))).unwrap();
+    ov.put("dir/b", file(0, Data::None)).unwrap();
+    ov.commit().unwrap();
+    let committed = ov.dirty().unwrap();
+
+    // The open group: a subtree move, a deletion releasing a staging file, new records.
+    ov.rename_subtree("dir", "moved").unwrap();
+    let change = ov.remove("moved/a").unwrap();
+    assert_eq!(change.released, vec![a]);
+    ov.remove_staging(a).unwrap();
+    ov.put("new", file(1, Data::Base)).unwrap();
+    assert!(
+        ov.get("moved/b").unwrap().is_some(),
+        "reads see the open group"
+    );
+    ov.abandon();
+
+    let ov = Overlay::open_with_window(tmp.path(), long).unwrap();
+    assert_eq!(ov.dirty().unwrap(), committed);
+    let rec = ov.get("dir/a").unwrap().unwrap();
+    let mut buf = [0u8; 4];
+    ov.open_staging(rec.staging().unwrap())
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, b"aaaa");
+
+    // The same release done again is deleted once its group commits.
+    let g = ov.remove("dir/a").unwrap();
+    assert_eq!(g.released, vec![a]);
+    ov.remove_staging(a).unwrap();
+    assert!(ov.staging_path(a).exists());
+    ov.commit().unwrap();
+    assert!(!ov.staging_path(a).exists());
+}
+
+/// An idle overlay commits its open group after the window on its own: a crash some time
+/// after the last change loses nothing.
+#[test]
+fn open_group_commits_after_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ov = Overlay::open_with_window(tmp.path(), Duration::from_millis(20)).unwrap();
+    ov.put("x", dir()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ov.abandon();
+    let ov = Overlay::open(tmp.path()).unwrap();
+    assert!(ov.get("x").unwrap().is_some());
 }
 
 #[test]
