@@ -329,6 +329,16 @@ impl Invalidator {
         self.notify(entries, inodes);
     }
 
+    /// Those of `paths` that hold local changes not yet flushed (overlay records): edits
+    /// made on top of whatever the base showed before it changed.
+    pub fn dirty(&self, paths: &[String]) -> Vec<String> {
+        paths
+            .iter()
+            .filter(|p| matches!(self.core.overlay.get(p), Ok(Some(r)) if r.kind != cairn_overlay::Kind::Whiteout))
+            .cloned()
+            .collect()
+    }
+
     /// Drops every kernel cache entry this mount handed out.
     pub fn invalidate_all(&self) {
         let (entries, inodes) = {

@@ -3,8 +3,8 @@
 //! The allowlist is an [`EndpointHooks::after_handshake`] hook, so it applies to every ALPN
 //! before any protocol handler sees the connection: a non-member's connection is closed
 //! right after the TLS handshake (its `connect()` may succeed, its first stream fails). The
-//! one exception is the pairing ALPN, which non-members may use while an invitation is
-//! pending (see [`crate::pairing`]).
+//! one exception is the pairing ALPN, which non-members may use to prove an invitation token
+//! or the vault's recovery token (see [`crate::pairing`]).
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -130,10 +130,10 @@ impl EndpointHooks for Allowlist {
         if self.members.contains(&remote) {
             return AfterHandshakeOutcome::Accept;
         }
-        if conn.alpn() == PAIR_ALPN
-            && let Some(pairing) = &self.pairing
-            && pairing.has_live_invitation()
-        {
+        // Strangers may always reach the pairing ALPN of a device that can invite: they
+        // get nothing without a proof made from a live invitation's token or from the
+        // vault's recovery token (see `pairing`).
+        if conn.alpn() == PAIR_ALPN && self.pairing.is_some() {
             return AfterHandshakeOutcome::Accept;
         }
         tracing::debug!(device = %remote.short(), "refusing connection from a non-member");

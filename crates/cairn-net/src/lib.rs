@@ -23,7 +23,7 @@ pub use endpoint::{
 };
 pub use pairing::{
     Invitation, JoinResult, Joined, MemberInfo, PAIR_ALPN, PairError, Pairing, PairingEvent,
-    PairingProtocol, Ticket, TicketError, join,
+    PairingProtocol, Ticket, TicketError, join, recovery_token,
 };
 pub use registry_proto::{
     PushResult, REGISTRY_ALPN, RegistryClient, RegistryProtoError, RegistryProtocol, RosterMessage,

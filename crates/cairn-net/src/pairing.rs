@@ -218,6 +218,12 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The standing pairing token of a vault, derived from its secret (so from its recovery
+/// phrase): `cairn recover` uses it to rejoin through any member without an invitation.
+pub fn recovery_token(secret: &VaultSecret) -> [u8; 32] {
+    secret.derive("cairn pairing recovery token v1")
+}
+
 fn proof(token: &[u8; 32], context: &[u8], inviter: &DeviceId, joiner: &DeviceId) -> blake3::Hash {
     let mut h = blake3::Hasher::new_keyed(token);
     h.update(context);
@@ -387,7 +393,7 @@ impl Pairing {
         self.state().pending.clear();
     }
 
-    /// Whether any invitation is pending and unexpired (opens the pairing ALPN to strangers).
+    /// Whether any invitation is pending and unexpired.
     pub fn has_live_invitation(&self) -> bool {
         let now = unix_now();
         self.state().pending.values().any(|&exp| exp > now)
@@ -422,6 +428,12 @@ impl Pairing {
             .iter()
             .find(|(t, _)| proof(t, JOIN_CONTEXT, inviter, joiner) == mac)
             .map(|(t, exp)| (*t, *exp));
+        // The recovery token is derived from the vault secret: whoever holds the recovery
+        // phrase may (re)join at any time, as often as needed.
+        let recovery = recovery_token(&self.0.secret);
+        if proof(&recovery, JOIN_CONTEXT, inviter, joiner) == mac {
+            return Ok(recovery);
+        }
         if let Some((token, exp)) = hit {
             st.pending.remove(&token);
             st.spent.insert(token);

@@ -94,6 +94,17 @@ enum Command {
         #[arg(long, value_name = "MS")]
         debounce_ms: Option<u64>,
     },
+    /// Rebuild this device from the vault's recovery phrase (read from stdin) and one
+    /// reachable member, then mount at MOUNTPOINT (or only sync with --no-mount).
+    Recover {
+        /// A member to recover from: `DEVICE_ID@HOST:PORT` (see `cairn peers` there).
+        #[arg(long, value_name = "DEVICE@HOST:PORT")]
+        from: String,
+        #[arg(required_unless_present = "no_mount")]
+        mountpoint: Option<PathBuf>,
+        #[arg(long)]
+        no_mount: bool,
+    },
     /// Run the sync daemon without mounting (an always-on replica).
     Sync,
     /// List the vault's member devices and whether they are connected.
@@ -275,6 +286,36 @@ fn run(cli: Cli) -> Result<()> {
                 _ => daemon::sync_only(&state, settings)?,
             }
         }
+        Command::Recover {
+            from,
+            mountpoint,
+            no_mount,
+        } => {
+            let settings = net_settings(&config);
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("cairn: type the 24-word recovery phrase, then Enter:");
+            }
+            let mut phrase = String::new();
+            std::io::stdin()
+                .read_line(&mut phrase)
+                .map_err(|e| anyhow::anyhow!("cannot read the recovery phrase from stdin: {e}"))?;
+            let state = daemon::recover_vault(&data_dir, &cli.vault, &phrase, &from, settings)?;
+            eprintln!(
+                "cairn: recovered vault {} as new device {}; its data now syncs from the members",
+                state.secret.vault_id(),
+                state.device.device_id()
+            );
+            match mountpoint {
+                Some(mp) if !no_mount => {
+                    let opts = cairn_fuse::MountOptions {
+                        flush_debounce: std::time::Duration::from_millis(config.mount.debounce_ms),
+                        ..Default::default()
+                    };
+                    daemon::mount(&state, &mp, opts, &config.cache, Some(settings))?;
+                }
+                _ => daemon::sync_only(&state, settings)?,
+            }
+        }
         Command::Sync => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
             daemon::sync_only(&state, net_settings(&config))?;
@@ -284,8 +325,15 @@ fn run(cli: Cli) -> Result<()> {
             let me = state.device.device_id();
             match daemon::control_request(&state.dir, "peers")? {
                 Some(reply) => {
-                    println!("{me}  this device");
-                    for line in reply.lines().filter(|l| !l.is_empty()) {
+                    let own = reply
+                        .lines()
+                        .find_map(|l| l.strip_prefix("me "))
+                        .unwrap_or("");
+                    println!("{me}  this device, listening on {own}");
+                    for line in reply
+                        .lines()
+                        .filter(|l| !l.is_empty() && !l.starts_with("me "))
+                    {
                         let f: Vec<&str> = line.split(' ').collect();
                         if f.len() < 4 {
                             continue;

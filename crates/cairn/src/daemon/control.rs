@@ -101,7 +101,13 @@ fn handle(stream: UnixStream, net: &Arc<Inner>) -> Result<()> {
             format!("ok {}\n", inv.ticket)
         }
         (Some("peers"), _) => {
-            let mut out = String::from("ok\n");
+            let own: Vec<String> = net
+                .endpoint
+                .addr()
+                .ip_addrs()
+                .map(|a| a.to_string())
+                .collect();
+            let mut out = format!("ok\nme {}\n", own.join(","));
             for p in net.peer_status() {
                 out.push_str(&peer_line(&p));
             }

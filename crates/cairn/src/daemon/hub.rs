@@ -26,9 +26,9 @@ pub struct Hub {
     base: Option<Arc<VaultBase>>,
     invalidator: Mutex<Option<Invalidator>>,
     announce: RwLock<Option<Announce>>,
-    /// Paths a merged peer snapshot changed since the mount last flushed. A local edit of one
-    /// of them may have been made on top of the content the peer replaced; the flush keeps
-    /// such an edit as a conflict copy instead of silently overwriting the peer's version.
+    /// Paths a merged peer snapshot changed while the mount held unflushed local edits of
+    /// them: those edits were made on top of the content the peer replaced, so the flush
+    /// keeps them as conflict copies instead of silently overwriting the peer's version.
     peer_touched: Mutex<HashSet<String>>,
 }
 
@@ -130,14 +130,6 @@ impl Hub {
                 }
             }
         }
-        {
-            let mut touched = self.peer_touched.lock().unwrap_or_else(|e| e.into_inner());
-            if all || touched.len() + paths.len() > PEER_TOUCHED_MAX {
-                touched.clear();
-            } else {
-                touched.extend(paths.iter().cloned());
-            }
-        }
         let inv = self
             .invalidator
             .lock()
@@ -146,6 +138,17 @@ impl Hub {
         let Some(inv) = inv else {
             return;
         };
+        {
+            // Only paths with unflushed local edits can race this change: a clean path will
+            // show the new content before anyone edits it.
+            let raced = if all { Vec::new() } else { inv.dirty(&paths) };
+            let mut touched = self.peer_touched.lock().unwrap_or_else(|e| e.into_inner());
+            if touched.len() + raced.len() > PEER_TOUCHED_MAX {
+                touched.clear();
+            } else {
+                touched.extend(raced);
+            }
+        }
         if all {
             inv.invalidate_all();
         } else {

@@ -29,6 +29,52 @@ pub fn join_vault(
         .trim()
         .parse()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    join_with(data_dir, name, &ticket, settings)
+}
+
+/// `cairn recover`: rebuilds this device's membership from the recovery phrase and one
+/// reachable member, given as `DEVICE_ID@HOST:PORT` (both shown by `cairn peers` and in the
+/// member's log). The phrase's standing recovery token stands in for an invitation.
+pub fn recover_vault(
+    data_dir: &Path,
+    name: &str,
+    phrase: &str,
+    from: &str,
+    settings: NetSettings,
+) -> Result<VaultState> {
+    let secret = cairn_crypto::VaultSecret::from_phrase(phrase.trim()).map_err(|e| {
+        anyhow::anyhow!(
+            "the recovery phrase is not valid ({e}); check the 24 words and their order"
+        )
+    })?;
+    let (dev, addr) = from.split_once('@').ok_or_else(|| {
+        anyhow::anyhow!(
+            "--from must be DEVICE_ID@HOST:PORT (see `cairn peers` on that member), got {from:?}"
+        )
+    })?;
+    let inviter: cairn_crypto::DeviceId = dev
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{dev:?} is not a device id: {e}"))?;
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .with_context(|| format!("cannot resolve {addr:?}; give HOST:PORT"))?
+        .collect();
+    let ticket = Ticket {
+        inviter,
+        addrs,
+        vault: secret.vault_id(),
+        token: cairn_net::recovery_token(&secret),
+        expires_at: u64::MAX,
+    };
+    join_with(data_dir, name, &ticket, settings)
+}
+
+fn join_with(
+    data_dir: &Path,
+    name: &str,
+    ticket: &Ticket,
+    settings: NetSettings,
+) -> Result<VaultState> {
+    let ticket = ticket.clone();
     let dir = vault_dir(data_dir, name);
     if dir.join("vault.secret").exists() {
         bail!(

@@ -17,7 +17,7 @@ mod stores;
 pub use control::request as control_request;
 pub use device::{Device, now_ms};
 pub use history::{format_time, log, mount_at, parse_time};
-pub use join::join_vault;
+pub use join::{join_vault, recover_vault};
 pub use mount::{mount, sync_only, unmount, writable_mount};
 pub use net::NetSettings;
 pub use restore::restore;

@@ -366,7 +366,26 @@ impl Inner {
         }
         let own = device.vault().keys().identity.recipient();
         match recipients(&device.registry, &self.vault, own) {
-            Ok(r) => device.vault().set_recipients(r),
+            Ok(r) => {
+                let mut vault = device.vault();
+                if vault.keys().recipients != r {
+                    vault.set_recipients(r);
+                    // Our current head was sealed to the old member list: a new member could
+                    // not open it (and so not merge anything of ours until our next edit), a
+                    // removed one still could. Re-seal the same state to the new list now.
+                    if vault.head().is_some() {
+                        match self.hub.publish(&mut vault, now_ms()) {
+                            Ok(r) => tracing::info!(
+                                revision = r.revision.0,
+                                "re-sealed the current snapshot to the new member list"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(error = %format!("{e:#}"), "cannot re-seal the current snapshot; the next flush will")
+                            }
+                        }
+                    }
+                }
+            }
             Err(e) => tracing::error!(error = %e, "cannot read member recipients"),
         }
         let wanted: HashSet<DeviceId> = members.into_iter().filter(|d| *d != self.me).collect();

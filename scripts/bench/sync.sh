@@ -1,0 +1,328 @@
+#!/usr/bin/env bash
+# Sync benchmarks between devices on loopback (release build; relays disabled; 127.0.0.1 only).
+#
+#   (a) latency of a 4 KiB file from write+close on A until readable (right content) on B:
+#       TRIALS trials, p50/p95, with the default debounce and with --debounce-ms 50
+#   (b) a 1 GiB random file: close on A → B shows the full size / B's store stops growing /
+#       B's copy hashes equal; B's fetch window (first to last blob arriving in B's store);
+#       baseline: the same file moved by a bare iroh-blobs FsStore→FsStore transfer
+#       (crates/cairn-net/examples/blob_baseline.rs) and the ratio of the two throughputs
+#   (c) 1,000 small (4 KiB) files dropped at once on A: time until all are on B (RUNS runs)
+#   (d) idle RSS and CPU% over 30 s of each daemon of a 100k-file vault with two peers
+#
+# Usage: scripts/bench/sync.sh [all|latency|big|many|idle]...   (default: all)
+# Env: TRIALS (25), RUNS (3), BIG_MIB (1024), IDLE_FILES (100000), BENCH_DIR (target/).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+TRIALS="${TRIALS:-25}"
+RUNS="${RUNS:-3}"
+BIG_MIB="${BIG_MIB:-1024}"
+IDLE_FILES="${IDLE_FILES:-100000}"
+WHAT=("${@:-all}")
+want() { for w in "${WHAT[@]}"; do [[ "$w" == all || "$w" == "$1" ]] && return 0; done; return 1; }
+
+cargo build --release --locked -q -p cairn
+cargo build --release --locked -q -p cairn-net --example blob_baseline
+BIN="$ROOT/target/release/cairn"
+BASELINE="$ROOT/target/release/examples/blob_baseline"
+
+# Never leave loopback.
+export CAIRN_BIND=127.0.0.1:0 CAIRN_RELAY=disabled
+export RUST_LOG="${RUST_LOG:-info}"
+unset CAIRN_DATA_DIR CAIRN_VAULT
+
+WORK="$(mktemp -d "${BENCH_DIR:-$ROOT/target}/sync-bench-XXXXXX")"
+PIDS=()
+MOUNTS=()
+cleanup() {
+    set +e
+    for m in "${MOUNTS[@]}"; do
+        if grep -q " $m .* fuse" /proc/self/mountinfo; then
+            "$BIN" --data-dir "$(dirname "$m")/data" unmount "$m" >/dev/null 2>&1 &
+        fi
+    done
+    wait_pids 60
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+    for m in "${MOUNTS[@]}"; do
+        grep -q " $m .* fuse" /proc/self/mountinfo && fusermount3 -u -z "$m" 2>/dev/null
+    done
+    rm -rf "$WORK"
+}
+wait_pids() { # wait up to $1 s for every daemon we started to exit
+    local t=0
+    for p in "${PIDS[@]}"; do
+        while kill -0 "$p" 2>/dev/null && (( t < $1 * 10 )); do sleep 0.1; t=$((t + 1)); done
+    done
+}
+trap cleanup EXIT
+
+# dev DIR: run cairn for the device in DIR (own data dir and XDG dirs).
+dev() {
+    local d="$1"; shift
+    XDG_CONFIG_HOME="$d/config" XDG_DATA_HOME="$d/xdg" "$BIN" --data-dir "$d/data" "$@"
+}
+wait_mounted() { # DIR LOGFILE
+    for _ in $(seq 600); do
+        grep -q "mounted at $1\$" "$2" 2>/dev/null && grep -q " $1 .* fuse" /proc/self/mountinfo && return 0
+        sleep 0.1
+    done
+    echo "mount $1 not ready; log:" >&2; tail -20 "$2" >&2; exit 1
+}
+# start_dev DIR DEBOUNCE [TICKET]: init+mount (no ticket) or join+mount, in the background.
+start_dev() {
+    local d="$1" deb="$2" ticket="${3:-}"
+    mkdir -p "$d/mnt" "$d/data"
+    if [[ -z "$ticket" ]]; then
+        dev "$d" mount --init "$d/mnt" --debounce-ms "$deb" >>"$d/log" 2>&1 &
+    else
+        dev "$d" join "$ticket" "$d/mnt" --debounce-ms "$deb" >>"$d/log" 2>&1 &
+    fi
+    PIDS+=($!)
+    MOUNTS+=("$d/mnt")
+    echo $! >"$d/pid"
+    wait_mounted "$d/mnt" "$d/log"
+}
+stop_dev() {
+    dev "$1" unmount "$1/mnt" >/dev/null 2>&1 || fusermount3 -u -z "$1/mnt"
+    local p; p="$(cat "$1/pid")"
+    while kill -0 "$p" 2>/dev/null; do sleep 0.1; done
+}
+# pair NAME DEBOUNCE [N=2]: devices $WORK/NAME/{a,b[,c]}, b and c joined through a's tickets.
+pair() {
+    local base="$WORK/$1" deb="$2" n="${3:-2}"
+    start_dev "$base/a" "$deb"
+    start_dev "$base/b" "$deb" "$(dev "$base/a" invite 2>/dev/null)"
+    if (( n == 3 )); then start_dev "$base/c" "$deb" "$(dev "$base/a" invite 2>/dev/null)"; fi
+}
+stop_pair() {
+    for x in c b a; do [[ -d "$WORK/$1/$x" ]] && stop_dev "$WORK/$1/$x"; done
+    return 0
+}
+
+echo "cairn sync benchmarks — $(date -u +%FT%TZ), $(nproc) cores, work dir $WORK"
+
+# ---------------------------------------------------------------------------------------
+if want latency; then
+    for deb in 500 50; do
+        pair "lat$deb" "$deb"
+        A="$WORK/lat$deb/a/mnt" B="$WORK/lat$deb/b/mnt"
+        python3 - "$A" "$B" "$TRIALS" "$deb" <<'PY'
+import os, sys, time
+a, b, n, deb = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+# warm-up: the first transfer also opens connections
+open(os.path.join(a, "warm"), "wb").write(b"w")
+while not os.path.exists(os.path.join(b, "warm")): time.sleep(0.01)
+lat = []
+for i in range(n):
+    data = os.urandom(4096)
+    name = f"lat-{i}.bin"
+    t0 = time.monotonic()
+    with open(os.path.join(a, name), "wb") as f:
+        f.write(data)
+    tp = os.path.join(b, name)
+    while True:
+        try:
+            with open(tp, "rb") as f:
+                if f.read() == data: break
+        except OSError:
+            pass
+        if time.monotonic() - t0 > 60: sys.exit(f"trial {i}: not on B after 60 s")
+        time.sleep(0.002)
+    lat.append(time.monotonic() - t0)
+    time.sleep(0.2)
+lat.sort()
+q = lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))]
+print(f"(a) 4 KiB latency, debounce {deb} ms, {n} trials: p50 {q(0.5)*1000:.0f} ms, "
+      f"p95 {q(0.95)*1000:.0f} ms, min {lat[0]*1000:.0f} ms, max {lat[-1]*1000:.0f} ms")
+PY
+        stop_pair "lat$deb"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+if want big; then
+    pair big 500
+    D="$WORK/big"
+    SRC="$WORK/big-src.bin"
+    # The source file outside the mount: the same bytes go through cairn and the baseline.
+    python3 - "$SRC" "$BIG_MIB" <<'PY'
+import os, sys
+with open(sys.argv[1], "wb") as f:
+    for _ in range(int(sys.argv[2])): f.write(os.urandom(1 << 20))
+PY
+    FETCH_OUT="$WORK/fetch.txt" python3 - "$SRC" "$D/a/mnt/big.bin" "$D/b/mnt/big.bin" "$D/a/data/vaults/default/store" "$D/b/data/vaults/default/store" <<'PY'
+import hashlib, os, sys, time
+src, a, b, sa, sb = sys.argv[1:]
+def count(store):
+    n = 0
+    try:
+        for d in os.scandir(store):
+            if d.is_dir():
+                n += sum(1 for f in os.scandir(d.path) if not f.name.startswith("."))
+    except FileNotFoundError:
+        pass
+    return n
+size = os.path.getsize(src)
+h = hashlib.sha256()
+a0, b0 = count(sa), count(sb)
+t_start = time.monotonic()
+with open(src, "rb") as fi, open(a, "wb") as fo:
+    while True:
+        buf = fi.read(1 << 20)
+        if not buf: break
+        h.update(buf); fo.write(buf)
+t_close = time.monotonic()
+want = h.hexdigest()
+t_size = None; first_b = None; last_b = None; last_a = t_close
+na_prev, nb_prev = count(sa), count(sb)
+stable_since = None
+while True:
+    now = time.monotonic()
+    na, nb = count(sa), count(sb)
+    if na != na_prev: last_a, na_prev = now, na
+    if nb != nb_prev:
+        if first_b is None: first_b = now
+        last_b, nb_prev = now, nb
+        stable_since = None
+    if t_size is None:
+        try:
+            if os.path.getsize(b) == size: t_size = now
+        except OSError: pass
+    if t_size is not None and last_b is not None and nb > b0:
+        stable_since = stable_since or now
+        if now - stable_since > 3: break
+    if now - t_close > 1800: sys.exit("1 GiB file not on B after 30 min")
+    time.sleep(0.05)
+t_hash0 = time.monotonic()
+hb = hashlib.sha256()
+with open(b, "rb") as f:
+    while True:
+        buf = f.read(1 << 20)
+        if not buf: break
+        hb.update(buf)
+t_ok = time.monotonic()
+assert hb.hexdigest() == want, "B's copy differs"
+mib = size / (1 << 20)
+fetch = (last_b - first_b) if first_b else float("nan")
+print(f"(b) {mib:.0f} MiB: write on A {t_close - t_start:.1f} s; A's store stops growing "
+      f"{last_a - t_close:.1f} s after close; B shows full size after {t_size - t_close:.1f} s; "
+      f"B's last blob arrives {last_b - t_close:.1f} s after close "
+      f"({mib / (last_b - t_close):.0f} MiB/s end to end); "
+      f"B's fetch window (first→last blob) {fetch:.1f} s = {mib / fetch:.0f} MiB/s; "
+      f"{nb_prev - b0} blobs; B's copy verified (sha256 through the mount, {t_ok - t_hash0:.1f} s "
+      f"to read) {t_ok - t_close:.1f} s after close")
+open(os.environ.get("FETCH_OUT", "/dev/null"), "w").write(f"{mib / fetch:.3f}\n")
+PY
+    stop_pair big
+    rm -rf "$D"
+    for i in 1 2 3; do
+        rm -rf "$WORK/baseline"; mkdir -p "$WORK/baseline"
+        "$BASELINE" "$SRC" "$WORK/baseline"
+    done | tee "$WORK/baseline.txt" | sed 's/^/(b) baseline iroh-blobs FsStore→FsStore: /'
+    rm -rf "$WORK/baseline" "$SRC"
+    python3 - "$WORK/baseline.txt" "$WORK/fetch.txt" <<'PY'
+import re, sys, statistics
+v = [float(re.search(r"mib_s=([\d.]+)", l).group(1)) for l in open(sys.argv[1]) if "mib_s=" in l]
+base = statistics.median(v)
+cairn = float(open(sys.argv[2]).read())
+print(f"(b) baseline median {base:.0f} MiB/s over {len(v)} runs; cairn's fetch window "
+      f"{cairn:.0f} MiB/s = {cairn / base:.2f}× the bare iroh-blobs transfer")
+PY
+fi
+
+# ---------------------------------------------------------------------------------------
+if want many; then
+    pair many 500
+    python3 - "$WORK/many/a/mnt" "$WORK/many/b/mnt" "$RUNS" <<'PY'
+import os, statistics, sys, time
+a, b, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out = []
+for r in range(runs):
+    d = f"batch{r}"
+    os.mkdir(os.path.join(a, d))
+    t0 = time.monotonic()
+    for i in range(1000):
+        with open(os.path.join(a, d, f"f{i:04}.txt"), "wb") as f:
+            f.write(os.urandom(4096))
+    t_written = time.monotonic()
+    while True:
+        try:
+            names = os.listdir(os.path.join(b, d))
+            if len(names) == 1000 and all(
+                os.path.getsize(os.path.join(b, d, n)) == 4096 for n in names):
+                break
+        except OSError:
+            pass
+        if time.monotonic() - t0 > 600: sys.exit("1,000 files not on B after 10 min")
+        time.sleep(0.05)
+    t = time.monotonic()
+    out.append(t - t_written)
+    print(f"(c) run {r}: writing 1,000 × 4 KiB on A took {t_written - t0:.2f} s; "
+          f"all on B {t - t_written:.2f} s after the last close")
+    time.sleep(2)
+print(f"(c) 1,000 small files: median {statistics.median(out):.2f} s after the last close "
+      f"(runs: {', '.join(f'{x:.2f}' for x in out)})")
+PY
+    stop_pair many
+fi
+
+# ---------------------------------------------------------------------------------------
+if want idle; then
+    pair idle 500 3
+    D="$WORK/idle"
+    t0=$(date +%s.%N)
+    python3 - "$D/a/mnt" "$IDLE_FILES" <<'PY'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for d in range(n // 1000 + 1):
+    os.makedirs(os.path.join(root, f"d{d:03}"), exist_ok=True)
+for i in range(n):
+    with open(os.path.join(root, f"d{i // 1000:03}", f"f{i:06}"), "wb") as f:
+        f.write(b"%d\n" % i)
+PY
+    t1=$(date +%s.%N)
+    echo "(d) created $IDLE_FILES files through A's mount in $(awk "BEGIN{printf \"%.0f\", $t1 - $t0}") s"
+    # Wait until B and C show every file (sync settles), then let things calm down.
+    python3 - "$D" "$IDLE_FILES" <<'PY'
+import os, sys, time
+base, n = sys.argv[1], int(sys.argv[2])
+t0 = time.monotonic()
+for x in "bc":
+    root = os.path.join(base, x, "mnt")
+    while True:
+        try:
+            c = sum(len(os.listdir(os.path.join(root, d))) for d in os.listdir(root))
+        except OSError:
+            c = -1
+        if c == n: break
+        if time.monotonic() - t0 > 3600: sys.exit(f"{x}: {c} of {n} files after an hour")
+        time.sleep(2)
+    print(f"(d) device {x.upper()} shows all {n} files {time.monotonic() - t0:.0f} s after creation ended")
+PY
+    sleep 10
+    python3 - "$D" <<'PY'
+import os, sys, time
+base = sys.argv[1]
+hz = os.sysconf("SC_CLK_TCK")
+pids = {x: int(open(os.path.join(base, x, "pid")).read()) for x in "abc"}
+def cpu(p):
+    f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+def rss(p):
+    for l in open(f"/proc/{p}/status"):
+        if l.startswith("VmRSS"): return int(l.split()[1]) / 1024
+c0 = {x: cpu(p) for x, p in pids.items()}; t0 = time.monotonic()
+r = {x: [] for x in pids}
+while time.monotonic() - t0 < 30:
+    for x, p in pids.items(): r[x].append(rss(p))
+    time.sleep(1)
+dt = time.monotonic() - t0
+for x, p in pids.items():
+    pct = (cpu(p) - c0[x]) / hz / dt * 100
+    print(f"(d) idle daemon {x.upper()} (100k-file vault, two peers) over {dt:.0f} s: "
+          f"RSS {min(r[x]):.0f}–{max(r[x]):.0f} MB, CPU {pct:.2f}%")
+PY
+    stop_pair idle
+fi
+echo "done"

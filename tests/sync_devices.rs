@@ -1,0 +1,1440 @@
+//! Several devices syncing one vault over loopback: real daemons, real FUSE mounts, real
+//! `cairn invite` / `cairn join` pairing. Every process runs with `CAIRN_BIND=127.0.0.1:0` and
+//! `CAIRN_RELAY=disabled`: nothing leaves the machine.
+//!
+//! Each test asserts what a user would check by looking into the mounted folders (contents,
+//! names, modes, symlink targets, `cairn peers`), never how fast it happened: every wait polls
+//! with a generous deadline (the test machine may be two loaded cores) and a timeout panics
+//! with the tail of every daemon's log attached.
+//!
+//! A paused device (SIGSTOP) keeps its FUSE mount: nothing may touch that mount until the
+//! device is resumed, or the test would hang in the kernel. The harness never does.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::{cairn_bin, is_fuse_mounted, wait_deadline};
+use tempfile::TempDir;
+
+/// How long a daemon may take from spawn until its mount answers.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long an unmount / SIGTERM may take until the daemon has exited (the flush runs first).
+const STOP_DEADLINE: Duration = Duration::from_secs(90);
+/// Default deadline for a change to show up on another device.
+const SYNC_DEADLINE: Duration = Duration::from_secs(60);
+/// Deadline for the large files (100–200 MiB) to arrive and verify.
+const BIG_DEADLINE: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(50);
+
+// ---------------------------------------------------------------------------------------
+// harness
+// ---------------------------------------------------------------------------------------
+
+/// Output of a short-lived CLI command.
+struct CmdOut {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl CmdOut {
+    fn ok(&self) -> bool {
+        self.status.success()
+    }
+}
+
+/// One device: its own data dir, XDG dirs, mount point, log file and (while running) daemon.
+struct Device {
+    name: String,
+    /// `None` once deliberately leaked (never delete through a mount that would not go away).
+    root: Option<TempDir>,
+    base: PathBuf,
+    data: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    debounce_ms: Option<u64>,
+    paused: bool,
+}
+
+impl Device {
+    /// Directories only; no process yet.
+    fn new(name: &str, debounce_ms: Option<u64>) -> Device {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "these tests need /dev/fuse and fusermount3 (scripts/setup.sh)"
+        );
+        let root = tempfile::Builder::new()
+            .prefix(&format!("cairn-sync-{name}-"))
+            .tempdir()
+            .expect("create tempdir");
+        let base = root.path().canonicalize().unwrap();
+        let data = base.join("data");
+        let mnt = base.join("mnt");
+        fs::create_dir(&data).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        Device {
+            name: name.to_string(),
+            root: Some(root),
+            log: base.join("daemon.log"),
+            base,
+            data,
+            mnt,
+            child: None,
+            debounce_ms,
+            paused: false,
+        }
+    }
+
+    /// A new vault (`cairn mount --init`), mounted.
+    fn init(name: &str, debounce_ms: Option<u64>) -> Device {
+        let mut d = Device::new(name, debounce_ms);
+        let mnt = d.mnt_str();
+        d.spawn_daemon(&["mount", "--init", &mnt]);
+        d
+    }
+
+    /// A new device joining `inviter`'s vault with a fresh ticket, mounted.
+    fn join(name: &str, inviter: &Device, debounce_ms: Option<u64>) -> Device {
+        let ticket = inviter.invite("10m");
+        let mut d = Device::new(name, debounce_ms);
+        let mnt = d.mnt_str();
+        d.spawn_daemon(&["join", &ticket, &mnt]);
+        d
+    }
+
+    fn mnt_str(&self) -> String {
+        self.mnt.to_str().expect("utf-8 path").to_string()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    fn vault_dir(&self) -> PathBuf {
+        self.data.join("vaults").join("default")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(cairn_bin());
+        c.arg("--data-dir").arg(&self.data).args(args);
+        c.env("XDG_CONFIG_HOME", self.base.join("config"));
+        c.env("XDG_DATA_HOME", self.base.join("xdg-data"));
+        c.env_remove("CAIRN_DATA_DIR");
+        c.env_remove("CAIRN_VAULT");
+        // Never leave loopback.
+        c.env("CAIRN_BIND", "127.0.0.1:0");
+        c.env("CAIRN_RELAY", "disabled");
+        if std::env::var_os("RUST_LOG").is_none() {
+            c.env("RUST_LOG", "info");
+        }
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn note(&self, line: &str) {
+        let _ = log_file(&self.log).write_all(format!("=== harness: {line} ===\n").as_bytes());
+    }
+
+    /// Runs a short CLI command to completion (killed after `limit`).
+    fn run(&self, args: &[&str], limit: Duration) -> CmdOut {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+        let mut child = self
+            .cmd(args)
+            .stdout(File::create(&o).unwrap())
+            .stderr(File::create(&e).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", cairn_bin()));
+        let status = match wait_deadline(&mut child, limit) {
+            Some(s) => s,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "[{}] `cairn {}` did not finish within {limit:?}\n{}",
+                    self.name,
+                    args.join(" "),
+                    self.log_tail(200)
+                );
+            }
+        };
+        let out = CmdOut {
+            status,
+            stdout: fs::read_to_string(&o).unwrap_or_default(),
+            stderr: fs::read_to_string(&e).unwrap_or_default(),
+        };
+        self.note(&format!(
+            "cairn {} -> {status}; stdout: {:?}; stderr: {:?}",
+            args.join(" "),
+            out.stdout.trim(),
+            out.stderr.trim()
+        ));
+        out
+    }
+
+    fn run_ok(&self, args: &[&str]) -> String {
+        let out = self.run(args, Duration::from_secs(60));
+        assert!(
+            out.ok(),
+            "[{}] `cairn {}` failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            self.name,
+            args.join(" "),
+            out.status,
+            out.stdout,
+            out.stderr,
+            self.log_tail(200)
+        );
+        out.stdout
+    }
+
+    fn ready_count(&self) -> usize {
+        self.log_text()
+            .matches("cairn: vault \"default\" mounted at")
+            .count()
+    }
+
+    /// Spawns a foreground daemon (`mount …` or `join …`) and waits until its mount answers.
+    fn spawn_daemon(&mut self, args: &[&str]) {
+        assert!(
+            self.child.is_none(),
+            "[{}] daemon already running",
+            self.name
+        );
+        assert!(
+            !is_fuse_mounted(&self.mnt),
+            "[{}] already mounted",
+            self.name
+        );
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if let Some(ms) = self.debounce_ms {
+            args.push("--debounce-ms".into());
+            args.push(ms.to_string());
+        }
+        let before = self.ready_count();
+        self.note(&format!("start: cairn {}", args.join(" ")));
+        let log = log_file(&self.log);
+        let child = self
+            .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn `cairn {}`: {e}", args.join(" ")));
+        self.child = Some(child);
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if self.ready_count() > before && is_fuse_mounted(&self.mnt) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                self.child = None;
+                panic!(
+                    "[{}] `cairn {}` exited with {status} before its mount was ready\n{}",
+                    self.name,
+                    args.join(" "),
+                    self.log_tail(200)
+                );
+            }
+            if Instant::now() >= deadline {
+                self.kill9();
+                panic!(
+                    "[{}] mount not ready within {START_DEADLINE:?}\n{}",
+                    self.name,
+                    self.log_tail(200)
+                );
+            }
+            sleep(POLL);
+        }
+    }
+
+    /// (Re)starts the daemon on the existing vault.
+    fn start(&mut self) {
+        let mnt = self.mnt_str();
+        self.spawn_daemon(&["mount", &mnt]);
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    /// SIGTERM and wait for the daemon to flush, unmount and exit cleanly.
+    fn stop(&mut self) {
+        self.resume();
+        self.note("SIGTERM");
+        self.signal(libc::SIGTERM);
+        self.wait_exit("SIGTERM");
+    }
+
+    /// `cairn unmount MNT` (waits for the final flush) and wait for the daemon to exit.
+    fn unmount(&mut self) {
+        self.resume();
+        let mnt = self.mnt_str();
+        let out = self.run(&["unmount", &mnt], STOP_DEADLINE);
+        assert!(
+            out.ok(),
+            "[{}] `cairn unmount` failed: {}\n{}",
+            self.name,
+            out.stderr,
+            self.log_tail(200)
+        );
+        self.wait_exit("unmount");
+    }
+
+    fn wait_exit(&mut self, how: &str) {
+        let mut child = self.child.take().expect("daemon running");
+        match wait_deadline(&mut child, STOP_DEADLINE) {
+            Some(s) if s.success() => {}
+            Some(s) => panic!(
+                "[{}] daemon exited with {s} after {how}\n{}",
+                self.name,
+                self.log_tail(200)
+            ),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = fusermount_lazy(&self.mnt);
+                panic!(
+                    "[{}] daemon still running {STOP_DEADLINE:?} after {how}\n{}",
+                    self.name,
+                    self.log_tail(200)
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while is_fuse_mounted(&self.mnt) {
+            if Instant::now() >= deadline {
+                let _ = fusermount_lazy(&self.mnt);
+                panic!(
+                    "[{}] mount still present after the daemon exited ({how})",
+                    self.name
+                );
+            }
+            sleep(POLL);
+        }
+    }
+
+    /// SIGKILL (no flush, no goodbye), then detach the dead mount.
+    fn kill9(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        self.note("SIGKILL");
+        let _ = child.kill();
+        let _ = child.wait();
+        self.paused = false;
+        let _ = fusermount_lazy(&self.mnt);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while is_fuse_mounted(&self.mnt) {
+            assert!(
+                Instant::now() < deadline,
+                "[{}] dead mount does not go away",
+                self.name
+            );
+            sleep(POLL);
+        }
+    }
+
+    /// SIGSTOP: the process freezes (a network partition as far as peers can tell). Its mount
+    /// must not be touched until [`Device::resume`].
+    fn pause(&mut self) {
+        assert!(!self.paused);
+        self.note("SIGSTOP");
+        self.signal(libc::SIGSTOP);
+        self.paused = true;
+    }
+
+    fn resume(&mut self) {
+        if self.paused {
+            self.note("SIGCONT");
+            self.signal(libc::SIGCONT);
+            self.paused = false;
+        }
+    }
+
+    /// A fresh one-time ticket from the running daemon.
+    fn invite(&self, ttl: &str) -> String {
+        let out = self.run_ok(&["invite", "--ttl", ttl]);
+        let ticket = out.trim().to_string();
+        assert!(
+            ticket.starts_with("cairn1") && !ticket.contains(char::is_whitespace),
+            "[{}] `cairn invite` printed {out:?}, expected one cairn1… line",
+            self.name
+        );
+        ticket
+    }
+
+    fn device_id(&self) -> String {
+        let out = self.run_ok(&["status"]);
+        out.lines()
+            .find_map(|l| l.strip_prefix("device id:"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| panic!("[{}] no device id in `cairn status`: {out}", self.name))
+    }
+
+    /// `cairn peers` lines other than this device's own.
+    fn peers(&self) -> Vec<String> {
+        self.run_ok(&["peers"])
+            .lines()
+            .filter(|l| !l.contains("this device") && !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Revisions this device has published (`cairn log`).
+    fn revisions(&self) -> usize {
+        let out = self.run(&["log"], Duration::from_secs(60));
+        if !out.ok() {
+            return 0;
+        }
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with("revision"))
+            .count()
+    }
+
+    fn log_text(&self) -> String {
+        fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        let from = all.len().saturating_sub(lines);
+        format!(
+            "--- log of device {} ({}), last {} of {} lines ---\n{}\n",
+            self.name,
+            self.log.display(),
+            all.len() - from,
+            all.len(),
+            all[from..].join("\n")
+        )
+    }
+
+    /// Files in the local content store (`<vault>/store/xx/yyyy…`): path → (inode, mtime ns).
+    fn store_files(&self) -> HashMap<PathBuf, (u64, i128)> {
+        let mut out = HashMap::new();
+        let Ok(rd) = fs::read_dir(self.vault_dir().join("store")) else {
+            return out;
+        };
+        for sub in rd.flatten() {
+            if !sub.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let Ok(inner) = fs::read_dir(sub.path()) else {
+                continue;
+            };
+            for f in inner.flatten() {
+                if f.file_name().to_string_lossy().starts_with('.') {
+                    continue; // a temp file being written
+                }
+                if let Ok(md) = f.metadata()
+                    && md.is_file()
+                {
+                    let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+                    out.insert(f.path(), (md.ino(), mtime));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.resume();
+        if let Some(mut child) = self.child.take() {
+            if is_fuse_mounted(&self.mnt) {
+                let mut c = self.cmd(&["unmount", &self.mnt_str()]);
+                let log = log_file(&self.log);
+                c.stdout(log.try_clone().unwrap()).stderr(log);
+                if let Ok(mut u) = c.spawn()
+                    && wait_deadline(&mut u, STOP_DEADLINE).is_none()
+                {
+                    let _ = u.kill();
+                    let _ = u.wait();
+                }
+            } else {
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+            if wait_deadline(&mut child, STOP_DEADLINE).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if is_fuse_mounted(&self.mnt) {
+            let _ = fusermount_lazy(&self.mnt);
+            sleep(Duration::from_millis(200));
+        }
+        if is_fuse_mounted(&self.mnt)
+            && let Some(root) = self.root.take()
+        {
+            eprintln!("warning: {:?} is still mounted; left in place", root.keep());
+        }
+        if std::env::var_os("CAIRN_KEEP_TEST_DIRS").is_some()
+            && let Some(root) = self.root.take()
+        {
+            eprintln!("kept {:?} (device {})", root.keep(), self.name);
+        }
+    }
+}
+
+fn log_file(path: &Path) -> File {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open log")
+}
+
+fn fusermount_lazy(mnt: &Path) -> io::Result<ExitStatus> {
+    Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mnt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+}
+
+fn logs_of(devs: &[&Device]) -> String {
+    devs.iter().map(|d| d.log_tail(150)).collect()
+}
+
+/// Polls `cond` until it holds; on timeout panics with `what`, the last diagnostic the
+/// condition left in `why`, and every device's log.
+#[track_caller]
+fn wait_until(
+    devs: &[&Device],
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut(&mut String) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    let mut why = String::new();
+    loop {
+        why.clear();
+        if cond(&mut why) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {limit:?} waiting for: {what}\nlast state: {why}\n{}",
+                logs_of(devs)
+            );
+        }
+        sleep(POLL * 4);
+    }
+}
+
+/// Asserts `cond` stays false for `period` (things that must NOT happen).
+#[track_caller]
+fn assert_never(devs: &[&Device], what: &str, period: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + period;
+    while Instant::now() < deadline {
+        if cond() {
+            panic!("this must not happen, but did: {what}\n{}", logs_of(devs));
+        }
+        sleep(POLL * 4);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// tree listings
+// ---------------------------------------------------------------------------------------
+
+/// One entry of a listing: kind, permission bits, size, blake3 of the content (files) or the
+/// target (symlinks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Item {
+    kind: char,
+    mode: u32,
+    size: u64,
+    content: String,
+}
+
+type Listing = BTreeMap<String, Item>;
+
+/// Walks a tree without following symlinks; any error (an entry vanishing mid-walk while a
+/// merge lands, a read failing) is returned instead of panicking, so callers can poll.
+fn listing(root: &Path) -> io::Result<Listing> {
+    fn walk(root: &Path, dir: &Path, out: &mut Listing) -> io::Result<()> {
+        for ent in fs::read_dir(dir)? {
+            let p = ent?.path();
+            let md = fs::symlink_metadata(&p)?;
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let ft = md.file_type();
+            let mode = md.mode() & 0o7777;
+            let item = if ft.is_symlink() {
+                Item {
+                    kind: 'l',
+                    mode: 0,
+                    size: 0,
+                    content: fs::read_link(&p)?.to_string_lossy().into_owned(),
+                }
+            } else if ft.is_dir() {
+                Item {
+                    kind: 'd',
+                    mode,
+                    size: 0,
+                    content: String::new(),
+                }
+            } else {
+                Item {
+                    kind: 'f',
+                    mode,
+                    size: md.len(),
+                    content: hash_file(&p)?,
+                }
+            };
+            let is_dir = item.kind == 'd';
+            out.insert(rel, item);
+            if is_dir {
+                walk(root, &p, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = Listing::new();
+    walk(root, root, &mut out)?;
+    Ok(out)
+}
+
+fn hash_file(p: &Path) -> io::Result<String> {
+    let mut f = File::open(p)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().to_hex().to_string());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// A short description of how two listings differ (for timeout messages).
+fn diff_listings(a: &Listing, b: &Listing) -> String {
+    let mut out = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push(format!("only left: {k} {v:?}")),
+            Some(w) if w != v => out.push(format!("differs: {k} left {v:?} right {w:?}")),
+            _ => {}
+        }
+    }
+    for (k, v) in b {
+        if !a.contains_key(k) {
+            out.push(format!("only right: {k} {v:?}"));
+        }
+    }
+    out.truncate(30);
+    out.join("\n  ")
+}
+
+/// True when every device shows the same tree; `why` says what differs otherwise.
+fn all_equal(devs: &[&Device], why: &mut String) -> bool {
+    let mut first: Option<(String, Listing)> = None;
+    for d in devs {
+        let l = match listing(&d.mnt) {
+            Ok(l) => l,
+            Err(e) => {
+                *why = format!("listing {} failed: {e}", d.name);
+                return false;
+            }
+        };
+        match &first {
+            None => first = Some((d.name.clone(), l)),
+            Some((n, f)) => {
+                if *f != l {
+                    *why = format!("{n} vs {}:\n  {}", d.name, diff_listings(f, &l));
+                    return false;
+                }
+            }
+        }
+    }
+    true
+}
+
+fn content_is(p: &Path, want: &[u8]) -> bool {
+    fs::read(p).map(|b| b == want).unwrap_or(false)
+}
+
+/// Deterministic pseudo-random bytes (splitmix64), fast and with no API to depend on.
+struct Rng(u64);
+
+impl Rng {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `size` random bytes to `p` (1 MiB writes) and returns their blake3 hex.
+fn write_random(p: &Path, size: usize, seed: u64) -> String {
+    let mut rng = Rng(seed);
+    let mut f = File::create(p).unwrap_or_else(|e| panic!("create {p:?}: {e}"));
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len());
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n])
+            .unwrap_or_else(|e| panic!("write {p:?}: {e}"));
+        h.update(&buf[..n]);
+        left -= n;
+    }
+    drop(f);
+    h.finalize().to_hex().to_string()
+}
+
+/// Waits until `p` on `dev` has `size` bytes hashing to `hash`. The hash is only computed
+/// once the size matches (each check reads the whole file).
+fn wait_for_big_file(devs: &[&Device], p: &Path, size: u64, hash: &str, limit: Duration) {
+    let mut last_hashed = Instant::now() - Duration::from_secs(60);
+    wait_until(
+        devs,
+        &format!("{p:?} ({size} bytes, blake3 {hash})"),
+        limit,
+        |why| {
+            let len = match fs::metadata(p) {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    *why = format!("stat: {e}");
+                    return false;
+                }
+            };
+            if len != size {
+                *why = format!("size {len}");
+                return false;
+            }
+            if last_hashed.elapsed() < Duration::from_secs(2) {
+                return false;
+            }
+            last_hashed = Instant::now();
+            match hash_file(p) {
+                Ok(h) if h == hash => true,
+                Ok(h) => {
+                    *why = format!("size matches but blake3 is {h}");
+                    false
+                }
+                Err(e) => {
+                    *why = format!("read: {e}");
+                    false
+                }
+            }
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// tests
+// ---------------------------------------------------------------------------------------
+
+/// A and B: every kind of change made on one side shows up, identical, on the other, both
+/// ways; a 100 MiB file arrives byte-identical.
+#[test]
+fn two_devices_sync_every_kind_of_change_both_ways() {
+    let a = Device::init("A", Some(50));
+    let b = Device::join("B", &a, Some(50));
+    let both = [&a, &b];
+
+    // A first file.
+    fs::write(a.path("hello.txt"), b"hello from A\n").unwrap();
+    wait_until(&both, "hello.txt on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("hello.txt"), b"hello from A\n")
+    });
+
+    // A → B: edit, rename, nested dirs, symlinks, chmod.
+    fs::write(a.path("hello.txt"), b"hello again, edited on A\n").unwrap();
+    fs::rename(a.path("hello.txt"), a.path("greeting.txt")).unwrap();
+    fs::create_dir_all(a.path("docs/deep/deeper")).unwrap();
+    fs::write(a.path("docs/deep/deeper/note.md"), b"# nested\n").unwrap();
+    fs::write(a.path("docs/script.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(a.path("docs/script.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(a.path("private.txt"), b"secret-ish\n").unwrap();
+    fs::set_permissions(a.path("private.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    symlink("docs/deep/deeper/note.md", a.path("note-link")).unwrap();
+    symlink("../greeting.txt", a.path("docs/up-link")).unwrap();
+    symlink("does-not-exist", a.path("dangling")).unwrap();
+    fs::write(a.path("doomed.txt"), b"to be deleted\n").unwrap();
+    wait_until(&both, "A's changes on B", SYNC_DEADLINE, |why| {
+        all_equal(&both, why)
+    });
+    fs::remove_file(a.path("doomed.txt")).unwrap();
+    wait_until(&both, "A's delete on B", SYNC_DEADLINE, |why| {
+        all_equal(&both, why)
+    });
+    assert!(!b.path("doomed.txt").exists());
+    assert!(!b.path("hello.txt").exists(), "renamed away on A");
+    assert_eq!(
+        fs::read(b.path("greeting.txt")).unwrap(),
+        b"hello again, edited on A\n"
+    );
+    assert_eq!(
+        fs::read_link(b.path("note-link")).unwrap(),
+        Path::new("docs/deep/deeper/note.md")
+    );
+    assert_eq!(fs::read(b.path("note-link")).unwrap(), b"# nested\n");
+    assert_eq!(
+        fs::metadata(b.path("docs/script.sh")).unwrap().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        fs::metadata(b.path("private.txt")).unwrap().mode() & 0o777,
+        0o600
+    );
+
+    // B → A: the same kinds of change in the other direction.
+    fs::write(
+        b.path("docs/deep/deeper/note.md"),
+        b"# nested, edited on B\n",
+    )
+    .unwrap();
+    fs::rename(b.path("greeting.txt"), b.path("docs/greeting-moved.txt")).unwrap();
+    fs::remove_file(b.path("docs/up-link")).unwrap();
+    symlink("greeting-moved.txt", b.path("docs/up-link")).unwrap();
+    fs::set_permissions(b.path("private.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(b.path("docs/script.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::create_dir_all(b.path("from-b/x/y")).unwrap();
+    fs::write(b.path("from-b/x/y/z.bin"), [0u8, 1, 2, 255, 254]).unwrap();
+    fs::remove_file(b.path("dangling")).unwrap();
+    fs::create_dir(b.path("empty-dir")).unwrap();
+    wait_until(&both, "B's changes on A", SYNC_DEADLINE, |why| {
+        all_equal(&both, why)
+    });
+    assert_eq!(
+        fs::read(a.path("docs/greeting-moved.txt")).unwrap(),
+        b"hello again, edited on A\n"
+    );
+    assert_eq!(
+        fs::read(b.path("docs/deep/deeper/note.md")).unwrap(),
+        b"# nested, edited on B\n",
+        "B's own edit, read back on B"
+    );
+    assert_eq!(
+        fs::read(a.path("docs/deep/deeper/note.md")).unwrap(),
+        b"# nested, edited on B\n",
+        "B's edit, on A"
+    );
+    assert!(!a.path("greeting.txt").exists());
+    assert!(!a.path("dangling").exists());
+    assert!(a.path("empty-dir").is_dir());
+    assert_eq!(
+        fs::read(a.path("docs/up-link")).unwrap(),
+        b"hello again, edited on A\n"
+    );
+    assert_eq!(
+        fs::metadata(a.path("private.txt")).unwrap().mode() & 0o777,
+        0o640
+    );
+
+    // B removes a whole subtree; an empty directory and a rename of a directory.
+    fs::remove_dir_all(b.path("from-b")).unwrap();
+    fs::rename(b.path("docs/deep"), b.path("docs/shallow")).unwrap();
+    wait_until(
+        &both,
+        "B's subtree removal and dir rename on A",
+        SYNC_DEADLINE,
+        |why| all_equal(&both, why),
+    );
+    assert!(!a.path("from-b").exists());
+    assert_eq!(
+        fs::read(a.path("docs/shallow/deeper/note.md")).unwrap(),
+        b"# nested, edited on B\n"
+    );
+
+    // 100 MiB of random data written on A arrives byte-identical on B.
+    const BIG: usize = 100 << 20;
+    let hash = write_random(&a.path("big.bin"), BIG, 1);
+    wait_for_big_file(&both, &b.path("big.bin"), BIG as u64, &hash, BIG_DEADLINE);
+    wait_until(&both, "identical trees at the end", SYNC_DEADLINE, |why| {
+        all_equal(&both, why)
+    });
+}
+
+/// The most common edit there is: a file arrives from a peer, the user opens it, changes it
+/// and saves. That edit saw the peer's version, so it is no conflict: it must replace the
+/// file on both devices (no `.sync-conflict-` copy, no reverted content).
+#[test]
+fn editing_a_file_received_from_a_peer_replaces_it_everywhere() {
+    let a = Device::init("A", Some(50));
+    let b = Device::join("B", &a, Some(50));
+    let both = [&a, &b];
+    fs::write(a.path("report.txt"), b"draft from A\n").unwrap();
+    wait_until(&both, "report.txt on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("report.txt"), b"draft from A\n")
+    });
+    // B has shown A's version for a while before the user edits it.
+    sleep(Duration::from_secs(1));
+    fs::write(
+        b.path("report.txt"),
+        b"final, edited on B after reading A's draft\n",
+    )
+    .unwrap();
+    // Wait until A shows B's edit in some form (in place, or as a conflict copy).
+    wait_until(&both, "B's edit on A", SYNC_DEADLINE, |why| {
+        let arrived = fs::read_dir(&a.mnt)
+            .map(|rd| rd.count() > 1)
+            .unwrap_or(false)
+            || content_is(
+                &a.path("report.txt"),
+                b"final, edited on B after reading A's draft\n",
+            );
+        arrived && all_equal(&both, why)
+    });
+    assert_eq!(
+        fs::read(b.path("report.txt")).unwrap(),
+        b"final, edited on B after reading A's draft\n",
+        "B's edit was reverted on B itself"
+    );
+    for d in &both {
+        let names: Vec<String> = fs::read_dir(&d.mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["report.txt"],
+            "{}: no conflict copy expected",
+            d.name
+        );
+    }
+}
+
+/// A, B and C edit the same file concurrently while partitioned from each other; once they
+/// can talk again, all three show the same tree and no edit is lost (conflict copies).
+#[test]
+fn three_devices_converge_and_keep_every_concurrent_edit() {
+    // Default debounce (500 ms): A's and B's back-to-back edits are concurrent.
+    let mut a = Device::init("A", None);
+    let mut b = Device::join("B", &a, None);
+    let mut c = Device::join("C", &a, None);
+
+    fs::write(a.path("shared.txt"), b"base version\n").unwrap();
+    fs::write(a.path("from-a.txt"), b"a\n").unwrap();
+    fs::write(b.path("from-b.txt"), b"b\n").unwrap();
+    fs::write(c.path("from-c.txt"), b"c\n").unwrap();
+    {
+        let all = [&a, &b, &c];
+        wait_until(
+            &all,
+            "the three devices agree before the partition",
+            SYNC_DEADLINE,
+            |why| {
+                ["shared.txt", "from-a.txt", "from-b.txt", "from-c.txt"]
+                    .iter()
+                    .all(|f| all.iter().all(|d| d.path(f).exists()))
+                    && all_equal(&all, why)
+            },
+        );
+    }
+
+    // C goes offline; A and B edit the shared file at the same moment.
+    c.unmount();
+    fs::write(a.path("shared.txt"), b"edited on A\n").unwrap();
+    fs::write(b.path("shared.txt"), b"edited on B\n").unwrap();
+    fs::write(a.path("a-while-c-away.txt"), b"a2\n").unwrap();
+    {
+        let ab = [&a, &b];
+        wait_until(
+            &ab,
+            "A and B converge while C is away",
+            SYNC_DEADLINE,
+            |why| {
+                a.path("a-while-c-away.txt").exists()
+                    && b.path("a-while-c-away.txt").exists()
+                    && all_equal(&ab, why)
+            },
+        );
+    }
+
+    // Now A and B freeze (SIGSTOP: their peers see a dead network) and C comes back alone,
+    // editing the same file without being able to hear about A's and B's versions.
+    a.pause();
+    b.pause();
+    let revs = c.revisions();
+    c.start();
+    fs::write(c.path("shared.txt"), b"edited on C\n").unwrap();
+    fs::write(c.path("c-offline.txt"), b"c2\n").unwrap();
+    wait_until(
+        &[&c],
+        "C publishes its offline edit",
+        SYNC_DEADLINE,
+        |why| {
+            let n = c.revisions();
+            *why = format!("C has {n} revisions, had {revs}");
+            n > revs
+        },
+    );
+    assert_eq!(
+        fs::read(c.path("shared.txt")).unwrap(),
+        b"edited on C\n",
+        "C could not have heard of A's and B's edits"
+    );
+
+    // The partition heals.
+    a.resume();
+    b.resume();
+    let all = [&a, &b, &c];
+    let versions: BTreeSet<&[u8]> = [
+        &b"edited on A\n"[..],
+        &b"edited on B\n"[..],
+        &b"edited on C\n"[..],
+    ]
+    .into_iter()
+    .collect();
+    wait_until(
+        &all,
+        "all three converge with every version kept",
+        BIG_DEADLINE,
+        |why| {
+            if !all_equal(&all, why) {
+                return false;
+            }
+            for d in &all {
+                let got = shared_versions(d);
+                let want: BTreeSet<Vec<u8>> = versions.iter().map(|v| v.to_vec()).collect();
+                if !want.is_subset(&got.values().cloned().collect()) {
+                    *why = format!("{}: shared.txt versions {got:?}", d.name);
+                    return false;
+                }
+            }
+            [
+                "a-while-c-away.txt",
+                "c-offline.txt",
+                "from-a.txt",
+                "from-b.txt",
+                "from-c.txt",
+            ]
+            .iter()
+            .all(|f| a.path(f).exists())
+        },
+    );
+    // One of them keeps the name; the others sit beside it as conflict copies, everywhere.
+    eprintln!(
+        "shared.txt versions on A: {:?}",
+        shared_versions(&a).keys().collect::<Vec<_>>()
+    );
+    for d in &all {
+        let got = shared_versions(d);
+        assert!(got.contains_key("shared.txt"), "{}: {got:?}", d.name);
+        let conflicts: Vec<&String> = got
+            .keys()
+            .filter(|k| k.starts_with("shared") && k.contains(".sync-conflict-"))
+            .collect();
+        assert!(
+            conflicts.len() >= 2,
+            "{}: expected two conflict copies next to shared.txt, got {got:?}",
+            d.name
+        );
+        for f in ["a-while-c-away.txt", "c-offline.txt"] {
+            assert!(d.path(f).exists(), "{}: {f} missing", d.name);
+        }
+    }
+}
+
+/// `shared.txt` and every `shared*.sync-conflict-*` beside it: name → content.
+fn shared_versions(d: &Device) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    if let Ok(rd) = fs::read_dir(&d.mnt) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if (name == "shared.txt"
+                || (name.starts_with("shared") && name.contains(".sync-conflict-")))
+                && let Ok(b) = fs::read(e.path())
+            {
+                out.insert(name, b);
+            }
+        }
+    }
+    out
+}
+
+/// B is offline (cleanly unmounted) while A deletes a file; when B comes back the file stays
+/// deleted on both.
+#[test]
+fn delete_while_a_device_is_offline_stays_deleted() {
+    let a = Device::init("A", Some(50));
+    let mut b = Device::join("B", &a, Some(50));
+    fs::create_dir(a.path("dir")).unwrap();
+    fs::write(a.path("dir/doomed.txt"), b"delete me\n").unwrap();
+    fs::write(a.path("doomed-too.txt"), b"and me\n").unwrap();
+    fs::write(a.path("keeper.txt"), b"keep me\n").unwrap();
+    wait_until(&[&a, &b], "files on B", SYNC_DEADLINE, |why| {
+        b.path("dir/doomed.txt").exists() && all_equal(&[&a, &b], why)
+    });
+
+    b.unmount();
+    let revs = a.revisions();
+    fs::remove_file(a.path("dir/doomed.txt")).unwrap();
+    fs::remove_file(a.path("doomed-too.txt")).unwrap();
+    wait_until(&[&a], "A publishes the deletes", SYNC_DEADLINE, |why| {
+        let n = a.revisions();
+        *why = format!("A has {n} revisions, had {revs}");
+        n > revs
+    });
+
+    b.start();
+    // A marker written after B is back proves B has caught up with A's later state.
+    fs::write(a.path("marker.txt"), b"after\n").unwrap();
+    let both = [&a, &b];
+    wait_until(&both, "B catches up", SYNC_DEADLINE, |why| {
+        b.path("marker.txt").exists() && all_equal(&both, why)
+    });
+    for d in &both {
+        assert!(
+            !d.path("dir/doomed.txt").exists(),
+            "{}: deleted file came back",
+            d.name
+        );
+        assert!(
+            !d.path("doomed-too.txt").exists(),
+            "{}: deleted file came back",
+            d.name
+        );
+        assert_eq!(fs::read(d.path("keeper.txt")).unwrap(), b"keep me\n");
+        assert!(d.path("dir").is_dir());
+    }
+    // And it does not come back later either (B's old snapshot must not resurrect it).
+    assert_never(
+        &both,
+        "a deleted file reappears",
+        Duration::from_secs(8),
+        || {
+            both.iter()
+                .any(|d| d.path("dir/doomed.txt").exists() || d.path("doomed-too.txt").exists())
+        },
+    );
+}
+
+/// A device outside the vault gets nothing: used, expired and malformed tickets fail with a
+/// clear error and leave no vault behind; a removed member neither sends nor receives.
+#[test]
+fn non_members_and_removed_devices_get_nothing() {
+    let mut a = Device::init("A", Some(50));
+    let ticket = a.invite("10m");
+    let mut b = Device::new("B", Some(50));
+    {
+        let mnt = b.mnt_str();
+        b.spawn_daemon(&["join", &ticket, &mnt]);
+    }
+    let c = Device::init("C", Some(50));
+    fs::write(a.path("a-secret.txt"), b"for members only\n").unwrap();
+    fs::write(c.path("c-own.txt"), b"C's own vault\n").unwrap();
+    wait_until(
+        &[&a, &b],
+        "B (a member) gets A's file",
+        SYNC_DEADLINE,
+        |_| content_is(&b.path("a-secret.txt"), b"for members only\n"),
+    );
+
+    // C already has a vault "default": it tries to join A's into another vault name.
+    let other = c.data.join("vaults").join("stolen");
+    let join_fails = |ticket: &str, expect: &[&str], what: &str| {
+        let out = c.run(
+            &["--vault", "stolen", "join", ticket, "--no-mount"],
+            Duration::from_secs(90),
+        );
+        assert!(
+            !out.ok(),
+            "join with {what} succeeded:\n{}\n{}",
+            out.stderr,
+            logs_of(&[&a, &c])
+        );
+        let err = out.stderr.to_lowercase();
+        assert!(
+            err.contains("cairn: error:") && expect.iter().any(|w| err.contains(w)),
+            "join with {what}: unclear error (wanted one of {expect:?}): {}",
+            out.stderr
+        );
+        assert!(
+            !other.join("vault.secret").exists(),
+            "join with {what} left a vault behind in {other:?}"
+        );
+    };
+    join_fails(&ticket, &["already used", "used"], "a used ticket");
+    let short = a.invite("1s");
+    sleep(Duration::from_secs(2));
+    join_fails(&short, &["expired"], "an expired ticket");
+    join_fails(
+        "cairn1garbage",
+        &["ticket", "invalid", "malformed", "checksum", "encoding"],
+        "a malformed ticket",
+    );
+    join_fails(
+        "hello",
+        &["ticket", "invalid", "malformed", "prefix"],
+        "a non-ticket",
+    );
+    let mut mangled = ticket.clone().into_bytes();
+    let mid = mangled.len() / 2;
+    mangled[mid] = if mangled[mid] == b'a' { b'b' } else { b'a' };
+    join_fails(
+        &String::from_utf8(mangled).unwrap(),
+        &[
+            "ticket",
+            "invalid",
+            "malformed",
+            "checksum",
+            "encoding",
+            "refused",
+            "unknown",
+        ],
+        "a ticket with one character changed",
+    );
+    // C's own vault is untouched and separate.
+    assert!(!c.path("a-secret.txt").exists());
+    assert!(!a.path("c-own.txt").exists());
+    assert_eq!(fs::read(c.path("c-own.txt")).unwrap(), b"C's own vault\n");
+
+    // Remove B. A stops listing it; nothing flows either way any more.
+    let b_id = b.device_id();
+    assert!(
+        a.peers().iter().any(|l| l.starts_with(&b_id)),
+        "A's peers should list B before removal: {:?}",
+        a.peers()
+    );
+    a.run_ok(&["remove-device", &b_id[..12]]);
+    wait_until(
+        &[&a, &b],
+        "A's peers no longer list B",
+        SYNC_DEADLINE,
+        |why| {
+            let p = a.peers();
+            *why = format!("{p:?}");
+            !p.iter().any(|l| l.contains(&b_id))
+        },
+    );
+    fs::write(b.path("b-after-removal.txt"), b"B was removed\n").unwrap();
+    fs::write(b.path("a-secret.txt"), b"B overwrites after removal\n").unwrap();
+    fs::write(a.path("a-after-removal.txt"), b"not for B\n").unwrap();
+    let both = [&a, &b];
+    assert_never(
+        &both,
+        "data crosses between A and removed B",
+        Duration::from_secs(15),
+        || {
+            a.path("b-after-removal.txt").exists()
+                || !content_is(&a.path("a-secret.txt"), b"for members only\n")
+                || b.path("a-after-removal.txt").exists()
+        },
+    );
+    let p = a.peers();
+    assert!(
+        !p.iter().any(|l| l.contains(&b_id)),
+        "A still lists B: {p:?}"
+    );
+    // A restart of A (B still running and dialing) does not bring B back either.
+    a.unmount();
+    a.start();
+    fs::write(
+        a.path("a-after-restart.txt"),
+        b"still not for B
+",
+    )
+    .unwrap();
+    let both = [&a, &b];
+    assert_never(
+        &both,
+        "data crosses after A restarted",
+        Duration::from_secs(10),
+        || a.path("b-after-removal.txt").exists() || b.path("a-after-restart.txt").exists(),
+    );
+    let p = a.peers();
+    assert!(
+        !p.iter().any(|l| l.contains(&b_id)),
+        "A lists B again after a restart: {p:?}"
+    );
+}
+
+/// B restarts twice in the middle of receiving a 200 MiB file (SIGTERM, then SIGKILL) and
+/// still ends with the file byte-identical, without fetching again what it already had.
+#[test]
+fn interrupted_large_transfer_resumes_without_refetching() {
+    let a = Device::init("A", Some(50));
+    let mut b = Device::join("B", &a, Some(50));
+    fs::write(a.path("warmup.txt"), b"x\n").unwrap();
+    wait_until(&[&a, &b], "warm-up file on B", SYNC_DEADLINE, |_| {
+        b.path("warmup.txt").exists()
+    });
+
+    const BIG: usize = 200 << 20;
+    let before_a = a.store_files().len();
+    let before_b = b.store_files().len();
+    let hash = write_random(&a.path("huge.bin"), BIG, 7);
+    // Chunks are ~64 KiB: the file is ~3,200 blobs. B starts fetching once A has flushed and
+    // published; it is interrupted twice while it fetches (a tight poll: loopback is fast).
+    let mut kept: HashMap<PathBuf, (u64, i128)> = HashMap::new();
+    let mut interruptions = Vec::new();
+    for (grown, how) in [(300, "SIGTERM"), (1500, "SIGKILL")] {
+        let target = before_b + grown;
+        let deadline = Instant::now() + BIG_DEADLINE;
+        let mut polls = 0u32;
+        loop {
+            if b.store_files().len() >= target {
+                break;
+            }
+            polls += 1;
+            if Instant::now() >= deadline {
+                panic!(
+                    "B does not fetch: {} blobs, waiting for {target}\n{}",
+                    b.store_files().len(),
+                    logs_of(&[&a, &b])
+                );
+            }
+            sleep(Duration::from_millis(if polls.is_multiple_of(50) {
+                200
+            } else {
+                5
+            }));
+        }
+        match how {
+            "SIGTERM" => b.stop(),
+            _ => b.kill9(),
+        }
+        let files = b.store_files();
+        let had = files.len() - before_b;
+        kept.extend(files);
+        interruptions.push((how, had));
+        b.start();
+    }
+
+    wait_for_big_file(
+        &[&a, &b],
+        &b.path("huge.bin"),
+        BIG as u64,
+        &hash,
+        BIG_DEADLINE,
+    );
+    // A flushes a large file in several snapshots while it is written, so its blob count is
+    // only final now.
+    let total = a.store_files().len() - before_a;
+    eprintln!("interruptions (signal, blobs B had) of {total} blobs: {interruptions:?}");
+    assert!(
+        interruptions.iter().any(|(_, had)| had + 10 < total),
+        "B had every blob before each interruption ({interruptions:?} of {total}); nothing was tested"
+    );
+    // Every blob B had before a restart is still the same file: nothing was fetched twice
+    // (a fetched blob is written to a new file and renamed into place).
+    let now = b.store_files();
+    let rewritten: Vec<&PathBuf> = kept
+        .iter()
+        .filter(|(p, v)| now.get(*p).is_some_and(|w| w != *v))
+        .map(|(p, _)| p)
+        .collect();
+    let lost: Vec<&PathBuf> = kept.keys().filter(|p| !now.contains_key(*p)).collect();
+    assert!(
+        rewritten.is_empty() && lost.is_empty(),
+        "{} of {} blobs B had before restarting were fetched again, {} vanished; e.g. {:?}\n{}",
+        rewritten.len(),
+        kept.len(),
+        lost.len(),
+        rewritten
+            .iter()
+            .chain(lost.iter())
+            .take(3)
+            .collect::<Vec<_>>(),
+        logs_of(&[&a, &b])
+    );
+}
+
+/// `cairn recover`: the recovery phrase plus one reachable member rebuild a device, which then
+/// sees everything written before it existed (the member re-seals its snapshot to it).
+#[test]
+fn recovery_phrase_and_a_peer_rebuild_a_device() {
+    let mut a = Device::new("A", Some(50));
+    let init = a.run_ok(&["init", "--show-phrase"]);
+    let phrase = init
+        .lines()
+        .find_map(|l| l.strip_prefix("recovery phrase: "))
+        .expect("init prints the phrase")
+        .to_string();
+    a.start();
+    fs::create_dir(a.path("kept")).unwrap();
+    fs::write(a.path("kept/precious.txt"), b"written before the loss\n").unwrap();
+    wait_until(&[&a], "A publishes", SYNC_DEADLINE, |_| a.revisions() >= 1);
+
+    let own = a
+        .run_ok(&["peers"])
+        .lines()
+        .find(|l| l.contains("this device"))
+        .map(|l| l.to_string())
+        .expect("peers lists this device");
+    let addr = own.rsplit(' ').next().unwrap().split(',').next().unwrap();
+    let from = format!("{}@{addr}", a.device_id());
+
+    // A wrong phrase is refused with a reason and creates nothing.
+    let bad = Device::new("bad", None);
+    let mut child = bad
+        .cmd(&["recover", "--from", &from, "--no-mount"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"abandon abandon abandon\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("recovery phrase is not valid"), "{err}");
+    assert!(!bad.vault_dir().join("vault.secret").exists());
+
+    // The right phrase: a new device, member of the same vault, with A's data.
+    let mut b = Device::new("B", Some(50));
+    let mnt = b.mnt_str();
+    let before = b.ready_count();
+    let log = log_file(&b.log);
+    let mut child = b
+        .cmd(&["recover", "--from", &from, &mnt])
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{phrase}\n").as_bytes())
+        .unwrap();
+    b.child = Some(child);
+    wait_until(&[&a, &b], "B mounted", START_DEADLINE, |_| {
+        b.ready_count() > before && is_fuse_mounted(&b.mnt)
+    });
+    wait_until(&[&a, &b], "A's data on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("kept/precious.txt"), b"written before the loss\n")
+    });
+    assert_ne!(a.device_id(), b.device_id());
+    // And it is a full member: its writes reach A.
+    fs::write(b.path("after.txt"), b"from the recovered device\n").unwrap();
+    wait_until(&[&a, &b], "B's write on A", SYNC_DEADLINE, |_| {
+        content_is(&a.path("after.txt"), b"from the recovered device\n")
+    });
+}
