@@ -274,17 +274,7 @@ fn run(cli: Cli) -> Result<()> {
                 state.secret.vault_id(),
                 state.device.device_id()
             );
-            match mountpoint {
-                Some(mp) if !no_mount => {
-                    let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
-                    let opts = cairn_fuse::MountOptions {
-                        flush_debounce: std::time::Duration::from_millis(debounce_ms),
-                        ..Default::default()
-                    };
-                    daemon::mount(&state, &mp, opts, &config.cache, Some(settings))?;
-                }
-                _ => daemon::sync_only(&state, settings)?,
-            }
+            serve_new_member(&state, mountpoint, no_mount, debounce_ms, &config)?;
         }
         Command::Recover {
             from,
@@ -305,16 +295,7 @@ fn run(cli: Cli) -> Result<()> {
                 state.secret.vault_id(),
                 state.device.device_id()
             );
-            match mountpoint {
-                Some(mp) if !no_mount => {
-                    let opts = cairn_fuse::MountOptions {
-                        flush_debounce: std::time::Duration::from_millis(config.mount.debounce_ms),
-                        ..Default::default()
-                    };
-                    daemon::mount(&state, &mp, opts, &config.cache, Some(settings))?;
-                }
-                _ => daemon::sync_only(&state, settings)?,
-            }
+            serve_new_member(&state, mountpoint, no_mount, None, &config)?;
         }
         Command::Sync => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
@@ -389,6 +370,28 @@ fn run(cli: Cli) -> Result<()> {
         },
     }
     Ok(())
+}
+
+/// After `join` / `recover`: mount the vault at `mountpoint`, or only sync it.
+fn serve_new_member(
+    state: &VaultState,
+    mountpoint: Option<PathBuf>,
+    no_mount: bool,
+    debounce_ms: Option<u64>,
+    config: &config::Config,
+) -> Result<()> {
+    let settings = net_settings(config);
+    match mountpoint {
+        Some(mp) if !no_mount => {
+            let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
+            let opts = cairn_fuse::MountOptions {
+                flush_debounce: std::time::Duration::from_millis(debounce_ms),
+                ..Default::default()
+            };
+            daemon::mount(state, &mp, opts, &config.cache, Some(settings))
+        }
+        _ => daemon::sync_only(state, settings),
+    }
 }
 
 fn no_daemon() -> anyhow::Error {

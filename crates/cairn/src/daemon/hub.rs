@@ -78,6 +78,13 @@ impl Hub {
         Ok(report)
     }
 
+    fn invalidator(&self) -> Option<Invalidator> {
+        self.invalidator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Takes the set of paths peers changed since the last call (see `peer_touched`).
     pub fn take_peer_touched(&self) -> HashSet<String> {
         std::mem::take(&mut *self.peer_touched.lock().unwrap_or_else(|e| e.into_inner()))
@@ -85,12 +92,7 @@ impl Hub {
 
     /// Drops the kernel's caches for these paths (content the mount showed changed under it).
     pub fn invalidate(&self, paths: &[String]) {
-        let inv = self
-            .invalidator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(inv) = inv {
+        if let Some(inv) = self.invalidator() {
             inv.base_changed(paths);
         }
     }
@@ -130,12 +132,7 @@ impl Hub {
                 }
             }
         }
-        let inv = self
-            .invalidator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(inv) = inv else {
+        let Some(inv) = self.invalidator() else {
             return;
         };
         {

@@ -576,6 +576,14 @@ impl Inner {
 
     /// Fetches many blobs with bounded concurrency; returns how many failed.
     async fn fetch_many(self: &Arc<Self>, ids: Vec<ChunkId>) -> usize {
+        self.fetch_many_with(ids, None).await
+    }
+
+    async fn fetch_many_with(
+        self: &Arc<Self>,
+        ids: Vec<ChunkId>,
+        bar: Option<&indicatif::ProgressBar>,
+    ) -> usize {
         let mut set = tokio::task::JoinSet::new();
         let mut failed = 0;
         for id in ids {
@@ -583,16 +591,27 @@ impl Inner {
                 break;
             }
             while set.len() >= FETCH_CONCURRENCY {
-                if let Some(Ok(Err(_))) = set.join_next().await {
-                    failed += 1;
+                match set.join_next().await {
+                    Some(Ok(Ok(()))) => {
+                        if let Some(b) = bar {
+                            b.inc(1);
+                        }
+                    }
+                    Some(_) => failed += 1,
+                    None => {}
                 }
             }
             let inner = self.clone();
             set.spawn(async move { inner.fetch_deduped(id).await });
         }
         while let Some(r) = set.join_next().await {
-            if !matches!(r, Ok(Ok(()))) {
-                failed += 1;
+            match r {
+                Ok(Ok(())) => {
+                    if let Some(b) = bar {
+                        b.inc(1);
+                    }
+                }
+                _ => failed += 1,
             }
         }
         failed
@@ -894,6 +913,30 @@ fn merge_snapshot(inner: &Arc<Inner>, id: SnapshotId) -> Result<()> {
     Ok(())
 }
 
+/// Fetches `ids` from the replicator thread; true if every one arrived.
+fn fetch_batch(inner: &Arc<Inner>, ids: Vec<ChunkId>, bar: &indicatif::ProgressBar) -> bool {
+    bar.inc_length(ids.len() as u64);
+    let (inner2, bar2) = (inner.clone(), bar.clone());
+    inner
+        .handle
+        .block_on(async move { inner2.fetch_many_with(ids, Some(&bar2)).await })
+        == 0
+}
+
+fn replication_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(0),
+        indicatif::ProgressDrawTarget::stderr_with_hz(4),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>12} [{bar:30}] {pos}/{len} chunks, {elapsed} (eta {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message("fetching");
+    bar
+}
+
 /// Fetches every chunk the current state references and the local store lacks.
 fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
     let device = inner.hub.device.clone();
@@ -920,6 +963,9 @@ fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
         }
         let mut missing = Vec::new();
         let mut complete = true;
+        // Drawn only on a terminal (indicatif hides itself otherwise): `cairn join` in a
+        // shell shows the initial fetch, a service's log stays clean.
+        let bar = replication_bar();
         for d in stores.tree.diff(&caught_up, &root) {
             if inner.stopped() {
                 return;
@@ -956,27 +1002,19 @@ fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
                 }
             }
             // Bounded batches: a huge vault never builds a huge list.
-            if missing.len() >= 4096 {
-                let batch = std::mem::take(&mut missing);
-                let inner2 = inner.clone();
-                if inner
-                    .handle
-                    .block_on(async move { inner2.fetch_many(batch).await })
-                    > 0
-                {
-                    complete = false;
-                }
-            }
-        }
-        if !missing.is_empty() {
-            let inner2 = inner.clone();
-            if inner
-                .handle
-                .block_on(async move { inner2.fetch_many(missing).await })
-                > 0
-            {
+            if missing.len() >= 4096 && !fetch_batch(&inner, std::mem::take(&mut missing), &bar) {
                 complete = false;
             }
+        }
+        if !missing.is_empty() && !fetch_batch(&inner, missing, &bar) {
+            complete = false;
+        }
+        if bar.length().unwrap_or(0) > 0 {
+            bar.finish_with_message(if complete {
+                "vault complete on this device"
+            } else {
+                "some chunks could not be fetched yet; retrying"
+            });
         }
         if let Err(e) = device.blobs.sync() {
             tracing::warn!(error = %e, "cannot sync fetched blobs");
