@@ -118,6 +118,8 @@ impl Daemon {
         cmd.arg(&mnt).stdout(Stdio::null()).stderr(Stdio::null());
         if let Some(sock) = notify {
             cmd.env("NOTIFY_SOCKET", sock);
+            // As systemd sets it for `WatchdogSec=`: 400 ms, so pings come every 200 ms.
+            cmd.env("WATCHDOG_USEC", "400000");
         }
         let child = cmd.spawn().expect("spawn cairn mount");
         let mut d = Daemon {
@@ -209,7 +211,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 #[test]
-fn notify_socket_gets_ready_only_once_the_mount_answers_and_stopping_on_unmount() {
+fn notify_socket_gets_ready_only_once_the_mount_answers_then_watchdog_then_stopping() {
     let home = Home::new();
     let sock_path = home.base.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -232,6 +234,18 @@ fn notify_socket_gets_ready_only_once_the_mount_answers_and_stopping_on_unmount(
     written.expect("write through the mount right after READY=1");
     assert_eq!(read_back.unwrap(), b"ready");
 
+    // The watchdog is fed while the mount answers.
+    let mut pings = 0;
+    while pings < 2 {
+        let n = sock.recv(&mut buf).expect("WATCHDOG=1 while mounted");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            msg.lines().any(|l| l == "WATCHDOG=1"),
+            "while mounted: {msg:?}"
+        );
+        pings += 1;
+    }
+
     let mnt = home.mnt();
     let mut unmount = home
         .cmd(&["unmount", mnt.to_str().unwrap()])
@@ -239,12 +253,17 @@ fn notify_socket_gets_ready_only_once_the_mount_answers_and_stopping_on_unmount(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let n = sock.recv(&mut buf).expect("STOPPING=1 after unmount");
-    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(
-        msg.lines().any(|l| l == "STOPPING=1"),
-        "notification at unmount: {msg:?}"
-    );
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 after unmount");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.lines().any(|l| l == "STOPPING=1") {
+            break;
+        }
+        assert!(
+            msg.lines().all(|l| l == "WATCHDOG=1"),
+            "unexpected notification before STOPPING=1: {msg:?}"
+        );
+    }
     assert!(wait_deadline(&mut unmount, Duration::from_secs(60)).is_some_and(|s| s.success()));
     let exited = wait_deadline(daemon.child.as_mut().unwrap(), Duration::from_secs(60));
     assert!(exited.is_some_and(|s| s.success()));

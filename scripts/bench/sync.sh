@@ -2,7 +2,7 @@
 # Sync benchmarks between devices on loopback (release build; relays disabled; 127.0.0.1 only).
 #
 #   (a) latency of a 4 KiB file from write+close on A until readable (right content) on B:
-#       TRIALS trials, p50/p95, with the default debounce and with --debounce-ms 50
+#       TRIALS trials, p50/p95, with the default 150 ms debounce, 500 ms and 50 ms
 #   (b) a 1 GiB random file: close on A → B shows the full size / B's store stops growing /
 #       B's copy hashes equal; B's fetch window (first to last blob arriving in B's store);
 #       baseline: the same file moved by a bare iroh-blobs FsStore→FsStore transfer
@@ -104,7 +104,7 @@ echo "cairn sync benchmarks — $(date -u +%FT%TZ), $(nproc) cores, work dir $WO
 
 # ---------------------------------------------------------------------------------------
 if want latency; then
-    for deb in 500 50; do
+    for deb in 150 500 50; do   # 150 ms is the default
         pair "lat$deb" "$deb"
         A="$WORK/lat$deb/a/mnt" B="$WORK/lat$deb/b/mnt"
         python3 - "$A" "$B" "$TRIALS" "$deb" <<'PY'

@@ -90,6 +90,8 @@ mod tests {
         o.put("a.txt", file(5, Data::Staged(id))).unwrap();
         o.put("meta-only", file(99, Data::Base)).unwrap();
         o.whiteout("gone").unwrap();
+        // Readers see what the journal committed; the writer groups commits over a few ms.
+        o.commit().unwrap();
         let p = read_pending(d.path()).unwrap();
         assert_eq!(
             p,

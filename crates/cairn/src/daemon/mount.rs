@@ -228,6 +228,41 @@ pub fn sync_only(state: &VaultState, settings: NetSettings) -> Result<()> {
     Ok(())
 }
 
+/// Under systemd with `WatchdogSec=`, pings the watchdog at half its interval for as long as
+/// the mount answers a stat: a hung FUSE session stops the pings and systemd restarts us.
+/// The stat runs on its own thread so a hang never blocks signal handling.
+fn start_watchdog(mountpoint: &Path) {
+    let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&u| u > 0)
+    else {
+        return;
+    };
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return;
+    }
+    let every = Duration::from_micros(usec / 2);
+    let mountpoint = mountpoint.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("cairn-watchdog".into())
+        .spawn(move || {
+            while is_mounted(&mountpoint) {
+                if fs::metadata(&mountpoint).is_ok() {
+                    notify_systemd("WATCHDOG=1");
+                }
+                std::thread::sleep(every);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the systemd watchdog thread");
+    }
+}
+
 fn signal_thread(sigset: libc::sigset_t) -> Result<mpsc::Receiver<i32>> {
     let (tx, rx) = mpsc::channel::<i32>();
     std::thread::Builder::new()
@@ -311,25 +346,6 @@ pub(super) fn serve(
         None => sink,
     };
     let handle = cairn_fuse::mount(base, sink, overlay, mountpoint, opts)?;
-    // The network starts once the mount exists (so a bad mountpoint fails before anything
-    // binds) and before READY (so a ready daemon is reachable by its peers).
-    let mut networking = match hub {
-        Some((hub, settings)) => {
-            hub.set_invalidator(Some(handle.invalidator()));
-            match Networking::start(state, hub, settings, board.clone()) {
-                Ok(n) => n,
-                Err(e) => {
-                    hub.set_invalidator(None);
-                    if let Err(u) = handle.unmount() {
-                        tracing::error!(error = %u, "unmount after a failed start");
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        None => Networking::none(),
-    };
-    let hub = hub.map(|(h, _)| h);
     let mountpoint = handle.mountpoint().to_path_buf();
     let run_dir = state.dir.join(RUN_DIR);
     fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -341,6 +357,27 @@ pub(super) fn serve(
     };
     fs::write(&pid_file, format!("{}\n{mark}", mountpoint.display()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
+    // The network starts once the mount exists and its pid file names this daemon (so a bad
+    // mountpoint fails before anything binds, and `cairn unmount` can find us meanwhile),
+    // and before READY (so a ready daemon is reachable by its peers).
+    let mut networking = match hub {
+        Some((hub, settings)) => {
+            hub.set_invalidator(Some(handle.invalidator()));
+            match Networking::start(state, hub, settings, board.clone()) {
+                Ok(n) => n,
+                Err(e) => {
+                    hub.set_invalidator(None);
+                    let _ = fs::remove_file(&pid_file);
+                    if let Err(u) = handle.unmount() {
+                        tracing::error!(error = %u, "unmount after a failed start");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        None => Networking::none(),
+    };
+    let hub = hub.map(|(h, _)| h);
     let status_writer = match &board {
         Some(b) => Some((b.clone(), b.spawn_writer()?)),
         None => None,
@@ -358,6 +395,7 @@ pub(super) fn serve(
         mountpoint.display()
     ));
 
+    start_watchdog(&mountpoint);
     let rx = signal_thread(sigset)?;
     let reason = loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
