@@ -104,28 +104,10 @@ fn join_with(
         )
         .await
         .context("starting the network endpoint")?;
-        let result = join(&endpoint, &ticket, &age.recipient().to_string())
-            .await
-            .map_err(|e| anyhow::anyhow!("joining failed: {e}"))?;
-        if result.vault_secret.vault_id() != ticket.vault {
-            bail!(
-                "the inviter sent the secret of another vault than the ticket names; refusing it"
-            );
-        }
-        // The signed member list, with our own record that the inviter just signed.
-        let addr = ticket.addrs.iter().fold(
-            EndpointAddr::new(endpoint_id_of(&ticket.inviter)?),
-            |a, s| a.with_ip_addr(*s),
-        );
-        let client = RegistryClient::connect(&endpoint, addr)
-            .await
-            .context("connecting to the inviter's registry")?;
-        let roster = client
-            .exchange_roster(&ticket.vault, &Default::default())
-            .await
-            .context("fetching the member list from the inviter")?;
+        let outcome = pair_with(&endpoint, &ticket, &age).await;
+        // Always close: a dropped endpoint logs an error of its own over ours.
         endpoint.close().await;
-        Ok((result.vault_secret, result.members, roster))
+        outcome
     })?;
 
     let state = VaultState::create_with(data_dir, name, secret, device, age)?;
@@ -147,4 +129,52 @@ fn join_with(
     rt.block_on(proto.absorb(vault, ticket.inviter, roster))
         .context("storing the member list")?;
     Ok(state)
+}
+
+/// Pairs with the inviter and fetches the signed member list.
+async fn pair_with(
+    endpoint: &iroh::Endpoint,
+    ticket: &Ticket,
+    age: &AgeIdentity,
+) -> Result<(
+    cairn_crypto::VaultSecret,
+    Vec<cairn_net::MemberInfo>,
+    cairn_net::RosterMessage,
+)> {
+    let result = join(endpoint, ticket, &age.recipient().to_string())
+        .await
+        .map_err(|e| anyhow::anyhow!("joining failed: {e}"))?;
+    if result.vault_secret.vault_id() != ticket.vault {
+        bail!("the inviter sent the secret of another vault than the ticket names; refusing it");
+    }
+    // The signed member list, with our own record that the inviter just signed.
+    let addr = ticket.addrs.iter().fold(
+        EndpointAddr::new(endpoint_id_of(&ticket.inviter)?),
+        |a, s| a.with_ip_addr(*s),
+    );
+    let client = RegistryClient::connect(endpoint, addr)
+        .await
+        .context("connecting to the inviter's registry")?;
+    // The inviter signs us into its member list right after pairing, asynchronously: until
+    // then its registry refuses us, so retry for a while.
+    let mut attempt = 0;
+    let roster = loop {
+        match client
+            .exchange_roster(&ticket.vault, &Default::default())
+            .await
+        {
+            Ok(r) => break r,
+            Err(cairn_net::RegistryProtoError::Refused(why)) if attempt < 80 => {
+                tracing::debug!(%why, "inviter has not admitted us yet");
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context("fetching the member list from the inviter")
+                );
+            }
+        }
+    };
+    Ok((result.vault_secret, result.members, roster))
 }
