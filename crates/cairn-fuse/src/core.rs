@@ -1026,13 +1026,9 @@ impl Core {
             let mut items = Vec::with_capacity(dirty.len());
             let mut keys = Vec::with_capacity(dirty.len());
             for (path, record) in dirty {
-                let staged = match record.staging() {
-                    Some(id) => Some(StagedFile {
-                        path: self.overlay.staging_path(id),
-                        file: self.overlay.open_staging(id).map_err(to_flush_err)?,
-                    }),
-                    None => None,
-                };
+                let staged = record
+                    .staging()
+                    .map(|id| StagedFile::new(self.overlay.staging_path(id)));
                 keys.push((path.clone(), record.generation));
                 ns.inflight.insert(path.clone());
                 items.push(FlushItem {

@@ -4,12 +4,33 @@ use std::path::PathBuf;
 
 use cairn_overlay::Record;
 
-/// A staging file holding the full content of one dirty file. `file` is opened for this
-/// flush, so the sink can read it even if the path is unlinked meanwhile.
+/// A staging file holding the full content of one dirty file. It is opened only when the
+/// sink asks for it and should be closed once read, so a flush of 100,000 files needs one
+/// descriptor at a time, not 100,000 (the process limit is often far lower).
 #[derive(Debug)]
 pub struct StagedFile {
     pub path: PathBuf,
-    pub file: File,
+    file: Option<File>,
+}
+
+impl StagedFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, file: None }
+    }
+
+    /// The open staging file. If a newer write replaced it since the batch was taken, this
+    /// fails with `NotFound`; the record then changed too and is flushed again next time.
+    pub fn file(&mut self) -> io::Result<&File> {
+        if self.file.is_none() {
+            self.file = Some(File::open(&self.path)?);
+        }
+        Ok(self.file.as_ref().expect("just opened"))
+    }
+
+    /// Releases the descriptor.
+    pub fn close(&mut self) {
+        self.file = None;
+    }
 }
 
 /// One dirty path. `record.data` says where the content is: [`cairn_overlay::Data::Base`]
