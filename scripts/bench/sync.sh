@@ -25,6 +25,7 @@ want() { for w in "${WHAT[@]}"; do [[ "$w" == all || "$w" == "$1" ]] && return 0
 cargo build --release --locked -q -p cairn
 cargo build --release --locked -q -p cairn-net --example blob_baseline
 BIN="$ROOT/target/release/cairn"
+export BIN
 BASELINE="$ROOT/target/release/examples/blob_baseline"
 
 # Never leave loopback.
@@ -216,18 +217,66 @@ open(os.environ.get("FETCH_OUT", "/dev/null"), "w").write(f"{mib / fetch:.3f}\n"
 PY
     stop_pair big
     rm -rf "$D"
+    # (b2) transfer only: B is stopped while A stores and publishes the file, then B starts
+    # and fetches everything it lacks; timed from B's start until its store stops growing.
+    pair xfer 500
+    X="$WORK/xfer"
+    stop_dev "$X/b"
+    cp "$SRC" "$X/a/mnt/big.bin"
+    python3 - "$X/a" <<'PY'
+import json, subprocess, sys, time, os
+a = sys.argv[1]
+env = dict(os.environ, XDG_CONFIG_HOME=f"{a}/config", XDG_DATA_HOME=f"{a}/xdg")
+ok = 0
+while ok < 3:
+    s = json.loads(subprocess.run([os.environ["BIN"], "--data-dir", f"{a}/data", "status", "--json"],
+                                  capture_output=True, env=env, check=True).stdout)
+    ok = ok + 1 if s["state"] == "synced" and s.get("last_snapshot") else 0
+    time.sleep(0.5)
+PY
+    t0=$(date +%s.%N)
+    dev "$X/b" mount "$X/b/mnt" >>"$X/b/log" 2>&1 &
+    PIDS+=($!); echo $! >"$X/b/pid"
+    python3 - "$X/b/data/vaults/default/store" "$t0" "$BIG_MIB" "$WORK/xfer.txt" <<'PY'
+import os, sys, time
+store, t0, mib, out = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+def count():
+    n = 0
+    try:
+        for d in os.scandir(store):
+            if d.is_dir():
+                n += sum(1 for f in os.scandir(d.path) if not f.name.startswith("."))
+    except FileNotFoundError:
+        pass
+    return n
+n0, last, prev = count(), time.time(), count()
+while time.time() - last < 3:
+    n = count()
+    if n != prev:
+        prev, last = n, time.time()
+    time.sleep(0.05)
+dt = last - t0
+print(f"(b2) transfer only: B started after A published; {prev - n0} blobs ({mib:.0f} MiB) "
+      f"in {dt:.1f} s from B's start = {mib / dt:.0f} MiB/s")
+open(out, "w").write(f"{mib / dt:.3f}\n")
+PY
+    cmp "$SRC" "$X/b/mnt/big.bin" && echo "(b2) B's copy is byte-identical"
+    stop_pair xfer
+    rm -rf "$X"
     for i in 1 2 3; do
         rm -rf "$WORK/baseline"; mkdir -p "$WORK/baseline"
         "$BASELINE" "$SRC" "$WORK/baseline"
     done | tee "$WORK/baseline.txt" | sed 's/^/(b) baseline iroh-blobs FsStore→FsStore: /'
     rm -rf "$WORK/baseline" "$SRC"
-    python3 - "$WORK/baseline.txt" "$WORK/fetch.txt" <<'PY'
+    python3 - "$WORK/baseline.txt" "$WORK/fetch.txt" "$WORK/xfer.txt" <<'PY'
 import re, sys, statistics
 v = [float(re.search(r"mib_s=([\d.]+)", l).group(1)) for l in open(sys.argv[1]) if "mib_s=" in l]
 base = statistics.median(v)
 cairn = float(open(sys.argv[2]).read())
 print(f"(b) baseline median {base:.0f} MiB/s over {len(v)} runs; cairn's fetch window "
       f"{cairn:.0f} MiB/s = {cairn / base:.2f}× the bare iroh-blobs transfer")
+x = float(open(sys.argv[3]).read())
+print(f"(b2) transfer only {x:.0f} MiB/s = {x / base:.2f}× the bare iroh-blobs transfer")
 PY
 fi
 
