@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use cairn_overlay::Record;
 
-/// A staging file holding the full content of one dirty file. It is opened only when the
-/// sink asks for it and should be closed once read, so a flush of 100,000 files needs one
-/// descriptor at a time, not 100,000 (the process limit is often far lower).
+/// A staging file holding the full content of one dirty file, opened when the batch was
+/// taken (so it reads what the batch saw). The sink should `close` it once read.
 #[derive(Debug)]
 pub struct StagedFile {
     pub path: PathBuf,
@@ -14,12 +13,16 @@ pub struct StagedFile {
 }
 
 impl StagedFile {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path, file: None }
+    /// Already open: the sink reads what the batch saw even if the staging file is
+    /// released meanwhile.
+    pub fn opened(path: PathBuf, file: File) -> Self {
+        Self {
+            path,
+            file: Some(file),
+        }
     }
 
-    /// The open staging file. If a newer write replaced it since the batch was taken, this
-    /// fails with `NotFound`; the record then changed too and is flushed again next time.
+    /// The staging file (reopened by path only if it was already closed).
     pub fn file(&mut self) -> io::Result<&File> {
         if self.file.is_none() {
             self.file = Some(File::open(&self.path)?);
