@@ -145,6 +145,7 @@ enum ServiceAction {
 
 fn main() {
     logging::init();
+    raise_fd_limit();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("cairn: error: {e:#}");
         std::process::exit(1);
@@ -391,6 +392,19 @@ fn serve_new_member(
             daemon::mount(state, &mp, opts, &config.cache, Some(settings))
         }
         _ => daemon::sync_only(state, settings),
+    }
+}
+
+/// A flush holds one descriptor per dirty file and the FUSE session many more; the usual soft
+/// limit (1024) would make a large copy into the mount unflushable. Raise it to the hard limit.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on a zeroed rlimit struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
