@@ -9,9 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 
 fn cli(m: &TestMount, args: &[&str]) -> Output {
-    Command::new(cairn_bin())
-        .env("CAIRN_BIND", "127.0.0.1:0")
-        .env("CAIRN_RELAY", "disabled")
+    cairn_command()
         .arg("--data-dir")
         .arg(m.data_dir())
         .args(args)
@@ -61,9 +59,7 @@ fn log_lists_snapshots_and_history_mount_shows_the_past_read_only() {
 
     let hist = tempfile::tempdir().unwrap();
     let hist_path = hist.path().canonicalize().unwrap();
-    let mut daemon = Command::new(cairn_bin())
-        .env("CAIRN_BIND", "127.0.0.1:0")
-        .env("CAIRN_RELAY", "disabled")
+    let mut daemon = cairn_command()
         .arg("--data-dir")
         .arg(m.data_dir())
         .args(["mount", "--at", &format!("@{between}")])

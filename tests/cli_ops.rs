@@ -41,7 +41,7 @@ impl Home {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(cairn_bin());
+        let mut c = cairn_command();
         c.arg("--data-dir").arg(self.data()).args(args);
         c.env("XDG_CONFIG_HOME", self.base.join("config"))
             .env("HOME", &self.base)
@@ -52,9 +52,6 @@ impl Home {
             .env_remove("CAIRN_VAULT")
             .env_remove("CAIRN_CONFIG")
             .env_remove("NOTIFY_SOCKET")
-            // Tests never leave loopback: no relays, endpoint bound to 127.0.0.1.
-            .env("CAIRN_BIND", "127.0.0.1:0")
-            .env("CAIRN_RELAY", "disabled")
             .stdin(Stdio::null());
         c
     }

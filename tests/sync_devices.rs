@@ -21,7 +21,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{cairn_bin, is_fuse_mounted, wait_deadline};
+use common::{cairn_bin, cairn_command, is_fuse_mounted, wait_deadline};
 use tempfile::TempDir;
 
 /// How long a daemon may take from spawn until its mount answers.
@@ -124,15 +124,12 @@ impl Device {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(cairn_bin());
+        let mut c = cairn_command();
         c.arg("--data-dir").arg(&self.data).args(args);
         c.env("XDG_CONFIG_HOME", self.base.join("config"));
         c.env("XDG_DATA_HOME", self.base.join("xdg-data"));
         c.env_remove("CAIRN_DATA_DIR");
         c.env_remove("CAIRN_VAULT");
-        // Never leave loopback.
-        c.env("CAIRN_BIND", "127.0.0.1:0");
-        c.env("CAIRN_RELAY", "disabled");
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info");
         }

@@ -59,6 +59,15 @@ pub fn cairn_bin() -> String {
     std::env::var("CAIRN_E2E_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cairn").to_string())
 }
 
+/// A `cairn` invocation as every test runs it: it never leaves loopback (no relays, the
+/// network endpoint bound to 127.0.0.1).
+pub fn cairn_command() -> Command {
+    let mut c = Command::new(cairn_bin());
+    c.env("CAIRN_BIND", "127.0.0.1:0");
+    c.env("CAIRN_RELAY", "disabled");
+    c
+}
+
 pub struct TestMount {
     target: Target,
     /// Holds `data/`, `mnt/` and `daemon.log`; `None` once deliberately leaked (a mount we
@@ -188,7 +197,7 @@ impl TestMount {
     }
 
     fn cli(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(cairn_bin());
+        let mut c = cairn_command();
         c.arg("--data-dir").arg(&self.data);
         c.args(args);
         let base = self.mnt.parent().unwrap();
@@ -196,9 +205,6 @@ impl TestMount {
         c.env("XDG_DATA_HOME", base.join("xdg-data"));
         c.env_remove("CAIRN_DATA_DIR");
         c.env_remove("CAIRN_VAULT");
-        // Tests never leave loopback: no relays, endpoint bound to 127.0.0.1.
-        c.env("CAIRN_BIND", "127.0.0.1:0");
-        c.env("CAIRN_RELAY", "disabled");
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info");
         }

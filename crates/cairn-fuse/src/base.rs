@@ -303,7 +303,7 @@ impl FlushSink for MemBase {
                             ))
                         })?;
                         let mut buf = vec![0u8; r.size as usize];
-                        std::fs::File::open(&staged.path)?.read_exact_at(&mut buf, 0)?;
+                        staged.file.read_exact_at(&mut buf, 0)?;
                         Some(Content::New(Arc::from(buf)))
                     }
                     (Kind::File, Data::Base) => {

@@ -1031,10 +1031,10 @@ impl Core {
             let mut keys = Vec::with_capacity(dirty.len());
             for (path, record) in dirty {
                 let staged = match record.staging() {
-                    Some(id) => Some(StagedFile::opened(
-                        self.overlay.staging_path(id),
-                        self.overlay.open_staging(id).map_err(to_flush_err)?,
-                    )),
+                    Some(id) => Some(StagedFile {
+                        path: self.overlay.staging_path(id),
+                        file: self.overlay.open_staging(id).map_err(to_flush_err)?,
+                    }),
                     None => None,
                 };
                 keys.push((path.clone(), record.generation));

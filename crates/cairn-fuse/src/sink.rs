@@ -4,36 +4,12 @@ use std::path::PathBuf;
 
 use cairn_overlay::Record;
 
-/// A staging file holding the full content of one dirty file, opened when the batch was
-/// taken (so it reads what the batch saw). The sink should `close` it once read.
+/// A staging file holding the full content of one dirty file. `file` is opened for this
+/// flush, so the sink can read it even if the path is unlinked meanwhile.
 #[derive(Debug)]
 pub struct StagedFile {
     pub path: PathBuf,
-    file: Option<File>,
-}
-
-impl StagedFile {
-    /// Already open: the sink reads what the batch saw even if the staging file is
-    /// released meanwhile.
-    pub fn opened(path: PathBuf, file: File) -> Self {
-        Self {
-            path,
-            file: Some(file),
-        }
-    }
-
-    /// The staging file (reopened by path only if it was already closed).
-    pub fn file(&mut self) -> io::Result<&File> {
-        if self.file.is_none() {
-            self.file = Some(File::open(&self.path)?);
-        }
-        Ok(self.file.as_ref().expect("just opened"))
-    }
-
-    /// Releases the descriptor.
-    pub fn close(&mut self) {
-        self.file = None;
-    }
+    pub file: File,
 }
 
 /// One dirty path. `record.data` says where the content is: [`cairn_overlay::Data::Base`]

@@ -186,12 +186,11 @@ struct CountingSink {
 impl FlushSink for CountingSink {
     fn flush(&self, batch: FlushBatch) -> Result<(), FlushError> {
         let mut buf = vec![0u8; 1 << 20];
-        for mut item in batch.items {
-            if let (Data::Staged(_), Some(st)) = (&item.record.data, &mut item.staged) {
-                let file = st.file()?;
+        for item in batch.items {
+            if let (Data::Staged(_), Some(st)) = (&item.record.data, &item.staged) {
                 let mut off = 0u64;
                 loop {
-                    let n = file.read_at(&mut buf, off)?;
+                    let n = st.file.read_at(&mut buf, off)?;
                     if n == 0 {
                         break;
                     }

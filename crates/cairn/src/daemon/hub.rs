@@ -109,6 +109,10 @@ impl Hub {
             return;
         };
         let new = vault.root();
+        // Without a live mount there are no kernel caches and no unflushed edits to compare.
+        let Some(inv) = self.invalidator() else {
+            return;
+        };
         if old == new {
             return;
         }
@@ -132,9 +136,6 @@ impl Hub {
                 }
             }
         }
-        let Some(inv) = self.invalidator() else {
-            return;
-        };
         {
             // Only paths with unflushed local edits can race this change: a clean path will
             // show the new content before anyone edits it.

@@ -13,7 +13,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use cairn_fuse::{Data, FlushBatch, FlushError, FlushItem, FlushSink, Kind, StagedFile};
+use cairn_fuse::{Data, FlushBatch, FlushError, FlushItem, FlushSink, Kind};
 use cairn_store::{ChunkSealer, WriteOptions, write_file_with};
 use cairn_vault::{
     Attrs, Change, Content, INLINE_MAX, MergedView, PublishReport, TreeSource, Vault, VaultPath,
@@ -23,12 +23,6 @@ use cairn_vault::{
 use super::base::entry_of;
 use super::device::{Device, now_ms};
 use super::hub::Hub;
-
-/// Staged content as the engine stores it.
-enum Stored {
-    Inline(Vec<u8>),
-    Chunked(cairn_store::FileManifest),
-}
 
 pub struct VaultSink {
     pub hub: Arc<Hub>,
@@ -44,44 +38,34 @@ fn rejected(e: impl std::fmt::Display) -> FlushError {
 }
 
 impl VaultSink {
-    /// Chunks, encrypts and stores staged content; small files stay inline in the tree.
+    /// Chunks, encrypts and stores staged content; small files stay inline in the tree. The
+    /// staging file is taken out of the item, so its descriptor closes once it is read.
     fn store_content(&self, item: &mut FlushItem) -> Result<(u64, Content), FlushError> {
-        let Some(staged) = item.staged.as_mut() else {
+        let Some(staged) = item.staged.take() else {
             return Err(FlushError::Rejected(format!(
                 "{}: staged data missing",
                 item.path
             )));
         };
-        let result = Self::read_staged(&self.hub.device, staged);
-        // One descriptor at a time, whatever the batch size.
-        staged.close();
-        let manifest = match result? {
-            Stored::Inline(bytes) => return Ok((bytes.len() as u64, Content::Inline(bytes))),
-            Stored::Chunked(m) => m,
-        };
-        let sealer = ChunkSealer::new(&self.hub.device.content_key);
-        let (content, size) =
-            content_from_manifest(self.hub.device.stores.blobs.as_ref(), &sealer, &manifest)
-                .map_err(rejected)?;
-        Ok((size, content))
-    }
-
-    fn read_staged(device: &Device, staged: &mut StagedFile) -> Result<Stored, FlushError> {
-        let file = staged.file()?;
-        let len = file.metadata()?.len();
+        let device = &self.hub.device;
+        let len = staged.file.metadata()?.len();
         if len as usize <= INLINE_MAX {
             let mut bytes = Vec::with_capacity(len as usize);
-            file.take(len).read_to_end(&mut bytes)?;
-            return Ok(Stored::Inline(bytes));
+            (&staged.file).take(len).read_to_end(&mut bytes)?;
+            return Ok((bytes.len() as u64, Content::Inline(bytes)));
         }
-        let reader = std::io::BufReader::with_capacity(1 << 20, file.take(len));
+        let reader = std::io::BufReader::with_capacity(1 << 20, (&staged.file).take(len));
         let opts = WriteOptions {
             durability: cairn_store::Durability::Batch,
             ..WriteOptions::default()
         };
-        write_file_with(&device.blobs, &device.content_key, reader, opts)
-            .map(Stored::Chunked)
-            .map_err(rejected)
+        let manifest =
+            write_file_with(&device.blobs, &device.content_key, reader, opts).map_err(rejected)?;
+        let sealer = ChunkSealer::new(&device.content_key);
+        let (content, size) =
+            content_from_manifest(device.stores.blobs.as_ref(), &sealer, &manifest)
+                .map_err(rejected)?;
+        Ok((size, content))
     }
 
     fn change_for(&self, item: &mut FlushItem, exists: bool) -> Result<Option<Change>, FlushError> {
