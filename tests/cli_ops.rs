@@ -108,6 +108,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(home: &Home, extra: &[&str], notify: Option<&Path>) -> Daemon {
+        Daemon::start_with(home, extra, notify, None)
+    }
+
+    /// `fd_limit` sets both the soft and the hard descriptor limit of the daemon.
+    fn start_with(
+        home: &Home,
+        extra: &[&str],
+        notify: Option<&Path>,
+        fd_limit: Option<u64>,
+    ) -> Daemon {
         let mnt = home.mnt();
         let mut args = vec!["mount"];
         args.extend_from_slice(extra);
@@ -117,6 +127,23 @@ impl Daemon {
             cmd.env("NOTIFY_SOCKET", sock);
             // As systemd sets it for `WatchdogSec=`: 400 ms, so pings come every 200 ms.
             cmd.env("WATCHDOG_USEC", "400000");
+        }
+        if let Some(limit) = fd_limit {
+            use std::os::unix::process::CommandExt;
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only reads the struct it is given.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let child = cmd.spawn().expect("spawn cairn mount");
         let mut d = Daemon {
@@ -348,6 +375,37 @@ fn write_status_log_delete_restore_and_the_error_paths() {
         b"edited"
     );
     assert_eq!(fs::read(mnt.join("notes/small.txt")).unwrap(), b"edited");
+    daemon.stop(&home);
+}
+
+/// A flush holds one descriptor per staged file, so a copy of more files than the daemon
+/// may open must be flushed in several batches rather than fail over and over (EMFILE)
+/// with every change stuck in the overlay.
+#[test]
+fn a_copy_of_more_files_than_the_descriptor_limit_still_syncs() {
+    let home = Home::new();
+    home.ok(&["init"]);
+    // 256 descriptors: batches of 64 staged files, so 700 files need 11 of them.
+    let mut daemon = Daemon::start_with(&home, &["--debounce-ms", "2000"], None, Some(256));
+    let mnt = home.mnt();
+    fs::create_dir(mnt.join("copy")).unwrap();
+    for i in 0..700u32 {
+        fs::write(
+            mnt.join(format!("copy/f{i:04}")),
+            pattern(100 + i as usize, i as u8),
+        )
+        .unwrap();
+    }
+    let s = home.wait_synced(&mut daemon);
+    assert_eq!(s["pending_uploads"]["files"], 0, "{s:#}");
+    daemon.stop(&home);
+
+    // And every file reads back byte-identical after a restart.
+    let mut daemon = Daemon::start(&home, &[], None);
+    for i in 0..700u32 {
+        let got = fs::read(mnt.join(format!("copy/f{i:04}"))).unwrap();
+        assert_eq!(got, pattern(100 + i as usize, i as u8), "copy/f{i:04}");
+    }
     daemon.stop(&home);
 }
 

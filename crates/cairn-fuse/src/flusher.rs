@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::core::Core;
+use crate::core::{Core, Flushed};
 use crate::sink::FlushError;
 
 #[derive(Default)]
@@ -111,12 +111,22 @@ fn run(core: &Core) {
         };
         let result = core.flush_once();
         let mut st = ctl.lock();
-        st.completed = st.completed.max(target);
+        // A capped flush did only part of the work its waiters asked for.
+        if !matches!(result, Ok(Flushed::Capped)) {
+            st.completed = st.completed.max(target);
+        }
         match result {
-            Ok(left) => {
+            Ok(flushed) => {
                 st.last_error = None;
-                if left && st.deadline.is_none() {
-                    st.deadline = Some(Instant::now() + core.opts.flush_debounce);
+                match flushed {
+                    Flushed::Clean => {}
+                    // Part of one backlog: no reason to wait.
+                    Flushed::Capped => st.deadline = Some(Instant::now()),
+                    Flushed::ChangedMeanwhile => {
+                        if st.deadline.is_none() {
+                            st.deadline = Some(Instant::now() + core.opts.flush_debounce);
+                        }
+                    }
                 }
             }
             Err(e) => {
