@@ -354,7 +354,14 @@ PY
 import os, sys, time
 base = sys.argv[1]
 hz = os.sysconf("SC_CLK_TCK")
-pids = {x: int(open(os.path.join(base, x, "pid")).read()) for x in "abc"}
+def daemon(pid):
+    # The pid file holds the background subshell that runs `cairn mount`; measure cairn.
+    while open(f"/proc/{pid}/comm").read().strip() != "cairn":
+        kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+        if len(kids) != 1: sys.exit(f"cannot find the cairn process under {pid}")
+        pid = int(kids[0])
+    return pid
+pids = {x: daemon(int(open(os.path.join(base, x, "pid")).read())) for x in "abc"}
 def cpu(p):
     f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
     return int(f[11]) + int(f[12])

@@ -3,9 +3,11 @@
 //!
 //! A batch is the final state of each dirty path, not a log of operations, so it is replayed
 //! as: deletions deepest-first (a directory after its children), then creations and updates
-//! in path order (a directory before its children). Each path is committed on its own, so one
-//! path the engine refuses (say, a concurrent peer change made it invalid) cannot hold every
-//! other change hostage. A refused change that carries data (file content, a symlink target)
+//! in path order (a directory before its children). Paths are committed in groups of up to
+//! [`GROUP`] (one tree update each instead of one per path: a 100k-file copy would otherwise
+//! rewrite the tree's upper nodes 100k times); a group the engine refuses is redone path by
+//! path, so one path the engine refuses (say, a concurrent peer change made it invalid)
+//! cannot hold every other change hostage. A refused change that carries data (file content, a symlink target)
 //! is never dropped: it is committed beside its path as `NAME.cairn-rescued-<ms>` (or at the
 //! vault root if its directory is gone), and if even that fails the flush fails, so the
 //! overlay keeps the record and retries.
@@ -23,6 +25,81 @@ use cairn_vault::{
 use super::base::entry_of;
 use super::device::{Device, now_ms};
 use super::hub::Hub;
+
+/// Paths per engine commit. Large enough that the tree update per group is cheap per path,
+/// small enough that redoing a refused group path by path stays quick.
+const GROUP: usize = 512;
+
+/// Changes waiting to be committed together; each path's changes stay apart so a refused
+/// group can be redone path by path.
+#[derive(Default)]
+struct Group {
+    paths: Vec<(String, Vec<(VaultPath, Change)>)>,
+}
+
+/// What became of the paths of a flush.
+#[derive(Default)]
+struct Outcome {
+    refused: usize,
+    unsaved: Vec<String>,
+}
+
+impl Group {
+    fn push(&mut self, path: String, changes: Vec<(VaultPath, Change)>) {
+        self.paths.push((path, changes));
+    }
+
+    fn is_full(&self) -> bool {
+        self.paths.len() >= GROUP
+    }
+
+    /// Commits the group in one step, or path by path if the engine refuses it.
+    fn commit(&mut self, vault: &mut Vault, now: u64, out: &mut Outcome) {
+        let paths = std::mem::take(&mut self.paths);
+        if paths.is_empty() {
+            return;
+        }
+        let all = paths.iter().flat_map(|(_, c)| c.iter().cloned());
+        if vault.commit(all, now).is_ok() {
+            return;
+        }
+        for (path, changes) in paths {
+            commit_one(vault, &path, changes, now, out);
+        }
+    }
+}
+
+/// Commits one path's changes; a refused change that carries data is kept beside its path.
+fn commit_one(
+    vault: &mut Vault,
+    path: &str,
+    changes: Vec<(VaultPath, Change)>,
+    now: u64,
+    out: &mut Outcome,
+) {
+    let Err(e) = vault.commit(changes.clone(), now) else {
+        return;
+    };
+    out.refused += 1;
+    tracing::error!(path, error = %e, "engine refused a change");
+    let Some((p, data_change)) = changes
+        .into_iter()
+        .rev()
+        .find(|(_, c)| matches!(c, Change::Write { .. } | Change::Symlink { .. }))
+    else {
+        return;
+    };
+    for spot in rescue_paths(&p, now) {
+        if vault
+            .commit([(spot.clone(), data_change.clone())], now)
+            .is_ok()
+        {
+            tracing::warn!(path, rescued_to = %spot.as_str(), "kept refused data beside its path");
+            return;
+        }
+    }
+    out.unsaved.push(path.to_string());
+}
 
 pub struct VaultSink {
     pub hub: Arc<Hub>,
@@ -120,12 +197,13 @@ impl FlushSink for VaultSink {
         let device = self.hub.device.clone();
         let mut vault = device.vault();
         let now = now_ms();
-        let mut refused = 0usize;
-        let mut unsaved: Vec<String> = Vec::new();
+        let mut out = Outcome::default();
         let mut diverted: Vec<String> = Vec::new();
         let peer_touched = self.hub.take_peer_touched();
+        let mut group = Group::default();
 
-        // Deletions, deepest first.
+        // Deletions, deepest first. Each path's lookup sees the state before the group, which
+        // is right: a group never holds two changes to one path.
         for item in batch
             .items
             .iter()
@@ -138,11 +216,13 @@ impl FlushSink for VaultSink {
                 Some(_) => Change::Remove,
                 None => continue,
             };
-            if let Err(e) = vault.commit([(p, change)], now) {
-                refused += 1;
-                tracing::error!(path = %item.path, error = %e, "engine refused a deletion");
+            group.push(item.path.clone(), vec![(p, change)]);
+            if group.is_full() {
+                group.commit(&mut vault, now, &mut out);
             }
         }
+        // Creations wait for every deletion: a directory may replace a removed file.
+        group.commit(&mut vault, now, &mut out);
         // Creations and updates, parents first.
         for item in batch
             .items
@@ -172,18 +252,21 @@ impl FlushSink for VaultSink {
             if let Some(Change::Write { .. }) = &change
                 && existing.as_ref().is_some_and(|(k, _)| !k.dir)
                 && peer_touched.contains(&item.path)
-                && let Some(spot) = free_conflict_path(&vault, &p, device.device_id, now)
             {
-                tracing::warn!(path = %item.path, copy = %spot.as_str(), "local edit raced a peer's change; kept as a conflict copy");
-                match vault.commit([(spot, change.expect("checked"))], now) {
-                    Ok(_) => diverted.push(item.path.clone()),
-                    Err(e) => {
-                        refused += 1;
-                        unsaved.push(item.path.clone());
-                        tracing::error!(path = %item.path, error = %e, "engine refused a conflict copy");
+                // The free name is looked up in the committed state.
+                group.commit(&mut vault, now, &mut out);
+                if let Some(spot) = free_conflict_path(&vault, &p, device.device_id, now) {
+                    tracing::warn!(path = %item.path, copy = %spot.as_str(), "local edit raced a peer's change; kept as a conflict copy");
+                    match vault.commit([(spot, change.expect("checked"))], now) {
+                        Ok(_) => diverted.push(item.path.clone()),
+                        Err(e) => {
+                            out.refused += 1;
+                            out.unsaved.push(item.path.clone());
+                            tracing::error!(path = %item.path, error = %e, "engine refused a conflict copy");
+                        }
                     }
+                    continue;
                 }
-                continue;
             }
             let changes: Vec<(VaultPath, Change)> = removal
                 .into_iter()
@@ -193,32 +276,13 @@ impl FlushSink for VaultSink {
             if changes.is_empty() {
                 continue;
             }
-            if let Err(e) = vault.commit(changes.clone(), now) {
-                refused += 1;
-                tracing::error!(path = %item.path, error = %e, "engine refused a change");
-                let Some((_, data_change)) = changes
-                    .into_iter()
-                    .rev()
-                    .find(|(_, c)| matches!(c, Change::Write { .. } | Change::Symlink { .. }))
-                else {
-                    continue;
-                };
-                let mut saved = false;
-                for spot in rescue_paths(&p, now) {
-                    if vault
-                        .commit([(spot.clone(), data_change.clone())], now)
-                        .is_ok()
-                    {
-                        tracing::warn!(path = %item.path, rescued_to = %spot.as_str(), "kept refused data beside its path");
-                        saved = true;
-                        break;
-                    }
-                }
-                if !saved {
-                    unsaved.push(item.path.clone());
-                }
+            group.push(item.path.clone(), changes);
+            if group.is_full() {
+                group.commit(&mut vault, now, &mut out);
             }
         }
+        group.commit(&mut vault, now, &mut out);
+        let Outcome { refused, unsaved } = out;
         // Nodes and chunks were written without per-file fsyncs; the hub makes them durable
         // before a snapshot that references them is announced.
         let report = self.hub.publish(&mut vault, now).map_err(rejected)?;
@@ -280,4 +344,82 @@ fn rescue_paths(p: &VaultPath, now_ms: u64) -> Vec<VaultPath> {
         out.push(root);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_crypto::{AgeIdentity, DeviceKey, VaultSecret};
+    use cairn_tree::MemoryNodeStore;
+    use cairn_vault::{Keyring, MemoryBlobs, VaultStores};
+
+    fn vault() -> Vault {
+        let identity = AgeIdentity::generate();
+        let keys = Keyring {
+            vault: VaultSecret::from_bytes([3; 32]).vault_id(),
+            recipients: vec![identity.recipient()],
+            identity,
+        };
+        let stores = VaultStores::new(
+            Arc::new(MemoryNodeStore::new()),
+            Arc::new(MemoryBlobs::new()),
+        );
+        Vault::new(stores, keys, DeviceKey::from_bytes([4; 32]))
+    }
+
+    fn p(s: &str) -> VaultPath {
+        VaultPath::new(s).unwrap()
+    }
+
+    fn write(data: &[u8]) -> Change {
+        Change::Write {
+            attrs: Attrs {
+                mode: 0o644,
+                mtime_ns: 1,
+                xattrs: Default::default(),
+            },
+            size: data.len() as u64,
+            content: Content::Inline(data.to_vec()),
+        }
+    }
+
+    fn content(vault: &Vault, path: &str) -> Option<Vec<u8>> {
+        match vault.lookup(&p(path)).unwrap()?.1.content {
+            Content::Inline(bytes) => Some(bytes),
+            other => panic!("{path}: unexpected content {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_path_does_not_hold_back_the_rest_of_its_group_and_keeps_its_data() {
+        let mut vault = vault();
+        let mkdir = Change::Mkdir {
+            attrs: Attrs {
+                mode: 0o755,
+                mtime_ns: 1,
+                xattrs: Default::default(),
+            },
+        };
+        let mut group = Group::default();
+        group.push("a".into(), vec![(p("a"), mkdir)]);
+        group.push("a/x".into(), vec![(p("a/x"), write(b"x"))]);
+        // Its directory does not exist, so the engine refuses it, and with it the group.
+        group.push("gone/y".into(), vec![(p("gone/y"), write(b"y"))]);
+        group.push("z".into(), vec![(p("z"), write(b"z"))]);
+        let mut out = Outcome::default();
+        group.commit(&mut vault, 1_000, &mut out);
+
+        assert_eq!(out.refused, 1);
+        assert!(out.unsaved.is_empty(), "{:?}", out.unsaved);
+        assert!(vault.lookup(&p("a")).unwrap().is_some_and(|(k, _)| k.dir));
+        assert_eq!(content(&vault, "a/x").as_deref(), Some(&b"x"[..]));
+        assert_eq!(content(&vault, "z").as_deref(), Some(&b"z"[..]));
+        assert_eq!(content(&vault, "gone/y"), None);
+        assert_eq!(
+            content(&vault, "gone_y.cairn-rescued-1000").as_deref(),
+            Some(&b"y"[..]),
+            "the refused data is kept at the vault root"
+        );
+        assert!(group.paths.is_empty());
+    }
 }
