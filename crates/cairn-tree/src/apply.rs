@@ -17,7 +17,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use crate::boundary::{ChunkItem, Chunker, is_boundary};
+use crate::boundary::{ChunkItem, Chunker, LeafItem, is_boundary};
 use crate::build::{LevelStack, NodeSink};
 use crate::error::{Result, TreeError};
 use crate::node::{ChildRef, LeafEntry, Node, NodeId};
@@ -195,27 +195,27 @@ impl<T: ChunkItem> Window<'_, T> {
     }
 
     /// Feeds the old `items` of one node merged with `edits` (both sorted by key).
-    fn merge(&mut self, items: &[T], edits: &[LevelEdit<T>]) -> Result<()> {
-        let (mut a, mut b) = (0, 0);
+    fn merge(&mut self, items: Vec<T>, edits: &[LevelEdit<T>]) -> Result<()> {
+        let mut items = items.into_iter().peekable();
+        let mut edits = edits.iter().peekable();
         loop {
-            match (items.get(a), edits.get(b)) {
+            match (items.peek(), edits.peek()) {
                 (None, None) => return Ok(()),
-                (Some(it), None) => {
-                    self.feed(it.clone())?;
-                    a += 1;
+                (Some(it), e) if e.is_none_or(|e| e.key() > it.key()) => {
+                    if let Some(it) = items.next() {
+                        self.feed(it)?;
+                    }
                 }
-                (Some(it), Some(e)) if e.key() > it.key() => {
-                    self.feed(it.clone())?;
-                    a += 1;
-                }
-                (it, Some(e)) => {
+                (it, _) => {
+                    let Some(e) = edits.next() else {
+                        return Ok(());
+                    };
                     if it.is_some_and(|it| it.key() == e.key()) {
-                        a += 1;
+                        items.next();
                     }
                     if let LevelEdit::Put(t) = e {
                         self.feed(t.clone())?;
                     }
-                    b += 1;
                 }
             }
         }
@@ -232,7 +232,7 @@ impl<S: NodeStore> Tree<S> {
         batch: I,
     ) -> Result<TreeUpdate> {
         let cfg = *self.config();
-        let mut edits: Vec<LevelEdit<LeafEntry>> = Vec::new();
+        let mut edits: Vec<LevelEdit<LeafItem>> = Vec::new();
         for e in batch {
             if edits.last().is_some_and(|p| p.key() >= e.key()) {
                 return Err(TreeError::Unsorted {
@@ -242,7 +242,7 @@ impl<S: NodeStore> Tree<S> {
             edits.push(match e {
                 Edit::Upsert(key, value) => {
                     cfg.check_entry(&key, Some(&value))?;
-                    LevelEdit::Put(LeafEntry { key, value })
+                    LevelEdit::Put(LeafItem::New(LeafEntry { key, value }))
                 }
                 Edit::Remove(key) => {
                     cfg.check_entry(&key, None)?;
@@ -260,7 +260,7 @@ impl<S: NodeStore> Tree<S> {
         }
         if root_node.is_empty() {
             return self.build(edits.into_iter().filter_map(|e| match e {
-                LevelEdit::Put(LeafEntry { key, value }) => Some((key, value)),
+                LevelEdit::Put(item) => Some(item.into_pair()),
                 LevelEdit::Del(_) => None,
             }));
         }
@@ -358,12 +358,17 @@ impl<S: NodeStore> Tree<S> {
             // itself (with its edits) and stopped on a hash boundary.
             if cur.next_first_key() == Some(key) {
                 let after_window = resynced_at.as_deref() == Some(key);
-                let items = T::items(&cur.current)
-                    .ok_or_else(|| corrupt(cur.current_id, "node kind does not match its level"))?;
-                let last = items
-                    .last()
+                if !T::is_kind(&cur.current) {
+                    return Err(corrupt(
+                        cur.current_id,
+                        "node kind does not match its level",
+                    ));
+                }
+                let last = cur
+                    .current
+                    .last_key()
                     .ok_or_else(|| corrupt(cur.current_id, "empty node below the root"))?;
-                if (after_window || is_boundary(level, last.key(), self.threshold))
+                if (after_window || is_boundary(level, last, self.threshold))
                     && !cur.advance(self)?
                 {
                     return Err(corrupt(cur.current_id, "level ended before its last node"));

@@ -20,7 +20,12 @@
 //!   Changing or removing that item can move the cut, so the node before must be re-cut too. A
 //!   rule-1 cut leaves the new item open in the scan, so it never counts as re-synchronised.
 
-use crate::node::{ChildRef, LeafEntry, Node, child_item_len, header_len, leaf_item_len};
+use std::sync::Arc;
+
+use crate::node::{
+    ChildRef, LeafEntry, Node, child_item_len, encode_internal, encode_leaf, header_len,
+    leaf_item_len,
+};
 
 /// Fixed key for the boundary hash. Mixing the level into the key makes the boundary decisions of
 /// different levels independent even though internal items reuse leaf keys.
@@ -48,29 +53,72 @@ pub(crate) trait ChunkItem: Clone {
     fn encoded_len(&self, prev: &[u8]) -> usize;
     /// Entries of the subtree this item stands for.
     fn weight(&self) -> u64;
+    /// Whether `node` is a node of this item kind.
+    fn is_kind(node: &Node) -> bool;
     /// The items of `node` if it is a node of this item kind.
-    fn items(node: &Node) -> Option<&[Self]>;
-    fn into_node(items: Vec<Self>, level: u8) -> Node;
+    fn items(node: &Arc<Node>) -> Option<Vec<Self>>;
+    /// The encoding of a node at `level` holding `items`.
+    fn encode_node(items: &[Self], level: u8) -> Vec<u8>;
 }
 
-impl ChunkItem for LeafEntry {
+/// A leaf item as the chunker sees it. Items carried over from an old leaf point into that
+/// (shared, decoded) leaf instead of being copied out: a re-cut feeds every item of each
+/// node it touches, and copying them was most of the cost of a small `apply`.
+#[derive(Clone)]
+pub(crate) enum LeafItem {
+    /// Entry `idx` of a leaf node.
+    Old(Arc<Node>, usize),
+    New(LeafEntry),
+}
+
+impl LeafItem {
+    pub(crate) fn parts(&self) -> (&[u8], &[u8]) {
+        match self {
+            LeafItem::Old(node, idx) => match &**node {
+                Node::Leaf(leaf) => (leaf.key(*idx), leaf.value(*idx)),
+                Node::Internal { .. } => unreachable!("old leaf items are only taken from leaves"),
+            },
+            LeafItem::New(e) => (&e.key, &e.value),
+        }
+    }
+
+    pub(crate) fn into_pair(self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            LeafItem::New(e) => (e.key, e.value),
+            old => {
+                let (k, v) = old.parts();
+                (k.to_vec(), v.to_vec())
+            }
+        }
+    }
+}
+
+impl ChunkItem for LeafItem {
     fn key(&self) -> &[u8] {
-        &self.key
+        self.parts().0
     }
     fn encoded_len(&self, prev: &[u8]) -> usize {
-        leaf_item_len(prev, self)
+        let (key, value) = self.parts();
+        leaf_item_len(prev, key, value)
     }
     fn weight(&self) -> u64 {
         1
     }
-    fn items(node: &Node) -> Option<&[Self]> {
-        match node {
-            Node::Leaf(e) => Some(e),
+    fn is_kind(node: &Node) -> bool {
+        matches!(node, Node::Leaf(_))
+    }
+    fn items(node: &Arc<Node>) -> Option<Vec<Self>> {
+        match &**node {
+            Node::Leaf(e) => Some(
+                (0..e.len())
+                    .map(|i| LeafItem::Old(node.clone(), i))
+                    .collect(),
+            ),
             Node::Internal { .. } => None,
         }
     }
-    fn into_node(items: Vec<Self>, _level: u8) -> Node {
-        Node::Leaf(items)
+    fn encode_node(items: &[Self], _level: u8) -> Vec<u8> {
+        encode_leaf(items.iter().map(LeafItem::parts))
     }
 }
 
@@ -84,17 +132,17 @@ impl ChunkItem for ChildRef {
     fn weight(&self) -> u64 {
         self.count
     }
-    fn items(node: &Node) -> Option<&[Self]> {
-        match node {
-            Node::Internal { children, .. } => Some(children),
+    fn is_kind(node: &Node) -> bool {
+        matches!(node, Node::Internal { .. })
+    }
+    fn items(node: &Arc<Node>) -> Option<Vec<Self>> {
+        match &**node {
+            Node::Internal { children, .. } => Some(children.clone()),
             Node::Leaf(_) => None,
         }
     }
-    fn into_node(items: Vec<Self>, level: u8) -> Node {
-        Node::Internal {
-            level,
-            children: items,
-        }
+    fn encode_node(items: &[Self], level: u8) -> Vec<u8> {
+        encode_internal(level, items)
     }
 }
 
@@ -150,6 +198,8 @@ impl<T: ChunkItem> Chunker<T> {
         }
         self.body_len = 0;
         self.emitted += 1;
-        Some(std::mem::take(&mut self.items))
+        // The next node is likely about as long: sizing for it avoids regrowing item by item.
+        let next = Vec::with_capacity(self.items.len());
+        Some(std::mem::replace(&mut self.items, next))
     }
 }

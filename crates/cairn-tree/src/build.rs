@@ -1,7 +1,7 @@
 //! Streaming construction of a tree from sorted entries, and the level stack that `apply` reuses
 //! when a tree grows taller.
 
-use crate::boundary::Chunker;
+use crate::boundary::{Chunker, LeafItem};
 use crate::error::{Result, TreeError};
 use crate::node::{ChildRef, LeafEntry, MAX_LEVEL, NodeId};
 use crate::store::NodeStore;
@@ -156,7 +156,7 @@ impl<S: NodeStore> Tree<S> {
                 }
                 None => prev = Some(key.clone()),
             }
-            leaves.push(LeafEntry { key, value }, &mut closed);
+            leaves.push(LeafItem::New(LeafEntry { key, value }), &mut closed);
             for chunk in closed.drain(..) {
                 let (r, bytes) = seal(chunk, 0, sink.sealer());
                 sink.write(r.id, bytes)?;

@@ -117,13 +117,13 @@ impl NodeCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::LeafEntry;
+    use crate::node::{Leaf, LeafEntry};
 
     fn leaf(tag: u8, size: usize) -> Arc<Node> {
-        Arc::new(Node::Leaf(vec![LeafEntry {
+        Arc::new(Node::Leaf(Leaf::from(vec![LeafEntry {
             key: vec![tag],
             value: vec![tag; size],
-        }]))
+        }])))
     }
 
     #[test]

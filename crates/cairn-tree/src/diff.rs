@@ -66,13 +66,10 @@ enum View<'a> {
 impl Elem {
     fn view(&self) -> View<'_> {
         match &*self.node {
-            Node::Leaf(entries) => {
-                let e = &entries[self.idx];
-                View::Entry {
-                    key: &e.key,
-                    value: &e.value,
-                }
-            }
+            Node::Leaf(entries) => View::Entry {
+                key: entries.key(self.idx),
+                value: entries.value(self.idx),
+            },
             Node::Internal { level, children } => {
                 let c = &children[self.idx];
                 View::Subtree {

@@ -88,10 +88,145 @@ pub struct ChildRef {
     pub count: u64,
 }
 
+/// The entries of a decoded leaf, kept in one buffer (each full key followed by its value)
+/// plus an index of offsets. Readers load leaves far more often than they keep their
+/// entries, and a `Vec<LeafEntry>` costs two allocations per entry to build and to free:
+/// on a cold cache that was most of the cost of a diff or a point lookup.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Leaf {
+    bytes: Vec<u8>,
+    /// Per entry: where its key ends and where its value ends in `bytes`. An entry starts
+    /// where the previous one's value ends.
+    ends: Vec<(usize, usize)>,
+}
+
+impl Leaf {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends an entry. Order is the caller's business: a leaf built out of order simply
+    /// encodes to a node the decoder refuses.
+    pub fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(key);
+        let key_end = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.ends.push((key_end, self.bytes.len()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn start(&self, i: usize) -> usize {
+        match i {
+            0 => 0,
+            _ => self.ends[i - 1].1,
+        }
+    }
+
+    /// Key and value of entry `i`.
+    pub fn get(&self, i: usize) -> Option<(&[u8], &[u8])> {
+        let (key_end, end) = *self.ends.get(i)?;
+        Some((
+            &self.bytes[self.start(i)..key_end],
+            &self.bytes[key_end..end],
+        ))
+    }
+
+    /// Key of entry `i`; panics if out of range, like slice indexing.
+    pub fn key(&self, i: usize) -> &[u8] {
+        &self.bytes[self.start(i)..self.ends[i].0]
+    }
+
+    /// Value of entry `i`; panics if out of range, like slice indexing.
+    pub fn value(&self, i: usize) -> &[u8] {
+        let (key_end, end) = self.ends[i];
+        &self.bytes[key_end..end]
+    }
+
+    pub fn first_key(&self) -> Option<&[u8]> {
+        (!self.is_empty()).then(|| self.key(0))
+    }
+
+    pub fn last_key(&self) -> Option<&[u8]> {
+        self.len().checked_sub(1).map(|i| self.key(i))
+    }
+
+    /// Binary search by key, as [`slice::binary_search`].
+    pub fn search(&self, key: &[u8]) -> Result<usize, usize> {
+        let i = self.partition_point(|k| k < key);
+        if i < self.len() && self.key(i) == key {
+            Ok(i)
+        } else {
+            Err(i)
+        }
+    }
+
+    /// Number of leading entries whose key satisfies `pred`, as [`slice::partition_point`].
+    pub fn partition_point(&self, mut pred: impl FnMut(&[u8]) -> bool) -> usize {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if pred(self.key(mid)) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Entries in order, as (key, value).
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + Clone + '_ {
+        (0..self.len()).map(|i| (self.key(i), self.value(i)))
+    }
+
+    /// The entries as owned pairs.
+    pub fn to_entries(&self) -> Vec<LeafEntry> {
+        self.iter()
+            .map(|(k, v)| LeafEntry {
+                key: k.to_vec(),
+                value: v.to_vec(),
+            })
+            .collect()
+    }
+
+    fn heap_size(&self) -> usize {
+        self.bytes.capacity() + self.ends.capacity() * std::mem::size_of::<(usize, usize)>()
+    }
+}
+
+impl FromIterator<LeafEntry> for Leaf {
+    fn from_iter<I: IntoIterator<Item = LeafEntry>>(iter: I) -> Self {
+        let mut leaf = Leaf::new();
+        for e in iter {
+            leaf.push(&e.key, &e.value);
+        }
+        leaf
+    }
+}
+
+impl From<Vec<LeafEntry>> for Leaf {
+    fn from(entries: Vec<LeafEntry>) -> Self {
+        entries.into_iter().collect()
+    }
+}
+
+impl fmt::Debug for Leaf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.to_entries()).finish()
+    }
+}
+
 /// A decoded node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
-    Leaf(Vec<LeafEntry>),
+    Leaf(Leaf),
     Internal { level: u8, children: Vec<ChildRef> },
 }
 
@@ -116,8 +251,15 @@ impl Node {
 
     pub fn first_key(&self) -> Option<&[u8]> {
         match self {
-            Node::Leaf(e) => e.first().map(|e| e.key.as_slice()),
+            Node::Leaf(e) => e.first_key(),
             Node::Internal { children, .. } => children.first().map(|c| c.key.as_slice()),
+        }
+    }
+
+    pub fn last_key(&self) -> Option<&[u8]> {
+        match self {
+            Node::Leaf(e) => e.last_key(),
+            Node::Internal { children, .. } => children.last().map(|c| c.key.as_slice()),
         }
     }
 
@@ -135,12 +277,7 @@ impl Node {
         const ALLOC_OVERHEAD: usize = 16;
         let base = std::mem::size_of::<Node>() + ALLOC_OVERHEAD;
         match self {
-            Node::Leaf(e) => {
-                base + e.capacity() * std::mem::size_of::<LeafEntry>()
-                    + e.iter()
-                        .map(|e| e.key.capacity() + e.value.capacity() + 2 * ALLOC_OVERHEAD)
-                        .sum::<usize>()
-            }
+            Node::Leaf(e) => base + e.heap_size() + 2 * ALLOC_OVERHEAD,
             Node::Internal { children, .. } => {
                 base + children.capacity() * std::mem::size_of::<ChildRef>()
                     + children
@@ -152,30 +289,10 @@ impl Node {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64);
-        out.push(FORMAT_V1);
-        out.push(self.level());
-        put_varint(&mut out, self.len() as u64);
-        let mut prev: &[u8] = &[];
         match self {
-            Node::Leaf(entries) => {
-                for e in entries {
-                    put_key(&mut out, prev, &e.key);
-                    put_varint(&mut out, e.value.len() as u64);
-                    out.extend_from_slice(&e.value);
-                    prev = &e.key;
-                }
-            }
-            Node::Internal { children, .. } => {
-                for c in children {
-                    put_key(&mut out, prev, &c.key);
-                    out.extend_from_slice(&c.id.0);
-                    put_varint(&mut out, c.count);
-                    prev = &c.key;
-                }
-            }
+            Node::Leaf(entries) => encode_leaf(entries.iter()),
+            Node::Internal { level, children } => encode_internal(*level, children),
         }
-        out
     }
 
     /// Parses an encoded node. Never panics; any deviation from the canonical v1 encoding is an
@@ -198,17 +315,39 @@ impl Node {
         // keeps a forged count from reserving gigabytes.
         let cap = (n as usize).min(r.remaining() / 3);
         let node = if level == 0 {
-            let mut entries: Vec<LeafEntry> = Vec::with_capacity(cap);
-            for _ in 0..n {
-                let key = r.key(entries.last().map(|e| e.key.as_slice()))?;
+            // Keys decode a little longer than their prefix-compressed form and values are
+            // copied verbatim, so the rest of the input is a close first guess.
+            let mut leaf = Leaf {
+                bytes: Vec::with_capacity(r.remaining()),
+                ends: Vec::with_capacity(cap),
+            };
+            for i in 0..n {
+                let key_start = leaf.bytes.len();
+                let prev =
+                    (i > 0).then(|| (leaf.start(leaf.len() - 1), leaf.ends[leaf.len() - 1].0));
+                let (shared, suffix) = r.key_parts(prev.map(|(s, e)| &leaf.bytes[s..e]))?;
+                if let Some((s, _)) = prev {
+                    leaf.bytes.extend_from_within(s..s + shared);
+                }
+                leaf.bytes.extend_from_slice(suffix);
+                if let Some((s, e)) = prev
+                    && leaf.bytes[key_start..] <= leaf.bytes[s..e]
+                {
+                    return Err(DecodeError::UnsortedKeys);
+                }
+                let key_end = leaf.bytes.len();
                 let vlen = r.varint()?;
                 if vlen > MAX_VALUE_LEN as u64 {
                     return Err(DecodeError::ValueTooLong(vlen));
                 }
-                let value = r.take(vlen as usize)?.to_vec();
-                entries.push(LeafEntry { key, value });
+                leaf.bytes.extend_from_slice(r.take(vlen as usize)?);
+                leaf.ends.push((key_end, leaf.bytes.len()));
             }
-            Node::Leaf(entries)
+            // The cache accounts capacity: do not let a doubled buffer count twice.
+            if leaf.bytes.capacity() - leaf.bytes.len() > leaf.bytes.len() / 8 {
+                leaf.bytes.shrink_to_fit();
+            }
+            Node::Leaf(leaf)
         } else {
             if n == 0 {
                 return Err(DecodeError::EmptyInternal);
@@ -235,6 +374,50 @@ impl Node {
         }
         Ok(node)
     }
+}
+
+/// Encodes a leaf holding `entries`, in order.
+pub(crate) fn encode_leaf<'a>(
+    entries: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])> + Clone,
+) -> Vec<u8> {
+    // An upper bound (three varints of at most 3 bytes per item for keys and values within
+    // the format limits), so the buffer is allocated once.
+    let bound = entries
+        .clone()
+        .map(|(k, v)| k.len() + v.len() + 9)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(bound + header_len(entries.len()));
+    out.push(FORMAT_V1);
+    out.push(0);
+    put_varint(&mut out, entries.len() as u64);
+    let mut prev: &[u8] = &[];
+    for (key, value) in entries {
+        put_key(&mut out, prev, key);
+        put_varint(&mut out, value.len() as u64);
+        out.extend_from_slice(value);
+        prev = key;
+    }
+    out
+}
+
+/// Encodes an internal node at `level` with `children`.
+pub(crate) fn encode_internal(level: u8, children: &[ChildRef]) -> Vec<u8> {
+    let bound = children
+        .iter()
+        .map(|c| c.key.len() + 32 + 16)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(bound + header_len(children.len()));
+    out.push(FORMAT_V1);
+    out.push(level);
+    put_varint(&mut out, children.len() as u64);
+    let mut prev: &[u8] = &[];
+    for c in children {
+        put_key(&mut out, prev, &c.key);
+        out.extend_from_slice(&c.id.0);
+        put_varint(&mut out, c.count);
+        prev = &c.key;
+    }
+    out
 }
 
 pub(crate) fn varint_len(mut v: u64) -> usize {
@@ -272,8 +455,8 @@ pub(crate) fn key_encoded_len(prev: &[u8], key: &[u8]) -> usize {
     varint_len(shared as u64) + varint_len(suffix as u64) + suffix
 }
 
-pub(crate) fn leaf_item_len(prev: &[u8], e: &LeafEntry) -> usize {
-    key_encoded_len(prev, &e.key) + varint_len(e.value.len() as u64) + e.value.len()
+pub(crate) fn leaf_item_len(prev: &[u8], key: &[u8], value: &[u8]) -> usize {
+    key_encoded_len(prev, key) + varint_len(value.len() as u64) + value.len()
 }
 
 pub(crate) fn child_item_len(prev: &[u8], c: &ChildRef) -> usize {
@@ -329,7 +512,10 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn key(&mut self, prev: Option<&[u8]>) -> Result<Vec<u8>, DecodeError> {
+    /// Reads the prefix-compressed form of a key following `prev`: the length shared with
+    /// `prev` and the suffix, checked for canonical form. Order against `prev` is the
+    /// caller's check, once the key is assembled.
+    fn key_parts(&mut self, prev: Option<&[u8]>) -> Result<(usize, &'a [u8]), DecodeError> {
         let prev_bytes = prev.unwrap_or(&[]);
         let shared = self.varint()?;
         if shared > prev_bytes.len() as u64 {
@@ -348,7 +534,13 @@ impl<'a> Reader<'a> {
         if shared < prev_bytes.len() && suffix.first() == Some(&prev_bytes[shared]) {
             return Err(DecodeError::NonCanonical("shared prefix not maximal"));
         }
-        let mut key = Vec::with_capacity(total as usize);
+        Ok((shared, suffix))
+    }
+
+    fn key(&mut self, prev: Option<&[u8]>) -> Result<Vec<u8>, DecodeError> {
+        let (shared, suffix) = self.key_parts(prev)?;
+        let prev_bytes = prev.unwrap_or(&[]);
+        let mut key = Vec::with_capacity(shared + suffix.len());
         key.extend_from_slice(&prev_bytes[..shared]);
         key.extend_from_slice(suffix);
         if prev.is_some_and(|p| key.as_slice() <= p) {
@@ -361,9 +553,66 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The leaf encoding written straight from owned entries, as the format describes it.
+    fn reference_leaf_encoding(entries: &[LeafEntry]) -> Vec<u8> {
+        let mut out = vec![FORMAT_V1, 0];
+        put_varint(&mut out, entries.len() as u64);
+        let mut prev: &[u8] = &[];
+        for e in entries {
+            put_key(&mut out, prev, &e.key);
+            put_varint(&mut out, e.value.len() as u64);
+            out.extend_from_slice(&e.value);
+            prev = &e.key;
+        }
+        out
+    }
+
+    proptest! {
+        /// The packed leaf answers every lookup exactly as a slice of owned entries would,
+        /// and encodes (and decodes) to the same bytes.
+        #[test]
+        fn packed_leaf_agrees_with_entry_slice(
+            map in prop::collection::btree_map(
+                prop::collection::vec(0u8..4, 0..6),
+                prop::collection::vec(any::<u8>(), 0..12),
+                0..40,
+            ),
+            probes in prop::collection::vec(prop::collection::vec(0u8..4, 0..6), 0..20),
+        ) {
+            let entries: Vec<LeafEntry> = map
+                .into_iter()
+                .map(|(key, value)| LeafEntry { key, value })
+                .collect();
+            let leaf = Leaf::from(entries.clone());
+            prop_assert_eq!(leaf.len(), entries.len());
+            prop_assert_eq!(leaf.to_entries(), entries.clone());
+            for (i, e) in entries.iter().enumerate() {
+                prop_assert_eq!(leaf.get(i), Some((e.key.as_slice(), e.value.as_slice())));
+            }
+            prop_assert_eq!(leaf.get(entries.len()), None);
+            prop_assert_eq!(leaf.first_key(), entries.first().map(|e| e.key.as_slice()));
+            prop_assert_eq!(leaf.last_key(), entries.last().map(|e| e.key.as_slice()));
+            for p in &probes {
+                prop_assert_eq!(
+                    leaf.search(p),
+                    entries.binary_search_by(|e| e.key.as_slice().cmp(p))
+                );
+                prop_assert_eq!(
+                    leaf.partition_point(|k| k <= p.as_slice()),
+                    entries.partition_point(|e| e.key <= *p)
+                );
+            }
+            let node = Node::Leaf(leaf);
+            let bytes = node.encode();
+            prop_assert_eq!(&bytes, &reference_leaf_encoding(&entries));
+            prop_assert_eq!(Node::decode(&bytes).unwrap(), node);
+        }
+    }
 
     fn sample_leaf() -> Node {
-        Node::Leaf(vec![
+        Node::Leaf(Leaf::from(vec![
             LeafEntry {
                 key: b"".to_vec(),
                 value: b"root".to_vec(),
@@ -380,7 +629,7 @@ mod tests {
                 key: b"a/c.txt".to_vec(),
                 value: b"x".to_vec(),
             },
-        ])
+        ]))
     }
 
     #[test]
@@ -422,10 +671,11 @@ mod tests {
         let Node::Leaf(entries) = &leaf else {
             unreachable!()
         };
+        let entries = entries.to_entries();
         let mut prev: &[u8] = &[];
         let mut total = header_len(entries.len());
-        for e in entries {
-            total += leaf_item_len(prev, e);
+        for e in &entries {
+            total += leaf_item_len(prev, &e.key, &e.value);
             prev = &e.key;
         }
         assert_eq!(total, leaf.encode().len());

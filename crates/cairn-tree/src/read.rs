@@ -23,10 +23,7 @@ impl<S: NodeStore> Tree<S> {
         loop {
             let next = match &*node {
                 Node::Leaf(entries) => {
-                    return Ok(entries
-                        .binary_search_by(|e| e.key.as_slice().cmp(key))
-                        .ok()
-                        .map(|i| entries[i].value.clone()));
+                    return Ok(entries.search(key).ok().map(|i| entries.value(i).to_vec()));
                 }
                 Node::Internal { level, children } => {
                     let idx = children.partition_point(|c| c.key.as_slice() <= key);
@@ -109,8 +106,8 @@ impl<S: NodeStore> Scan<'_, S> {
                 Node::Leaf(entries) => {
                     let idx = match start {
                         Bound::Unbounded => 0,
-                        Bound::Included(s) => entries.partition_point(|e| e.key < *s),
-                        Bound::Excluded(s) => entries.partition_point(|e| e.key <= *s),
+                        Bound::Included(s) => entries.partition_point(|k| k < s.as_slice()),
+                        Bound::Excluded(s) => entries.partition_point(|k| k <= s.as_slice()),
                     };
                     self.stack.push((node, idx));
                     return Ok(());
@@ -177,17 +174,17 @@ impl<S: NodeStore> Scan<'_, S> {
                     reason: "scan cursor not on a leaf",
                 });
             };
-            if let Some(e) = entries.get(*idx) {
+            if let Some((key, value)) = entries.get(*idx) {
                 let in_range = match &self.end {
                     Bound::Unbounded => true,
-                    Bound::Included(end) => e.key <= *end,
-                    Bound::Excluded(end) => e.key < *end,
+                    Bound::Included(end) => key <= end.as_slice(),
+                    Bound::Excluded(end) => key < end.as_slice(),
                 };
                 if !in_range {
                     return Ok(None);
                 }
                 *idx += 1;
-                return Ok(Some((e.key.clone(), e.value.clone())));
+                return Ok(Some((key.to_vec(), value.to_vec())));
             }
             if !self.next_leaf()? {
                 return Ok(None);

@@ -7,7 +7,8 @@ use crate::boundary::{ChunkItem, threshold_for};
 use crate::cache::{CacheConfig, CacheStats, NodeCache};
 use crate::error::{Result, TreeError};
 use crate::node::{
-    ChildRef, MAX_ENCODED_NODE, MAX_KEY_LEN, MAX_VALUE_LEN, Node, NodeId, header_len, varint_len,
+    ChildRef, Leaf, MAX_ENCODED_NODE, MAX_KEY_LEN, MAX_VALUE_LEN, Node, NodeId, header_len,
+    varint_len,
 };
 use crate::store::NodeStore;
 
@@ -141,7 +142,7 @@ pub struct TreeUpdate {
 }
 
 static EMPTY_ROOT: LazyLock<NodeId> =
-    LazyLock::new(|| NodeId::of(&Node::Leaf(Vec::new()).encode()));
+    LazyLock::new(|| NodeId::of(&Node::Leaf(Leaf::new()).encode()));
 
 /// A prolly tree over a [`NodeStore`]. Cheap to share (`&Tree` or `Arc<Tree>`) across threads;
 /// trees are values named by their root id, so one handle serves any number of roots.
@@ -212,7 +213,7 @@ impl<S: NodeStore> Tree<S> {
             return Ok(n);
         }
         if *id == *EMPTY_ROOT {
-            return Ok(Arc::new(Node::Leaf(Vec::new())));
+            return Ok(Arc::new(Node::Leaf(Leaf::new())));
         }
         let bytes = self.store.get(id)?.ok_or(TreeError::MissingNode(*id))?;
         let actual = NodeId::of(&bytes);
@@ -282,7 +283,7 @@ pub(crate) fn seal<T: ChunkItem>(
 ) -> (ChildRef, Vec<u8>) {
     let count = items.iter().map(ChunkItem::weight).sum();
     let key = items.first().map(|i| i.key().to_vec()).unwrap_or_default();
-    let bytes = sealer.seal(T::into_node(items, level).encode());
+    let bytes = sealer.seal(T::encode_node(&items, level));
     let id = NodeId::of(&bytes);
     (ChildRef { key, id, count }, bytes)
 }

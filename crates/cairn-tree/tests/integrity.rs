@@ -6,7 +6,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use cairn_tree::{
-    CacheConfig, DecodeError, Edit, FileNodeStore, FileStoreOptions, LeafEntry, MAX_KEY_LEN,
+    CacheConfig, DecodeError, Edit, FileNodeStore, FileStoreOptions, Leaf, LeafEntry, MAX_KEY_LEN,
     MAX_VALUE_LEN, MemoryNodeStore, Node, NodeId, NodeStore, Result, Tree, TreeConfig, TreeError,
 };
 use common::*;
@@ -122,7 +122,7 @@ fn tampered_node_is_rejected_with_hash_mismatch() {
     let Node::Leaf(entries) = &*tree.read_node(&victim).unwrap() else {
         panic!()
     };
-    let key = entries[0].key.clone();
+    let key = entries.key(0).to_vec();
     let mut bytes = tree.store().get(&victim).unwrap().unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
@@ -188,10 +188,10 @@ fn missing_node_is_reported_by_every_operation() {
 fn structurally_inconsistent_tree_is_corrupt() {
     // Two individually valid nodes where the parent's separator disagrees with the child.
     let store = MemoryNodeStore::new();
-    let leaf = Node::Leaf(vec![LeafEntry {
+    let leaf = Node::Leaf(Leaf::from(vec![LeafEntry {
         key: b"b".to_vec(),
         value: b"1".to_vec(),
-    }]);
+    }]));
     let leaf_bytes = leaf.encode();
     let leaf_id = NodeId::of(&leaf_bytes);
     store.put(&leaf_id, &leaf_bytes).unwrap();
