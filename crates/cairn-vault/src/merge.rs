@@ -239,6 +239,34 @@ impl State<'_> {
         Ok(e)
     }
 
+    /// Reads into the memo what the post-pass will read for the live decided key `key`: its
+    /// ancestors' directory keys and its file/directory twin. Called while the diff streams,
+    /// when the leaves around `key` were just loaded: the post-pass runs only after the whole
+    /// diff, and by then a large merge has pushed those leaves out of the node cache, so
+    /// reading them there loaded each a second time.
+    fn prefetch_neighbours(&mut self, key: &[u8]) -> Result<()> {
+        // A malformed key is the post-pass's to report; there is nothing to prefetch for it.
+        let Ok(ekey) = EntryKey::from_bytes(key) else {
+            return Ok(());
+        };
+        let twin = if ekey.dir {
+            ekey.path.file_key()
+        } else {
+            ekey.path.dir_key()
+        };
+        for k in ekey
+            .path
+            .ancestors()
+            .map(|a| a.dir_key())
+            .chain(std::iter::once(twin))
+        {
+            if !self.decided.contains_key(&k) {
+                self.ours_get(&k)?;
+            }
+        }
+        Ok(())
+    }
+
     fn get(&mut self, key: &[u8]) -> Result<Option<Entry>> {
         match self.decided.get(key) {
             Some(e) => Ok(Some(e.clone())),
@@ -346,8 +374,12 @@ pub fn merge_rows(
         let Some(res) = resolve_opt(row.ours.as_ref(), row.theirs.as_ref(), dir_key) else {
             continue;
         };
+        let live = res.keep.is_live();
         st.ours_at.insert(row.key.clone(), row.ours);
         st.decided.insert(row.key.clone(), res.keep);
+        if live {
+            st.prefetch_neighbours(&row.key)?;
+        }
         if let Some(l) = res.loser {
             losers.push((row.key, l));
         }
