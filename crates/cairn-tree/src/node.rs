@@ -321,20 +321,13 @@ impl Node {
                 bytes: Vec::with_capacity(r.remaining()),
                 ends: Vec::with_capacity(cap),
             };
-            for i in 0..n {
-                let key_start = leaf.bytes.len();
-                let prev =
-                    (i > 0).then(|| (leaf.start(leaf.len() - 1), leaf.ends[leaf.len() - 1].0));
+            for _ in 0..n {
+                let prev = (leaf.len().checked_sub(1)).map(|j| (leaf.start(j), leaf.ends[j].0));
                 let (shared, suffix) = r.key_parts(prev.map(|(s, e)| &leaf.bytes[s..e]))?;
                 if let Some((s, _)) = prev {
                     leaf.bytes.extend_from_within(s..s + shared);
                 }
                 leaf.bytes.extend_from_slice(suffix);
-                if let Some((s, e)) = prev
-                    && leaf.bytes[key_start..] <= leaf.bytes[s..e]
-                {
-                    return Err(DecodeError::UnsortedKeys);
-                }
                 let key_end = leaf.bytes.len();
                 let vlen = r.varint()?;
                 if vlen > MAX_VALUE_LEN as u64 {
@@ -534,18 +527,27 @@ impl<'a> Reader<'a> {
         if shared < prev_bytes.len() && suffix.first() == Some(&prev_bytes[shared]) {
             return Err(DecodeError::NonCanonical("shared prefix not maximal"));
         }
+        // The key is `prev[..shared] + suffix`, and the suffix does not continue `prev`
+        // (checked above), so it sorts after `prev` exactly when it extends `prev` or its
+        // first byte is the greater one at `shared`: no need to compare whole keys.
+        if prev.is_some() {
+            let after = match (prev_bytes.get(shared), suffix.first()) {
+                (None, Some(_)) => true,
+                (Some(p), Some(s)) => s > p,
+                (_, None) => false,
+            };
+            if !after {
+                return Err(DecodeError::UnsortedKeys);
+            }
+        }
         Ok((shared, suffix))
     }
 
     fn key(&mut self, prev: Option<&[u8]>) -> Result<Vec<u8>, DecodeError> {
         let (shared, suffix) = self.key_parts(prev)?;
-        let prev_bytes = prev.unwrap_or(&[]);
         let mut key = Vec::with_capacity(shared + suffix.len());
-        key.extend_from_slice(&prev_bytes[..shared]);
+        key.extend_from_slice(&prev.unwrap_or(&[])[..shared]);
         key.extend_from_slice(suffix);
-        if prev.is_some_and(|p| key.as_slice() <= p) {
-            return Err(DecodeError::UnsortedKeys);
-        }
         Ok(key)
     }
 }
@@ -701,6 +703,20 @@ mod tests {
         // duplicate key
         let dup = [1, 0, 2, 0, 1, b'a', 0, 1, 0, 0];
         assert_eq!(Node::decode(&dup), Err(DecodeError::UnsortedKeys));
+        // "ab" then "a" (a prefix of it), and "ab" then "aa": both descend
+        let prefix = [1, 0, 2, 0, 2, b'a', b'b', 0, 1, 0, 0];
+        assert_eq!(Node::decode(&prefix), Err(DecodeError::UnsortedKeys));
+        let down = [1, 0, 2, 0, 2, b'a', b'b', 0, 1, 1, b'a', 0];
+        assert_eq!(Node::decode(&down), Err(DecodeError::UnsortedKeys));
+        let down_internal = [
+            &[1u8, 1, 2, 0, 2, b'a', b'b'][..],
+            &[7; 32],
+            &[1, 1, 1, b'a'],
+            &[7; 32],
+            &[1],
+        ]
+        .concat();
+        assert_eq!(Node::decode(&down_internal), Err(DecodeError::UnsortedKeys));
         // "ab" then "ac" with shared=0: valid keys, but prefix not maximal
         let loose = [1, 0, 2, 0, 2, b'a', b'b', 0, 0, 2, b'a', b'c', 0];
         assert!(matches!(
