@@ -63,7 +63,7 @@ pub(crate) trait ChunkItem: Clone {
 
 /// A leaf item as the chunker sees it. Items carried over from an old leaf point into that
 /// (shared, decoded) leaf instead of being copied out: a re-cut feeds every item of each
-/// node it touches, and copying them was most of the cost of a small `apply`.
+/// node it touches, and copying them cost two allocations per item.
 #[derive(Clone)]
 pub(crate) enum LeafItem {
     /// Entry `idx` of a leaf node.

@@ -88,10 +88,10 @@ pub struct ChildRef {
     pub count: u64,
 }
 
-/// The entries of a decoded leaf, kept in one buffer (each full key followed by its value)
+/// The entries of a leaf, kept in one buffer (each full key followed by its value)
 /// plus an index of offsets. Readers load leaves far more often than they keep their
 /// entries, and a `Vec<LeafEntry>` costs two allocations per entry to build and to free:
-/// on a cold cache that was most of the cost of a diff or a point lookup.
+/// that was most of the cost of loading a leaf on a cold cache.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Leaf {
     bytes: Vec<u8>,

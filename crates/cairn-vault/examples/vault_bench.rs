@@ -256,5 +256,7 @@ fn main() {
     for d in [100, 1_000, 10_000] {
         bench_merge(big, d, 5);
     }
+    // The same change set on smaller vaults: the cost should follow the changes, not the size.
     bench_merge(100_000, 1_000, 5);
+    bench_merge(10_000, 1_000, 5);
 }
