@@ -10,8 +10,11 @@
 #   (c) 1,000 small (4 KiB) files dropped at once on A: time until all are on B (RUNS runs)
 #   (d) idle RSS and CPU% over 30 s of each daemon of a 100k-file vault with two peers
 #
-# Usage: scripts/bench/sync.sh [all|latency|big|many|idle]...   (default: all)
-# Env: TRIALS (25), RUNS (3), BIG_MIB (1024), IDLE_FILES (100000), BENCH_DIR (target/).
+#   (xfer) only the transfer-only part of (b) and its baseline (quicker to iterate on)
+#
+# Usage: scripts/bench/sync.sh [all|latency|big|xfer|many|idle]...   (default: all)
+# Env: TRIALS (25), RUNS (3), BIG_MIB (1024), IDLE_FILES (100000), BENCH_DIR (target/),
+#      CAIRN_BIN and BASELINE_BIN (prebuilt binaries; default: build them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
@@ -22,11 +25,15 @@ IDLE_FILES="${IDLE_FILES:-100000}"
 WHAT=("${@:-all}")
 want() { for w in "${WHAT[@]}"; do [[ "$w" == all || "$w" == "$1" ]] && return 0; done; return 1; }
 
-cargo build --release --locked -q -p cairn
-cargo build --release --locked -q -p cairn-net --example blob_baseline
-BIN="$ROOT/target/release/cairn"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+# CAIRN_BIN / BASELINE_BIN: compare prebuilt binaries (e.g. before/after a change) instead.
+if [[ -z "${CAIRN_BIN:-}" ]]; then cargo build --release --locked -q -p cairn; fi
+if [[ -z "${BASELINE_BIN:-}" ]]; then
+    cargo build --release --locked -q -p cairn-net --example blob_baseline
+fi
+BIN="${CAIRN_BIN:-$TARGET/release/cairn}"
 export BIN
-BASELINE="$ROOT/target/release/examples/blob_baseline"
+BASELINE="${BASELINE_BIN:-$TARGET/release/examples/blob_baseline}"
 
 # Never leave loopback.
 export CAIRN_BIND=127.0.0.1:0 CAIRN_RELAY=disabled
@@ -82,7 +89,18 @@ start_dev() {
     PIDS+=($!)
     MOUNTS+=("$d/mnt")
     echo $! >"$d/pid"
+    daemon_pid "$d"
     wait_mounted "$d/mnt" "$d/log"
+}
+# daemon_pid DIR: DIR/pid is the background subshell running `dev`; the daemon is its child.
+# Its pid goes to DIR/dpid (what CPU and RSS figures must read).
+daemon_pid() {
+    local p; p="$(cat "$1/pid")"
+    for _ in $(seq 100); do
+        pgrep -P "$p" -x cairn >"$1/dpid" && return 0
+        sleep 0.05
+    done
+    echo "$p" >"$1/dpid"
 }
 stop_dev() {
     dev "$1" unmount "$1/mnt" >/dev/null 2>&1 || fusermount3 -u -z "$1/mnt"
@@ -142,9 +160,7 @@ PY
 fi
 
 # ---------------------------------------------------------------------------------------
-if want big; then
-    pair big 500
-    D="$WORK/big"
+if want big || want xfer; then
     SRC="$WORK/big-src.bin"
     # The source file outside the mount: the same bytes go through cairn and the baseline.
     python3 - "$SRC" "$BIG_MIB" <<'PY'
@@ -152,6 +168,10 @@ import os, sys
 with open(sys.argv[1], "wb") as f:
     for _ in range(int(sys.argv[2])): f.write(os.urandom(1 << 20))
 PY
+fi
+if want big; then
+    pair big 500
+    D="$WORK/big"
     FETCH_OUT="$WORK/fetch.txt" python3 - "$SRC" "$D/a/mnt/big.bin" "$D/b/mnt/big.bin" "$D/a/data/vaults/default/store" "$D/b/data/vaults/default/store" <<'PY'
 import hashlib, os, sys, time
 src, a, b, sa, sb = sys.argv[1:]
@@ -217,6 +237,8 @@ open(os.environ.get("FETCH_OUT", "/dev/null"), "w").write(f"{mib / fetch:.3f}\n"
 PY
     stop_pair big
     rm -rf "$D"
+fi
+if want big || want xfer; then
     # (b2) transfer only: B is stopped while A stores and publishes the file, then B starts
     # and fetches everything it lacks; timed from B's start until its store stops growing.
     pair xfer 500
@@ -237,9 +259,18 @@ PY
     t0=$(date +%s.%N)
     dev "$X/b" mount "$X/b/mnt" >>"$X/b/log" 2>&1 &
     PIDS+=($!); echo $! >"$X/b/pid"
-    python3 - "$X/b/data/vaults/default/store" "$t0" "$BIG_MIB" "$WORK/xfer.txt" <<'PY'
+    daemon_pid "$X/b"
+    python3 - "$X/b/data/vaults/default/store" "$t0" "$BIG_MIB" "$WORK/xfer.txt" "$(cat "$X/a/dpid")" "$(cat "$X/b/dpid")" <<'PY'
 import os, sys, time
 store, t0, mib, out = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+pids = {"A": int(sys.argv[5]), "B": int(sys.argv[6])}
+hz = os.sysconf("SC_CLK_TCK")
+def cpu(p): # (user, system) seconds of a process so far
+    try:
+        f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[11]) / hz, int(f[12]) / hz
+    except OSError:
+        return 0.0, 0.0
 def count():
     n = 0
     try:
@@ -249,15 +280,22 @@ def count():
     except FileNotFoundError:
         pass
     return n
+c0 = {x: cpu(p) for x, p in pids.items()}
 n0, last, prev = count(), time.time(), count()
+first, c_last = None, c0
 while time.time() - last < 3:
     n = count()
     if n != prev:
         prev, last = n, time.time()
+        first = first or last
+        c_last = {x: cpu(p) for x, p in pids.items()}
     time.sleep(0.05)
 dt = last - t0
 print(f"(b2) transfer only: B started after A published; {prev - n0} blobs ({mib:.0f} MiB) "
-      f"in {dt:.1f} s from B's start = {mib / dt:.0f} MiB/s")
+      f"in {dt:.1f} s from B's start = {mib / dt:.0f} MiB/s "
+      f"(first blob {(first or last) - t0:.1f} s after B's start)")
+print("(b2) CPU from B's start to its last blob: " + ", ".join(
+    f"{x} user {c_last[x][0] - c0[x][0]:.1f} s + sys {c_last[x][1] - c0[x][1]:.1f} s" for x in pids))
 open(out, "w").write(f"{mib / dt:.3f}\n")
 PY
     cmp "$SRC" "$X/b/mnt/big.bin" && echo "(b2) B's copy is byte-identical"
@@ -272,9 +310,12 @@ PY
 import re, sys, statistics
 v = [float(re.search(r"mib_s=([\d.]+)", l).group(1)) for l in open(sys.argv[1]) if "mib_s=" in l]
 base = statistics.median(v)
-cairn = float(open(sys.argv[2]).read())
-print(f"(b) baseline median {base:.0f} MiB/s over {len(v)} runs; cairn's fetch window "
-      f"{cairn:.0f} MiB/s = {cairn / base:.2f}× the bare iroh-blobs transfer")
+print(f"(b) baseline median {base:.0f} MiB/s over {len(v)} runs")
+try:
+    cairn = float(open(sys.argv[2]).read())
+    print(f"(b) cairn's fetch window {cairn:.0f} MiB/s = {cairn / base:.2f}× the bare iroh-blobs transfer")
+except FileNotFoundError:
+    pass
 x = float(open(sys.argv[3]).read())
 print(f"(b2) transfer only {x:.0f} MiB/s = {x / base:.2f}× the bare iroh-blobs transfer")
 PY
@@ -354,14 +395,7 @@ PY
 import os, sys, time
 base = sys.argv[1]
 hz = os.sysconf("SC_CLK_TCK")
-def daemon(pid):
-    # The pid file holds the background subshell that runs `cairn mount`; measure cairn.
-    while open(f"/proc/{pid}/comm").read().strip() != "cairn":
-        kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
-        if len(kids) != 1: sys.exit(f"cannot find the cairn process under {pid}")
-        pid = int(kids[0])
-    return pid
-pids = {x: daemon(int(open(os.path.join(base, x, "pid")).read())) for x in "abc"}
+pids = {x: int(open(os.path.join(base, x, "dpid")).read()) for x in "abc"}
 def cpu(p):
     f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
     return int(f[11]) + int(f[12])
