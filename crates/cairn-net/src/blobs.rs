@@ -5,7 +5,9 @@
 //!
 //! **Bridge.** Serving: iroh-blobs' provider needs its own store (it serves from data plus
 //! a bao outboard). We keep an [`FsStore`] as a *serving index* beside the cairn store and
-//! import blobs into it lazily, on the first authorized request for a hash, with
+//! import blobs into it ahead of requests ([`BlobService::index_local`], which the daemon
+//! calls for the chunks of what it publishes) or else on the first authorized request for a
+//! hash, with
 //! [`ImportMode::TryReference`]: the FsStore references the cairn blob file in place (cairn
 //! blob files are immutable; they are only ever replaced by an atomic rename of identical
 //! bytes), so the cost is one blake3 pass to build the outboard (~1/1024 of the blob size on
@@ -16,15 +18,16 @@
 //! Fetching bypasses the FsStore entirely: [`BlobService::fetch`] runs the iroh-blobs get
 //! state machine, which verifies every 16 KiB group against the requested hash as it
 //! arrives, collects the verified bytes (capped at [`BlobService::max_blob_size`]) and
-//! writes them to the cairn store, which re-hashes them. A peer serving wrong bytes fails
-//! verification and nothing is stored; [`BlobService::fetch_from_any`] then tries the next
-//! peer.
+//! writes them to the cairn store under that hash (no second hash pass). A peer serving
+//! wrong bytes fails verification and nothing is stored; [`BlobService::fetch_from_any`]
+//! then tries the next peer. [`BlobService::fetch_many`] does the same for a batch of blobs
+//! in one request.
 //!
 //! Authorization: the endpoint allowlist already refuses non-members on this ALPN; in
 //! addition every connection and every request is intercepted through iroh-blobs' event
 //! hooks and re-checked against the current [`Members`] (so a member removed mid-connection
-//! gets no more data). Only single-blob `Get` and `Observe` requests are served; `GetMany`
-//! and `Push` are refused.
+//! gets no more data). `Get`, `GetMany` (what [`BlobService::fetch_many`] sends: one request
+//! and stream for a batch of blobs) and `Observe` requests are served; `Push` is refused.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -37,7 +40,7 @@ use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr};
 use iroh_blobs::api::blobs::{AddPathOptions, ImportMode};
 use iroh_blobs::get::fsm;
-use iroh_blobs::protocol::GetRequest;
+use iroh_blobs::protocol::{ChunkRanges, ChunkRangesSeq, GetManyRequest, GetRequest};
 use iroh_blobs::provider::events::{
     AbortReason, ConnectMode, EventMask, EventSender, ObserveMode, ProviderMessage, RequestMode,
     ThrottleMode,
@@ -50,6 +53,10 @@ use crate::endpoint::{Members, device_id_of};
 /// Default cap on a single fetched blob (cairn chunks are at most 256 KiB; snapshot nodes
 /// and other blobs stay far below this).
 pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 * 1024 * 1024;
+/// Blobs [`BlobService::index_local`] imports into the serving index at once.
+const INDEX_AT_ONCE: usize = 8;
+/// Failed blobs in a row after which [`BlobService::fetch_many`] stops asking that peer.
+const MAX_FAILURES_IN_A_ROW: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -100,7 +107,7 @@ impl BlobService {
         let mask = EventMask {
             connected: ConnectMode::Intercept,
             get: RequestMode::Intercept,
-            get_many: RequestMode::Disabled,
+            get_many: RequestMode::Intercept,
             push: RequestMode::Disabled,
             observe: ObserveMode::Intercept,
             throttle: ThrottleMode::None,
@@ -139,25 +146,164 @@ impl BlobService {
     pub async fn fetch(&self, conn: &Connection, id: ChunkId) -> Result<(), BlobError> {
         let peer = device_id_of(&conn.remote_id());
         let bytes = fetch_verified(conn, id, self.max_blob_size, peer).await?;
-        let blobs = self.blobs.clone();
-        // No fsync per blob: a fetched blob can always be fetched again, and whoever publishes a
-        // snapshot that needs it syncs the store first (`BlobStore::sync`).
-        let stored = tokio::task::spawn_blocking(move || blobs.put(&bytes, Durability::Batch))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|reason| BlobError::Store {
-                id: id.to_hex(),
-                reason,
-            })?;
-        if stored != id {
-            // Unreachable unless iroh-blobs' verification is broken; never trust it silently.
-            return Err(BlobError::Store {
-                id: id.to_hex(),
-                reason: format!("the verified bytes hash to {}", stored.to_hex()),
-            });
-        }
+        store_verified(self.blobs.clone(), id, bytes).await?;
         Ok(())
+    }
+
+    /// Fetches `ids` from the peer at the other end of `conn` and stores them, with one
+    /// iroh-blobs `GetMany` request (one stream) for the whole list instead of one request
+    /// per blob: per-request costs (a stream, an authorization round trip on the serving side)
+    /// are paid once per batch. Every blob is verified while streaming, like [`Self::fetch`].
+    /// A blob that fails (the peer lacks it or sends bytes that do not match) breaks the
+    /// response stream, so the blobs from it on are asked for again in a new request, and it
+    /// counts as failed once it fails as the first blob of a request; blobs before it are
+    /// kept. Returns each id's outcome (its size when stored), in order.
+    pub async fn fetch_many(
+        &self,
+        conn: &Connection,
+        ids: &[ChunkId],
+    ) -> Vec<(ChunkId, Result<u64, BlobError>)> {
+        let peer = device_id_of(&conn.remote_id());
+        let mut out: Vec<Option<Result<u64, BlobError>>> = ids.iter().map(|_| None).collect();
+        // Writing to the cairn store (blocking I/O) overlaps with receiving the next blobs; at
+        // worst the whole batch waits in memory, so callers bound the batch size.
+        let mut stores = tokio::task::JoinSet::new();
+        let mut next = 0;
+        let mut failures_in_a_row = 0;
+        while next < ids.len() {
+            let rest = &ids[next..];
+            let (done, failed) = self
+                .get_many_once(conn, rest, peer, |i, id, bytes| {
+                    let blobs = self.blobs.clone();
+                    let size = bytes.len() as u64;
+                    stores.spawn(async move {
+                        (
+                            next + i,
+                            store_verified(blobs, id, bytes).await.map(|()| size),
+                        )
+                    });
+                })
+                .await;
+            if done > 0 {
+                failures_in_a_row = 0;
+            }
+            let Some(e) = failed else {
+                break;
+            };
+            if done > 0 {
+                // The provider resets the whole stream when it cannot send some later blob,
+                // which can also cut off this one: it is given up on only when it fails as
+                // the first blob of a request.
+                next += done;
+                continue;
+            }
+            // The provider validates what it sends and resets the stream at a bad or missing
+            // blob, which can cut off the blob before it too: only a request for this blob
+            // alone tells whether it is the one that fails.
+            let id = ids[next];
+            match fetch_verified(conn, id, self.max_blob_size, peer).await {
+                Ok(bytes) => {
+                    let (blobs, size, i) = (self.blobs.clone(), bytes.len() as u64, next);
+                    stores.spawn(async move {
+                        (i, store_verified(blobs, id, bytes).await.map(|()| size))
+                    });
+                    next += 1;
+                    failures_in_a_row = 0;
+                    continue;
+                }
+                Err(alone) => {
+                    tracing::debug!("{e}; alone: {alone}");
+                    out[next] = Some(Err(alone));
+                }
+            }
+            next += 1;
+            failures_in_a_row += 1;
+            // A closed connection, or a peer that has none of what is left, would otherwise
+            // cost one request per remaining blob.
+            if conn.close_reason().is_some() || failures_in_a_row >= MAX_FAILURES_IN_A_ROW {
+                for (i, slot) in out.iter_mut().enumerate().skip(next) {
+                    *slot = Some(Err(fetch_error(
+                        ids[i],
+                        peer,
+                        "not asked for: the connection closed or the peer failed several blobs in a row"
+                            .into(),
+                    )));
+                }
+                break;
+            }
+        }
+        while let Some(r) = stores.join_next().await {
+            if let Ok((i, r)) = r {
+                out[i] = Some(r);
+            }
+        }
+        ids.iter()
+            .zip(out)
+            .map(|(id, r)| {
+                let r = r.unwrap_or_else(|| {
+                    Err(BlobError::Store {
+                        id: id.to_hex(),
+                        reason: "the store task failed".into(),
+                    })
+                });
+                (*id, r)
+            })
+            .collect()
+    }
+
+    /// One `GetMany` request for `ids`: hands each verified blob to `got` (with its index in
+    /// `ids`) as it arrives; returns how many arrived before the first failure, and that
+    /// failure.
+    async fn get_many_once(
+        &self,
+        conn: &Connection,
+        ids: &[ChunkId],
+        peer: DeviceId,
+        mut got: impl FnMut(usize, ChunkId, Vec<u8>),
+    ) -> (usize, Option<BlobError>) {
+        let hashes: Vec<Hash> = ids
+            .iter()
+            .map(|id| Hash::from_bytes(*id.as_bytes()))
+            .collect();
+        let ranges =
+            ChunkRangesSeq::from_ranges(std::iter::repeat_n(ChunkRanges::all(), ids.len()));
+        let request = GetManyRequest::new(hashes, ranges);
+        let fail = |i: usize, reason: String| fetch_error(ids[i], peer, reason);
+        let mut child = match fsm::start_get_many(conn.clone(), request, Default::default()).await {
+            Ok(Ok(child)) => child,
+            Ok(Err(_closing)) => return (0, None),
+            Err(e) => return (0, Some(fail(0, e.to_string()))),
+        };
+        let mut done = 0;
+        loop {
+            let i = child.offset() as usize;
+            if i >= ids.len() {
+                return (done, None);
+            }
+            if i != done {
+                // Offsets come from our own request's ranges: all children, in order.
+                return (done, Some(fail(i, "unexpected response shape".into())));
+            }
+            let header = child.next(Hash::from_bytes(*ids[i].as_bytes()));
+            let end = match read_blob(header, ids[i], self.max_blob_size, peer).await {
+                Ok((end, bytes)) => {
+                    got(i, ids[i], bytes);
+                    end
+                }
+                Err(e) => return (done, Some(e)),
+            };
+            done += 1;
+            match end.next() {
+                fsm::EndBlobNext::MoreChildren(c) => child = c,
+                fsm::EndBlobNext::Closing(closing) => {
+                    // Everything asked for arrived; a bad ending changes nothing stored.
+                    if let Err(e) = closing.next().await {
+                        tracing::debug!("get-many response from {} ended badly: {e}", peer.short());
+                    }
+                    return (done, None);
+                }
+            }
+        }
     }
 
     /// Connects to `peer` and fetches `id` (a no-op if the blob is already local).
@@ -213,10 +359,49 @@ impl BlobService {
             .unwrap_or(false)
     }
 
+    /// Makes local blobs servable ahead of the first request for them, so the cost of
+    /// indexing them (an outboard pass and database writes per blob) is not paid on a
+    /// peer's request path. Blobs not in the local store are skipped.
+    pub async fn index_local(&self, ids: &[ChunkId]) {
+        let mut set = tokio::task::JoinSet::new();
+        for id in ids {
+            while set.len() >= INDEX_AT_ONCE {
+                set.join_next().await;
+            }
+            let (index, blobs, hash) = (
+                self.index.clone(),
+                self.blobs.clone(),
+                Hash::from_bytes(*id.as_bytes()),
+            );
+            set.spawn(async move { ensure_indexed(&index, &blobs, hash).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// Shuts the serving index down (also done by `Router::shutdown`).
     pub async fn shutdown(&self) {
         let _ = self.index.shutdown().await;
     }
+}
+
+/// Writes bytes iroh-blobs verified against `id` (every 16 KiB group, and the size, checked
+/// against the bao tree of `id` as they arrived) to the cairn store, without hashing them
+/// a second time.
+async fn store_verified(
+    blobs: Arc<BlobStore>,
+    id: ChunkId,
+    bytes: Vec<u8>,
+) -> Result<(), BlobError> {
+    // No fsync per blob: a fetched blob can always be fetched again, and whoever publishes a
+    // snapshot that needs it syncs the store first (`BlobStore::sync`).
+    tokio::task::spawn_blocking(move || blobs.put_verified(id, &bytes, Durability::Batch))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+        .map_err(|reason| BlobError::Store {
+            id: id.to_hex(),
+            reason,
+        })
 }
 
 async fn fetch_verified(
@@ -225,11 +410,7 @@ async fn fetch_verified(
     max: u64,
     peer: DeviceId,
 ) -> Result<Vec<u8>, BlobError> {
-    let fail = |reason: String| BlobError::Fetch {
-        id: id.to_hex(),
-        peer: peer.short(),
-        reason,
-    };
+    let fail = |reason: String| fetch_error(id, peer, reason);
     let hash = Hash::from_bytes(*id.as_bytes());
     let initial = fsm::start(conn.clone(), GetRequest::blob(hash), Default::default());
     let connected = initial.next().await.map_err(|e| fail(e.to_string()))?;
@@ -238,7 +419,31 @@ async fn fetch_verified(
     else {
         return Err(fail("unexpected response shape".into()));
     };
-    let (mut content, size) = start.next().next().await.map_err(|e| fail(e.to_string()))?;
+    let (end, buf) = read_blob(start.next(), id, max, peer).await?;
+    let fsm::EndBlobNext::Closing(closing) = end.next() else {
+        return Err(fail("unexpected extra data".into()));
+    };
+    closing.next().await.map_err(|e| fail(e.to_string()))?;
+    Ok(buf)
+}
+
+fn fetch_error(id: ChunkId, peer: DeviceId, reason: String) -> BlobError {
+    BlobError::Fetch {
+        id: id.to_hex(),
+        peer: peer.short(),
+        reason,
+    }
+}
+
+/// Reads one blob of a response, verifying every 16 KiB group against `id` as it arrives.
+async fn read_blob(
+    header: fsm::AtBlobHeader,
+    id: ChunkId,
+    max: u64,
+    peer: DeviceId,
+) -> Result<(fsm::AtEndBlob, Vec<u8>), BlobError> {
+    let fail = |reason: String| fetch_error(id, peer, reason);
+    let (mut content, size) = header.next().await.map_err(|e| fail(e.to_string()))?;
     // The size is not verified yet (the last chunk proves it), but it bounds the allocation.
     if size > max {
         return Err(BlobError::TooLarge {
@@ -265,11 +470,7 @@ async fn fetch_verified(
     if buf.len() as u64 != size {
         return Err(fail(format!("got {} of {size} bytes", buf.len())));
     }
-    let fsm::EndBlobNext::Closing(closing) = end.next() else {
-        return Err(fail("unexpected extra data".into()));
-    };
-    closing.next().await.map_err(|e| fail(e.to_string()))?;
-    Ok(buf)
+    Ok((end, buf))
 }
 
 /// Answers the provider's intercepted events: members only, and lazily imports requested
@@ -314,6 +515,26 @@ async fn authorize(
                     msg.tx.send(Ok(())).await.ok();
                 });
             }
+            ProviderMessage::GetManyRequestReceived(msg) => {
+                let allowed = conns
+                    .get(&msg.connection_id)
+                    .is_some_and(|d| members.contains(d));
+                if !allowed {
+                    msg.tx.send(Err(AbortReason::Permission)).await.ok();
+                    continue;
+                }
+                let (index, blobs) = (index.clone(), blobs.clone());
+                tokio::spawn(async move {
+                    // Concurrently: each import waits on the serving index's actor and disk.
+                    let mut set = tokio::task::JoinSet::new();
+                    for hash in msg.request.hashes.iter().copied() {
+                        let (index, blobs) = (index.clone(), blobs.clone());
+                        set.spawn(async move { ensure_indexed(&index, &blobs, hash).await });
+                    }
+                    while set.join_next().await.is_some() {}
+                    msg.tx.send(Ok(())).await.ok();
+                });
+            }
             ProviderMessage::ObserveRequestReceived(msg) => {
                 let allowed = conns
                     .get(&msg.connection_id)
@@ -346,13 +567,11 @@ async fn ensure_indexed(index: &FsStore, blobs: &BlobStore, hash: Hash) {
         format: BlobFormat::Raw,
         mode: ImportMode::TryReference,
     };
+    // No named tag keeps the entry: the serving index runs no garbage collection
+    // (`FsStore::load` leaves `Options::gc` unset), so untagged entries stay, and a tag
+    // per blob cost a database write per first request.
     match index.blobs().add_path_with_opts(options).temp_tag().await {
-        Ok(tt) if tt.hash() == hash => {
-            let name = format!("cairn/{hash}");
-            if let Err(e) = index.tags().set(name, tt.hash_and_format()).await {
-                tracing::warn!("cannot tag served blob {hash}: {e}");
-            }
-        }
+        Ok(tt) if tt.hash() == hash => {}
         Ok(tt) => tracing::warn!(
             "local blob {hash} is corrupt on disk (hashes to {}); not serving it",
             tt.hash()

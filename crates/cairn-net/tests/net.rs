@@ -406,7 +406,7 @@ async fn blob_fetch_verified_missing_and_tampered() {
         .put(&data, Durability::Immediate)
         .unwrap();
 
-    // C fetches from A: byte-identical, verified by the store's own re-hash.
+    // C fetches from A: byte-identical (`get` hashes what it reads back).
     within("fetch", c.blobs.fetch_from(&c.endpoint, a.addr(), id))
         .await
         .unwrap();
@@ -610,6 +610,141 @@ async fn a_removed_member_stops_receiving_and_cannot_reconnect() {
         assert!(within("fetch", client.fetch_all(&vault)).await.is_err());
     }
     for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+/// `n` blobs of `size` bytes each, all different.
+fn distinct_blobs(n: usize, size: usize, seed: &str) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut data = vec![0u8; size];
+            blake3::Hasher::new()
+                .update(format!("{seed} {i}").as_bytes())
+                .finalize_xof()
+                .fill(&mut data);
+            data
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_fetch_stores_good_blobs_and_rejects_a_tampered_one() {
+    let (secret, a, b, c) = trio().await;
+    let data = distinct_blobs(6, 100 * 1024, "batch");
+    let mut ids = Vec::new();
+    for d in &data {
+        ids.push(a.blobs.blob_store().put(d, Durability::Immediate).unwrap());
+        b.blobs.blob_store().put(d, Durability::Immediate).unwrap();
+    }
+    // One hash nobody has, in the middle of the batch.
+    let missing = ChunkId::of(b"nobody has this either");
+    let mut asked = ids.clone();
+    asked.insert(2, missing);
+
+    // C asks A for all of them in one batch: everything A has arrives, the missing one fails.
+    let conn = c
+        .endpoint
+        .connect(a.addr(), iroh_blobs::ALPN)
+        .await
+        .unwrap();
+    let results = within("batch", c.blobs.fetch_many(&conn, &asked)).await;
+    assert_eq!(results.len(), asked.len());
+    for (i, (id, r)) in results.iter().enumerate() {
+        assert_eq!(*id, asked[i]);
+        if *id == missing {
+            assert!(r.is_err(), "a blob nobody has was fetched");
+        } else {
+            assert_eq!(*r.as_ref().unwrap(), 100 * 1024);
+        }
+    }
+    for (id, d) in ids.iter().zip(&data) {
+        assert_eq!(&c.blobs.blob_store().get(id).unwrap(), d);
+    }
+    assert!(!c.blobs.blob_store().has(&missing).unwrap());
+
+    // Tamper with A's copy of the third blob (already indexed for serving). A fresh node
+    // fetching the batch from A keeps the five good blobs and rejects the bad one, then gets
+    // that one from B.
+    let bad = ids[2];
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.blobs.blob_store().path_of(&bad))
+            .unwrap();
+        f.seek(SeekFrom::Start(50 * 1024)).unwrap();
+        f.write_all(b"tampered").unwrap();
+        f.sync_all().unwrap();
+    }
+    let d = Node::spawn(&secret, &[], DeviceKey::generate()).await;
+    a.members.insert(d.id());
+    b.members.insert(d.id());
+    let conn = d
+        .endpoint
+        .connect(a.addr(), iroh_blobs::ALPN)
+        .await
+        .unwrap();
+    let results = within("tampered batch", d.blobs.fetch_many(&conn, &ids)).await;
+    for (id, r) in &results {
+        assert_eq!(r.is_ok(), *id != bad, "{id}: {r:?}");
+    }
+    assert!(!d.blobs.blob_store().has(&bad).unwrap());
+    for (id, data) in ids.iter().zip(&data) {
+        if *id != bad {
+            assert_eq!(&d.blobs.blob_store().get(id).unwrap(), data);
+        }
+    }
+    let from = within(
+        "fallback",
+        d.blobs
+            .fetch_from_any(&d.endpoint, &[a.addr(), b.addr()], bad),
+    )
+    .await
+    .unwrap();
+    assert_eq!(from, b.id());
+    assert_eq!(d.blobs.blob_store().get(&bad).unwrap(), data[2]);
+
+    for n in [a, b, c, d] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_fetch_refuses_non_members() {
+    let (secret, a, b, c) = trio().await;
+    let data = distinct_blobs(3, 40 * 1024, "members only");
+    let ids: Vec<ChunkId> = data
+        .iter()
+        .map(|d| a.blobs.blob_store().put(d, Durability::Immediate).unwrap())
+        .collect();
+
+    // A stranger is refused at the handshake already.
+    let stranger = Node::spawn(&secret, &[], DeviceKey::generate()).await;
+    if let Ok(conn) = stranger.endpoint.connect(a.addr(), iroh_blobs::ALPN).await {
+        let results = within("stranger", stranger.blobs.fetch_many(&conn, &ids)).await;
+        assert!(results.iter().all(|(_, r)| r.is_err()), "{results:?}");
+    }
+    for id in &ids {
+        assert!(!stranger.blobs.blob_store().has(id).unwrap());
+    }
+
+    // A member removed while its connection stays open: the request itself is refused.
+    let conn = b
+        .endpoint
+        .connect(a.addr(), iroh_blobs::ALPN)
+        .await
+        .unwrap();
+    let results = within("member", b.blobs.fetch_many(&conn, &ids[..1])).await;
+    assert!(results[0].1.is_ok(), "{results:?}");
+    a.members.remove(&b.id());
+    let results = within("removed member", b.blobs.fetch_many(&conn, &ids[1..])).await;
+    assert!(results.iter().all(|(_, r)| r.is_err()), "{results:?}");
+    for id in &ids[1..] {
+        assert!(!b.blobs.blob_store().has(id).unwrap());
+    }
+
+    for n in [a, b, c, stranger] {
         n.shutdown().await;
     }
 }

@@ -89,6 +89,14 @@ impl BlobStore {
         Ok(id)
     }
 
+    /// Stores bytes whose id the caller has already verified, saving a hash pass: blobs
+    /// fetched from peers, which iroh-blobs checks against the id while they stream in.
+    /// Returns whether a new file was written. Not for unverified bytes: a wrong id would
+    /// only be caught (as `Corrupt`) when the blob is read.
+    pub fn put_verified(&self, id: ChunkId, bytes: &[u8], durability: Durability) -> Result<bool> {
+        self.put_with_id(id, bytes, durability)
+    }
+
     /// Like [`put`](Self::put) for callers that just computed the id, saving a hash pass.
     /// Returns whether a new file was written. The id is not re-checked here; a wrong one
     /// would be caught as `Corrupt` by every read.

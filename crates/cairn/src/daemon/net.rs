@@ -54,8 +54,11 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
-/// Chunks fetched concurrently by the replicator (and by one read-ahead burst).
-const FETCH_CONCURRENCY: usize = 16;
+/// Chunks asked for in one request (one stream): ~64–80 KiB chunks make ~5 MiB batches,
+/// enough to amortize a request's round trips, small enough to hold in memory.
+const FETCH_BATCH: usize = 64;
+/// Batches fetched concurrently by the replicator (and by one read-ahead burst).
+const FETCH_BATCHES_AT_ONCE: usize = 4;
 /// How often the workers look again at what failed before (unreachable peers, missing
 /// blobs), even without a wake-up.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
@@ -179,8 +182,12 @@ impl Net {
         });
         {
             let announcer = inner.registry.clone();
+            // A published snapshot may reference new local chunks: the replicator's walk
+            // makes them servable before peers ask (see `replicator`).
+            let replicate_wake = inner.replicate_wake.clone();
             hub.set_announcer(Some(Arc::new(move |e: RegistryEntry| {
-                announcer.announce(e)
+                announcer.announce(e);
+                let _ = replicate_wake.try_send(());
             })));
         }
         device
@@ -584,37 +591,145 @@ impl Inner {
         ids: Vec<ChunkId>,
         bar: Option<&indicatif::ProgressBar>,
     ) -> usize {
+        // Blobs someone else is already fetching are waited for one by one; the rest are
+        // claimed here and asked for in batches (one request and stream per batch), a few
+        // batches at a time so one slow blob or peer does not stall the others.
+        let (claimed, taken): (Vec<ChunkId>, Vec<ChunkId>) = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = HashSet::new();
+            ids.into_iter()
+                .filter(|id| seen.insert(*id))
+                .partition(|id| in_flight.insert(*id))
+        };
         let mut set = tokio::task::JoinSet::new();
         let mut failed = 0;
-        for id in ids {
-            if self.stopped() {
+        let done = |n: usize, bar: Option<&indicatif::ProgressBar>| {
+            if let Some(b) = bar {
+                b.inc(n as u64);
+            }
+        };
+        let mut batches = claimed.chunks(FETCH_BATCH).map(<[ChunkId]>::to_vec);
+        loop {
+            while set.len() < FETCH_BATCHES_AT_ONCE && !self.stopped() {
+                let Some(batch) = batches.next() else {
+                    break;
+                };
+                let inner = self.clone();
+                set.spawn(async move {
+                    let n = batch.len();
+                    let ok = inner.fetch_batch(&batch).await;
+                    let mut in_flight = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    for id in &batch {
+                        in_flight.remove(id);
+                    }
+                    (ok, n - ok)
+                });
+            }
+            let Some(r) = set.join_next().await else {
                 break;
-            }
-            while set.len() >= FETCH_CONCURRENCY {
-                match set.join_next().await {
-                    Some(Ok(Ok(()))) => {
-                        if let Some(b) = bar {
-                            b.inc(1);
-                        }
-                    }
-                    Some(_) => failed += 1,
-                    None => {}
-                }
-            }
-            let inner = self.clone();
-            set.spawn(async move { inner.fetch_deduped(id).await });
-        }
-        while let Some(r) = set.join_next().await {
+            };
             match r {
-                Ok(Ok(())) => {
-                    if let Some(b) = bar {
-                        b.inc(1);
-                    }
+                Ok((ok, bad)) => {
+                    done(ok, bar);
+                    failed += bad;
                 }
-                _ => failed += 1,
+                Err(_) => failed += FETCH_BATCH,
+            }
+        }
+        // Batches never started (shutting down) still hold their claims.
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            for batch in batches {
+                failed += batch.len();
+                for id in &batch {
+                    in_flight.remove(id);
+                }
+            }
+        }
+        for id in taken {
+            if self.stopped() {
+                failed += 1;
+                continue;
+            }
+            match self.fetch_deduped(id).await {
+                Ok(()) => done(1, bar),
+                Err(_) => failed += 1,
             }
         }
         failed
+    }
+
+    /// Fetches `ids` (claimed by the caller) from the first peers that have verified copies,
+    /// asking each peer for everything still missing in one request; returns how many are
+    /// now local.
+    async fn fetch_batch(&self, ids: &[ChunkId]) -> usize {
+        let mut missing: Vec<ChunkId> = {
+            let blobs = self.hub.device.blobs.clone();
+            let ids = ids.to_vec();
+            tokio::task::spawn_blocking(move || {
+                ids.into_iter()
+                    .filter(|id| !blobs.has(id).unwrap_or(false))
+                    .collect()
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let local = ids.len() - missing.len();
+        let mut got = 0;
+        for d in self.blob_sources() {
+            if missing.is_empty() {
+                break;
+            }
+            let Some(conn) = self.blob_conn(d).await else {
+                continue;
+            };
+            self.downloads_active
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+            let r =
+                tokio::time::timeout(FETCH_TIMEOUT, self.blobs.fetch_many(&conn, &missing)).await;
+            self.downloads_active
+                .fetch_sub(missing.len() as u64, Ordering::Relaxed);
+            let Ok(results) = r else {
+                // Whatever arrived before the timeout is stored; the rest goes to the next peer.
+                let blobs = self.hub.device.blobs.clone();
+                let before = missing.len();
+                missing = tokio::task::spawn_blocking(move || {
+                    missing.retain(|id| !blobs.has(id).unwrap_or(false));
+                    missing
+                })
+                .await
+                .unwrap_or_default();
+                got += before - missing.len();
+                tracing::debug!(peer = %d.short(), "batch fetch timed out");
+                continue;
+            };
+            missing.clear();
+            let mut ok_any = false;
+            for (id, r) in results {
+                match r {
+                    Ok(size) => {
+                        ok_any = true;
+                        got += 1;
+                        self.downloaded_bytes.fetch_add(size, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if matches!(e, cairn_net::BlobError::Fetch { .. }) {
+                            tracing::debug!(peer = %d.short(), blob = %id, error = %e, "fetch failed");
+                        }
+                        missing.push(id);
+                    }
+                }
+            }
+            if ok_any {
+                self.touch(d);
+            }
+            if conn.close_reason().is_some()
+                && let Some(p) = self.peers().get_mut(&d)
+            {
+                p.blob_conn = None;
+            }
+        }
+        local + got
     }
 
     /// Like [`Self::fetch_one`], but a blob already being fetched by someone else is waited
@@ -937,12 +1052,25 @@ fn replication_bar() -> indicatif::ProgressBar {
     bar
 }
 
-/// Fetches every chunk the current state references and the local store lacks.
+/// Makes local chunks servable now rather than on a peer's first request for each.
+fn index_local(inner: &Arc<Inner>, ids: Vec<ChunkId>) {
+    if ids.is_empty() || inner.stopped() {
+        return;
+    }
+    let inner2 = inner.clone();
+    inner
+        .handle
+        .block_on(async move { inner2.blobs.index_local(&ids).await });
+}
+
+/// Fetches every chunk the current state references and the local store lacks, and makes
+/// the ones already local servable (see [`index_local`]). Woken by merges (they bring chunks
+/// we lack) and by local publishes (they bring chunks peers will ask for).
 fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
     let device = inner.hub.device.clone();
     let mut caught_up = VaultStores::empty_root();
-    // Only merges bring chunks we lack (local writes store theirs first), so the walk runs
-    // when a merge wakes it, and on a timer only while the last walk left something missing.
+    // The walk runs when a merge or a local publish wakes it, and on a timer only while the
+    // last walk left something missing.
     let mut incomplete = true;
     loop {
         match wake.recv_timeout(RETRY_EVERY) {
@@ -962,6 +1090,7 @@ fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
             continue;
         }
         let mut missing = Vec::new();
+        let mut local = Vec::new();
         let mut complete = true;
         // Drawn only on a terminal (indicatif hides itself otherwise): `cairn join` in a
         // shell shows the initial fetch, a service's log stays clean.
@@ -989,12 +1118,15 @@ fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
                 continue;
             }
             match manifest_of(stores.blobs.as_ref(), &entry.content) {
-                Ok(Some(m)) => missing.extend(
-                    m.chunks()
-                        .iter()
-                        .map(|c| c.id)
-                        .filter(|id| !device.blobs.has(id).unwrap_or(false)),
-                ),
+                Ok(Some(m)) => {
+                    for id in m.chunks().iter().map(|c| c.id) {
+                        if device.blobs.has(&id).unwrap_or(false) {
+                            local.push(id);
+                        } else {
+                            missing.push(id);
+                        }
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "chunk list not available yet");
@@ -1005,10 +1137,14 @@ fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
             if missing.len() >= 4096 && !fetch_batch(&inner, std::mem::take(&mut missing), &bar) {
                 complete = false;
             }
+            if local.len() >= 4096 {
+                index_local(&inner, std::mem::take(&mut local));
+            }
         }
         if !missing.is_empty() && !fetch_batch(&inner, missing, &bar) {
             complete = false;
         }
+        index_local(&inner, local);
         if bar.length().unwrap_or(0) > 0 {
             bar.finish_with_message(if complete {
                 "vault complete on this device"
