@@ -473,6 +473,12 @@ async fn read_blob(
     Ok((end, buf))
 }
 
+/// Whether the connection belongs to a device that is a member now (membership can end
+/// while a connection stays open).
+fn still_member(conns: &HashMap<u64, DeviceId>, members: &Members, connection: u64) -> bool {
+    conns.get(&connection).is_some_and(|d| members.contains(d))
+}
+
 /// Answers the provider's intercepted events: members only, and lazily imports requested
 /// blobs from the cairn store into the serving index.
 async fn authorize(
@@ -502,10 +508,7 @@ async fn authorize(
                 conns.remove(&msg.connection_id);
             }
             ProviderMessage::GetRequestReceived(msg) => {
-                let allowed = conns
-                    .get(&msg.connection_id)
-                    .is_some_and(|d| members.contains(d));
-                if !allowed {
+                if !still_member(&conns, &members, msg.connection_id) {
                     msg.tx.send(Err(AbortReason::Permission)).await.ok();
                     continue;
                 }
@@ -516,10 +519,7 @@ async fn authorize(
                 });
             }
             ProviderMessage::GetManyRequestReceived(msg) => {
-                let allowed = conns
-                    .get(&msg.connection_id)
-                    .is_some_and(|d| members.contains(d));
-                if !allowed {
+                if !still_member(&conns, &members, msg.connection_id) {
                     msg.tx.send(Err(AbortReason::Permission)).await.ok();
                     continue;
                 }
@@ -536,10 +536,7 @@ async fn authorize(
                 });
             }
             ProviderMessage::ObserveRequestReceived(msg) => {
-                let allowed = conns
-                    .get(&msg.connection_id)
-                    .is_some_and(|d| members.contains(d));
-                let res = if allowed {
+                let res = if still_member(&conns, &members, msg.connection_id) {
                     Ok(())
                 } else {
                     Err(AbortReason::Permission)

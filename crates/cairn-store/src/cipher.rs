@@ -200,13 +200,34 @@ mod tests {
     #[test]
     fn sealing_is_the_same_on_every_backend() {
         let expected = [
-            (0usize, "a34c5e4596b1205062cd14dbfa3df0e48bcc8d5f26a00e4f801a7f48b1d14c45"),
-            (1, "5d2de57901a45d254bda41f20b96cab45caad5cecc83aab326a0e6eb55edac2d"),
-            (63, "16f8fac6c4e1699e28f314778d1d0e2996073f1e5d4e193689ac2c8ca62083f4"),
-            (1023, "c411e9277b42deafabb0ba653236653f74c33d9234abc03608ea5a851de2b778"),
-            (4100, "040b70d1aba7474be6620b386602f53d071e05e73e97364a23d15dad781c37ca"),
-            (65_537, "9e835796f10dc5834fc1e720edef30f668818cb8d6058be49b71f6f85bbde465"),
-            (262_144, "5cc071aad959815f492507396bd0e3cb477402c99c9e4657cf2d3f851a7ad341"),
+            (
+                0usize,
+                "a34c5e4596b1205062cd14dbfa3df0e48bcc8d5f26a00e4f801a7f48b1d14c45",
+            ),
+            (
+                1,
+                "5d2de57901a45d254bda41f20b96cab45caad5cecc83aab326a0e6eb55edac2d",
+            ),
+            (
+                63,
+                "16f8fac6c4e1699e28f314778d1d0e2996073f1e5d4e193689ac2c8ca62083f4",
+            ),
+            (
+                1023,
+                "c411e9277b42deafabb0ba653236653f74c33d9234abc03608ea5a851de2b778",
+            ),
+            (
+                4100,
+                "040b70d1aba7474be6620b386602f53d071e05e73e97364a23d15dad781c37ca",
+            ),
+            (
+                65_537,
+                "9e835796f10dc5834fc1e720edef30f668818cb8d6058be49b71f6f85bbde465",
+            ),
+            (
+                262_144,
+                "5cc071aad959815f492507396bd0e3cb477402c99c9e4657cf2d3f851a7ad341",
+            ),
         ];
         let actual: Vec<(usize, String)> = expected
             .iter()
@@ -220,8 +241,10 @@ mod tests {
                 (len, sealed.id.to_hex())
             })
             .collect();
-        let expected: Vec<(usize, String)> =
-            expected.iter().map(|&(l, id)| (l, id.to_string())).collect();
+        let expected: Vec<(usize, String)> = expected
+            .iter()
+            .map(|&(l, id)| (l, id.to_string()))
+            .collect();
         assert_eq!(actual, expected, "sealing changed");
     }
 
