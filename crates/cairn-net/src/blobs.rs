@@ -363,19 +363,8 @@ impl BlobService {
     /// indexing them (an outboard pass and database writes per blob) is not paid on a
     /// peer's request path. Blobs not in the local store are skipped.
     pub async fn index_local(&self, ids: &[ChunkId]) {
-        let mut set = tokio::task::JoinSet::new();
-        for id in ids {
-            while set.len() >= INDEX_AT_ONCE {
-                set.join_next().await;
-            }
-            let (index, blobs, hash) = (
-                self.index.clone(),
-                self.blobs.clone(),
-                Hash::from_bytes(*id.as_bytes()),
-            );
-            set.spawn(async move { ensure_indexed(&index, &blobs, hash).await });
-        }
-        while set.join_next().await.is_some() {}
+        let hashes = ids.iter().map(|id| Hash::from_bytes(*id.as_bytes()));
+        ensure_all_indexed(&self.index, &self.blobs, hashes, INDEX_AT_ONCE).await;
     }
 
     /// Shuts the serving index down (also done by `Router::shutdown`).
@@ -525,13 +514,9 @@ async fn authorize(
                 }
                 let (index, blobs) = (index.clone(), blobs.clone());
                 tokio::spawn(async move {
-                    // Concurrently: each import waits on the serving index's actor and disk.
-                    let mut set = tokio::task::JoinSet::new();
-                    for hash in msg.request.hashes.iter().copied() {
-                        let (index, blobs) = (index.clone(), blobs.clone());
-                        set.spawn(async move { ensure_indexed(&index, &blobs, hash).await });
-                    }
-                    while set.join_next().await.is_some() {}
+                    // A request is already bounded (the fetcher's batch size): all at once.
+                    let hashes = msg.request.hashes.iter().copied();
+                    ensure_all_indexed(&index, &blobs, hashes, usize::MAX).await;
                     msg.tx.send(Ok(())).await.ok();
                 });
             }
@@ -546,6 +531,25 @@ async fn authorize(
             _ => {}
         }
     }
+}
+
+/// [`ensure_indexed`] for many blobs, `at_once` at a time: each import mostly waits on the
+/// serving index's actor and the disk, so they overlap well.
+async fn ensure_all_indexed(
+    index: &FsStore,
+    blobs: &Arc<BlobStore>,
+    hashes: impl IntoIterator<Item = Hash>,
+    at_once: usize,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for hash in hashes {
+        while set.len() >= at_once {
+            set.join_next().await;
+        }
+        let (index, blobs) = (index.clone(), blobs.clone());
+        set.spawn(async move { ensure_indexed(&index, &blobs, hash).await });
+    }
+    while set.join_next().await.is_some() {}
 }
 
 /// Makes sure the serving index can serve `hash` if the cairn store has it.
