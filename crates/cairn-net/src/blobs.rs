@@ -174,14 +174,7 @@ impl BlobService {
             let rest = &ids[next..];
             let (done, failed) = self
                 .get_many_once(conn, rest, peer, |i, id, bytes| {
-                    let blobs = self.blobs.clone();
-                    let size = bytes.len() as u64;
-                    stores.spawn(async move {
-                        (
-                            next + i,
-                            store_verified(blobs, id, bytes).await.map(|()| size),
-                        )
-                    });
+                    spawn_store(&mut stores, self.blobs.clone(), next + i, id, bytes);
                 })
                 .await;
             if done > 0 {
@@ -203,10 +196,7 @@ impl BlobService {
             let id = ids[next];
             match fetch_verified(conn, id, self.max_blob_size, peer).await {
                 Ok(bytes) => {
-                    let (blobs, size, i) = (self.blobs.clone(), bytes.len() as u64, next);
-                    stores.spawn(async move {
-                        (i, store_verified(blobs, id, bytes).await.map(|()| size))
-                    });
+                    spawn_store(&mut stores, self.blobs.clone(), next, id, bytes);
                     next += 1;
                     failures_in_a_row = 0;
                     continue;
@@ -391,6 +381,19 @@ async fn store_verified(
             id: id.to_hex(),
             reason,
         })
+}
+
+/// Stores a verified blob in the background (blocking I/O overlaps with receiving the next
+/// blobs); the task yields the blob's index in the request and its size once stored.
+fn spawn_store(
+    stores: &mut tokio::task::JoinSet<(usize, Result<u64, BlobError>)>,
+    blobs: Arc<BlobStore>,
+    i: usize,
+    id: ChunkId,
+    bytes: Vec<u8>,
+) {
+    let size = bytes.len() as u64;
+    stores.spawn(async move { (i, store_verified(blobs, id, bytes).await.map(|()| size)) });
 }
 
 async fn fetch_verified(

@@ -556,11 +556,7 @@ impl Inner {
     /// Fetches one blob from the first peer that has a verified copy. A peer that sends bytes
     /// not matching the id is skipped (iroh-blobs verifies every 16 KiB group).
     async fn fetch_one(&self, id: ChunkId) -> Result<(), String> {
-        let blobs = self.hub.device.blobs.clone();
-        if tokio::task::spawn_blocking(move || blobs.has(&id).unwrap_or(false))
-            .await
-            .unwrap_or(false)
-        {
+        if self.not_local(vec![id]).await.is_empty() {
             return Ok(());
         }
         let mut errors = Vec::new();
@@ -678,17 +674,7 @@ impl Inner {
     /// asking each peer for everything still missing in one request; returns how many are
     /// now local.
     async fn fetch_batch(&self, ids: &[ChunkId]) -> usize {
-        let mut missing: Vec<ChunkId> = {
-            let blobs = self.hub.device.blobs.clone();
-            let ids = ids.to_vec();
-            tokio::task::spawn_blocking(move || {
-                ids.into_iter()
-                    .filter(|id| !blobs.has(id).unwrap_or(false))
-                    .collect()
-            })
-            .await
-            .unwrap_or_default()
-        };
+        let mut missing = self.not_local(ids.to_vec()).await;
         let local = ids.len() - missing.len();
         let mut got = 0;
         for d in self.blob_sources() {
@@ -706,14 +692,8 @@ impl Inner {
                 .fetch_sub(missing.len() as u64, Ordering::Relaxed);
             let Ok(results) = r else {
                 // Whatever arrived before the timeout is stored; the rest goes to the next peer.
-                let blobs = self.hub.device.blobs.clone();
                 let before = missing.len();
-                missing = tokio::task::spawn_blocking(move || {
-                    missing.retain(|id| !blobs.has(id).unwrap_or(false));
-                    missing
-                })
-                .await
-                .unwrap_or_default();
+                missing = self.not_local(missing).await;
                 got += before - missing.len();
                 tracing::debug!(peer = %d.short(), "batch fetch timed out");
                 continue;
@@ -740,6 +720,19 @@ impl Inner {
             }
         }
         local + got
+    }
+
+    /// The ones of `ids` the local store lacks (the checks are file lookups: off the runtime);
+    /// all of them if the check itself fails.
+    async fn not_local(&self, ids: Vec<ChunkId>) -> Vec<ChunkId> {
+        let (blobs, all) = (self.hub.device.blobs.clone(), ids.clone());
+        tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .filter(|id| !blobs.has(id).unwrap_or(false))
+                .collect()
+        })
+        .await
+        .unwrap_or(all)
     }
 
     /// Like [`Self::fetch_one`], but a blob already being fetched by someone else is waited
