@@ -60,12 +60,12 @@ const FETCH_BATCH: usize = 64;
 /// Batches fetched concurrently by the replicator (and by one read-ahead burst), each on its
 /// own blob connection when there are enough (at most 8 × 64 chunks ≤ 128 MiB in flight).
 const FETCH_BATCHES_AT_ONCE: usize = 8;
-/// Blob connections kept per peer, taken in turn by concurrent fetches and dialed when their
-/// turn first comes. One QUIC connection is driven by a single task on each side (its
-/// packets are framed, sealed and acknowledged one after another), which capped a transfer of
-/// many small chunks at about half of what one large blob moves; with a connection per
-/// concurrent batch the work spreads over the runtime's threads (1 GiB of ~80 KiB chunks on
-/// loopback, `scripts/bench/sync.sh xfer`: ~200 → ~330 MiB/s).
+/// Blob connections kept per peer at most (see [`Inner::blob_conn`]). One QUIC connection
+/// is driven by a single task on each side (its packets are framed, sealed and acknowledged
+/// one after another), which capped a transfer of many small chunks at about half of what one
+/// large blob moves; with a connection per concurrent batch the work spreads over the
+/// runtime's threads (1 GiB of ~80 KiB chunks on loopback, `scripts/bench/sync.sh xfer`:
+/// ~200 → ~330 MiB/s).
 const BLOB_CONNECTIONS: usize = 8;
 /// How often the workers look again at what failed before (unreachable peers, missing
 /// blobs), even without a wake-up.
@@ -91,11 +91,55 @@ pub struct PeerStatus {
 struct Peer {
     connected: bool,
     last_contact_ms: Option<u64>,
-    /// Blob connections, used in turn (see [`BLOB_CONNECTIONS`]); a closed one is redialed
-    /// when its turn comes.
+    /// Blob connections (see [`Inner::blob_conn`]); a closed one is redialed when needed.
     blob_conns: [Option<Connection>; BLOB_CONNECTIONS],
-    next_blob_conn: usize,
+    /// Fetches using (or dialing) each of `blob_conns`.
+    blob_busy: [usize; BLOB_CONNECTIONS],
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Which blob connection slot a fetch takes, given which slots hold an open connection and
+/// how many fetches use (or dial) each: an idle open connection; else an idle slot to dial;
+/// else the least busy open connection (or slot being dialed).
+fn choose_blob_slot(open: &[bool], busy: &[usize]) -> usize {
+    let least_busy = |want_open: bool| {
+        (0..open.len())
+            .filter(|&i| open[i] == want_open)
+            .min_by_key(|&i| busy[i])
+    };
+    match (least_busy(true), least_busy(false)) {
+        (Some(i), _) if busy[i] == 0 => i,
+        (_, Some(i)) if busy[i] == 0 => i,
+        (open, closed) => open.or(closed).unwrap_or(0),
+    }
+}
+
+/// A blob connection lent to one fetch (see [`Inner::blob_conn`]).
+struct BlobConn<'a> {
+    conn: Connection,
+    _lease: BlobLease<'a>,
+}
+
+impl std::ops::Deref for BlobConn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Counts a fetch on one of a peer's blob connection slots while it lives.
+struct BlobLease<'a> {
+    inner: &'a Inner,
+    device: DeviceId,
+    slot: usize,
+}
+
+impl Drop for BlobLease<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.inner.peers().get_mut(&self.device) {
+            p.blob_busy[self.slot] = p.blob_busy[self.slot].saturating_sub(1);
+        }
+    }
 }
 
 pub(super) struct Inner {
@@ -526,31 +570,54 @@ impl Inner {
         v.into_iter().map(|(_, _, d)| d).collect()
     }
 
-    /// The next of the peer's blob connections in turn, dialed if it is not open.
-    async fn blob_conn(&self, d: DeviceId) -> Option<Connection> {
-        let slot = match self.peers().get_mut(&d) {
-            Some(p) => {
-                let slot = p.next_blob_conn % BLOB_CONNECTIONS;
-                p.next_blob_conn = p.next_blob_conn.wrapping_add(1);
-                if let Some(c) = &p.blob_conns[slot]
-                    && c.close_reason().is_none()
-                {
-                    return Some(c.clone());
-                }
-                slot
-            }
-            None => 0,
+    /// A blob connection to `d` for one fetch: the least busy open one if it is idle, else a
+    /// new one while the peer has fewer than [`BLOB_CONNECTIONS`], else the least busy. So
+    /// single reads share one connection (no handshake per read) and concurrent batches get
+    /// one each.
+    async fn blob_conn(&self, d: DeviceId) -> Option<BlobConn<'_>> {
+        let (slot, open) = {
+            let mut peers = self.peers();
+            let p = peers.get_mut(&d)?;
+            let open: Vec<bool> = p
+                .blob_conns
+                .iter()
+                .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+                .collect();
+            let slot = choose_blob_slot(&open, &p.blob_busy);
+            p.blob_busy[slot] += 1;
+            (
+                slot,
+                p.blob_conns[slot]
+                    .clone()
+                    .filter(|c| c.close_reason().is_none()),
+            )
         };
-        let addr = self.addr_of(d)?;
-        let conn =
-            tokio::time::timeout(DIAL_TIMEOUT, self.endpoint.connect(addr, iroh_blobs::ALPN))
+        let lease = BlobLease {
+            inner: self,
+            device: d,
+            slot,
+        };
+        let conn = match open {
+            Some(c) => c,
+            None => {
+                let addr = self.addr_of(d)?;
+                let conn = tokio::time::timeout(
+                    DIAL_TIMEOUT,
+                    self.endpoint.connect(addr, iroh_blobs::ALPN),
+                )
                 .await
                 .ok()?
                 .ok()?;
-        if let Some(p) = self.peers().get_mut(&d) {
-            p.blob_conns[slot] = Some(conn.clone());
-        }
-        Some(conn)
+                if let Some(p) = self.peers().get_mut(&d) {
+                    p.blob_conns[slot] = Some(conn.clone());
+                }
+                conn
+            }
+        };
+        Some(BlobConn {
+            conn,
+            _lease: lease,
+        })
     }
 
     /// Fetches one blob from the first peer that has a verified copy. A peer that sends bytes
@@ -1163,5 +1230,40 @@ fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
             caught_up = root;
         }
         incomplete = !complete;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_blob_slot;
+
+    #[test]
+    fn single_fetches_share_one_connection_and_concurrent_ones_spread() {
+        // Nothing open yet: dial the first slot.
+        assert_eq!(choose_blob_slot(&[false; 4], &[0; 4]), 0);
+        // An idle open connection is reused, wherever it is.
+        assert_eq!(choose_blob_slot(&[false, false, true, false], &[0; 4]), 2);
+        // The only open one is busy: dial another slot rather than queue behind it.
+        assert_eq!(
+            choose_blob_slot(&[true, false, false, false], &[1, 0, 0, 0]),
+            1
+        );
+        // A slot being dialed (not open yet, busy) is not dialed twice while another is free.
+        assert_eq!(
+            choose_blob_slot(&[true, false, false, false], &[1, 1, 0, 0]),
+            2
+        );
+        // Every slot open and busy: the least busy one.
+        assert_eq!(
+            choose_blob_slot(&[true, true, true, true], &[3, 2, 1, 2]),
+            2
+        );
+        // Every slot busy, some still dialing: the least busy open connection.
+        assert_eq!(
+            choose_blob_slot(&[true, false, true, false], &[2, 1, 1, 1]),
+            2
+        );
+        // A connection closed with nothing on it is redialed in its slot.
+        assert_eq!(choose_blob_slot(&[false, true], &[0, 1]), 0);
     }
 }
