@@ -67,6 +67,8 @@ const FETCH_BATCHES_AT_ONCE: usize = 8;
 /// runtime's threads (1 GiB of ~80 KiB chunks on loopback, `scripts/bench/sync.sh xfer`:
 /// ~200 → ~330 MiB/s).
 const BLOB_CONNECTIONS: usize = 8;
+/// A spare blob connection (all but the most recently used) idle this long is closed.
+const BLOB_IDLE: Duration = Duration::from_secs(60);
 /// How often the workers look again at what failed before (unreachable peers, missing
 /// blobs), even without a wake-up.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
@@ -95,6 +97,8 @@ struct Peer {
     blob_conns: [Option<Connection>; BLOB_CONNECTIONS],
     /// Fetches using (or dialing) each of `blob_conns`.
     blob_busy: [usize; BLOB_CONNECTIONS],
+    /// When each slot's last fetch ended (None while busy or never used).
+    blob_idle_since: [Option<Instant>; BLOB_CONNECTIONS],
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -112,6 +116,27 @@ fn choose_blob_slot(open: &[bool], busy: &[usize]) -> usize {
         (_, Some(i)) if busy[i] == 0 => i,
         (open, closed) => open.or(closed).unwrap_or(0),
     }
+}
+
+/// The slots whose open blob connection has had no fetch for `after`, except one: the most
+/// recently used open connection stays for the next on-demand read.
+fn idle_spare_slots(
+    open: &[bool],
+    busy: &[usize],
+    idle_since: &[Option<Instant>],
+    now: Instant,
+    after: Duration,
+) -> Vec<usize> {
+    let open_slots: Vec<usize> = (0..open.len()).filter(|&i| open[i]).collect();
+    let keep = open_slots
+        .iter()
+        .copied()
+        .max_by_key(|&i| (busy[i] > 0, idle_since[i]));
+    open_slots
+        .into_iter()
+        .filter(|&i| Some(i) != keep && busy[i] == 0)
+        .filter(|&i| idle_since[i].is_some_and(|t| now.saturating_duration_since(t) >= after))
+        .collect()
 }
 
 /// A blob connection lent to one fetch (see [`Inner::blob_conn`]).
@@ -138,6 +163,9 @@ impl Drop for BlobLease<'_> {
     fn drop(&mut self) {
         if let Some(p) = self.inner.peers().get_mut(&self.device) {
             p.blob_busy[self.slot] = p.blob_busy[self.slot].saturating_sub(1);
+            if p.blob_busy[self.slot] == 0 {
+                p.blob_idle_since[self.slot] = Some(Instant::now());
+            }
         }
     }
 }
@@ -585,6 +613,7 @@ impl Inner {
                 .collect();
             let slot = choose_blob_slot(&open, &p.blob_busy);
             p.blob_busy[slot] += 1;
+            p.blob_idle_since[slot] = None;
             (
                 slot,
                 p.blob_conns[slot]
@@ -789,6 +818,35 @@ impl Inner {
         local + got
     }
 
+    /// Closes the peer's spare blob connections that have been idle for [`BLOB_IDLE`]: the
+    /// extra connections a bulk transfer opened would otherwise exchange keep-alives forever.
+    fn close_idle_blob_conns(&self, d: DeviceId) {
+        let mut peers = self.peers();
+        let Some(p) = peers.get_mut(&d) else {
+            return;
+        };
+        let open: Vec<bool> = p
+            .blob_conns
+            .iter()
+            .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+            .collect();
+        let spare = idle_spare_slots(
+            &open,
+            &p.blob_busy,
+            &p.blob_idle_since,
+            Instant::now(),
+            BLOB_IDLE,
+        );
+        for &i in &spare {
+            if let Some(c) = p.blob_conns[i].take() {
+                c.close(0u32.into(), b"idle");
+            }
+        }
+        if !spare.is_empty() {
+            tracing::debug!(peer = %d.short(), closed = spare.len(), "closed idle blob connections");
+        }
+    }
+
     /// The ones of `ids` the local store lacks (the checks are file lookups: off the runtime);
     /// all of them if the check itself fails.
     async fn not_local(&self, ids: Vec<ChunkId>) -> Vec<ChunkId> {
@@ -946,8 +1004,11 @@ async fn session(inner: &Arc<Inner>, peer: DeviceId, addr: EndpointAddr) -> Resu
     for e in client.fetch_all(&inner.vault).await? {
         inner.ingest(e).await;
     }
+    let mut idle_check = tokio::time::interval(BLOB_IDLE / 2);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = idle_check.tick() => inner.close_idle_blob_conns(peer),
             ev = sub.next() => {
                 inner.touch(peer);
                 match ev? {
@@ -1235,7 +1296,47 @@ fn replicator(inner: Arc<Inner>, wake: Receiver<()>) {
 
 #[cfg(test)]
 mod tests {
-    use super::choose_blob_slot;
+    use std::time::{Duration, Instant};
+
+    use super::{choose_blob_slot, idle_spare_slots};
+
+    #[test]
+    fn idle_spare_connections_close_and_the_latest_stays() {
+        let now = Instant::now();
+        let ago = |s: u64| Some(now - Duration::from_secs(s));
+        let minute = Duration::from_secs(60);
+        // Three idle open connections past the limit: all but the most recently used close.
+        assert_eq!(
+            idle_spare_slots(
+                &[true, true, true, false],
+                &[0; 4],
+                &[ago(300), ago(90), ago(200), None],
+                now,
+                minute
+            ),
+            vec![0, 2]
+        );
+        // Not idle long enough, or busy: kept.
+        assert_eq!(
+            idle_spare_slots(
+                &[true, true, true],
+                &[0, 1, 0],
+                &[ago(30), None, ago(120)],
+                now,
+                minute
+            ),
+            vec![2]
+        );
+        // A single open connection is never closed for idleness.
+        assert!(
+            idle_spare_slots(&[false, true], &[0, 0], &[None, ago(999)], now, minute).is_empty()
+        );
+        // Closed slots are not reported.
+        assert!(
+            idle_spare_slots(&[false, false], &[0, 0], &[ago(999), ago(999)], now, minute)
+                .is_empty()
+        );
+    }
 
     #[test]
     fn single_fetches_share_one_connection_and_concurrent_ones_spread() {
