@@ -60,7 +60,10 @@ fn filter(default: &str) -> EnvFilter {
 
 /// Installs the global subscriber; call once, first thing in `main`.
 pub fn init() {
+    // Colours only for a terminal: under systemd stderr goes to the journal, where escape
+    // codes show up as noise.
     let stderr = tracing_subscriber::fmt::layer()
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(io::stderr)
         .with_filter(filter("warn"));
     let file = tracing_subscriber::fmt::layer()
