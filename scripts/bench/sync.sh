@@ -242,7 +242,7 @@ PY
 fi
 if want big || want xfer; then
     # (b2) transfer only: B is stopped while A stores and publishes the file, then B starts
-    # and fetches everything it lacks; timed from B's start until its store stops growing.
+    # and fetches everything it lacks; timed from B's start until its last blob lands.
     xfer_run() {
         pair xfer 500
         X="$WORK/xfer"
@@ -310,7 +310,7 @@ if first is None:
 dt = last - t0
 print(f"(b2) transfer only: B started after A published; {count() - n0} blobs ({mib:.0f} MiB) "
       f"in {dt:.1f} s from B's start = {mib / dt:.0f} MiB/s "
-      f"(first blob {(first or last) - t0:.1f} s after B's start)")
+      f"(first blob {first - t0:.1f} s after B's start)")
 print("(b2) CPU from B's start to its last blob: " + ", ".join(
     f"{x} user {c_last[x][0] - c0[x][0]:.1f} s + sys {c_last[x][1] - c0[x][1]:.1f} s" for x in pids))
 open(out, "a").write(f"{mib / dt:.3f}\n")

@@ -64,8 +64,8 @@ const FETCH_BATCHES_AT_ONCE: usize = 8;
 /// is driven by a single task on each side (its packets are framed, sealed and acknowledged
 /// one after another), which capped a transfer of many small chunks at about half of what one
 /// large blob moves; with a connection per concurrent batch the work spreads over the
-/// runtime's threads (1 GiB of ~80 KiB chunks on loopback, `scripts/bench/sync.sh xfer`:
-/// ~200 → ~330 MiB/s).
+/// runtime's threads (1 GiB of ~80 KiB chunks on loopback, `scripts/bench/sync.sh xfer`,
+/// medians: ~200 → ~380–410 MiB/s).
 const BLOB_CONNECTIONS: usize = 8;
 /// A spare blob connection (all but the most recently used) idle this long is closed.
 const BLOB_IDLE: Duration = Duration::from_secs(60);
@@ -100,6 +100,16 @@ struct Peer {
     /// When each slot's last fetch ended (None while busy or never used).
     blob_idle_since: [Option<Instant>; BLOB_CONNECTIONS],
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Peer {
+    /// Which of `blob_conns` hold a connection that is still open.
+    fn blob_conns_open(&self) -> Vec<bool> {
+        self.blob_conns
+            .iter()
+            .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+            .collect()
+    }
 }
 
 /// Which blob connection slot a fetch takes, given which slots hold an open connection and
@@ -606,20 +616,11 @@ impl Inner {
         let (slot, open) = {
             let mut peers = self.peers();
             let p = peers.get_mut(&d)?;
-            let open: Vec<bool> = p
-                .blob_conns
-                .iter()
-                .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
-                .collect();
+            let open = p.blob_conns_open();
             let slot = choose_blob_slot(&open, &p.blob_busy);
             p.blob_busy[slot] += 1;
             p.blob_idle_since[slot] = None;
-            (
-                slot,
-                p.blob_conns[slot]
-                    .clone()
-                    .filter(|c| c.close_reason().is_none()),
-            )
+            (slot, p.blob_conns[slot].clone().filter(|_| open[slot]))
         };
         let lease = BlobLease {
             inner: self,
@@ -825,13 +826,8 @@ impl Inner {
         let Some(p) = peers.get_mut(&d) else {
             return;
         };
-        let open: Vec<bool> = p
-            .blob_conns
-            .iter()
-            .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
-            .collect();
         let spare = idle_spare_slots(
-            &open,
+            &p.blob_conns_open(),
             &p.blob_busy,
             &p.blob_idle_since,
             Instant::now(),
