@@ -2,18 +2,18 @@
 //! messages for people. Everything with logic lives in the library crates.
 
 mod config;
-mod daemon;
 mod logging;
 mod service;
-mod state;
 mod status;
+
+use cairn_daemon as daemon;
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use state::{VaultState, default_data_dir};
+use cairn_daemon::{VaultState, default_data_dir};
 
 #[derive(Parser)]
 #[command(
@@ -173,7 +173,7 @@ fn run(cli: Cli) -> Result<()> {
             let s = match VaultState::load(&data_dir, &cli.vault) {
                 Ok(s) => s,
                 Err(_)
-                    if !state::vault_dir(&data_dir, &cli.vault)
+                    if !daemon::vault_dir(&data_dir, &cli.vault)
                         .join("vault.secret")
                         .exists() =>
                 {
@@ -186,7 +186,7 @@ fn run(cli: Cli) -> Result<()> {
             print_identity(&s);
         }
         Command::Status { json } => {
-            let report = status::report(&VaultState::load(&data_dir, &cli.vault)?)?;
+            let report = daemon::report(&VaultState::load(&data_dir, &cli.vault)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -200,7 +200,7 @@ fn run(cli: Cli) -> Result<()> {
             at,
         } => {
             let state = if init
-                && !state::vault_dir(&data_dir, &cli.vault)
+                && !daemon::vault_dir(&data_dir, &cli.vault)
                     .join("vault.secret")
                     .exists()
             {
@@ -228,14 +228,14 @@ fn run(cli: Cli) -> Result<()> {
                     &state,
                     &mountpoint,
                     opts,
-                    &config.cache,
+                    &cache_budget(&config),
                     Some(net_settings(&config)),
                 )?,
             }
         }
         Command::Log => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
-            let device = daemon::Device::open(&state)?;
+            let device = daemon::OpenVault::open(&state)?;
             let entries = daemon::log(&device)?;
             if entries.is_empty() {
                 println!("no snapshots yet: mount the vault and write something");
@@ -333,7 +333,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 None => {
-                    let device = daemon::Device::open(&state)?;
+                    let device = daemon::OpenVault::open(&state)?;
                     println!("{me}  this device (daemon not running: connection state unknown)");
                     for d in device.registry.members(&device.vault_id)? {
                         if d != me {
@@ -389,7 +389,7 @@ fn serve_new_member(
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
                 ..Default::default()
             };
-            daemon::mount(state, &mp, opts, &config.cache, Some(settings))
+            daemon::mount(state, &mp, opts, &cache_budget(config), Some(settings))
         }
         _ => daemon::sync_only(state, settings),
     }
@@ -420,6 +420,13 @@ fn net_settings(config: &config::Config) -> daemon::NetSettings {
     daemon::NetSettings {
         bind: config.net.bind,
         relays: config.net.relay == config::RelayMode::Default,
+    }
+}
+
+fn cache_budget(config: &config::Config) -> daemon::CacheBudget {
+    daemon::CacheBudget {
+        chunk_bytes: config.cache.chunk_cache_bytes(),
+        node_bytes: config.cache.node_cache_bytes(),
     }
 }
 

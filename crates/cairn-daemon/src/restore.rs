@@ -20,10 +20,10 @@ use cairn_fuse::{BaseEntry, BaseLayer, Overlay, OverlayError};
 use cairn_vault::{Attrs, Change, Content, Entry, EntryKind, MergedView, VaultPath};
 
 use super::base::VaultBase;
-use super::device::{Device, now_ms};
 use super::history::{LogEntry, format_time, log, parse_time, snapshot_at};
 use super::mount::writable_mount;
 use super::sink::{publish, view_of};
+use crate::open_vault::{OpenVault, now_ms};
 use crate::state::VaultState;
 
 /// One entry of the tree being restored, relative to the restored root ("" is the root).
@@ -104,7 +104,7 @@ pub fn restore(state: &VaultState, path: &str, at: Option<&str>, to: Option<&str
     if dest.as_str().starts_with(&format!("{}/", src.as_str())) {
         bail!("--to {dest:?} is inside {src:?}; pick a destination outside the restored tree");
     }
-    let device = Device::open(state)?;
+    let device = OpenVault::open(state)?;
     let (from, view, root) = find_version(&device, &src, at)?;
     let items = collect(&view, &src, root)?;
     let when = format!(
@@ -138,7 +138,7 @@ pub fn restore(state: &VaultState, path: &str, at: Option<&str>, to: Option<&str
 
 /// The snapshot to restore from and the live entry of `src` in it.
 fn find_version(
-    device: &Device,
+    device: &OpenVault,
     src: &VaultPath,
     at: Option<&str>,
 ) -> Result<(LogEntry, MergedView, Entry)> {
@@ -362,7 +362,7 @@ fn set_xattrs(path: &Path, xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<()> {
 
 fn through_engine(
     state: &VaultState,
-    device: &Device,
+    device: &OpenVault,
     dest: &VaultPath,
     items: &[Item],
 ) -> Result<usize> {
@@ -375,7 +375,7 @@ fn through_engine(
         ),
         e => anyhow::Error::new(e).context("opening the local overlay"),
     })?;
-    let mut vault = device.vault();
+    let mut vault = device.engine();
     let mut changes = Vec::new();
     for item in items {
         let p = join(dest, &item.rel)?;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cairn_crypto::DeviceId;
 
-use super::net::{Inner, PeerStatus};
+use super::net::{NetNode, PeerStatus};
 
 pub fn socket_path(vault_dir: &Path) -> PathBuf {
     vault_dir.join("run").join("control.sock")
@@ -31,7 +31,7 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    pub fn start(vault_dir: &Path, net: Arc<Inner>) -> Result<Self> {
+    pub fn start(vault_dir: &Path, net: Arc<NetNode>) -> Result<Self> {
         let path = socket_path(vault_dir);
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
         // A socket left by a daemon that died is just a file; a live one answers.
@@ -88,7 +88,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn handle(stream: UnixStream, net: &Arc<Inner>) -> Result<()> {
+fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     let mut words = line.split_whitespace();
@@ -142,8 +142,8 @@ fn peer_line(p: &PeerStatus) -> String {
 }
 
 /// A full device id, or an unambiguous hex prefix of a member's.
-fn resolve_device(net: &Inner, text: &str) -> Result<DeviceId> {
-    let members = net.hub.device.registry.members(&net.vault)?;
+fn resolve_device(net: &NetNode, text: &str) -> Result<DeviceId> {
+    let members = net.publisher.vault.registry.members(&net.vault)?;
     resolve_among(&members, text)
 }
 

@@ -17,7 +17,7 @@ use crate::state::VaultState;
 /// configuration. Bounded so a huge vault cannot grow the process.
 pub const NODE_CACHE_BYTES: usize = 32 << 20;
 
-pub struct Device {
+pub struct OpenVault {
     pub blobs: Arc<BlobStore>,
     /// The same store, falling back to peers for missing blobs once the network is up.
     pub remote_blobs: Arc<LocalOrRemote>,
@@ -38,12 +38,12 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-impl Device {
+impl OpenVault {
     pub fn open(state: &VaultState) -> Result<Self> {
         Self::open_with(state, NODE_CACHE_BYTES)
     }
 
-    /// [`Device::open`] with a node cache of `node_cache_bytes`.
+    /// [`OpenVault::open`] with a node cache of `node_cache_bytes`.
     pub fn open_with(state: &VaultState, node_cache_bytes: usize) -> Result<Self> {
         let blobs = Arc::new(
             BlobStore::open(state.dir.join("store"))
@@ -102,7 +102,7 @@ impl Device {
 
     /// The engine. One writer at a time: flushes are serialized through this lock, readers
     /// only take it to copy the current root.
-    pub fn vault(&self) -> MutexGuard<'_, Vault> {
+    pub fn engine(&self) -> MutexGuard<'_, Vault> {
         self.vault.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cairn_fuse::{
@@ -19,59 +19,38 @@ use cairn_fuse::{
 
 use super::base::VaultBase;
 use super::control::ControlServer;
-use super::device::Device;
-use super::hub::Hub;
 use super::net::{Net, NetSettings};
 use super::sink::{VaultSink, view_of};
 use super::status::{StatusBoard, StatusSink};
-use crate::config::CacheSettings;
+use crate::instance::{self, InstanceLock, running_daemon};
+use crate::open_vault::OpenVault;
+use crate::publisher::Publisher;
 use crate::state::VaultState;
 
-/// `<vault dir>/run/<pid>` holds the mountpoint a live daemon serves, followed by a
-/// `read-only` line for history views (which must never be mistaken for the vault's mount).
-const RUN_DIR: &str = "run";
-const READ_ONLY_MARK: &str = "read-only";
+/// Memory budgets of a mount's caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheBudget {
+    /// Decrypted file chunks kept by the mount.
+    pub chunk_bytes: usize,
+    /// Decoded tree nodes kept by the engine.
+    pub node_bytes: usize,
+}
 
-/// A daemon of this vault that is still running.
+/// The daemon serving a vault's writable mount.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveMount {
     pub pid: i32,
     pub mountpoint: std::path::PathBuf,
-    pub read_only: bool,
 }
 
-/// Every live daemon of the vault in `vault_dir` (pid files of dead ones are skipped).
-pub fn live_mounts(vault_dir: &Path) -> Vec<LiveMount> {
-    let Ok(runs) = fs::read_dir(vault_dir.join(RUN_DIR)) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for r in runs.flatten() {
-        let Some(pid) = r.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(text) = fs::read_to_string(r.path()) else {
-            continue;
-        };
-        let mut lines = text.lines();
-        let Some(mountpoint) = lines.next() else {
-            continue;
-        };
-        if pid_alive(pid) {
-            out.push(LiveMount {
-                pid,
-                mountpoint: mountpoint.into(),
-                read_only: lines.any(|l| l == READ_ONLY_MARK),
-            });
-        }
-    }
-    out.sort_by_key(|m| m.pid);
-    out
-}
-
-/// The live daemon serving the writable mount of this vault, if any.
+/// The live daemon serving the writable mount of this vault, if any (not `cairn sync`, not a
+/// history view).
 pub fn writable_mount(vault_dir: &Path) -> Option<LiveMount> {
-    live_mounts(vault_dir).into_iter().find(|m| !m.read_only)
+    let d = running_daemon(vault_dir)?;
+    Some(LiveMount {
+        pid: d.pid,
+        mountpoint: d.mountpoint?,
+    })
 }
 
 /// Blocks the stop signals in the calling thread (and every thread it spawns later), so one
@@ -141,19 +120,19 @@ impl Networking {
 
     fn start(
         state: &VaultState,
-        hub: &Arc<Hub>,
+        publisher: &Arc<Publisher>,
         settings: Option<NetSettings>,
         board: Option<Arc<StatusBoard>>,
     ) -> Result<Self> {
         let Some(settings) = settings else {
             return Ok(Self::none());
         };
-        let net = Net::start(state, hub.clone(), settings)?;
-        let control = ControlServer::start(&state.dir, net.inner().clone())?;
+        let net = Net::start(state, publisher.clone(), settings)?;
+        let control = ControlServer::start(&state.dir, net.node().clone())?;
         let reporter = match board {
             Some(board) => {
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let (stop2, inner) = (stop.clone(), net.inner().clone());
+                let (stop2, inner) = (stop.clone(), net.node().clone());
                 let t = std::thread::Builder::new()
                     .name("cairn-netstatus".into())
                     .spawn(move || {
@@ -181,7 +160,7 @@ impl Networking {
         };
         eprintln!(
             "cairn: device {} listening on {}",
-            hub.device.device_id.short(),
+            publisher.vault.device_id.short(),
             net.addrs()
                 .iter()
                 .map(|a| a.to_string())
@@ -211,9 +190,10 @@ impl Networking {
 /// until a stop signal.
 pub fn sync_only(state: &VaultState, settings: NetSettings) -> Result<()> {
     let sigset = block_stop_signals();
-    let device = Arc::new(Device::open(state)?);
-    let hub = Arc::new(Hub::new(device, None));
-    let mut networking = Networking::start(state, &hub, Some(settings), None)?;
+    let _lock = instance::lock_vault(&state.dir, &state.name, None)?;
+    let device = Arc::new(OpenVault::open(state)?);
+    let publisher = Arc::new(Publisher::new(device, None));
+    let mut networking = Networking::start(state, &publisher, Some(settings), None)?;
     eprintln!(
         "cairn: syncing vault {:?} (no mount); stop with Ctrl-C or SIGTERM",
         state.name
@@ -284,11 +264,14 @@ pub fn mount(
     state: &VaultState,
     mountpoint: &Path,
     opts: MountOptions,
-    cache: &CacheSettings,
+    cache: &CacheBudget,
     net: Option<NetSettings>,
 ) -> Result<()> {
     let sigset = block_stop_signals();
-    let device = Arc::new(Device::open_with(state, cache.node_cache_bytes())?);
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let shown = fs::canonicalize(&abs).unwrap_or(abs);
+    let lock = instance::lock_vault(&state.dir, &state.name, Some(&shown))?;
+    let device = Arc::new(OpenVault::open_with(state, cache.node_bytes)?);
     let overlay = Overlay::open(state.dir.join("overlay")).map_err(|e| match e {
         OverlayError::Locked { .. } => anyhow::anyhow!(
             "vault {:?} is already mounted by another cairn process ({e}); unmount it first with `cairn unmount DIR`",
@@ -296,19 +279,16 @@ pub fn mount(
         ),
         e => anyhow::Error::new(e).context("opening the local overlay"),
     })?;
-    let source = device.vault().source();
+    let source = device.engine().source();
     let base = Arc::new(
-        VaultBase::with_chunk_cache(
-            device.stores.clone(),
-            view_of(source),
-            cache.chunk_cache_bytes(),
-        )
-        .with_remote(device.remote_blobs.clone()),
+        VaultBase::with_chunk_cache(device.stores.clone(), view_of(source), cache.chunk_bytes)
+            .with_remote(device.remote_blobs.clone()),
     );
-    let hub = Arc::new(Hub::new(device.clone(), Some(base.clone())));
-    let sink = Arc::new(VaultSink { hub: hub.clone() });
-    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    let board = StatusBoard::new(&state.dir, &fs::canonicalize(&abs).unwrap_or(abs));
+    let publisher = Arc::new(Publisher::new(device.clone(), Some(base.clone())));
+    let sink = Arc::new(VaultSink {
+        publisher: publisher.clone(),
+    });
+    let board = StatusBoard::new(&state.dir, &shown);
     serve(
         state,
         mountpoint,
@@ -317,8 +297,9 @@ pub fn mount(
         overlay,
         opts,
         sigset,
+        lock,
         Some(board),
-        Some((&hub, net)),
+        Some((&publisher, net)),
     )
 }
 
@@ -334,10 +315,10 @@ pub(super) fn serve(
     overlay: Overlay,
     opts: MountOptions,
     sigset: libc::sigset_t,
+    lock: InstanceLock,
     board: Option<Arc<StatusBoard>>,
-    hub: Option<(&Arc<Hub>, Option<NetSettings>)>,
+    publisher: Option<(&Arc<Publisher>, Option<NetSettings>)>,
 ) -> Result<()> {
-    let read_only = opts.read_only;
     let sink: Arc<dyn FlushSink> = match &board {
         Some(b) => Arc::new(StatusSink {
             inner: sink,
@@ -347,27 +328,15 @@ pub(super) fn serve(
     };
     let handle = cairn_fuse::mount(base, sink, overlay, mountpoint, opts)?;
     let mountpoint = handle.mountpoint().to_path_buf();
-    let run_dir = state.dir.join(RUN_DIR);
-    fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let pid_file = run_dir.join(std::process::id().to_string());
-    let mark = if read_only {
-        format!("{READ_ONLY_MARK}\n")
-    } else {
-        String::new()
-    };
-    fs::write(&pid_file, format!("{}\n{mark}", mountpoint.display()))
-        .with_context(|| format!("writing {}", pid_file.display()))?;
-    // The network starts once the mount exists and its pid file names this daemon (so a bad
-    // mountpoint fails before anything binds, and `cairn unmount` can find us meanwhile),
-    // and before READY (so a ready daemon is reachable by its peers).
-    let mut networking = match hub {
-        Some((hub, settings)) => {
-            hub.set_invalidator(Some(handle.invalidator()));
-            match Networking::start(state, hub, settings, board.clone()) {
+    // The network starts once the mount exists (so a bad mountpoint fails before anything
+    // binds) and before READY (so a ready daemon is reachable by its peers).
+    let mut networking = match publisher {
+        Some((publisher, settings)) => {
+            publisher.set_invalidator(Some(handle.invalidator()));
+            match Networking::start(state, publisher, settings, board.clone()) {
                 Ok(n) => n,
                 Err(e) => {
-                    hub.set_invalidator(None);
-                    let _ = fs::remove_file(&pid_file);
+                    publisher.set_invalidator(None);
                     if let Err(u) = handle.unmount() {
                         tracing::error!(error = %u, "unmount after a failed start");
                     }
@@ -377,7 +346,7 @@ pub(super) fn serve(
         }
         None => Networking::none(),
     };
-    let hub = hub.map(|(h, _)| h);
+    let publisher = publisher.map(|(h, _)| h);
     let status_writer = match &board {
         Some(b) => Some((b.clone(), b.spawn_writer()?)),
         None => None,
@@ -410,15 +379,16 @@ pub(super) fn serve(
     };
     tracing::info!(%reason, "stopping: flushing and unmounting");
     notify_systemd("STOPPING=1\nSTATUS=flushing");
-    if let Some(hub) = hub {
-        hub.set_invalidator(None);
+    if let Some(publisher) = publisher {
+        publisher.set_invalidator(None);
     }
     let result = handle.unmount();
     networking.stop();
     if let Some((b, w)) = status_writer {
         b.stop(w);
     }
-    let _ = fs::remove_file(&pid_file);
+    // Only now may another daemon take the vault: every change is in a snapshot.
+    drop(lock);
     result.context("unmounting (changes not yet in a snapshot stay in the overlay and are flushed at the next mount)")?;
     eprintln!(
         "cairn: {} unmounted, all changes flushed",
@@ -427,32 +397,22 @@ pub(super) fn serve(
     Ok(())
 }
 
-fn pid_alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-}
-
-/// Finds the daemon serving `mountpoint` among this data dir's vaults.
-fn find_daemon(data_dir: &Path, mountpoint: &Path) -> Option<i32> {
-    let vaults = fs::read_dir(data_dir.join("vaults")).ok()?;
-    for v in vaults.flatten() {
-        if let Some(m) = live_mounts(&v.path())
-            .into_iter()
-            .find(|m| m.mountpoint == mountpoint)
-        {
-            return Some(m.pid);
-        }
-    }
-    None
-}
-
+/// Stops the daemon serving `mountpoint` (found among this data dir's vaults, the writable
+/// mount or a history view), waiting until it has flushed every change and exited.
 pub fn unmount(data_dir: &Path, mountpoint: &Path) -> Result<()> {
     let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let canonical = fs::canonicalize(&abs).unwrap_or(abs.clone());
-    let found = find_daemon(data_dir, &canonical).or_else(|| find_daemon(data_dir, &abs));
-    let Some(pid) = found else {
+    let found = fs::read_dir(data_dir.join("vaults"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|v| instance::live_daemons(&v.path()))
+        .find(|d| {
+            d.mountpoint
+                .as_deref()
+                .is_some_and(|m| m == canonical || m == abs)
+        });
+    let Some(daemon) = found else {
         if !is_mounted(&canonical) && !is_mounted(&abs) {
             bail!(
                 "{} is not a cairn mount of this data directory ({}); nothing to unmount",
@@ -470,25 +430,7 @@ pub fn unmount(data_dir: &Path, mountpoint: &Path) -> Result<()> {
         );
         return Ok(());
     };
-    // SAFETY: sending SIGTERM to a pid we just read from our own pid file.
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        bail!(
-            "cannot signal the cairn daemon (pid {pid}): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let start = Instant::now();
-    let mut told = false;
-    while pid_alive(pid) {
-        if !told && start.elapsed() > Duration::from_secs(2) {
-            eprintln!("cairn: waiting for the daemon to flush pending changes…");
-            told = true;
-        }
-        if start.elapsed() > Duration::from_secs(600) {
-            bail!("the daemon (pid {pid}) did not stop within 10 minutes; check its log");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    instance::stop(&daemon, Duration::from_secs(600))?;
     eprintln!("cairn: unmounted {}", canonical.display());
     Ok(())
 }

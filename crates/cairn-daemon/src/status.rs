@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use cairn_fuse::{FlushBatch, FlushError, FlushSink};
 use serde::{Deserialize, Serialize};
 
-use super::device::now_ms;
+use crate::open_vault::now_ms;
 
 pub const STATUS_FILE: &str = "status.json";
 const REFRESH: Duration = Duration::from_secs(2);

@@ -12,8 +12,8 @@ use cairn_tree::{DiffEntry, NodeId};
 use cairn_vault::{EntryKey, PublishReport, Vault};
 
 use super::base::VaultBase;
-use super::device::Device;
 use super::sink::view_of;
+use crate::open_vault::OpenVault;
 
 /// Beyond this many changed paths one "drop everything" is cheaper than one notification
 /// per path.
@@ -21,8 +21,8 @@ const INVALIDATE_ALL_OVER: usize = 2_000;
 
 type Announce = Arc<dyn Fn(RegistryEntry) + Send + Sync>;
 
-pub struct Hub {
-    pub device: Arc<Device>,
+pub struct Publisher {
+    pub vault: Arc<OpenVault>,
     base: Option<Arc<VaultBase>>,
     invalidator: Mutex<Option<Invalidator>>,
     announce: RwLock<Option<Announce>>,
@@ -36,10 +36,10 @@ pub struct Hub {
 /// rare edit racing one of them is then resolved by version order alone).
 const PEER_TOUCHED_MAX: usize = 100_000;
 
-impl Hub {
-    pub fn new(device: Arc<Device>, base: Option<Arc<VaultBase>>) -> Self {
+impl Publisher {
+    pub fn new(vault: Arc<OpenVault>, base: Option<Arc<VaultBase>>) -> Self {
         Self {
-            device,
+            vault,
             base,
             invalidator: Mutex::new(None),
             announce: RwLock::new(None),
@@ -58,7 +58,7 @@ impl Hub {
     /// Makes every blob written so far durable, publishes the engine's state, and tells
     /// peers. The caller holds the engine lock.
     pub fn publish(&self, vault: &mut Vault, now_ms: u64) -> anyhow::Result<PublishReport> {
-        let report = super::sink::publish(&self.device, vault, now_ms)?;
+        let report = super::sink::publish(&self.vault, vault, now_ms)?;
         let announce = self
             .announce
             .read()
@@ -66,9 +66,9 @@ impl Hub {
             .clone();
         if let Some(announce) = announce {
             match self
-                .device
+                .vault
                 .registry
-                .get(&self.device.vault_id, &self.device.device_id)
+                .get(&self.vault.vault_id, &self.vault.device_id)
             {
                 Ok(Some(entry)) => announce(entry),
                 Ok(None) => {}

@@ -13,8 +13,8 @@ use cairn_fuse::{FlushBatch, FlushError, FlushSink, MountOptions};
 use cairn_vault::Snapshot;
 
 use super::base::VaultBase;
-use super::device::Device;
 use super::sink::view_of;
+use crate::open_vault::OpenVault;
 use crate::state::VaultState;
 
 /// One published snapshot, newest first.
@@ -23,8 +23,8 @@ pub struct LogEntry {
     pub snapshot: Snapshot,
 }
 
-pub fn log(device: &Device) -> Result<Vec<LogEntry>> {
-    let vault = device.vault();
+pub fn log(device: &OpenVault) -> Result<Vec<LogEntry>> {
+    let vault = device.engine();
     let mut out = Vec::new();
     for (rev, id) in vault.log(&device.registry)? {
         let snapshot = vault
@@ -60,7 +60,7 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64> {
 }
 
 /// The newest snapshot created at or before `at_ms`.
-pub fn snapshot_at(device: &Device, at_ms: u64) -> Result<LogEntry> {
+pub fn snapshot_at(device: &OpenVault, at_ms: u64) -> Result<LogEntry> {
     let entries = log(device)?;
     let oldest = entries.last().map(|e| e.snapshot.header.created_ms);
     entries
@@ -97,7 +97,9 @@ pub fn mount_at(
 ) -> Result<()> {
     // Before any thread exists, so every thread inherits the blocked stop signals.
     let sigset = super::mount::block_stop_signals();
-    let device = Device::open(state)?;
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let lock = crate::instance::lock_view(&state.dir, &std::fs::canonicalize(&abs).unwrap_or(abs))?;
+    let device = OpenVault::open(state)?;
     let entry = snapshot_at(&device, at_ms)?;
     let base = Arc::new(VaultBase::new(
         device.stores.clone(),
@@ -127,6 +129,7 @@ pub fn mount_at(
         overlay,
         opts,
         sigset,
+        lock,
         None,
         None,
     )

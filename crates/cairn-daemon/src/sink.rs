@@ -23,8 +23,8 @@ use cairn_vault::{
 };
 
 use super::base::entry_of;
-use super::device::{Device, now_ms};
-use super::hub::Hub;
+use crate::open_vault::{OpenVault, now_ms};
+use crate::publisher::Publisher;
 
 /// Paths per engine commit. Large enough that the tree update per group is cheap per path,
 /// small enough that redoing a refused group path by path stays quick.
@@ -102,7 +102,7 @@ fn commit_one(
 }
 
 pub struct VaultSink {
-    pub hub: Arc<Hub>,
+    pub publisher: Arc<Publisher>,
 }
 
 /// The view the mount shows for the engine's current state.
@@ -124,7 +124,7 @@ impl VaultSink {
                 item.path
             )));
         };
-        let device = &self.hub.device;
+        let device = &self.publisher.vault;
         let len = staged.file.metadata()?.len();
         if len as usize <= INLINE_MAX {
             let mut bytes = Vec::with_capacity(len as usize);
@@ -194,12 +194,12 @@ impl FlushSink for VaultSink {
     fn flush(&self, mut batch: FlushBatch) -> Result<(), FlushError> {
         let span = tracing::info_span!("flush", paths = batch.items.len());
         let _g = span.enter();
-        let device = self.hub.device.clone();
-        let mut vault = device.vault();
+        let device = self.publisher.vault.clone();
+        let mut vault = device.engine();
         let now = now_ms();
         let mut out = Outcome::default();
         let mut diverted: Vec<String> = Vec::new();
-        let peer_touched = self.hub.take_peer_touched();
+        let peer_touched = self.publisher.take_peer_touched();
         let mut group = Group::default();
 
         // Deletions, deepest first. Each path's lookup sees the state before the group, which
@@ -283,19 +283,19 @@ impl FlushSink for VaultSink {
         }
         group.commit(&mut vault, now, &mut out);
         let Outcome { refused, unsaved } = out;
-        // Nodes and chunks were written without per-file fsyncs; the hub makes them durable
+        // Nodes and chunks were written without per-file fsyncs; the publisher makes them durable
         // before a snapshot that references them is announced.
-        let report = self.hub.publish(&mut vault, now).map_err(rejected)?;
+        let report = self.publisher.publish(&mut vault, now).map_err(rejected)?;
         tracing::info!(
             revision = report.revision.0,
             attempts = report.attempts,
             refused,
             "published snapshot"
         );
-        self.hub.show(&vault, None);
+        self.publisher.show(&vault, None);
         if !diverted.is_empty() {
             // The mount showed the local edit at these paths; they now hold the peer's.
-            self.hub.invalidate(&diverted);
+            self.publisher.invalidate(&diverted);
         }
         if !unsaved.is_empty() {
             // Failing keeps these records in the overlay (durable) for the next attempt.
@@ -322,7 +322,11 @@ fn free_conflict_path(
 }
 
 /// Announces the engine's current state as this device's next snapshot.
-pub fn publish(device: &Device, vault: &mut Vault, now_ms: u64) -> anyhow::Result<PublishReport> {
+pub fn publish(
+    device: &OpenVault,
+    vault: &mut Vault,
+    now_ms: u64,
+) -> anyhow::Result<PublishReport> {
     // Nodes and chunks were written without per-file fsyncs; make them durable before a
     // snapshot that references them is announced.
     device.blobs.sync()?;

@@ -1,0 +1,39 @@
+//! Everything that runs while a vault is served on this device, as a library: opening a
+//! vault's state on disk ([`VaultState`], [`OpenVault`]), the mount (the engine's merged view
+//! as a FUSE base layer, the flush sink that turns dirty files into snapshots), the network
+//! node (peer sessions, sync, replication, admission of new members), the status file and
+//! control socket a running daemon publishes, history views, restore, and join/recover.
+//!
+//! It does not parse command lines or configuration files, print for people, or install
+//! services: that is the `cairn` binary, which calls in here. Errors are `anyhow` with
+//! context meant to be shown to the user as they are.
+
+mod base;
+mod control;
+mod history;
+mod instance;
+mod join;
+mod mount;
+mod net;
+mod open_vault;
+mod publisher;
+mod report;
+mod restore;
+mod sink;
+mod state;
+mod status;
+mod stores;
+
+pub use control::request as control_request;
+pub use history::{format_time, log, mount_at, parse_time};
+pub use instance::{DaemonInfo, running_daemon};
+pub use join::{join_vault, recover_vault};
+pub use mount::LiveMount;
+pub use mount::{CacheBudget, mount, sync_only, unmount, writable_mount};
+pub use net::NetSettings;
+pub use open_vault::{OpenVault, now_ms};
+pub use report::{CONFLICT_MARK, Report, report};
+pub use restore::restore;
+pub use sink::view_of;
+pub use state::{VaultState, default_data_dir, vault_dir};
+pub use status::{DaemonStatus, Downloads, PeerStatus};

@@ -1,0 +1,458 @@
+//! The daemon's network side: one iroh endpoint per running vault, a persistent session with
+//! every other member, and the two workers that turn what arrives into local state. Each job
+//! has its own module:
+//!
+//! - [`session`]: one task per member: dial with reconnect and jittered exponential backoff;
+//!   on each connection exchange rosters, subscribe to the peer's registry, then fetch
+//!   everything it holds (subscribing first, so nothing published in between is missed).
+//!   Accepted entries wake the sync worker. New local snapshots reach peers through their
+//!   subscriptions to us, the moment they are published: no polling.
+//! - [`admission`]: the member list: admitting devices that paired with our invitations,
+//!   removals, and bringing the allowlist, sessions and snapshot recipients in line with it.
+//! - [`pool`]: the blob connections kept per peer and lent to fetches.
+//! - [`fetch`]: getting chunks that are not local: deduplicated, batched, from the best peer
+//!   first and from the next one when a peer fails or lies; also the on-demand reads of the
+//!   mount (see `stores::Remote`), with read-ahead.
+//! - [`sync`]: the sync worker (a thread: it blocks on the engine lock and on fetches): for
+//!   each member whose head it has not merged yet, loads the snapshot, merges it, publishes,
+//!   and shows the result in the mount with the kernel caches of changed paths dropped.
+//! - [`replicate`]: the replicator (a thread): fetches every chunk the current state
+//!   references that is not local, so the vault is complete offline.
+//!
+//! Every queue is bounded: wake-ups coalesce into one-slot channels, fetches run with a fixed
+//! concurrency, subscriptions lag (and refetch) rather than buffer. The sync worker and the
+//! replicator see the network only through small traits, so they are tested without sockets.
+
+mod admission;
+mod fetch;
+mod pool;
+mod replicate;
+mod session;
+mod sync;
+#[cfg(test)]
+mod testkit;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_crypto::{DeviceId, VaultId};
+use cairn_net::{
+    BlobService, Endpoint, EndpointAddr, MemberInfo, Members, NetConfig, PAIR_ALPN, Pairing,
+    PairingProtocol, REGISTRY_ALPN, RegistryProtocol, Router, bind_endpoint, endpoint_id_of,
+};
+use cairn_registry::RegistryEntry;
+use tokio::sync::Notify;
+
+use crate::open_vault::{OpenVault, now_ms};
+use crate::publisher::Publisher;
+use crate::state::VaultState;
+use crate::stores::Remote;
+
+pub(crate) use fetch::Fetcher;
+use fetch::IrohPeers;
+use pool::BlobSlots;
+use replicate::Replicator;
+use sync::SyncWorker;
+
+/// How often the workers look again at what failed before (unreachable peers, missing
+/// blobs), even without a wake-up.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+/// Network settings for one daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct NetSettings {
+    pub bind: SocketAddr,
+    pub relays: bool,
+}
+
+/// Connection state of one member, for `cairn peers` and `cairn status`.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub device: DeviceId,
+    pub connected: bool,
+    pub last_contact_ms: Option<u64>,
+    pub addrs: Vec<String>,
+}
+
+/// What the node knows of one member.
+#[derive(Default)]
+struct Peer {
+    connected: bool,
+    last_contact_ms: Option<u64>,
+    blob: BlobSlots,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The network node of one running vault: its endpoint and protocols, the member peers, and
+/// the fetcher the workers and the mount share.
+pub(crate) struct NetNode {
+    pub publisher: Arc<Publisher>,
+    pub vault: VaultId,
+    pub me: DeviceId,
+    pub endpoint: Endpoint,
+    pub registry: RegistryProtocol,
+    pub pairing: Pairing,
+    members: Members,
+    blobs: BlobService,
+    peers: Mutex<HashMap<DeviceId, Peer>>,
+    handle: tokio::runtime::Handle,
+    fetcher: Arc<Fetcher<IrohPeers>>,
+    sync_wake: SyncSender<()>,
+    replicate_wake: SyncSender<()>,
+    /// Woken when the roster changed: sessions re-exchange it, idle dialers retry.
+    roster_changed: Notify,
+    stop: Arc<AtomicBool>,
+    stop_notify: Notify,
+}
+
+/// The running network side of one vault. Dropping it (or [`Net::shutdown`]) stops
+/// everything and closes the endpoint.
+pub struct Net {
+    rt: Option<tokio::runtime::Runtime>,
+    node: Arc<NetNode>,
+    router: Option<Router>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+fn port_file(dir: &Path) -> PathBuf {
+    dir.join("net.port")
+}
+
+fn spawn_worker(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .with_context(|| format!("starting the {name} thread"))
+}
+
+impl Net {
+    /// Binds the endpoint and starts sessions with every member. `publisher` is how merged
+    /// snapshots reach the engine and the mount.
+    pub fn start(
+        state: &VaultState,
+        publisher: Arc<Publisher>,
+        settings: NetSettings,
+    ) -> Result<Self> {
+        let vault_state = publisher.vault.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cairn-net")
+            .enable_all()
+            .build()
+            .context("starting the network runtime")?;
+        let vault = vault_state.vault_id;
+        let me = vault_state.device_id;
+        let members = Members::new(vault_state.registry.members(&vault)?);
+        let pairing = Pairing::new(
+            state.secret.clone(),
+            roster_info(&vault_state)?,
+            members.clone(),
+        );
+        let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
+        let registry = RegistryProtocol::new(vault_state.registry.clone());
+        registry.set_local(me, endpoint.addr().ip_addrs().copied().collect());
+        let blobs = rt
+            .block_on(BlobService::open(
+                &state.dir.join("serve-index"),
+                vault_state.blobs.clone(),
+                members.clone(),
+            ))
+            .context("opening the blob serving index")?;
+        let router = {
+            let _g = rt.enter();
+            Router::builder(endpoint.clone())
+                .accept(REGISTRY_ALPN, registry.clone())
+                .accept(iroh_blobs::ALPN, blobs.protocol())
+                .accept(PAIR_ALPN, PairingProtocol::new(pairing.clone(), &endpoint))
+                .spawn()
+        };
+        let (sync_wake, sync_rx) = sync_channel(1);
+        let (replicate_wake, replicate_rx) = sync_channel(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let node = Arc::new_cyclic(|weak| NetNode {
+            publisher: publisher.clone(),
+            vault,
+            me,
+            registry,
+            pairing,
+            members: members.clone(),
+            fetcher: Arc::new(Fetcher::new(
+                IrohPeers::new(weak.clone(), blobs.clone()),
+                vault_state.blobs.clone(),
+                stop.clone(),
+            )),
+            endpoint,
+            blobs,
+            peers: Mutex::new(HashMap::new()),
+            handle: rt.handle().clone(),
+            sync_wake,
+            replicate_wake,
+            roster_changed: Notify::new(),
+            stop: stop.clone(),
+            stop_notify: Notify::new(),
+        });
+        {
+            let announcer = node.registry.clone();
+            // A published snapshot may reference new local chunks: the replicator's walk
+            // makes them servable before peers ask (see `replicate`).
+            let replicate_wake = node.replicate_wake.clone();
+            publisher.set_announcer(Some(Arc::new(move |e: RegistryEntry| {
+                announcer.announce(e);
+                let _ = replicate_wake.try_send(());
+            })));
+        }
+        vault_state
+            .remote_blobs
+            .set_remote(Some(Arc::new(fetch::NetRemote {
+                fetcher: node.fetcher.clone(),
+                handle: node.handle.clone(),
+            }) as Arc<dyn Remote>));
+
+        rt.spawn(admission::pairing_events(node.clone()));
+        rt.spawn(admission::roster_events(node.clone()));
+        node.refresh_members();
+        let mut workers = Vec::new();
+        {
+            let replicate_wake = node.replicate_wake.clone();
+            let worker = SyncWorker::new(publisher.clone(), members.clone(), move || {
+                let _ = replicate_wake.try_send(());
+            });
+            let stop = stop.clone();
+            workers.push(spawn_worker("cairn-sync", move || {
+                worker.run(sync_rx, &stop)
+            })?);
+        }
+        {
+            let replicator = Replicator::new(
+                vault_state.clone(),
+                Arc::new(fetch::BlockingFetch {
+                    fetcher: node.fetcher.clone(),
+                    handle: node.handle.clone(),
+                    service: Some(node.blobs.clone()),
+                }),
+            );
+            let stop = stop.clone();
+            workers.push(spawn_worker("cairn-replicate", move || {
+                replicator.run(replicate_rx, &stop)
+            })?);
+        }
+        node.wake_sync();
+        node.wake_replicator();
+        tracing::info!(device = %me.short(), addrs = ?node.endpoint.addr().ip_addrs().collect::<Vec<_>>(), "network up");
+        Ok(Self {
+            rt: Some(rt),
+            node,
+            router: Some(router),
+            workers,
+        })
+    }
+
+    pub(crate) fn node(&self) -> &Arc<NetNode> {
+        &self.node
+    }
+
+    /// The addresses this device can be reached at.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.node.endpoint.addr().ip_addrs().copied().collect()
+    }
+
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(rt) = self.rt.take() else {
+            return;
+        };
+        self.node.stop.store(true, Ordering::SeqCst);
+        self.node.stop_notify.notify_waiters();
+        self.node.publisher.set_announcer(None);
+        self.node.publisher.vault.remote_blobs.set_remote(None);
+        let _ = self.node.sync_wake.try_send(());
+        let _ = self.node.replicate_wake.try_send(());
+        for w in self.workers.drain(..) {
+            if w.join().is_err() {
+                tracing::error!("a network worker panicked");
+            }
+        }
+        if let Some(router) = self.router.take() {
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(5), router.shutdown()).await;
+            });
+        }
+        rt.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Binds at the configured address; with port 0, reuses the port of the last run when it is
+/// free, so peers that remember our address find us again after a restart.
+async fn bind_persistent(
+    state: &VaultState,
+    settings: NetSettings,
+    members: &Members,
+    pairing: &Pairing,
+) -> Result<Endpoint> {
+    let mut bind = settings.bind;
+    let remembered = std::fs::read_to_string(port_file(&state.dir))
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok());
+    let mut tries = Vec::new();
+    if bind.port() == 0
+        && let Some(p) = remembered
+    {
+        let mut b = bind;
+        b.set_port(p);
+        tries.push(b);
+    }
+    tries.push(bind);
+    let mut last_err = None;
+    for b in tries {
+        let config = NetConfig {
+            bind: b,
+            relays: settings.relays,
+        };
+        match bind_endpoint(
+            &state.device,
+            config,
+            members.clone(),
+            Some(pairing.clone()),
+        )
+        .await
+        {
+            Ok(ep) => {
+                bind = b;
+                if let Some(port) = ep.bound_sockets().first().map(|s| s.port()) {
+                    let _ = std::fs::write(port_file(&state.dir), format!("{port}\n"));
+                }
+                tracing::debug!(%bind, "endpoint bound");
+                return Ok(ep);
+            }
+            Err(e) => {
+                tracing::debug!(bind = %b, error = %e, "bind failed");
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(last_err.expect("at least one bind attempt")).context("starting the network endpoint")
+}
+
+fn roster_info(vault: &OpenVault) -> Result<Vec<MemberInfo>> {
+    Ok(vault
+        .registry
+        .roster(&vault.vault_id)?
+        .into_iter()
+        .filter(|r| !r.removed)
+        .map(|r| MemberInfo {
+            device: r.device,
+            age_recipient: r.recipient,
+        })
+        .collect())
+}
+
+impl NetNode {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn wake_sync(&self) {
+        let _ = self.sync_wake.try_send(());
+    }
+
+    fn wake_replicator(&self) {
+        let _ = self.replicate_wake.try_send(());
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Peer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Chunk fetches in flight, and bytes fetched since the daemon started.
+    pub fn downloads(&self) -> (u64, u64) {
+        self.fetcher.downloads()
+    }
+
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        let addrs: HashMap<DeviceId, Vec<String>> = self
+            .publisher
+            .vault
+            .registry
+            .addrs(&self.vault)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mut out: Vec<PeerStatus> = self
+            .peers()
+            .iter()
+            .map(|(d, p)| PeerStatus {
+                device: *d,
+                connected: p.connected,
+                last_contact_ms: p.last_contact_ms,
+                addrs: addrs.get(d).cloned().unwrap_or_default(),
+            })
+            .collect();
+        out.sort_by_key(|p| p.device);
+        out
+    }
+
+    fn set_connected(&self, d: DeviceId, connected: bool) {
+        if let Some(p) = self.peers().get_mut(&d) {
+            p.connected = connected;
+            if connected {
+                p.last_contact_ms = Some(now_ms());
+            }
+        }
+    }
+
+    fn touch(&self, d: DeviceId) {
+        if let Some(p) = self.peers().get_mut(&d) {
+            p.last_contact_ms = Some(now_ms());
+        }
+    }
+
+    /// Members to ask for a blob: connected ones first, most recently heard from first.
+    fn blob_sources(&self) -> Vec<DeviceId> {
+        let peers = self.peers();
+        let mut v: Vec<(bool, u64, DeviceId)> = peers
+            .iter()
+            .filter(|(d, _)| self.members.contains(d))
+            .map(|(d, p)| (p.connected, p.last_contact_ms.unwrap_or(0), *d))
+            .collect();
+        v.sort_by_key(|p| std::cmp::Reverse((p.0, p.1)));
+        v.into_iter().map(|(_, _, d)| d).collect()
+    }
+
+    fn addr_of(&self, d: DeviceId) -> Option<EndpointAddr> {
+        let id = endpoint_id_of(&d).ok()?;
+        let list = self
+            .publisher
+            .vault
+            .registry
+            .addrs(&self.vault)
+            .ok()?
+            .into_iter()
+            .find(|(x, _)| *x == d)?
+            .1;
+        let addrs: Vec<SocketAddr> = list.iter().filter_map(|a| a.parse().ok()).collect();
+        if addrs.is_empty() {
+            return None;
+        }
+        Some(
+            addrs
+                .into_iter()
+                .fold(EndpointAddr::new(id), |a, s| a.with_ip_addr(s)),
+        )
+    }
+}

@@ -1,0 +1,156 @@
+//! The status report behind `cairn status [--json]`: what a user needs to know to trust the folder. Facts on disk
+//! (identity, the overlay's pending changes, the last published snapshot, conflict copies)
+//! are read directly, so they are right whether or not a daemon runs; what only a running
+//! daemon knows (peers, downloads, its last flush and error) comes from its status file, and
+//! only while that daemon still holds the vault's lock.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::open_vault::OpenVault;
+use crate::state::VaultState;
+use crate::status::{DaemonStatus, Downloads, PeerStatus};
+use crate::{format_time, view_of, writable_mount};
+
+/// Marks a conflict copy made by the merge (`name.sync-conflict-YYYYMMDD-HHMMSS-<device>.ext`).
+pub const CONFLICT_MARK: &str = ".sync-conflict-";
+
+#[derive(Serialize)]
+pub struct Report {
+    pub vault: String,
+    pub vault_id: String,
+    pub device_id: String,
+    pub state_dir: PathBuf,
+    /// `synced`: mounted with nothing pending; `pending`: mounted with local changes not yet
+    /// in a snapshot; `not mounted`: no live daemon serves this vault.
+    pub state: &'static str,
+    pub mount: Option<MountInfo>,
+    pub pending_uploads: Pending,
+    pub last_snapshot: Option<SnapshotInfo>,
+    pub conflicts: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    pub downloads: Downloads,
+    pub last_flush_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct MountInfo {
+    pub pid: i32,
+    pub mountpoint: PathBuf,
+    pub started_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+pub struct Pending {
+    pub files: u64,
+    pub bytes: u64,
+    pub paths: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct SnapshotInfo {
+    pub revision: u64,
+    pub id: String,
+    pub created_ms: u64,
+    pub created: String,
+    pub entries: u64,
+}
+
+pub fn report(state: &VaultState) -> Result<Report> {
+    let live = writable_mount(&state.dir);
+    let daemon_status = live.as_ref().and_then(|m| {
+        DaemonStatus::read(&state.dir).filter(|s| i64::from(s.pid) == i64::from(m.pid))
+    });
+    let pending_paths = cairn_overlay::read_pending(&state.dir.join("overlay"))?;
+    let pending = Pending {
+        files: pending_paths.len() as u64,
+        bytes: pending_paths.iter().map(|p| p.bytes).sum(),
+        paths: pending_paths
+            .iter()
+            .map(|p| {
+                if p.deleted {
+                    format!("{} (deleted)", p.path)
+                } else {
+                    p.path.clone()
+                }
+            })
+            .collect(),
+    };
+
+    let device = OpenVault::open(state)?;
+    let vault_id = state.secret.vault_id();
+    let head = device.registry.get(&vault_id, &state.device.device_id())?;
+    let (last_snapshot, conflicts) = {
+        let vault = device.engine();
+        let view = view_of(vault.source());
+        let mut conflicts = Vec::new();
+        let mut entries = 0u64;
+        for item in view.scan(&[], None)? {
+            let (key, _) = item?;
+            entries += 1;
+            if let Ok(k) = cairn_vault::EntryKey::from_bytes(&key)
+                && k.path.name().contains(CONFLICT_MARK)
+            {
+                conflicts.push(k.path.as_str().to_string());
+            }
+        }
+        let last = match (head, vault.head()) {
+            (Some(h), Some(snap)) => Some(SnapshotInfo {
+                revision: h.revision.0,
+                id: snap.id.0.to_string(),
+                created_ms: snap.header.created_ms,
+                created: format_time(snap.header.created_ms),
+                entries,
+            }),
+            _ => None,
+        };
+        (last, conflicts)
+    };
+
+    let state_name = match (&live, pending.files) {
+        (None, _) => "not mounted",
+        (Some(_), 0) => "synced",
+        (Some(_), _) => "pending",
+    };
+    let ds = daemon_status.unwrap_or_default();
+    Ok(Report {
+        vault: state.name.clone(),
+        vault_id: vault_id.to_string(),
+        device_id: state.device.device_id().to_string(),
+        state_dir: state.dir.clone(),
+        state: state_name,
+        mount: live.map(|m| MountInfo {
+            pid: m.pid,
+            mountpoint: m.mountpoint,
+            started_ms: (ds.pid != 0).then_some(ds.started_ms),
+        }),
+        pending_uploads: pending,
+        last_snapshot,
+        conflicts,
+        peers: ds.peers,
+        downloads: ds.downloads,
+        last_flush_ms: ds.last_flush_ms,
+        last_error: ds.last_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_vault_is_not_mounted_and_has_nothing_pending() {
+        let d = tempfile::tempdir().unwrap();
+        let s = VaultState::create(d.path(), "v").unwrap();
+        let r = report(&s).unwrap();
+        assert_eq!(r.state, "not mounted");
+        assert_eq!(r.pending_uploads.files, 0);
+        assert!(r.last_snapshot.is_none());
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["pending_uploads"]["files"], 0);
+        assert_eq!(json["state"], "not mounted");
+    }
+}
