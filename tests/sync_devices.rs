@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
@@ -22,8 +22,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::{
-    DaemonDir, cairn_bin, check_fuse_available, count_revisions, hash_file, is_fuse_mounted,
-    kill_and_detach, poll, reap, wait_deadline, wait_mounted,
+    DaemonDir, SnapEntry, cairn_bin, check_fuse_available, count_revisions, diff_snapshots,
+    hash_file, is_fuse_mounted, kill_and_detach, poll, reap, try_snapshot, wait_deadline,
+    wait_mounted,
 };
 
 /// How long a daemon may take from spawn until its mount answers.
@@ -412,101 +413,27 @@ fn assert_never(devs: &[&Device], what: &str, period: Duration, cond: impl FnMut
 }
 
 // ---------------------------------------------------------------------------------------
-// tree listings
+// trees and files
 // ---------------------------------------------------------------------------------------
 
-/// One entry of a listing: kind, permission bits, size, blake3 of the content (files) or the
-/// target (symlinks).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Item {
-    kind: char,
-    mode: u32,
-    size: u64,
-    content: String,
-}
-
-type Listing = BTreeMap<String, Item>;
-
-/// Walks a tree without following symlinks; any error (an entry vanishing mid-walk while a
-/// merge lands, a read failing) is returned instead of panicking, so callers can poll.
-fn listing(root: &Path) -> io::Result<Listing> {
-    fn walk(root: &Path, dir: &Path, out: &mut Listing) -> io::Result<()> {
-        for ent in fs::read_dir(dir)? {
-            let p = ent?.path();
-            let md = fs::symlink_metadata(&p)?;
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let ft = md.file_type();
-            let mode = md.mode() & 0o7777;
-            let item = if ft.is_symlink() {
-                Item {
-                    kind: 'l',
-                    mode: 0,
-                    size: 0,
-                    content: fs::read_link(&p)?.to_string_lossy().into_owned(),
-                }
-            } else if ft.is_dir() {
-                Item {
-                    kind: 'd',
-                    mode,
-                    size: 0,
-                    content: String::new(),
-                }
-            } else {
-                Item {
-                    kind: 'f',
-                    mode,
-                    size: md.len(),
-                    content: hash_file(&p)?.to_string(),
-                }
-            };
-            let is_dir = item.kind == 'd';
-            out.insert(rel, item);
-            if is_dir {
-                walk(root, &p, out)?;
-            }
-        }
-        Ok(())
-    }
-    let mut out = Listing::new();
-    walk(root, root, &mut out)?;
-    Ok(out)
-}
-
-/// A short description of how two listings differ (for timeout messages).
-fn diff_listings(a: &Listing, b: &Listing) -> String {
-    let mut out = Vec::new();
-    for (k, v) in a {
-        match b.get(k) {
-            None => out.push(format!("only left: {k} {v:?}")),
-            Some(w) if w != v => out.push(format!("differs: {k} left {v:?} right {w:?}")),
-            _ => {}
-        }
-    }
-    for (k, v) in b {
-        if !a.contains_key(k) {
-            out.push(format!("only right: {k} {v:?}"));
-        }
-    }
-    out.truncate(30);
-    out.join("\n  ")
-}
-
-/// True when every device shows the same tree; `why` says what differs otherwise.
+/// True when every device shows the same tree (a [`try_snapshot`] of each mount: names,
+/// kinds, modes, sizes, content hashes, symlink targets, `user.*` xattrs); `why` says what
+/// differs otherwise.
 fn all_equal(devs: &[&Device], why: &mut String) -> bool {
-    let mut first: Option<(String, Listing)> = None;
+    let mut first: Option<(&str, Vec<SnapEntry>)> = None;
     for d in devs {
-        let l = match listing(&d.dir.mnt) {
-            Ok(l) => l,
+        let snap = match try_snapshot(&d.dir.mnt) {
+            Ok(snap) => snap,
             Err(e) => {
-                *why = format!("listing {} failed: {e}", d.name);
+                *why = format!("snapshot of {} failed: {e}", d.name);
                 return false;
             }
         };
         match &first {
-            None => first = Some((d.name.clone(), l)),
+            None => first = Some((&d.name, snap)),
             Some((n, f)) => {
-                if *f != l {
-                    *why = format!("{n} vs {}:\n  {}", d.name, diff_listings(f, &l));
+                if let Some(diff) = diff_snapshots(f, &snap) {
+                    *why = format!("{n} (left) vs {} (right):\n{diff}", d.name);
                     return false;
                 }
             }

@@ -42,29 +42,39 @@ pub struct SnapEntry {
 }
 
 /// Walk `root` (not following symlinks) and describe every entry below it, sorted by path.
-/// The root itself is not included (its mode is the tempdir's / mount's own).
+/// The root itself is not included (its mode is the tempdir's / mount's own). Panics on any
+/// error; see [`try_snapshot`] for a tree that may change while it is walked.
 pub fn snapshot(root: &Path) -> Vec<SnapEntry> {
-    let mut out = Vec::new();
-    walk(root, root, &mut out);
-    out.sort();
-    out
+    try_snapshot(root).unwrap_or_else(|e| panic!("snapshot of {root:?}: {e}"))
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<SnapEntry>) {
-    let rd = fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}"));
-    for ent in rd {
-        let ent = ent.unwrap_or_else(|e| panic!("read_dir {dir:?} entry: {e}"));
-        let p = ent.path();
-        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {p:?}: {e}"));
+/// [`snapshot`], but any error (an entry vanishing mid-walk while a sync lands, a read
+/// failing) is returned, with the path it concerns, so that callers can poll.
+pub fn try_snapshot(root: &Path) -> io::Result<Vec<SnapEntry>> {
+    let mut out = Vec::new();
+    walk(root, root, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// `r` with `what` (an operation and its path) in front of its error message.
+fn ctx<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> io::Result<T> {
+    r.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", what())))
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<SnapEntry>) -> io::Result<()> {
+    for ent in ctx(fs::read_dir(dir), || format!("read_dir {dir:?}"))? {
+        let p = ctx(ent, || format!("read_dir {dir:?} entry"))?.path();
+        let md = ctx(fs::symlink_metadata(&p), || format!("lstat {p:?}"))?;
         let ft = md.file_type();
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         let (kind, size, content) = if ft.is_symlink() {
-            let t = fs::read_link(&p).unwrap_or_else(|e| panic!("readlink {p:?}: {e}"));
+            let t = ctx(fs::read_link(&p), || format!("readlink {p:?}"))?;
             (Kind::Symlink, md.len(), t.to_string_lossy().into_owned())
         } else if ft.is_dir() {
             (Kind::Dir, 0, String::new())
         } else if ft.is_file() {
-            let h = hash_file(&p).unwrap_or_else(|e| panic!("read {p:?}: {e}"));
+            let h = ctx(hash_file(&p), || format!("read {p:?}"))?;
             (Kind::File, md.len(), h.to_hex().to_string())
         } else {
             let what = if ft.is_fifo() { "fifo" } else { "special" };
@@ -72,12 +82,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<SnapEntry>) {
         };
         let mut xattrs = Vec::new();
         if kind != Kind::Symlink {
-            for name in listxattr(&p).unwrap_or_else(|e| panic!("listxattr {p:?}: {e}")) {
+            for name in ctx(listxattr(&p), || format!("listxattr {p:?}"))? {
                 if !name.starts_with("user.") {
                     continue;
                 }
-                let v =
-                    getxattr(&p, &name).unwrap_or_else(|e| panic!("getxattr {p:?} {name}: {e}"));
+                let v = ctx(getxattr(&p, &name), || format!("getxattr {p:?} {name}"))?;
                 xattrs.push((name, blake3::hash(&v).to_hex().to_string()));
             }
         }
@@ -90,18 +99,26 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<SnapEntry>) {
             xattrs,
         });
         if kind == Kind::Dir {
-            walk(root, &p, out);
+            walk(root, &p, out)?;
         }
     }
+    Ok(())
 }
 
 /// Panic with a readable diff if two snapshots differ.
 #[track_caller]
 pub fn assert_snapshots_eq(left: &[SnapEntry], right: &[SnapEntry], what: &str) {
-    if left == right {
-        return;
+    if let Some(diff) = diff_snapshots(left, right) {
+        panic!("snapshots differ: {what}\n{diff}");
     }
-    let mut msg = format!("snapshots differ: {what}\n");
+}
+
+/// How two snapshots differ (at most 40 entries), or `None` if they are equal.
+pub fn diff_snapshots(left: &[SnapEntry], right: &[SnapEntry]) -> Option<String> {
+    if left == right {
+        return None;
+    }
+    let mut msg = String::new();
     let (mut i, mut j) = (0, 0);
     let mut shown = 0;
     while (i < left.len() || j < right.len()) && shown < 40 {
@@ -136,5 +153,5 @@ pub fn assert_snapshots_eq(left: &[SnapEntry], right: &[SnapEntry], what: &str) 
         }
         shown += 1;
     }
-    panic!("{msg}");
+    Some(msg)
 }
