@@ -3,18 +3,13 @@
 mod common;
 
 use std::fs;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 
 fn cli(m: &TestMount, args: &[&str]) -> Output {
-    cairn_command()
-        .arg("--data-dir")
-        .arg(m.data_dir())
-        .args(args)
-        .output()
-        .expect("run cairn")
+    m.cli(args).output().expect("run cairn")
 }
 
 fn revisions(m: &TestMount) -> usize {
@@ -24,22 +19,21 @@ fn revisions(m: &TestMount) -> usize {
         "cairn log failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("revision"))
-        .count()
+    count_revisions(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn wait_for_revisions(m: &TestMount, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while revisions(m) < n {
-        assert!(
-            Instant::now() < deadline,
-            "no revision {n} after 60 s:\n{}",
-            m.daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        &format!("revision {n}"),
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        |why| {
+            let got = revisions(m);
+            *why = format!("{got} revisions");
+            got >= n
+        },
+        || m.daemon_log(),
+    );
 }
 
 #[test]
@@ -59,36 +53,21 @@ fn log_lists_snapshots_and_history_mount_shows_the_past_read_only() {
 
     let hist = tempfile::tempdir().unwrap();
     let hist_path = hist.path().canonicalize().unwrap();
-    let mut daemon = cairn_command()
-        .arg("--data-dir")
-        .arg(m.data_dir())
-        .args(["mount", "--at", &format!("@{between}")])
+    let mut daemon = m
+        .cli(&["mount", "--at", &format!("@{between}")])
         .arg(&hist_path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_fuse_mounted(&hist_path) {
-        if Instant::now() > deadline || daemon.try_wait().unwrap().is_some() {
-            let _ = daemon.kill();
-            panic!("history mount did not appear");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if let Err(e) = wait_mounted(&mut daemon, &hist_path, Duration::from_secs(30), || true) {
+        panic!("history mount did not appear: the daemon {e}");
     }
     let past = fs::read_to_string(hist_path.join("doc.txt"));
     let write = fs::write(hist_path.join("new.txt"), "x");
     let later_visible = hist_path.join("later").exists();
     let un = cli(&m, &["unmount", hist_path.to_str().unwrap()]);
-    let exited = wait_deadline(&mut daemon, Duration::from_secs(60));
-    if exited.is_none() {
-        let _ = daemon.kill();
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&hist_path)
-            .status();
-    }
+    let exited = reap(&mut daemon, &hist_path, Duration::from_secs(60));
     assert_eq!(
         past.unwrap(),
         "version one",
@@ -101,8 +80,8 @@ fn log_lists_snapshots_and_history_mount_shows_the_past_read_only() {
     );
     assert!(un.status.success(), "unmount of the history view failed");
     assert!(
-        exited.is_some_and(|s| s.success()),
-        "history daemon did not exit cleanly"
+        exited.as_ref().is_ok_and(|s| s.success()),
+        "history daemon did not exit cleanly: {exited:?}"
     );
     assert_eq!(
         fs::read_to_string(m.path("doc.txt")).unwrap(),

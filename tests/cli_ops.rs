@@ -9,7 +9,7 @@ use std::fs;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -76,27 +76,28 @@ impl Home {
     }
 
     fn wait_synced(&self, daemon: &mut Daemon) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
         // The journal groups commits over a few milliseconds, so a status taken right after a
         // write may not see it yet: only a synced state that holds across polls counts.
         let mut synced_polls = 0;
-        loop {
-            let s = self.status();
-            if s["state"] == "synced" && !s["last_snapshot"].is_null() {
-                synced_polls += 1;
-                if synced_polls >= 3 {
-                    return s;
+        let mut last = serde_json::Value::Null;
+        wait_until(
+            "a synced state over three polls",
+            Duration::from_secs(60),
+            Duration::from_millis(150),
+            |why| {
+                daemon.assert_running();
+                last = self.status();
+                if last["state"] == "synced" && !last["last_snapshot"].is_null() {
+                    synced_polls += 1;
+                } else {
+                    synced_polls = 0;
                 }
-            } else {
-                synced_polls = 0;
-            }
-            daemon.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "never synced; last status: {s:#}"
-            );
-            std::thread::sleep(Duration::from_millis(150));
-        }
+                *why = format!("{last:#}");
+                synced_polls >= 3
+            },
+            String::new,
+        );
+        last
     }
 }
 
@@ -150,13 +151,16 @@ impl Daemon {
             child: Some(child),
             mnt,
         };
-        if notify.is_none() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !is_fuse_mounted(&d.mnt) {
-                d.assert_running();
-                assert!(Instant::now() < deadline, "mount did not appear");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if notify.is_none()
+            && let Err(e) = wait_mounted(
+                d.child.as_mut().unwrap(),
+                &d.mnt,
+                Duration::from_secs(30),
+                || true,
+            )
+        {
+            d.child = None;
+            panic!("the daemon {e}");
         }
         d
     }
@@ -174,25 +178,15 @@ impl Daemon {
             return;
         };
         let out = home.run(&["unmount", self.mnt.to_str().unwrap()]);
-        let exited = wait_deadline(&mut child, Duration::from_secs(60));
-        if exited.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if is_fuse_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.mnt)
-                .status();
-        }
+        let exited = reap(&mut child, &self.mnt, Duration::from_secs(60));
         assert!(
             out.status.success(),
             "unmount failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            exited.is_some_and(|s| s.success()),
-            "daemon did not exit cleanly"
+            exited.as_ref().is_ok_and(|s| s.success()),
+            "daemon did not exit cleanly: {exited:?}"
         );
     }
 }
@@ -200,12 +194,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(&self.mnt)
-                .status();
+            let _ = kill_and_detach(&mut child, &self.mnt);
         }
     }
 }
@@ -222,10 +211,7 @@ fn assert_one_line_error(out: &Output, hint: &str) -> String {
 }
 
 fn revisions(home: &Home) -> usize {
-    home.ok(&["log"])
-        .lines()
-        .filter(|l| l.starts_with("revision"))
-        .count()
+    count_revisions(&home.ok(&["log"]))
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

@@ -1240,15 +1240,17 @@ fn sync_status_xattr_goes_from_pending_to_synced() {
         "right after a write: {:?}",
         String::from_utf8_lossy(&first)
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while getxattr(&p, "user.cairn.status").unwrap() != b"synced" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still not synced after 60 s\n{}",
-            m.daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "user.cairn.status = synced",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        |why| {
+            let status = getxattr(&p, "user.cairn.status").unwrap();
+            *why = String::from_utf8_lossy(&status).into_owned();
+            status == b"synced"
+        },
+        || m.daemon_log(),
+    );
     // Computed, not stored: copying tools must not see it, and nobody can set it.
     assert!(
         !listxattr(&p)

@@ -14,15 +14,18 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{cairn_bin, cairn_command, is_fuse_mounted, wait_deadline};
-use tempfile::TempDir;
+use common::{
+    DaemonDir, SnapEntry, cairn_bin, check_fuse_available, count_revisions, diff_snapshots,
+    hash_file, is_fuse_mounted, kill_and_detach, poll, reap, try_snapshot, wait_deadline,
+    wait_mounted,
+};
 
 /// How long a daemon may take from spawn until its mount answers.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -32,7 +35,8 @@ const STOP_DEADLINE: Duration = Duration::from_secs(90);
 const SYNC_DEADLINE: Duration = Duration::from_secs(60);
 /// Deadline for the large files (100–200 MiB) to arrive and verify.
 const BIG_DEADLINE: Duration = Duration::from_secs(300);
-const POLL: Duration = Duration::from_millis(50);
+/// How often a condition on the devices is checked again.
+const POLL: Duration = Duration::from_millis(200);
 
 // ---------------------------------------------------------------------------------------
 // harness
@@ -54,12 +58,7 @@ impl CmdOut {
 /// One device: its own data dir, XDG dirs, mount point, log file and (while running) daemon.
 struct Device {
     name: String,
-    /// `None` once deliberately leaked (never delete through a mount that would not go away).
-    root: Option<TempDir>,
-    base: PathBuf,
-    data: PathBuf,
-    mnt: PathBuf,
-    log: PathBuf,
+    dir: DaemonDir,
     child: Option<Child>,
     debounce_ms: Option<u64>,
     paused: bool,
@@ -68,26 +67,10 @@ struct Device {
 impl Device {
     /// Directories only; no process yet.
     fn new(name: &str, debounce_ms: Option<u64>) -> Device {
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "these tests need /dev/fuse and fusermount3 (scripts/setup.sh)"
-        );
-        let root = tempfile::Builder::new()
-            .prefix(&format!("cairn-sync-{name}-"))
-            .tempdir()
-            .expect("create tempdir");
-        let base = root.path().canonicalize().unwrap();
-        let data = base.join("data");
-        let mnt = base.join("mnt");
-        fs::create_dir(&data).unwrap();
-        fs::create_dir(&mnt).unwrap();
+        check_fuse_available();
         Device {
             name: name.to_string(),
-            root: Some(root),
-            log: base.join("daemon.log"),
-            base,
-            data,
-            mnt,
+            dir: DaemonDir::new(&format!("cairn-sync-{name}-")),
             child: None,
             debounce_ms,
             paused: false,
@@ -97,7 +80,7 @@ impl Device {
     /// A new vault (`cairn mount --init`), mounted.
     fn init(name: &str, debounce_ms: Option<u64>) -> Device {
         let mut d = Device::new(name, debounce_ms);
-        let mnt = d.mnt_str();
+        let mnt = d.dir.mnt_str();
         d.spawn_daemon(&["mount", "--init", &mnt]);
         d
     }
@@ -106,39 +89,17 @@ impl Device {
     fn join(name: &str, inviter: &Device, debounce_ms: Option<u64>) -> Device {
         let ticket = inviter.invite("10m");
         let mut d = Device::new(name, debounce_ms);
-        let mnt = d.mnt_str();
+        let mnt = d.dir.mnt_str();
         d.spawn_daemon(&["join", &ticket, &mnt]);
         d
     }
 
-    fn mnt_str(&self) -> String {
-        self.mnt.to_str().expect("utf-8 path").to_string()
-    }
-
     fn path(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
+        self.dir.mnt.join(rel)
     }
 
     fn vault_dir(&self) -> PathBuf {
-        self.data.join("vaults").join("default")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = cairn_command();
-        c.arg("--data-dir").arg(&self.data).args(args);
-        c.env("XDG_CONFIG_HOME", self.base.join("config"));
-        c.env("XDG_DATA_HOME", self.base.join("xdg-data"));
-        c.env_remove("CAIRN_DATA_DIR");
-        c.env_remove("CAIRN_VAULT");
-        if std::env::var_os("RUST_LOG").is_none() {
-            c.env("RUST_LOG", "info");
-        }
-        c.stdin(Stdio::null());
-        c
-    }
-
-    fn note(&self, line: &str) {
-        let _ = log_file(&self.log).write_all(format!("=== harness: {line} ===\n").as_bytes());
+        self.dir.data.join("vaults").join("default")
     }
 
     /// Runs a short CLI command to completion (killed after `limit`).
@@ -146,7 +107,8 @@ impl Device {
         let dir = tempfile::tempdir().unwrap();
         let (o, e) = (dir.path().join("out"), dir.path().join("err"));
         let mut child = self
-            .cmd(args)
+            .dir
+            .command(args)
             .stdout(File::create(&o).unwrap())
             .stderr(File::create(&e).unwrap())
             .spawn()
@@ -169,7 +131,7 @@ impl Device {
             stdout: fs::read_to_string(&o).unwrap_or_default(),
             stderr: fs::read_to_string(&e).unwrap_or_default(),
         };
-        self.note(&format!(
+        self.dir.note(&format!(
             "cairn {} -> {status}; stdout: {:?}; stderr: {:?}",
             args.join(" "),
             out.stdout.trim(),
@@ -194,7 +156,8 @@ impl Device {
     }
 
     fn ready_count(&self) -> usize {
-        self.log_text()
+        self.dir
+            .log_text()
             .matches("cairn: vault \"default\" mounted at")
             .count()
     }
@@ -207,7 +170,7 @@ impl Device {
             self.name
         );
         assert!(
-            !is_fuse_mounted(&self.mnt),
+            !is_fuse_mounted(&self.dir.mnt),
             "[{}] already mounted",
             self.name
         );
@@ -216,45 +179,34 @@ impl Device {
             args.push("--debounce-ms".into());
             args.push(ms.to_string());
         }
+        let what = args.join(" ");
         let before = self.ready_count();
-        self.note(&format!("start: cairn {}", args.join(" ")));
-        let log = log_file(&self.log);
+        self.dir.note(&format!("start: cairn {what}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = self
-            .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .dir
+            .logged(&args)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn `cairn {}`: {e}", args.join(" ")));
-        self.child = Some(child);
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            if self.ready_count() > before && is_fuse_mounted(&self.mnt) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
-                self.child = None;
-                panic!(
-                    "[{}] `cairn {}` exited with {status} before its mount was ready\n{}",
-                    self.name,
-                    args.join(" "),
-                    self.log_tail(200)
-                );
-            }
-            if Instant::now() >= deadline {
-                self.kill9();
-                panic!(
-                    "[{}] mount not ready within {START_DEADLINE:?}\n{}",
-                    self.name,
-                    self.log_tail(200)
-                );
-            }
-            sleep(POLL);
+            .unwrap_or_else(|e| panic!("spawn `cairn {what}`: {e}"));
+        self.adopt(child, before, &what);
+    }
+
+    /// Makes `child`, a foreground daemon writing to this device's log, the device's daemon
+    /// and waits until its mount is ready: in mountinfo, and more "mounted at" lines in the
+    /// log than `before`. `what` names the command in messages.
+    fn adopt(&mut self, mut child: Child, before: usize, what: &str) {
+        let ready = wait_mounted(&mut child, &self.dir.mnt, START_DEADLINE, || {
+            self.ready_count() > before
+        });
+        if let Err(e) = ready {
+            panic!("[{}] `cairn {what}` {e}\n{}", self.name, self.log_tail(200));
         }
+        self.child = Some(child);
     }
 
     /// (Re)starts the daemon on the existing vault.
     fn start(&mut self) {
-        let mnt = self.mnt_str();
+        let mnt = self.dir.mnt_str();
         self.spawn_daemon(&["mount", &mnt]);
     }
 
@@ -270,7 +222,7 @@ impl Device {
     /// SIGTERM and wait for the daemon to flush, unmount and exit cleanly.
     fn stop(&mut self) {
         self.resume();
-        self.note("SIGTERM");
+        self.dir.note("SIGTERM");
         self.signal(libc::SIGTERM);
         self.wait_exit("SIGTERM");
     }
@@ -278,7 +230,7 @@ impl Device {
     /// `cairn unmount MNT` (waits for the final flush) and wait for the daemon to exit.
     fn unmount(&mut self) {
         self.resume();
-        let mnt = self.mnt_str();
+        let mnt = self.dir.mnt_str();
         let out = self.run(&["unmount", &mnt], STOP_DEADLINE);
         assert!(
             out.ok(),
@@ -290,36 +242,17 @@ impl Device {
         self.wait_exit("unmount");
     }
 
+    /// Waits for the daemon to exit successfully and its mount to go.
     fn wait_exit(&mut self, how: &str) {
         let mut child = self.child.take().expect("daemon running");
-        match wait_deadline(&mut child, STOP_DEADLINE) {
-            Some(s) if s.success() => {}
-            Some(s) => panic!(
+        match reap(&mut child, &self.dir.mnt, STOP_DEADLINE) {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!(
                 "[{}] daemon exited with {s} after {how}\n{}",
                 self.name,
                 self.log_tail(200)
             ),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = fusermount_lazy(&self.mnt);
-                panic!(
-                    "[{}] daemon still running {STOP_DEADLINE:?} after {how}\n{}",
-                    self.name,
-                    self.log_tail(200)
-                );
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while is_fuse_mounted(&self.mnt) {
-            if Instant::now() >= deadline {
-                let _ = fusermount_lazy(&self.mnt);
-                panic!(
-                    "[{}] mount still present after the daemon exited ({how})",
-                    self.name
-                );
-            }
-            sleep(POLL);
+            Err(e) => panic!("[{}] after {how}: {e}\n{}", self.name, self.log_tail(200)),
         }
     }
 
@@ -328,19 +261,11 @@ impl Device {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        self.note("SIGKILL");
-        let _ = child.kill();
-        let _ = child.wait();
+        self.dir.note("SIGKILL");
+        let killed = kill_and_detach(&mut child, &self.dir.mnt);
         self.paused = false;
-        let _ = fusermount_lazy(&self.mnt);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while is_fuse_mounted(&self.mnt) {
-            assert!(
-                Instant::now() < deadline,
-                "[{}] dead mount does not go away",
-                self.name
-            );
-            sleep(POLL);
+        if let Err(e) = killed {
+            panic!("[{}] {e}", self.name);
         }
     }
 
@@ -348,14 +273,14 @@ impl Device {
     /// must not be touched until [`Device::resume`].
     fn pause(&mut self) {
         assert!(!self.paused);
-        self.note("SIGSTOP");
+        self.dir.note("SIGSTOP");
         self.signal(libc::SIGSTOP);
         self.paused = true;
     }
 
     fn resume(&mut self) {
         if self.paused {
-            self.note("SIGCONT");
+            self.dir.note("SIGCONT");
             self.signal(libc::SIGCONT);
             self.paused = false;
         }
@@ -396,26 +321,17 @@ impl Device {
         if !out.ok() {
             return 0;
         }
-        out.stdout
-            .lines()
-            .filter(|l| l.starts_with("revision"))
-            .count()
-    }
-
-    fn log_text(&self) -> String {
-        fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        count_revisions(&out.stdout)
     }
 
     fn log_tail(&self, lines: usize) -> String {
-        let text = self.log_text();
+        let text = self.dir.log_text();
         let all: Vec<&str> = text.lines().collect();
         let from = all.len().saturating_sub(lines);
         format!(
             "--- log of device {} ({}), last {} of {} lines ---\n{}\n",
             self.name,
-            self.log.display(),
+            self.dir.log.display(),
             all.len() - from,
             all.len(),
             all[from..].join("\n")
@@ -454,58 +370,22 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         self.resume();
-        if let Some(mut child) = self.child.take() {
-            if is_fuse_mounted(&self.mnt) {
-                let mut c = self.cmd(&["unmount", &self.mnt_str()]);
-                let log = log_file(&self.log);
-                c.stdout(log.try_clone().unwrap()).stderr(log);
-                if let Ok(mut u) = c.spawn()
-                    && wait_deadline(&mut u, STOP_DEADLINE).is_none()
-                {
-                    let _ = u.kill();
-                    let _ = u.wait();
-                }
+        // The directory is removed after this (field drop), unless the mount is still there.
+        if let Some(mut child) = self.child.take()
+            && let Err(e) = self.dir.stop_daemon(&mut child, STOP_DEADLINE)
+        {
+            let msg = format!(
+                "[{}] unmount at teardown: {e}\n{}",
+                self.name,
+                self.log_tail(200)
+            );
+            if std::thread::panicking() {
+                eprintln!("{msg}");
             } else {
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                panic!("{msg}");
             }
-            if wait_deadline(&mut child, STOP_DEADLINE).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        if is_fuse_mounted(&self.mnt) {
-            let _ = fusermount_lazy(&self.mnt);
-            sleep(Duration::from_millis(200));
-        }
-        if is_fuse_mounted(&self.mnt)
-            && let Some(root) = self.root.take()
-        {
-            eprintln!("warning: {:?} is still mounted; left in place", root.keep());
-        }
-        if std::env::var_os("CAIRN_KEEP_TEST_DIRS").is_some()
-            && let Some(root) = self.root.take()
-        {
-            eprintln!("kept {:?} (device {})", root.keep(), self.name);
         }
     }
-}
-
-fn log_file(path: &Path) -> File {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("open log")
-}
-
-fn fusermount_lazy(mnt: &Path) -> io::Result<ExitStatus> {
-    Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(mnt)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
 }
 
 fn logs_of(devs: &[&Device]) -> String {
@@ -519,146 +399,41 @@ fn wait_until(
     devs: &[&Device],
     what: &str,
     limit: Duration,
-    mut cond: impl FnMut(&mut String) -> bool,
+    cond: impl FnMut(&mut String) -> bool,
 ) {
-    let deadline = Instant::now() + limit;
-    let mut why = String::new();
-    loop {
-        why.clear();
-        if cond(&mut why) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {limit:?} waiting for: {what}\nlast state: {why}\n{}",
-                logs_of(devs)
-            );
-        }
-        sleep(POLL * 4);
-    }
+    common::wait_until(what, limit, POLL, cond, || logs_of(devs));
 }
 
 /// Asserts `cond` stays false for `period` (things that must NOT happen).
 #[track_caller]
-fn assert_never(devs: &[&Device], what: &str, period: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + period;
-    while Instant::now() < deadline {
-        if cond() {
-            panic!("this must not happen, but did: {what}\n{}", logs_of(devs));
-        }
-        sleep(POLL * 4);
+fn assert_never(devs: &[&Device], what: &str, period: Duration, cond: impl FnMut() -> bool) {
+    if poll(period, POLL, cond) {
+        panic!("this must not happen, but did: {what}\n{}", logs_of(devs));
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// tree listings
+// trees and files
 // ---------------------------------------------------------------------------------------
 
-/// One entry of a listing: kind, permission bits, size, blake3 of the content (files) or the
-/// target (symlinks).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Item {
-    kind: char,
-    mode: u32,
-    size: u64,
-    content: String,
-}
-
-type Listing = BTreeMap<String, Item>;
-
-/// Walks a tree without following symlinks; any error (an entry vanishing mid-walk while a
-/// merge lands, a read failing) is returned instead of panicking, so callers can poll.
-fn listing(root: &Path) -> io::Result<Listing> {
-    fn walk(root: &Path, dir: &Path, out: &mut Listing) -> io::Result<()> {
-        for ent in fs::read_dir(dir)? {
-            let p = ent?.path();
-            let md = fs::symlink_metadata(&p)?;
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let ft = md.file_type();
-            let mode = md.mode() & 0o7777;
-            let item = if ft.is_symlink() {
-                Item {
-                    kind: 'l',
-                    mode: 0,
-                    size: 0,
-                    content: fs::read_link(&p)?.to_string_lossy().into_owned(),
-                }
-            } else if ft.is_dir() {
-                Item {
-                    kind: 'd',
-                    mode,
-                    size: 0,
-                    content: String::new(),
-                }
-            } else {
-                Item {
-                    kind: 'f',
-                    mode,
-                    size: md.len(),
-                    content: hash_file(&p)?,
-                }
-            };
-            let is_dir = item.kind == 'd';
-            out.insert(rel, item);
-            if is_dir {
-                walk(root, &p, out)?;
-            }
-        }
-        Ok(())
-    }
-    let mut out = Listing::new();
-    walk(root, root, &mut out)?;
-    Ok(out)
-}
-
-fn hash_file(p: &Path) -> io::Result<String> {
-    let mut f = File::open(p)?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finalize().to_hex().to_string());
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-/// A short description of how two listings differ (for timeout messages).
-fn diff_listings(a: &Listing, b: &Listing) -> String {
-    let mut out = Vec::new();
-    for (k, v) in a {
-        match b.get(k) {
-            None => out.push(format!("only left: {k} {v:?}")),
-            Some(w) if w != v => out.push(format!("differs: {k} left {v:?} right {w:?}")),
-            _ => {}
-        }
-    }
-    for (k, v) in b {
-        if !a.contains_key(k) {
-            out.push(format!("only right: {k} {v:?}"));
-        }
-    }
-    out.truncate(30);
-    out.join("\n  ")
-}
-
-/// True when every device shows the same tree; `why` says what differs otherwise.
+/// True when every device shows the same tree (a [`try_snapshot`] of each mount: names,
+/// kinds, modes, sizes, content hashes, symlink targets, `user.*` xattrs); `why` says what
+/// differs otherwise.
 fn all_equal(devs: &[&Device], why: &mut String) -> bool {
-    let mut first: Option<(String, Listing)> = None;
+    let mut first: Option<(&str, Vec<SnapEntry>)> = None;
     for d in devs {
-        let l = match listing(&d.mnt) {
-            Ok(l) => l,
+        let snap = match try_snapshot(&d.dir.mnt) {
+            Ok(snap) => snap,
             Err(e) => {
-                *why = format!("listing {} failed: {e}", d.name);
+                *why = format!("snapshot of {} failed: {e}", d.name);
                 return false;
             }
         };
         match &first {
-            None => first = Some((d.name.clone(), l)),
+            None => first = Some((&d.name, snap)),
             Some((n, f)) => {
-                if *f != l {
-                    *why = format!("{n} vs {}:\n  {}", d.name, diff_listings(f, &l));
+                if let Some(diff) = diff_snapshots(f, &snap) {
+                    *why = format!("{n} (left) vs {} (right):\n{diff}", d.name);
                     return false;
                 }
             }
@@ -687,8 +462,8 @@ impl Rng {
     }
 }
 
-/// Writes `size` random bytes to `p` (1 MiB writes) and returns their blake3 hex.
-fn write_random(p: &Path, size: usize, seed: u64) -> String {
+/// Writes `size` random bytes to `p` (1 MiB writes) and returns their blake3.
+fn write_random(p: &Path, size: usize, seed: u64) -> blake3::Hash {
     let mut rng = Rng(seed);
     let mut f = File::create(p).unwrap_or_else(|e| panic!("create {p:?}: {e}"));
     let mut h = blake3::Hasher::new();
@@ -703,12 +478,12 @@ fn write_random(p: &Path, size: usize, seed: u64) -> String {
         left -= n;
     }
     drop(f);
-    h.finalize().to_hex().to_string()
+    h.finalize()
 }
 
 /// Waits until `p` on `dev` has `size` bytes hashing to `hash`. The hash is only computed
 /// once the size matches (each check reads the whole file).
-fn wait_for_big_file(devs: &[&Device], p: &Path, size: u64, hash: &str, limit: Duration) {
+fn wait_for_big_file(devs: &[&Device], p: &Path, size: u64, hash: &blake3::Hash, limit: Duration) {
     let mut last_hashed = Instant::now() - Duration::from_secs(60);
     wait_until(
         devs,
@@ -731,7 +506,7 @@ fn wait_for_big_file(devs: &[&Device], p: &Path, size: u64, hash: &str, limit: D
             }
             last_hashed = Instant::now();
             match hash_file(p) {
-                Ok(h) if h == hash => true,
+                Ok(h) if h == *hash => true,
                 Ok(h) => {
                     *why = format!("size matches but blake3 is {h}");
                     false
@@ -892,7 +667,7 @@ fn editing_a_file_received_from_a_peer_replaces_it_everywhere() {
     .unwrap();
     // Wait until A shows B's edit in some form (in place, or as a conflict copy).
     wait_until(&both, "B's edit on A", SYNC_DEADLINE, |why| {
-        let arrived = fs::read_dir(&a.mnt)
+        let arrived = fs::read_dir(&a.dir.mnt)
             .map(|rd| rd.count() > 1)
             .unwrap_or(false)
             || content_is(
@@ -907,7 +682,7 @@ fn editing_a_file_received_from_a_peer_replaces_it_everywhere() {
         "B's edit was reverted on B itself"
     );
     for d in &both {
-        let names: Vec<String> = fs::read_dir(&d.mnt)
+        let names: Vec<String> = fs::read_dir(&d.dir.mnt)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
@@ -1055,7 +830,7 @@ fn three_devices_converge_and_keep_every_concurrent_edit() {
 /// `shared.txt` and every `shared*.sync-conflict-*` beside it: name → content.
 fn shared_versions(d: &Device) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
-    if let Ok(rd) = fs::read_dir(&d.mnt) {
+    if let Ok(rd) = fs::read_dir(&d.dir.mnt) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if (name == "shared.txt"
@@ -1134,7 +909,7 @@ fn non_members_and_removed_devices_get_nothing() {
     let ticket = a.invite("10m");
     let mut b = Device::new("B", Some(50));
     {
-        let mnt = b.mnt_str();
+        let mnt = b.dir.mnt_str();
         b.spawn_daemon(&["join", &ticket, &mnt]);
     }
     let c = Device::init("C", Some(50));
@@ -1148,7 +923,7 @@ fn non_members_and_removed_devices_get_nothing() {
     );
 
     // C already has a vault "default": it tries to join A's into another vault name.
-    let other = c.data.join("vaults").join("stolen");
+    let other = c.dir.data.join("vaults").join("stolen");
     let join_fails = |ticket: &str, expect: &[&str], what: &str| {
         let out = c.run(
             &["--vault", "stolen", "join", ticket, "--no-mount"],
@@ -1385,7 +1160,8 @@ fn recovery_phrase_and_a_peer_rebuild_a_device() {
     // A wrong phrase is refused with a reason and creates nothing.
     let bad = Device::new("bad", None);
     let mut child = bad
-        .cmd(&["recover", "--from", &from, "--no-mount"])
+        .dir
+        .command(&["recover", "--from", &from, "--no-mount"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1405,14 +1181,12 @@ fn recovery_phrase_and_a_peer_rebuild_a_device() {
 
     // The right phrase: a new device, member of the same vault, with A's data.
     let mut b = Device::new("B", Some(50));
-    let mnt = b.mnt_str();
+    let mnt = b.dir.mnt_str();
     let before = b.ready_count();
-    let log = log_file(&b.log);
     let mut child = b
-        .cmd(&["recover", "--from", &from, &mnt])
+        .dir
+        .logged(&["recover", "--from", &from, &mnt])
         .stdin(Stdio::piped())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
         .spawn()
         .unwrap();
     child
@@ -1421,10 +1195,7 @@ fn recovery_phrase_and_a_peer_rebuild_a_device() {
         .unwrap()
         .write_all(format!("{phrase}\n").as_bytes())
         .unwrap();
-    b.child = Some(child);
-    wait_until(&[&a, &b], "B mounted", START_DEADLINE, |_| {
-        b.ready_count() > before && is_fuse_mounted(&b.mnt)
-    });
+    b.adopt(child, before, "recover");
     wait_until(&[&a, &b], "A's data on B", SYNC_DEADLINE, |_| {
         content_is(&b.path("kept/precious.txt"), b"written before the loss\n")
     });

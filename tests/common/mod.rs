@@ -1,4 +1,4 @@
-//! Shared harness for the end-to-end filesystem tests (`tests/fs_*.rs`).
+//! Shared harness for the end-to-end tests in `tests/` (one test binary each).
 //!
 //! A [`TestMount`] hands a test a directory to work in. Which directory is chosen by
 //! `CAIRN_E2E_TARGET`:
@@ -15,25 +15,37 @@
 //! Every test builds its own `TestMount` (one daemon per test): tests stay isolated (a test
 //! that wedges or corrupts its mount cannot fail its neighbours), and a mount costs one
 //! `init` plus one daemon start, which is cheap next to the work the tests do.
+//!
+//! The helpers beside it: [`mount`] holds the daemon plumbing every harness shares (a
+//! daemon's directories and log, mountinfo, stopping, killing and detaching, polling with a
+//! deadline; the devices of `tests/sync_devices.rs` are built on it too), [`sys`] wraps the
+//! system calls `std::fs` lacks (xattrs, renameat2, raw open...), [`tree`] hashes files and
+//! snapshots whole trees.
+//!
+//! Every test binary compiles this module on its own and uses only part of it, hence the
+//! `allow(dead_code)`.
 #![allow(dead_code)]
 
-use std::ffi::{CString, OsStr, OsString};
-use std::fs::{self, File};
-use std::io::{self, Read};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+mod mount;
+mod sys;
+mod tree;
 
-use tempfile::TempDir;
+// Re-exported so that tests `use common::*`; a binary that uses nothing of one would warn.
+#[allow(unused_imports)]
+pub use mount::*;
+#[allow(unused_imports)]
+pub use sys::*;
+#[allow(unused_imports)]
+pub use tree::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 /// How long a freshly spawned daemon may take until its mount answers.
 const MOUNT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long `cairn unmount` and the daemon's exit may take (the flush runs in between).
 const UNMOUNT_DEADLINE: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -70,12 +82,8 @@ pub fn cairn_command() -> Command {
 
 pub struct TestMount {
     target: Target,
-    /// Holds `data/`, `mnt/` and `daemon.log`; `None` once deliberately leaked (a mount we
-    /// could not remove must never be deleted through).
-    root: Option<TempDir>,
-    mnt: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
+    /// `data/`, `mnt/` and `daemon.log` (kept in place if the mount cannot be removed).
+    dir: DaemonDir,
     daemon: Option<Child>,
 }
 
@@ -85,27 +93,15 @@ impl TestMount {
     }
 
     pub fn with_target(target: Target) -> TestMount {
-        let root = tempfile::Builder::new()
-            .prefix("cairn-e2e-")
-            .tempdir()
-            .expect("create test tempdir");
-        let base = root.path().canonicalize().expect("canonicalize tempdir");
-        let mnt = base.join("mnt");
-        let data = base.join("data");
-        fs::create_dir(&mnt).unwrap();
-        let log = base.join("daemon.log");
         let mut m = TestMount {
             target,
-            root: Some(root),
-            mnt,
-            data,
-            log,
+            dir: DaemonDir::new("cairn-e2e-"),
             daemon: None,
         };
         if target == Target::Cairn {
             check_fuse_available();
-            fs::create_dir(&m.data).unwrap();
-            m.run_cli(&["init"], Duration::from_secs(60))
+            m.dir
+                .run_logged(&["init"], Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("`cairn init` failed: {e}"));
             m.start_daemon();
         }
@@ -114,7 +110,12 @@ impl TestMount {
 
     /// The daemon's `--data-dir` (cairn target only).
     pub fn data_dir(&self) -> &Path {
-        &self.data
+        &self.dir.data
+    }
+
+    /// `cairn ARGS…` on this mount's data dir, with the same environment as its daemon.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        self.dir.command(args)
     }
 
     pub fn target(&self) -> Target {
@@ -127,7 +128,7 @@ impl TestMount {
 
     /// The directory under test (the mount point, or the native tempdir).
     pub fn root(&self) -> &Path {
-        &self.mnt
+        &self.dir.mnt
     }
 
     pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
@@ -136,15 +137,12 @@ impl TestMount {
             rel.is_relative(),
             "TestMount::path wants a relative path: {rel:?}"
         );
-        self.mnt.join(rel)
+        self.dir.mnt.join(rel)
     }
 
     /// Everything the daemon(s) printed so far (all restarts append to the same file).
     pub fn daemon_log(&self) -> String {
-        match fs::read(&self.log) {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(_) => String::new(),
-        }
+        self.dir.log_text()
     }
 
     /// Cleanly unmount and mount the same data dir again: the daemon really restarts.
@@ -172,167 +170,41 @@ impl TestMount {
             .daemon
             .take()
             .expect("kill9_and_remount: no daemon running");
-        let _ = child.kill();
-        if wait_deadline(&mut child, UNMOUNT_DEADLINE).is_none() {
-            panic!("daemon did not die after SIGKILL");
+        if let Err(e) = kill_and_detach(&mut child, &self.dir.mnt) {
+            panic!("kill9_and_remount: {e}");
         }
-        append_log(&self.log, "=== harness: daemon killed with SIGKILL ===\n");
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&self.mnt)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + UNMOUNT_DEADLINE;
-        while is_fuse_mounted(&self.mnt) {
-            assert!(
-                Instant::now() < deadline,
-                "dead mount {:?} does not go away",
-                self.mnt
-            );
-            sleep(POLL);
-        }
+        self.dir.note("daemon killed with SIGKILL");
         self.start_daemon();
-    }
-
-    fn cli(&self, args: &[&str]) -> Command {
-        let mut c = cairn_command();
-        c.arg("--data-dir").arg(&self.data);
-        c.args(args);
-        let base = self.mnt.parent().unwrap();
-        c.env("XDG_CONFIG_HOME", base.join("config"));
-        c.env("XDG_DATA_HOME", base.join("xdg-data"));
-        c.env_remove("CAIRN_DATA_DIR");
-        c.env_remove("CAIRN_VAULT");
-        if std::env::var_os("RUST_LOG").is_none() {
-            c.env("RUST_LOG", "info");
-        }
-        c
-    }
-
-    /// Run a short-lived CLI command, output appended to the log; error on failure/timeout.
-    fn run_cli(&self, args: &[&str], deadline: Duration) -> Result<(), String> {
-        append_log(
-            &self.log,
-            &format!("=== harness: cairn {} ===\n", args.join(" ")),
-        );
-        let log = log_file(&self.log);
-        let mut child = self
-            .cli(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", cairn_bin()))?;
-        match wait_deadline(&mut child, deadline) {
-            Some(s) if s.success() => Ok(()),
-            Some(s) => Err(format!(
-                "`cairn {}` exited with {s}\n--- log ---\n{}",
-                args.join(" "),
-                self.daemon_log()
-            )),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(format!(
-                    "`cairn {}` did not finish within {deadline:?}",
-                    args.join(" ")
-                ))
-            }
-        }
     }
 
     fn start_daemon(&mut self) {
         assert!(self.daemon.is_none());
         assert!(
-            !is_fuse_mounted(&self.mnt),
+            !is_fuse_mounted(&self.dir.mnt),
             "{:?} is already mounted",
-            self.mnt
+            self.dir.mnt
         );
-        append_log(&self.log, "=== harness: cairn mount ===\n");
-        let log = log_file(&self.log);
-        let mnt = self.mnt.to_str().expect("utf-8 mount path").to_owned();
-        let child = self
-            .cli(&["mount", &mnt])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+        self.dir.note("cairn mount");
+        let mut child = self
+            .dir
+            .logged(&["mount", &self.dir.mnt_str()])
             .spawn()
             .unwrap_or_else(|e| panic!("spawn `cairn mount`: {e}"));
-        self.daemon = Some(child);
-        let deadline = Instant::now() + MOUNT_DEADLINE;
-        loop {
-            if is_fuse_mounted(&self.mnt) {
-                return;
-            }
-            let child = self.daemon.as_mut().unwrap();
-            if let Ok(Some(status)) = child.try_wait() {
-                self.daemon = None;
-                panic!(
-                    "`cairn mount` exited with {status} before the mount appeared\n--- daemon log ---\n{}",
-                    self.daemon_log()
-                );
-            }
-            if Instant::now() >= deadline {
-                let mut child = self.daemon.take().unwrap();
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = fusermount_lazy(&self.mnt);
-                panic!(
-                    "mount did not appear in /proc/self/mountinfo within {MOUNT_DEADLINE:?}\n--- daemon log ---\n{}",
-                    self.daemon_log()
-                );
-            }
-            sleep(POLL);
+        if let Err(e) = wait_mounted(&mut child, &self.dir.mnt, MOUNT_DEADLINE, || true) {
+            panic!(
+                "`cairn mount` {e}\n--- daemon log ---\n{}",
+                self.daemon_log()
+            );
         }
+        self.daemon = Some(child);
     }
 
     /// Unmount and wait for the daemon to exit. Never leaves the mount behind: on any failure
     /// it falls back to `fusermount3 -u -z` and SIGKILL, and reports what went wrong.
     fn stop_daemon(&mut self) -> Result<(), String> {
-        let Some(mut child) = self.daemon.take() else {
-            return Ok(());
-        };
-        let mut problems = Vec::new();
-        if let Ok(Some(status)) = child.try_wait() {
-            problems.push(format!(
-                "daemon had already exited with {status} before unmount"
-            ));
-        }
-        let mnt = self.mnt.to_str().unwrap().to_owned();
-        if is_fuse_mounted(&self.mnt)
-            && let Err(e) = self.run_cli(&["unmount", &mnt], UNMOUNT_DEADLINE)
-        {
-            problems.push(e);
-            if let Err(e) = fusermount_lazy(&self.mnt) {
-                problems.push(format!("fusermount3 -u -z: {e}"));
-            }
-        }
-        match wait_deadline(&mut child, UNMOUNT_DEADLINE) {
-            Some(s) if s.success() || !problems.is_empty() => {}
-            Some(s) => problems.push(format!("daemon exited with {s} after unmount")),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                problems.push(format!(
-                    "daemon still running {UNMOUNT_DEADLINE:?} after unmount: killed with SIGKILL"
-                ));
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while is_fuse_mounted(&self.mnt) {
-            if Instant::now() >= deadline {
-                problems.push("mount still present; lazily detached".into());
-                let _ = fusermount_lazy(&self.mnt);
-                break;
-            }
-            sleep(POLL);
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
+        match self.daemon.take() {
+            Some(mut child) => self.dir.stop_daemon(&mut child, UNMOUNT_DEADLINE),
+            None => Ok(()),
         }
     }
 }
@@ -348,15 +220,8 @@ impl Drop for TestMount {
         if self.target == Target::Native {
             return;
         }
-        let result = self.stop_daemon();
-        if is_fuse_mounted(&self.mnt) {
-            // Never delete through a live mount: leak the tempdir instead.
-            if let Some(root) = self.root.take() {
-                let kept = root.keep();
-                eprintln!("warning: {kept:?} is still mounted; left in place");
-            }
-        }
-        if let Err(e) = result {
+        // The directory is removed after this (field drop), unless the mount is still there.
+        if let Err(e) = self.stop_daemon() {
             let msg = format!(
                 "unmount at teardown: {e}\n--- daemon log ---\n{}",
                 self.daemon_log()
@@ -370,491 +235,10 @@ impl Drop for TestMount {
     }
 }
 
-fn check_fuse_available() {
-    if !Path::new("/dev/fuse").exists() {
-        panic!(
-            "CAIRN_E2E_TARGET=cairn (the default) needs /dev/fuse, which is missing. Run \
-             scripts/setup.sh (or `modprobe fuse`), or set CAIRN_E2E_TARGET=native to run the \
-             suite against a plain directory."
-        );
-    }
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("fusermount3").is_file()))
-        .unwrap_or(false);
-    if !found {
-        panic!(
-            "CAIRN_E2E_TARGET=cairn (the default) needs `fusermount3` (Debian package fuse3), \
-             which is not on PATH. Run scripts/setup.sh, or set CAIRN_E2E_TARGET=native."
-        );
-    }
-}
-
-fn fusermount_lazy(mnt: &Path) -> Result<(), String> {
-    let out = Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(mnt)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-fn log_file(path: &Path) -> File {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("open daemon log")
-}
-
-fn append_log(path: &Path, line: &str) {
-    use std::io::Write;
-    let _ = log_file(path).write_all(line.as_bytes());
-}
-
-/// Wait for a child with a deadline; `None` if it is still running.
-pub fn wait_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
-            Ok(None) => {}
-            Err(e) => panic!("waiting for child: {e}"),
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        sleep(POLL);
-    }
-}
-
-/// Undo the octal escapes mountinfo uses for spaces, tabs, newlines and backslashes.
-fn unescape_mountinfo(s: &str) -> OsString {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    OsString::from_vec(out)
-}
-
-/// Whether `mnt` is currently a mount point with a `fuse*` filesystem type.
-pub fn is_fuse_mounted(mnt: &Path) -> bool {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|line| {
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            return false;
-        };
-        let Some(point) = left.split(' ').nth(4) else {
-            return false;
-        };
-        let fstype = right.split(' ').next().unwrap_or("");
-        fstype.starts_with("fuse") && unescape_mountinfo(point) == mnt.as_os_str()
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// errno and libc helpers
-// ---------------------------------------------------------------------------------------
-
-/// The errno behind an `io::Error` (panics if it did not come from the OS).
-pub fn errno_of(e: &io::Error) -> i32 {
-    e.raw_os_error()
-        .unwrap_or_else(|| panic!("error without an errno: {e:?}"))
-}
-
-/// Assert that `r` failed with exactly `errno`.
-#[track_caller]
-pub fn assert_errno<T: std::fmt::Debug>(r: io::Result<T>, errno: i32) {
-    match r {
-        Ok(v) => panic!("expected {} but succeeded with {v:?}", errno_name(errno)),
-        Err(e) => assert_eq!(
-            errno_of(&e),
-            errno,
-            "expected {} got {} ({e})",
-            errno_name(errno),
-            errno_name(errno_of(&e))
-        ),
-    }
-}
-
-pub fn errno_name(errno: i32) -> String {
-    let name = match errno {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::EBADF => "EBADF",
-        libc::EACCES => "EACCES",
-        libc::EEXIST => "EEXIST",
-        libc::EXDEV => "EXDEV",
-        libc::ENOTDIR => "ENOTDIR",
-        libc::EISDIR => "EISDIR",
-        libc::EINVAL => "EINVAL",
-        libc::EFBIG => "EFBIG",
-        libc::ENOSPC => "ENOSPC",
-        libc::EMLINK => "EMLINK",
-        libc::ERANGE => "ERANGE",
-        libc::ENAMETOOLONG => "ENAMETOOLONG",
-        libc::ENOSYS => "ENOSYS",
-        libc::ENOTEMPTY => "ENOTEMPTY",
-        libc::ELOOP => "ELOOP",
-        libc::ENODATA => "ENODATA",
-        libc::ENOTSUP => "ENOTSUP",
-        libc::EILSEQ => "EILSEQ",
-        libc::ENOTCONN => "ENOTCONN",
-        libc::EIO => "EIO",
-        libc::E2BIG => "E2BIG",
-        _ => return format!("errno {errno}"),
-    };
-    format!("{name}({errno})")
-}
-
-pub fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path with NUL")
-}
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-/// `setxattr(2)` (follows symlinks).
-pub fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
-    let (p, n) = (cpath(p), CString::new(name).unwrap());
-    cvt(unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    })
-    .map(drop)
-}
-
-/// `getxattr(2)`: the whole value (sized by a first call).
-pub fn getxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (p, n) = (cpath(p), CString::new(name).unwrap());
-    loop {
-        let len =
-            cvt_size(unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) })?;
-        let mut buf = vec![0u8; len + 1];
-        match cvt_size(unsafe {
-            libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        }) {
-            Ok(got) => {
-                buf.truncate(got);
-                return Ok(buf);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue, // grew meanwhile
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn parse_xattr_list(buf: &[u8]) -> Vec<String> {
-    let mut names: Vec<String> = buf
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// `listxattr(2)`: all names, sorted.
-pub fn listxattr(p: &Path) -> io::Result<Vec<String>> {
-    let p = cpath(p);
-    loop {
-        let len = cvt_size(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?;
-        let mut buf = vec![0u8; len + 1];
-        match cvt_size(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
-            Ok(got) => return Ok(parse_xattr_list(&buf[..got])),
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// `llistxattr(2)` (does not follow symlinks): all names, sorted.
-pub fn llistxattr(p: &Path) -> io::Result<Vec<String>> {
-    let p = cpath(p);
-    loop {
-        let len = cvt_size(unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?;
-        let mut buf = vec![0u8; len + 1];
-        match cvt_size(unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
-        {
-            Ok(got) => return Ok(parse_xattr_list(&buf[..got])),
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// `lgetxattr(2)` (does not follow symlinks).
-pub fn lgetxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (p, n) = (cpath(p), CString::new(name).unwrap());
-    let mut buf = vec![0u8; 65536];
-    let got = cvt_size(unsafe {
-        libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-    })?;
-    buf.truncate(got);
-    Ok(buf)
-}
-
-/// `removexattr(2)` (follows symlinks).
-pub fn removexattr(p: &Path, name: &str) -> io::Result<()> {
-    let (p, n) = (cpath(p), CString::new(name).unwrap());
-    cvt(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) }).map(drop)
-}
-
-/// `renameat2(AT_FDCWD, from, AT_FDCWD, to, flags)`.
-pub fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
-    let (f, t) = (cpath(from), cpath(to));
-    cvt(unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            flags,
-        )
-    })
-    .map(drop)
-}
-
-/// `utimensat(AT_FDCWD, p, times, flags)`; each time is (sec, nsec) where nsec may be
-/// `UTIME_NOW` / `UTIME_OMIT`.
-pub fn utimensat(p: &Path, atime: (i64, i64), mtime: (i64, i64), flags: i32) -> io::Result<()> {
-    let p = cpath(p);
-    let ts = [
-        libc::timespec {
-            tv_sec: atime.0 as _,
-            tv_nsec: atime.1 as _,
-        },
-        libc::timespec {
-            tv_sec: mtime.0 as _,
-            tv_nsec: mtime.1 as _,
-        },
-    ];
-    cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), flags) }).map(drop)
-}
-
-pub fn statvfs(p: &Path) -> io::Result<libc::statvfs> {
-    let p = cpath(p);
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    cvt(unsafe { libc::statvfs(p.as_ptr(), &mut st) })?;
-    Ok(st)
-}
-
-/// `access(2)`.
-pub fn access(p: &Path, mode: i32) -> io::Result<()> {
-    let p = cpath(p);
-    cvt(unsafe { libc::access(p.as_ptr(), mode) }).map(drop)
-}
-
-/// `chown(2)` with raw ids (`u32::MAX` = -1 = leave unchanged).
-pub fn chown(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    let p = cpath(p);
-    cvt(unsafe { libc::chown(p.as_ptr(), uid, gid) }).map(drop)
-}
-
-/// `open(2)` with raw flags; returns an owned `File`.
-pub fn open_raw(p: &Path, flags: i32, mode: u32) -> io::Result<File> {
-    use std::os::fd::FromRawFd;
-    let p = cpath(p);
-    let fd = cvt(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) })?;
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
-/// All names a directory yields through libc `readdir(3)`, including `.` and `..`.
-pub fn readdir_raw(dir: &Path) -> io::Result<Vec<OsString>> {
-    let p = cpath(dir);
-    let d = unsafe { libc::opendir(p.as_ptr()) };
-    if d.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    let mut names = Vec::new();
-    loop {
-        unsafe { *libc::__errno_location() = 0 };
-        let ent = unsafe { libc::readdir(d) };
-        if ent.is_null() {
-            let err = unsafe { *libc::__errno_location() };
-            unsafe { libc::closedir(d) };
-            if err != 0 {
-                return Err(io::Error::from_raw_os_error(err));
-            }
-            return Ok(names);
-        }
-        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) };
-        names.push(OsStr::from_bytes(name.to_bytes()).to_owned());
-    }
-}
-
-pub fn euid() -> u32 {
-    unsafe { libc::geteuid() }
-}
-
-pub fn hash_file(p: &Path) -> io::Result<blake3::Hash> {
-    let mut f = File::open(p)?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finalize());
-        }
-        h.update(&buf[..n]);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// tree snapshots
-// ---------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    Other,
-}
-
-/// One entry of a tree snapshot. Directory sizes are left out (they are filesystem-specific).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SnapEntry {
-    pub path: String,
-    pub kind: Kind,
-    pub mode: u32,
-    pub size: u64,
-    /// blake3 hex of file content, or the symlink target.
-    pub content: String,
-    /// `user.*` xattrs (name, blake3 hex of value), sorted. Not collected for symlinks.
-    pub xattrs: Vec<(String, String)>,
-}
-
-/// Walk `root` (not following symlinks) and describe every entry below it, sorted by path.
-/// The root itself is not included (its mode is the tempdir's / mount's own).
-pub fn snapshot(root: &Path) -> Vec<SnapEntry> {
-    let mut out = Vec::new();
-    walk(root, root, &mut out);
-    out.sort();
-    out
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut Vec<SnapEntry>) {
-    let rd = fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}"));
-    for ent in rd {
-        let ent = ent.unwrap_or_else(|e| panic!("read_dir {dir:?} entry: {e}"));
-        let p = ent.path();
-        let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {p:?}: {e}"));
-        let ft = md.file_type();
-        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-        let (kind, size, content) = if ft.is_symlink() {
-            let t = fs::read_link(&p).unwrap_or_else(|e| panic!("readlink {p:?}: {e}"));
-            (Kind::Symlink, md.len(), t.to_string_lossy().into_owned())
-        } else if ft.is_dir() {
-            (Kind::Dir, 0, String::new())
-        } else if ft.is_file() {
-            let h = hash_file(&p).unwrap_or_else(|e| panic!("read {p:?}: {e}"));
-            (Kind::File, md.len(), h.to_hex().to_string())
-        } else {
-            let what = if ft.is_fifo() { "fifo" } else { "special" };
-            (Kind::Other, 0, what.to_string())
-        };
-        let mut xattrs = Vec::new();
-        if kind != Kind::Symlink {
-            for name in listxattr(&p).unwrap_or_else(|e| panic!("listxattr {p:?}: {e}")) {
-                if !name.starts_with("user.") {
-                    continue;
-                }
-                let v =
-                    getxattr(&p, &name).unwrap_or_else(|e| panic!("getxattr {p:?} {name}: {e}"));
-                xattrs.push((name, blake3::hash(&v).to_hex().to_string()));
-            }
-        }
-        out.push(SnapEntry {
-            path: rel,
-            kind,
-            mode: md.mode() & 0o7777,
-            size,
-            content,
-            xattrs,
-        });
-        if kind == Kind::Dir {
-            walk(root, &p, out);
-        }
-    }
-}
-
-/// Panic with a readable diff if two snapshots differ.
-#[track_caller]
-pub fn assert_snapshots_eq(left: &[SnapEntry], right: &[SnapEntry], what: &str) {
-    if left == right {
-        return;
-    }
-    let mut msg = format!("snapshots differ: {what}\n");
-    let (mut i, mut j) = (0, 0);
-    let mut shown = 0;
-    while (i < left.len() || j < right.len()) && shown < 40 {
-        match (left.get(i), right.get(j)) {
-            (Some(a), Some(b)) if a == b => {
-                i += 1;
-                j += 1;
-                continue;
-            }
-            (Some(a), Some(b)) if a.path == b.path => {
-                msg += &format!("  ~ left : {a:?}\n    right: {b:?}\n");
-                i += 1;
-                j += 1;
-            }
-            (Some(a), Some(b)) if a.path < b.path => {
-                msg += &format!("  - only left : {a:?}\n");
-                i += 1;
-            }
-            (Some(_), Some(b)) => {
-                msg += &format!("  + only right: {b:?}\n");
-                j += 1;
-            }
-            (Some(a), None) => {
-                msg += &format!("  - only left : {a:?}\n");
-                i += 1;
-            }
-            (None, Some(b)) => {
-                msg += &format!("  + only right: {b:?}\n");
-                j += 1;
-            }
-            (None, None) => break,
-        }
-        shown += 1;
-    }
-    panic!("{msg}");
+/// The number of snapshots `cairn log` printed (one `revision …` line each).
+pub fn count_revisions(log_stdout: &str) -> usize {
+    log_stdout
+        .lines()
+        .filter(|l| l.starts_with("revision"))
+        .count()
 }
