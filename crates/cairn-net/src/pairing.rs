@@ -25,6 +25,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cairn_codec::Reader;
 use cairn_crypto::{DeviceId, VaultId, VaultSecret};
 use data_encoding::{BASE32_NOPAD, BASE32_NOPAD_NOCASE};
 use iroh::endpoint::{Connection, ConnectionError};
@@ -138,30 +139,28 @@ impl Ticket {
         if blake3::hash(body).as_bytes()[..4] != *sum {
             return Err(TicketError::Checksum);
         }
-        let mut r = Reader(body);
-        let version = r.take::<1>()?[0];
+        let mut r = Reader::new(body);
+        let version = r.u8()?;
         if version != TICKET_VERSION {
             return Err(TicketError::Version(version));
         }
-        let inviter = DeviceId(r.take::<32>()?);
+        let inviter = DeviceId(r.take_array()?);
         endpoint_id_of(&inviter).map_err(|_| TicketError::BadId)?;
-        let vault = VaultId(r.take::<16>()?);
-        let token = r.take::<32>()?;
-        let expires_at = u64::from_be_bytes(r.take::<8>()?);
-        let n = r.take::<1>()?[0];
+        let vault = VaultId(r.take_array()?);
+        let token = r.take_array()?;
+        let expires_at = r.u64_be()?;
+        let n = r.u8()?;
         let mut addrs = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let ip = match r.take::<1>()?[0] {
-                4 => IpAddr::V4(Ipv4Addr::from(r.take::<4>()?)),
-                6 => IpAddr::V6(Ipv6Addr::from(r.take::<16>()?)),
+            let ip = match r.u8()? {
+                4 => IpAddr::V4(Ipv4Addr::from(r.take_array::<4>()?)),
+                6 => IpAddr::V6(Ipv6Addr::from(r.take_array::<16>()?)),
                 f => return Err(TicketError::AddressFamily(f)),
             };
-            let port = u16::from_be_bytes(r.take::<2>()?);
+            let port = r.u16_be()?;
             addrs.push(SocketAddr::new(ip, port));
         }
-        if !r.0.is_empty() {
-            return Err(TicketError::Trailing);
-        }
+        r.finish()?;
         Ok(Self {
             inviter,
             addrs,
@@ -176,16 +175,15 @@ impl Ticket {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], TicketError> {
-        if self.0.len() < N {
-            return Err(TicketError::Truncated);
+impl From<cairn_codec::Error> for TicketError {
+    fn from(e: cairn_codec::Error) -> Self {
+        match e {
+            cairn_codec::Error::TrailingBytes(_) => TicketError::Trailing,
+            // The ticket has no varints, so running out of input is the only other failure.
+            cairn_codec::Error::Truncated
+            | cairn_codec::Error::VarintOverflow
+            | cairn_codec::Error::NonCanonicalVarint => TicketError::Truncated,
         }
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        Ok(head.try_into().expect("length checked"))
     }
 }
 
