@@ -2,8 +2,15 @@
 //!
 //! The inviter creates an [`Invitation`]: a random 32-byte token, valid once, until an expiry
 //! time. Its [`Ticket`] (endpoint id + loopback/LAN socket addresses + vault id + token +
-//! expiry) is printed as a copy-pasteable string. While at least one invitation is live,
-//! the allowlist lets non-members reach this ALPN (and only this one).
+//! expiry) is printed as a copy-pasteable string. Besides invitations, every vault has a
+//! standing [`recovery_token`] derived from its secret, never spent, so whoever holds the
+//! recovery phrase can rejoin through any member at any time.
+//!
+//! Because of that, an endpoint bound with a [`Pairing`] lets non-members reach this ALPN (and
+//! only this one) at all times, whether or not an invitation is pending; the allowlist does
+//! not look at invitations. What guards it is the proof below: without one made from a
+//! pending invitation's token or from the recovery token, a stranger gets an error reply and
+//! nothing else. An endpoint bound without a `Pairing` refuses non-members on every ALPN.
 //!
 //! The joiner connects to the endpoint id in the ticket (TLS authenticates the inviter) and
 //! sends, in one frame, `0x01 | mac(32) | age recipient (UTF-8)` where
