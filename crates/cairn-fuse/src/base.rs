@@ -3,6 +3,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, RwLock};
 
+use cairn_overlay::path::parent_of;
 use cairn_overlay::{Data, Kind};
 
 use crate::sink::{FlushBatch, FlushError, FlushSink};
@@ -115,10 +116,6 @@ impl Default for MemBase {
     fn default() -> Self {
         MemBase::new()
     }
-}
-
-fn parent_of(path: &str) -> &str {
-    path.rfind('/').map(|i| &path[..i]).unwrap_or("")
 }
 
 impl MemBase {

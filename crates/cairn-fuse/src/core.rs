@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cairn_overlay::path::now_ns;
 use cairn_overlay::{Data, Kind, Overlay, OverlayError, Record, StagingId};
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 
@@ -23,13 +24,6 @@ pub(crate) const COPY_BLOCK: usize = 1 << 20;
 pub(crate) const NAME_MAX: usize = 255;
 
 pub(crate) type Res<T> = Result<T, Errno>;
-
-pub(crate) fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
 
 pub(crate) fn ns_to_time(ns: i64) -> SystemTime {
     if ns >= 0 {
@@ -52,14 +46,6 @@ pub(crate) fn join(parent: &str, name: &str) -> String {
     } else {
         format!("{parent}/{name}")
     }
-}
-
-pub(crate) fn parent_of(path: &str) -> &str {
-    path.rfind('/').map(|i| &path[..i]).unwrap_or("")
-}
-
-pub(crate) fn name_of(path: &str) -> &str {
-    path.rfind('/').map(|i| &path[i + 1..]).unwrap_or(path)
 }
 
 pub(crate) fn in_subtree(path: &str, root: &str) -> bool {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use cairn_overlay::path::{name_of, now_ns, parent_of};
 use cairn_overlay::{Data, Kind, Record};
 use fuser::{
     AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -18,7 +19,7 @@ use fuser::{
 use crate::base::EntryKind;
 use crate::core::{
     COPY_BLOCK, Core, DirHandle, Handle, NAME_MAX, Node, Ns, Res, Stat, base_errno, file_type,
-    in_subtree, join, now_ns, overlay_errno, parent_of, time_to_ns,
+    in_subtree, join, overlay_errno, time_to_ns,
 };
 
 /// The FUSE filesystem. Cheap to construct; [`crate::mount`] is the usual way to run it.
@@ -593,7 +594,7 @@ impl CairnFs {
         if self.core.resolve(&path)?.is_none() {
             return Err(Errno::ENOENT);
         }
-        let name = crate::core::name_of(&path);
+        let name = name_of(&path);
         if name.contains(CONFLICT_MARK)
             || self
                 .core

@@ -10,10 +10,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cairn_overlay::Overlay;
+use cairn_overlay::path::{name_of, parent_of};
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, SessionACL};
 
 use crate::base::BaseLayer;
-use crate::core::{Core, name_of, parent_of};
+use crate::core::Core;
 use crate::fs::CairnFs;
 use crate::sink::{FlushError, FlushSink};
 

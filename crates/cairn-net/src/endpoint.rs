@@ -3,8 +3,9 @@
 //! The allowlist is an [`EndpointHooks::after_handshake`] hook, so it applies to every ALPN
 //! before any protocol handler sees the connection: a non-member's connection is closed
 //! right after the TLS handshake (its `connect()` may succeed, its first stream fails). The
-//! one exception is the pairing ALPN, which non-members may use to prove an invitation token
-//! or the vault's recovery token (see [`crate::pairing`]).
+//! one exception is the pairing ALPN of an endpoint bound with a [`Pairing`]: non-members
+//! may reach it at any time, pending invitation or not, and must prove an invitation token or
+//! the vault's recovery token there (see [`crate::pairing`]).
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -146,7 +147,8 @@ impl EndpointHooks for Allowlist {
 
 /// Binds an endpoint whose secret key is `key` (so its id equals `key.device_id()`), with the
 /// member allowlist installed. Pass the [`Pairing`] state if this device may invite others
-/// (its pending invitations let non-members reach the pairing ALPN).
+/// or let a device rejoin with the recovery phrase: non-members may then always reach the
+/// pairing ALPN (and only it). With `None` they are refused on every ALPN.
 ///
 /// Address lookup, net-report HTTPS probes, captive-portal checks and port mapping are always
 /// off; relays only if `config.relays`.

@@ -2,8 +2,15 @@
 //!
 //! The inviter creates an [`Invitation`]: a random 32-byte token, valid once, until an expiry
 //! time. Its [`Ticket`] (endpoint id + loopback/LAN socket addresses + vault id + token +
-//! expiry) is printed as a copy-pasteable string. While at least one invitation is live,
-//! the allowlist lets non-members reach this ALPN (and only this one).
+//! expiry) is printed as a copy-pasteable string. Besides invitations, every vault has a
+//! standing [`recovery_token`] derived from its secret, never spent, so whoever holds the
+//! recovery phrase can rejoin through any member at any time.
+//!
+//! Because of that, an endpoint bound with a [`Pairing`] lets non-members reach this ALPN (and
+//! only this one) at all times, whether or not an invitation is pending; the allowlist does
+//! not look at invitations. What guards it is the proof below: without one made from a
+//! pending invitation's token or from the recovery token, a stranger gets an error reply and
+//! nothing else. An endpoint bound without a `Pairing` refuses non-members on every ALPN.
 //!
 //! The joiner connects to the endpoint id in the ticket (TLS authenticates the inviter) and
 //! sends, in one frame, `0x01 | mac(32) | age recipient (UTF-8)` where
@@ -25,6 +32,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use cairn_codec::Reader;
 use cairn_crypto::{DeviceId, VaultId, VaultSecret};
 use data_encoding::{BASE32_NOPAD, BASE32_NOPAD_NOCASE};
 use iroh::endpoint::{Connection, ConnectionError};
@@ -138,30 +146,28 @@ impl Ticket {
         if blake3::hash(body).as_bytes()[..4] != *sum {
             return Err(TicketError::Checksum);
         }
-        let mut r = Reader(body);
-        let version = r.take::<1>()?[0];
+        let mut r = Reader::new(body);
+        let version = r.u8()?;
         if version != TICKET_VERSION {
             return Err(TicketError::Version(version));
         }
-        let inviter = DeviceId(r.take::<32>()?);
+        let inviter = DeviceId(r.take_array()?);
         endpoint_id_of(&inviter).map_err(|_| TicketError::BadId)?;
-        let vault = VaultId(r.take::<16>()?);
-        let token = r.take::<32>()?;
-        let expires_at = u64::from_be_bytes(r.take::<8>()?);
-        let n = r.take::<1>()?[0];
+        let vault = VaultId(r.take_array()?);
+        let token = r.take_array()?;
+        let expires_at = r.u64_be()?;
+        let n = r.u8()?;
         let mut addrs = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let ip = match r.take::<1>()?[0] {
-                4 => IpAddr::V4(Ipv4Addr::from(r.take::<4>()?)),
-                6 => IpAddr::V6(Ipv6Addr::from(r.take::<16>()?)),
+            let ip = match r.u8()? {
+                4 => IpAddr::V4(Ipv4Addr::from(r.take_array::<4>()?)),
+                6 => IpAddr::V6(Ipv6Addr::from(r.take_array::<16>()?)),
                 f => return Err(TicketError::AddressFamily(f)),
             };
-            let port = u16::from_be_bytes(r.take::<2>()?);
+            let port = r.u16_be()?;
             addrs.push(SocketAddr::new(ip, port));
         }
-        if !r.0.is_empty() {
-            return Err(TicketError::Trailing);
-        }
+        r.finish()?;
         Ok(Self {
             inviter,
             addrs,
@@ -176,16 +182,15 @@ impl Ticket {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], TicketError> {
-        if self.0.len() < N {
-            return Err(TicketError::Truncated);
+impl From<cairn_codec::Error> for TicketError {
+    fn from(e: cairn_codec::Error) -> Self {
+        match e {
+            cairn_codec::Error::TrailingBytes(_) => TicketError::Trailing,
+            // The ticket has no varints, so running out of input is the only other failure.
+            cairn_codec::Error::Truncated
+            | cairn_codec::Error::VarintOverflow
+            | cairn_codec::Error::NonCanonicalVarint => TicketError::Truncated,
         }
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        Ok(head.try_into().expect("length checked"))
     }
 }
 

@@ -29,6 +29,7 @@
 
 use std::sync::Arc;
 
+use cairn_codec::Reader;
 use cairn_crypto::{DeviceId, VaultId};
 use std::net::SocketAddr;
 use std::sync::RwLock;
@@ -179,33 +180,23 @@ impl RosterMessage {
 
     pub fn decode(b: &[u8]) -> Result<Self, RegistryProtoError> {
         let bad = |why: &str| RegistryProtoError::Malformed(format!("roster message: {why}"));
-        let mut r = Reader(b);
-        let n = u32::from_be_bytes(
-            r.take(4)
-                .ok_or_else(|| bad("cut off"))?
-                .try_into()
-                .expect("4"),
-        ) as usize;
-        let records = decode_roster(r.take(n).ok_or_else(|| bad("cut off"))?)?;
-        let count = u16::from_be_bytes(
-            r.take(2)
-                .ok_or_else(|| bad("cut off"))?
-                .try_into()
-                .expect("2"),
-        );
+        let cut = |e: cairn_codec::Error| match e {
+            cairn_codec::Error::TrailingBytes(_) => bad("trailing bytes"),
+            // No varints here: every other failure is running out of input.
+            _ => bad("cut off"),
+        };
+        let mut r = Reader::new(b);
+        let n = r.u32_be().map_err(cut)? as usize;
+        let records = decode_roster(r.take(n).map_err(cut)?)?;
+        let count = r.u16_be().map_err(cut)?;
         let mut addrs = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let d = DeviceId(
-                r.take(32)
-                    .ok_or_else(|| bad("cut off"))?
-                    .try_into()
-                    .expect("32"),
-            );
-            let k = r.take(1).ok_or_else(|| bad("cut off"))?[0];
+            let d = DeviceId(r.take_array().map_err(cut)?);
+            let k = r.u8().map_err(cut)?;
             let mut list = Vec::with_capacity(k as usize);
             for _ in 0..k {
-                let len = r.take(1).ok_or_else(|| bad("cut off"))?[0] as usize;
-                let t = r.take(len).ok_or_else(|| bad("cut off"))?;
+                let len = r.u8().map_err(cut)? as usize;
+                let t = r.take(len).map_err(cut)?;
                 let a = std::str::from_utf8(t)
                     .ok()
                     .and_then(|t| t.parse::<SocketAddr>().ok())
@@ -214,23 +205,8 @@ impl RosterMessage {
             }
             addrs.push((d, list));
         }
-        if !r.0.is_empty() {
-            return Err(bad("trailing bytes"));
-        }
+        r.finish().map_err(cut)?;
         Ok(Self { records, addrs })
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::error::OverlayError;
+use crate::path::{name_of, now_ns, parent_of};
 use crate::record::{Data, Kind, Record, StagingId, decode_xattrs, encode_xattrs};
 
 const SCHEMA: &str = "
@@ -106,20 +107,13 @@ impl std::fmt::Debug for Overlay {
     }
 }
 
-pub(crate) fn parent_of(path: &str) -> &str {
+/// The `parent` column. Unlike [`parent_of`], the root gets [`ROOT_PARENT`]: as its own
+/// parent it would be listed among its own children.
+fn parent_column(path: &str) -> &str {
     if path.is_empty() {
-        return ROOT_PARENT;
-    }
-    match path.rfind('/') {
-        Some(i) => &path[..i],
-        None => "",
-    }
-}
-
-fn name_of(path: &str) -> &str {
-    match path.rfind('/') {
-        Some(i) => &path[i + 1..],
-        None => path,
+        ROOT_PARENT
+    } else {
+        parent_of(path)
     }
 }
 
@@ -885,7 +879,7 @@ fn upsert(conn: &Connection, path: &str, r: &Record) -> Result<(), rusqlite::Err
     )?;
     stmt.execute(params![
         path,
-        parent_of(path),
+        parent_column(path),
         name_of(path),
         kind_code(r.kind),
         r.mode,
@@ -958,11 +952,4 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> Result<RowResult, rusqlite::Error> 
         generation: row.get::<_, i64>(13)? as u64,
     };
     Ok(Ok((path, record)))
-}
-
-pub(crate) fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }

@@ -16,6 +16,7 @@
 
 mod error;
 mod journal;
+pub mod path;
 mod pending;
 mod record;
 

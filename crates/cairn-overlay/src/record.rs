@@ -1,6 +1,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use cairn_codec::Reader;
+
 /// Names one staging file (`<overlay>/staging/<id>`); ids are never reused within an overlay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StagingId(pub u64);
@@ -99,17 +101,18 @@ pub(crate) fn encode_xattrs(x: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<u8> {
     out
 }
 
-pub(crate) fn decode_xattrs(mut b: &[u8]) -> Option<BTreeMap<Vec<u8>, Vec<u8>>> {
-    fn take<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
-        let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
-        let v = b.get(4..4 + len)?;
-        *b = &b[4 + len..];
-        Some(v)
+/// `None` for anything but whole `u32`-length-prefixed pairs; not otherwise checked (the
+/// journal only reads back what it wrote).
+pub(crate) fn decode_xattrs(b: &[u8]) -> Option<BTreeMap<Vec<u8>, Vec<u8>>> {
+    fn take<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], cairn_codec::Error> {
+        let len = r.u32_le()?;
+        r.take(len as usize)
     }
+    let mut r = Reader::new(b);
     let mut out = BTreeMap::new();
-    while !b.is_empty() {
-        let k = take(&mut b)?.to_vec();
-        let v = take(&mut b)?.to_vec();
+    while !r.is_empty() {
+        let k = take(&mut r).ok()?.to_vec();
+        let v = take(&mut r).ok()?.to_vec();
         out.insert(k, v);
     }
     Some(out)

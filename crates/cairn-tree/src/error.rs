@@ -38,6 +38,19 @@ pub enum DecodeError {
     ZeroCount,
 }
 
+impl From<cairn_codec::Error> for DecodeError {
+    fn from(e: cairn_codec::Error) -> Self {
+        match e {
+            cairn_codec::Error::Truncated => DecodeError::Truncated,
+            cairn_codec::Error::VarintOverflow => DecodeError::VarintOverflow,
+            cairn_codec::Error::NonCanonicalVarint => {
+                DecodeError::NonCanonical("varint has trailing zero byte")
+            }
+            cairn_codec::Error::TrailingBytes(n) => DecodeError::TrailingBytes(n),
+        }
+    }
+}
+
 /// Everything the tree operations can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {

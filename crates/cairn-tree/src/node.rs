@@ -19,6 +19,9 @@
 
 use std::fmt;
 
+pub(crate) use cairn_codec::varint_len;
+use cairn_codec::{Reader, put_varint};
+
 use crate::error::DecodeError;
 
 /// Leading byte of every node produced by this version of the codec.
@@ -301,12 +304,12 @@ impl Node {
         if bytes.len() > MAX_ENCODED_NODE {
             return Err(DecodeError::NodeTooLarge(bytes.len()));
         }
-        let mut r = Reader { buf: bytes, pos: 0 };
-        let version = r.byte().map_err(|_| DecodeError::Empty)?;
+        let mut r = Reader::new(bytes);
+        let version = r.u8().map_err(|_| DecodeError::Empty)?;
         if version != FORMAT_V1 {
             return Err(DecodeError::UnknownVersion(version));
         }
-        let level = r.byte()?;
+        let level = r.u8()?;
         if level > MAX_LEVEL {
             return Err(DecodeError::LevelTooHigh(level));
         }
@@ -323,7 +326,7 @@ impl Node {
             };
             for _ in 0..n {
                 let prev = (leaf.len().checked_sub(1)).map(|j| (leaf.start(j), leaf.ends[j].0));
-                let (shared, suffix) = r.key_parts(prev.map(|(s, e)| &leaf.bytes[s..e]))?;
+                let (shared, suffix) = key_parts(&mut r, prev.map(|(s, e)| &leaf.bytes[s..e]))?;
                 if let Some((s, _)) = prev {
                     leaf.bytes.extend_from_within(s..s + shared);
                 }
@@ -347,9 +350,8 @@ impl Node {
             }
             let mut children: Vec<ChildRef> = Vec::with_capacity(cap);
             for _ in 0..n {
-                let key = r.key(children.last().map(|c| c.key.as_slice()))?;
-                let mut id = [0u8; 32];
-                id.copy_from_slice(r.take(32)?);
+                let key = read_key(&mut r, children.last().map(|c| c.key.as_slice()))?;
+                let id = r.take_array()?;
                 let count = r.varint()?;
                 if count == 0 {
                     return Err(DecodeError::ZeroCount);
@@ -362,9 +364,7 @@ impl Node {
             }
             Node::Internal { level, children }
         };
-        if r.remaining() != 0 {
-            return Err(DecodeError::TrailingBytes(r.remaining()));
-        }
+        r.finish()?;
         Ok(node)
     }
 }
@@ -413,23 +413,6 @@ pub(crate) fn encode_internal(level: u8, children: &[ChildRef]) -> Vec<u8> {
     out
 }
 
-pub(crate) fn varint_len(mut v: u64) -> usize {
-    let mut n = 1;
-    while v >= 0x80 {
-        v >>= 7;
-        n += 1;
-    }
-    n
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 pub(crate) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -461,95 +444,53 @@ pub(crate) fn header_len(n: usize) -> usize {
     2 + varint_len(n as u64)
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// Reads the prefix-compressed form of a key following `prev`: the length shared with
+/// `prev` and the suffix, checked for canonical form. Order against `prev` is the
+/// caller's check, once the key is assembled.
+fn key_parts<'a>(
+    r: &mut Reader<'a>,
+    prev: Option<&[u8]>,
+) -> Result<(usize, &'a [u8]), DecodeError> {
+    let prev_bytes = prev.unwrap_or(&[]);
+    let shared = r.varint()?;
+    if shared > prev_bytes.len() as u64 {
+        return Err(DecodeError::BadPrefix {
+            shared,
+            prev_len: prev_bytes.len(),
+        });
+    }
+    let shared = shared as usize;
+    let suffix_len = r.varint()?;
+    let total = shared as u64 + suffix_len;
+    if total > MAX_KEY_LEN as u64 {
+        return Err(DecodeError::KeyTooLong(total));
+    }
+    let suffix = r.take(suffix_len as usize)?;
+    if shared < prev_bytes.len() && suffix.first() == Some(&prev_bytes[shared]) {
+        return Err(DecodeError::NonCanonical("shared prefix not maximal"));
+    }
+    // The key is `prev[..shared] + suffix`, and the suffix does not continue `prev`
+    // (checked above), so it sorts after `prev` exactly when it extends `prev` or its
+    // first byte is the greater one at `shared`: no need to compare whole keys.
+    if prev.is_some() {
+        let after = match (prev_bytes.get(shared), suffix.first()) {
+            (None, Some(_)) => true,
+            (Some(p), Some(s)) => s > p,
+            (_, None) => false,
+        };
+        if !after {
+            return Err(DecodeError::UnsortedKeys);
+        }
+    }
+    Ok((shared, suffix))
 }
 
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn byte(&mut self) -> Result<u8, DecodeError> {
-        let b = *self.buf.get(self.pos).ok_or(DecodeError::Truncated)?;
-        self.pos += 1;
-        Ok(b)
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if n > self.remaining() {
-            return Err(DecodeError::Truncated);
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    fn varint(&mut self) -> Result<u64, DecodeError> {
-        let mut value = 0u64;
-        let mut shift = 0u32;
-        loop {
-            let b = self.byte()?;
-            if shift == 63 && b > 1 {
-                return Err(DecodeError::VarintOverflow);
-            }
-            value |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                if b == 0 && shift > 0 {
-                    return Err(DecodeError::NonCanonical("varint has trailing zero byte"));
-                }
-                return Ok(value);
-            }
-            shift += 7;
-        }
-    }
-
-    /// Reads the prefix-compressed form of a key following `prev`: the length shared with
-    /// `prev` and the suffix, checked for canonical form. Order against `prev` is the
-    /// caller's check, once the key is assembled.
-    fn key_parts(&mut self, prev: Option<&[u8]>) -> Result<(usize, &'a [u8]), DecodeError> {
-        let prev_bytes = prev.unwrap_or(&[]);
-        let shared = self.varint()?;
-        if shared > prev_bytes.len() as u64 {
-            return Err(DecodeError::BadPrefix {
-                shared,
-                prev_len: prev_bytes.len(),
-            });
-        }
-        let shared = shared as usize;
-        let suffix_len = self.varint()?;
-        let total = shared as u64 + suffix_len;
-        if total > MAX_KEY_LEN as u64 {
-            return Err(DecodeError::KeyTooLong(total));
-        }
-        let suffix = self.take(suffix_len as usize)?;
-        if shared < prev_bytes.len() && suffix.first() == Some(&prev_bytes[shared]) {
-            return Err(DecodeError::NonCanonical("shared prefix not maximal"));
-        }
-        // The key is `prev[..shared] + suffix`, and the suffix does not continue `prev`
-        // (checked above), so it sorts after `prev` exactly when it extends `prev` or its
-        // first byte is the greater one at `shared`: no need to compare whole keys.
-        if prev.is_some() {
-            let after = match (prev_bytes.get(shared), suffix.first()) {
-                (None, Some(_)) => true,
-                (Some(p), Some(s)) => s > p,
-                (_, None) => false,
-            };
-            if !after {
-                return Err(DecodeError::UnsortedKeys);
-            }
-        }
-        Ok((shared, suffix))
-    }
-
-    fn key(&mut self, prev: Option<&[u8]>) -> Result<Vec<u8>, DecodeError> {
-        let (shared, suffix) = self.key_parts(prev)?;
-        let mut key = Vec::with_capacity(shared + suffix.len());
-        key.extend_from_slice(&prev.unwrap_or(&[])[..shared]);
-        key.extend_from_slice(suffix);
-        Ok(key)
-    }
+fn read_key(r: &mut Reader<'_>, prev: Option<&[u8]>) -> Result<Vec<u8>, DecodeError> {
+    let (shared, suffix) = key_parts(r, prev)?;
+    let mut key = Vec::with_capacity(shared + suffix.len());
+    key.extend_from_slice(&prev.unwrap_or(&[])[..shared]);
+    key.extend_from_slice(suffix);
+    Ok(key)
 }
 
 #[cfg(test)]

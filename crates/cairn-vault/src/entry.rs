@@ -20,7 +20,7 @@ use cairn_crypto::DeviceId;
 use cairn_store::{ChunkId, ChunkKey, ChunkRef};
 
 use crate::clock::Hlc;
-use crate::codec::{Reader, put_bytes, put_varint, unzigzag, zigzag};
+use crate::codec::{Reader, put_bytes, put_varint, unzigzag, varint_u32, zigzag};
 use crate::error::DecodeError;
 use crate::version::{Version, VersionVector};
 
@@ -222,7 +222,7 @@ impl Entry {
             });
         }
         let kind = EntryKind::from_tag(r.u8()?)?;
-        let mode = r.varint_u32()?;
+        let mode = varint_u32(&mut r)?;
         let mtime_ns = unzigzag(r.varint()?);
         let size = r.varint()?;
         let n = r.varint()?;
@@ -249,16 +249,16 @@ impl Entry {
                 let mut chunks = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     chunks.push(ChunkRef {
-                        id: ChunkId(r.array()?),
-                        len: u32::from_le_bytes(r.array()?),
-                        key: ChunkKey::from_bytes(r.array()?),
+                        id: ChunkId(r.take_array()?),
+                        len: u32::from_le_bytes(r.take_array()?),
+                        key: ChunkKey::from_bytes(r.take_array()?),
                     });
                 }
                 Content::Chunks(chunks)
             }
             3 => Content::ChunkList {
-                blob: ChunkId(r.array()?),
-                key: ChunkKey::from_bytes(r.array()?),
+                blob: ChunkId(r.take_array()?),
+                key: ChunkKey::from_bytes(r.take_array()?),
                 chunks: r.varint()?,
             },
             4 => Content::Target(r.bytes()?.to_vec()),
@@ -304,7 +304,7 @@ pub(crate) fn decode_version(r: &mut Reader<'_>) -> Result<Version, DecodeError>
     let mut pairs = Vec::with_capacity(n as usize);
     let mut prev: Option<DeviceId> = None;
     for _ in 0..n {
-        let d = DeviceId(r.array()?);
+        let d = DeviceId(r.take_array()?);
         let c = r.varint()?;
         if c == 0 {
             return Err(DecodeError::NonCanonical("zero version counter"));
@@ -316,7 +316,7 @@ pub(crate) fn decode_version(r: &mut Reader<'_>) -> Result<Version, DecodeError>
         pairs.push((d, c));
     }
     let hlc = decode_hlc(r)?;
-    let device = DeviceId(r.array()?);
+    let device = DeviceId(r.take_array()?);
     let vv = VersionVector::from_pairs(pairs);
     let n = r.varint()?;
     if n.saturating_mul(33) > r.remaining() as u64 {
@@ -324,7 +324,7 @@ pub(crate) fn decode_version(r: &mut Reader<'_>) -> Result<Version, DecodeError>
     }
     let mut dots: Vec<(DeviceId, u64)> = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        let dot = (DeviceId(r.array()?), r.varint()?);
+        let dot = (DeviceId(r.take_array()?), r.varint()?);
         if dots.last().is_some_and(|p| *p >= dot) {
             return Err(DecodeError::NonCanonical("dots not increasing"));
         }
@@ -346,6 +346,6 @@ pub(crate) fn encode_hlc(out: &mut Vec<u8>, h: Hlc) {
 pub(crate) fn decode_hlc(r: &mut Reader<'_>) -> Result<Hlc, DecodeError> {
     Ok(Hlc {
         wall_ms: r.varint()?,
-        counter: r.varint_u32()?,
+        counter: varint_u32(r)?,
     })
 }

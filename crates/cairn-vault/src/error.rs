@@ -53,6 +53,17 @@ pub enum DecodeError {
     Invalid(&'static str),
 }
 
+impl From<cairn_codec::Error> for DecodeError {
+    fn from(e: cairn_codec::Error) -> Self {
+        match e {
+            cairn_codec::Error::Truncated => DecodeError::Truncated,
+            cairn_codec::Error::VarintOverflow => DecodeError::VarintOverflow,
+            cairn_codec::Error::NonCanonicalVarint => DecodeError::NonCanonical("overlong varint"),
+            cairn_codec::Error::TrailingBytes(n) => DecodeError::TrailingBytes(n),
+        }
+    }
+}
+
 /// Everything the engine can fail with. Any error leaves the engine's state unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {

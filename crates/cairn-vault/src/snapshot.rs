@@ -103,17 +103,17 @@ impl SnapshotHeader {
                 version: format,
             });
         }
-        let vault = VaultId(r.array()?);
-        let root = NodeId(r.array()?);
+        let vault = VaultId(r.take_array()?);
+        let root = NodeId(r.take_array()?);
         let n = r.varint()?;
         if n > MAX_PARENTS as u64 || n * 32 > r.remaining() as u64 {
             return Err(DecodeError::Invalid("too many parents"));
         }
         let mut parents = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            parents.push(SnapshotId(ChunkId(r.array()?)));
+            parents.push(SnapshotId(ChunkId(r.take_array()?)));
         }
-        let device = DeviceId(r.array()?);
+        let device = DeviceId(r.take_array()?);
         let clock = decode_hlc(&mut r)?;
         let seq = r.varint()?;
         let created_ms = r.varint()?;
