@@ -17,10 +17,10 @@ use fuser::{
 };
 
 use crate::base::EntryKind;
-use crate::core::{
-    COPY_BLOCK, Core, DirHandle, Handle, NAME_MAX, Node, Ns, Res, Stat, base_errno, file_type,
-    in_subtree, join, overlay_errno, time_to_ns,
-};
+use crate::core::{COPY_BLOCK, Core, DirHandle, Handle};
+use crate::errno::{Res, base_errno, overlay_errno};
+use crate::namespace::{NAME_MAX, Node, Ns, ROOT, in_subtree, join};
+use crate::stat::{Stat, file_type, time_to_ns};
 
 /// The FUSE filesystem. Cheap to construct; [`crate::mount`] is the usual way to run it.
 pub struct CairnFs {
@@ -952,7 +952,7 @@ impl Filesystem for CairnFs {
             let ino = match (i, &dir_path) {
                 (0, _) => d.ino,
                 (1, Some(p)) if !p.is_empty() => ns.ino_for(parent_of(p)),
-                (1, _) => crate::core::ROOT,
+                (1, _) => ROOT,
                 (_, Some(p)) => ns.ino_for(&join(p, name)),
                 // The directory itself was removed while listing: numbers are only cosmetic.
                 (_, None) => u64::MAX - i as u64,
@@ -992,7 +992,7 @@ impl Filesystem for CairnFs {
                 continue; // vanished since opendir
             };
             let ino = if i == 1 && dir_path.is_empty() {
-                crate::core::ROOT
+                ROOT
             } else {
                 ns.ino_for(&path)
             };

@@ -15,10 +15,13 @@
 
 mod base;
 mod core;
+mod errno;
 mod flusher;
 mod fs;
 mod mount;
+mod namespace;
 mod sink;
+mod stat;
 
 pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
 pub use fs::CairnFs;
