@@ -20,8 +20,10 @@ mod flusher;
 mod fs;
 mod mount;
 mod namespace;
+mod ops;
 mod sink;
 mod stat;
+mod status;
 
 pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
 pub use fs::CairnFs;
