@@ -14,9 +14,9 @@ use fuser::{Errno, FileType};
 
 use crate::MountOptions;
 use crate::base::{BaseEntry, BaseLayer, ContentRef, EntryKind};
-use crate::errno::{Res, base_errno, io_errno, overlay_errno};
+use crate::errno::{FsResult, base_errno, io_errno, overlay_errno};
 use crate::flusher::FlushCtl;
-use crate::namespace::{FileCell, FileState, GoneSrc, Node, Ns};
+use crate::namespace::{FileCell, FileState, GoneSrc, Namespace, Node};
 use crate::sink::FlushSink;
 use crate::stat::{Stat, entry_kind};
 
@@ -42,7 +42,7 @@ pub(crate) struct Core {
     pub base: Arc<dyn BaseLayer>,
     pub sink: Arc<dyn FlushSink>,
     pub opts: MountOptions,
-    pub ns: Mutex<Ns>,
+    pub ns: Mutex<Namespace>,
     pub handles: Mutex<HashMap<u64, Handle>>,
     pub dirs: Mutex<HashMap<u64, DirHandle>>,
     pub next_fh: AtomicU64,
@@ -70,7 +70,7 @@ impl Core {
             base,
             sink,
             opts,
-            ns: Mutex::new(Ns::new()),
+            ns: Mutex::new(Namespace::new()),
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -80,7 +80,7 @@ impl Core {
         }
     }
 
-    pub(crate) fn ns(&self) -> MutexGuard<'_, Ns> {
+    pub(crate) fn ns(&self) -> MutexGuard<'_, Namespace> {
         lock(&self.ns)
     }
 
@@ -101,7 +101,7 @@ impl Core {
         self.flush.schedule(self.opts.flush_debounce);
     }
 
-    pub(crate) fn resolve(&self, path: &str) -> Res<Option<Node>> {
+    pub(crate) fn resolve(&self, path: &str) -> FsResult<Option<Node>> {
         match self.overlay.get(path).map_err(overlay_errno)? {
             Some(r) if r.kind == Kind::Whiteout => Ok(None),
             Some(r) => Ok(Some(Node::Rec(r))),
@@ -109,11 +109,11 @@ impl Core {
         }
     }
 
-    pub(crate) fn base_has(&self, path: &str) -> Res<bool> {
+    pub(crate) fn base_has(&self, path: &str) -> FsResult<bool> {
         Ok(self.base.get(path).map_err(base_errno)?.is_some())
     }
 
-    pub(crate) fn stat_node(&self, path: &str, node: &Node) -> Res<Stat> {
+    pub(crate) fn stat_node(&self, path: &str, node: &Node) -> FsResult<Stat> {
         Ok(match node {
             Node::Rec(r) => {
                 let size = if r.kind == Kind::File && r.data == Data::Base {
@@ -175,7 +175,7 @@ impl Core {
     }
 
     /// Attributes of a path in the merged view (ENOENT if it is not there).
-    pub(crate) fn stat_path(&self, path: &str) -> Res<Stat> {
+    pub(crate) fn stat_path(&self, path: &str) -> FsResult<Stat> {
         match self.resolve(path)? {
             Some(node) => self.stat_node(path, &node),
             None if path.is_empty() => Ok(self.root_stat()),
@@ -183,7 +183,7 @@ impl Core {
         }
     }
 
-    pub(crate) fn stat_ino(&self, ns: &Ns, ino: u64) -> Res<Stat> {
+    pub(crate) fn stat_ino(&self, ns: &Namespace, ino: u64) -> FsResult<Stat> {
         let inode = ns.inodes.get(&ino).ok_or(Errno::ENOENT)?;
         match &inode.path {
             Some(p) => self.stat_path(p),
@@ -248,7 +248,7 @@ impl Core {
     }
 
     /// Releases the staging holds of detached inodes the namespace dropped.
-    pub(crate) fn settle(&self, ns: &mut Ns) {
+    pub(crate) fn settle(&self, ns: &mut Namespace) {
         for id in std::mem::take(&mut ns.unheld) {
             self.unhold(ns, id);
         }
@@ -264,7 +264,7 @@ impl Core {
     /// its inode, keeping its last attributes and, while the kernel still knows the inode,
     /// its content (a lookup racing with the unlink may still open it). Call before the
     /// overlay change so a staging file is held before the change releases it.
-    pub(crate) fn detach(&self, ns: &mut Ns, path: &str, node: &Node) -> Res<()> {
+    pub(crate) fn detach(&self, ns: &mut Namespace, path: &str, node: &Node) -> FsResult<()> {
         let Some(&ino) = ns.paths.get(path) else {
             return Ok(());
         };
@@ -298,7 +298,7 @@ impl Core {
     }
 
     /// The entries of directory `dir` changed: its mtime and ctime move to `now`.
-    pub(crate) fn touch_dir(&self, ns: &Ns, dir: &str, now: i64) -> Res<()> {
+    pub(crate) fn touch_dir(&self, ns: &Namespace, dir: &str, now: i64) -> FsResult<()> {
         if dir.is_empty() {
             self.root_mtime_ns.store(now, Ordering::Relaxed);
             self.root_ctime_ns.store(now, Ordering::Relaxed);
@@ -319,7 +319,7 @@ impl Core {
     }
 
     /// Deletes staging files nobody references or holds open any more.
-    pub(crate) fn drop_released(&self, ns: &Ns, released: Vec<StagingId>) {
+    pub(crate) fn drop_released(&self, ns: &Namespace, released: Vec<StagingId>) {
         for id in released {
             if !ns.held.contains_key(&id)
                 && let Err(e) = self.overlay.remove_staging(id)
@@ -331,7 +331,7 @@ impl Core {
 
     /// Removes `path` from the merged view: a whiteout when the base has it (or a flush in
     /// flight is about to give it to the base), otherwise the record just goes.
-    pub(crate) fn delete_path(&self, ns: &Ns, path: &str) -> Res<()> {
+    pub(crate) fn delete_path(&self, ns: &Namespace, path: &str) -> FsResult<()> {
         let change = if self.base_has(path)? || ns.inflight.contains(path) {
             self.overlay.whiteout(path)
         } else {
@@ -343,7 +343,7 @@ impl Core {
     }
 
     /// Whether a directory has no visible child in the merged view.
-    pub(crate) fn dir_is_empty(&self, path: &str) -> Res<bool> {
+    pub(crate) fn dir_is_empty(&self, path: &str) -> FsResult<bool> {
         let mut hidden = HashSet::new();
         for (name, rec) in self.overlay.children(path).map_err(overlay_errno)? {
             if rec.kind != Kind::Whiteout {
@@ -361,7 +361,7 @@ impl Core {
     }
 
     /// Merged children of a directory, sorted by name: overlay records win, whiteouts hide.
-    pub(crate) fn merged_children(&self, path: &str) -> Res<Vec<(String, Node)>> {
+    pub(crate) fn merged_children(&self, path: &str) -> FsResult<Vec<(String, Node)>> {
         let mut over = self
             .overlay
             .children(path)
@@ -393,7 +393,7 @@ impl Core {
     // ---- file data ----
 
     /// Gets (creating if needed) the file state of an inode and counts one more user.
-    pub(crate) fn acquire_file(&self, ino: u64) -> Res<Arc<FileCell>> {
+    pub(crate) fn acquire_file(&self, ino: u64) -> FsResult<Arc<FileCell>> {
         let mut ns = self.ns();
         let inode = ns.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         inode.file_users += 1;
@@ -446,11 +446,11 @@ impl Core {
         }
     }
 
-    pub(crate) fn hold(&self, ns: &mut Ns, id: StagingId) {
+    pub(crate) fn hold(&self, ns: &mut Namespace, id: StagingId) {
         *ns.held.entry(id).or_insert(0) += 1;
     }
 
-    fn unhold(&self, ns: &mut Ns, id: StagingId) {
+    fn unhold(&self, ns: &mut Namespace, id: StagingId) {
         let last = match ns.held.get_mut(&id) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -476,7 +476,7 @@ impl Core {
 
     /// Makes sure `st` knows where its content comes from (at open, or lazily after a base
     /// change dropped the pinned entry).
-    pub(crate) fn init_source(&self, ino: u64, st: &mut FileState) -> Res<()> {
+    pub(crate) fn init_source(&self, ino: u64, st: &mut FileState) -> FsResult<()> {
         if st.staging.is_some() || st.base.is_some() {
             return Ok(());
         }
@@ -534,7 +534,7 @@ impl Core {
         ino: u64,
         st: &mut FileState,
         limit: Option<u64>,
-    ) -> Res<()> {
+    ) -> FsResult<()> {
         if st.staging.is_some() {
             return Ok(());
         }
@@ -546,7 +546,7 @@ impl Core {
         let (id, file) = self.overlay.create_staging().map_err(overlay_errno)?;
         self.hold(&mut self.ns(), id);
         let want = limit.map_or(src.size, |l| l.min(src.size));
-        let copied = (|| -> Res<u64> {
+        let copied = (|| -> FsResult<u64> {
             let mut buf = vec![0u8; COPY_BLOCK.min(want as usize).max(1)];
             let mut off = 0u64;
             while off < want {
@@ -586,7 +586,7 @@ impl Core {
         st: &FileState,
         size: u64,
         touch_mtime: bool,
-    ) -> Res<Stat> {
+    ) -> FsResult<Stat> {
         let (id, _) = st.staging.as_ref().ok_or(Errno::EIO)?;
         let mut ns = self.ns();
         let now = now_ns();
@@ -613,7 +613,7 @@ impl Core {
         self.stat_path(&path)
     }
 
-    pub(crate) fn truncate(&self, ino: u64, cell: &FileCell, size: u64) -> Res<Stat> {
+    pub(crate) fn truncate(&self, ino: u64, cell: &FileCell, size: u64) -> FsResult<Stat> {
         let mut st = cell.lock();
         self.ensure_staged(ino, &mut st, Some(size))?;
         let file = st.staging.as_ref().ok_or(Errno::EIO)?.1.clone();
@@ -629,7 +629,7 @@ impl Core {
         offset: u64,
         data: &[u8],
         append: bool,
-    ) -> Res<u32> {
+    ) -> FsResult<u32> {
         let mut st = cell.lock();
         self.ensure_staged(ino, &mut st, None)?;
         let file = st.staging.as_ref().ok_or(Errno::EIO)?.1.clone();
@@ -645,7 +645,13 @@ impl Core {
         Ok(data.len() as u32)
     }
 
-    pub(crate) fn read(&self, ino: u64, cell: &FileCell, offset: u64, size: u32) -> Res<Vec<u8>> {
+    pub(crate) fn read(
+        &self,
+        ino: u64,
+        cell: &FileCell,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Vec<u8>> {
         let (staged, base) = {
             let mut st = cell.lock();
             self.init_source(ino, &mut st)?;

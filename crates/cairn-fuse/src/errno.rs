@@ -1,10 +1,10 @@
-//! Errno mapping: the [`Res`] every filesystem operation returns, and how overlay,
+//! Errno mapping: the [`FsResult`] every filesystem operation returns, and how overlay,
 //! base-layer and I/O errors become the errno the kernel sees.
 
 use cairn_overlay::OverlayError;
 use fuser::Errno;
 
-pub(crate) type Res<T> = Result<T, Errno>;
+pub(crate) type FsResult<T> = Result<T, Errno>;
 
 pub(crate) fn overlay_errno(e: OverlayError) -> Errno {
     let code = match &e {

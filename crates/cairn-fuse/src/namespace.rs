@@ -1,6 +1,6 @@
-//! The namespace: what a path resolves to ([`Node`]), the inode table ([`Ns`]) mapping
-//! kernel inode numbers to paths, and the per-inode state open files share ([`FileCell`]).
-//! Also the path rules: joining names, subtree tests, the name length limit.
+//! The namespace: what a path resolves to ([`Node`]), the inode table ([`Namespace`])
+//! mapping kernel inode numbers to paths, and the per-inode state open files share
+//! ([`FileCell`]). Also the path rules: joining names, subtree tests, the name length limit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -10,7 +10,7 @@ use cairn_overlay::{Record, StagingId};
 use fuser::Errno;
 
 use crate::base::{BaseEntry, EntryKind};
-use crate::errno::Res;
+use crate::errno::FsResult;
 use crate::stat::{Stat, entry_kind};
 
 pub(crate) const ROOT: u64 = 1;
@@ -80,7 +80,7 @@ impl FileCell {
 /// the old file, like on any local filesystem.
 #[derive(Clone, Debug)]
 pub(crate) enum GoneSrc {
-    /// A staging file, held (see [`Ns::held`]) until the inode is dropped.
+    /// A staging file, held (see [`Namespace::held`]) until the inode is dropped.
     Staged(StagingId),
     Base(BaseEntry),
 }
@@ -98,8 +98,10 @@ pub(crate) struct Inode {
     pub gone: Option<GoneSrc>,
 }
 
+/// The inode table: which kernel inode number stands for which path, and what the kernel and
+/// open handles still hold.
 #[derive(Default)]
-pub(crate) struct Ns {
+pub(crate) struct Namespace {
     pub inodes: HashMap<u64, Inode>,
     pub paths: BTreeMap<String, u64>,
     pub next_ino: u64,
@@ -114,11 +116,11 @@ pub(crate) struct Ns {
     pub unheld: Vec<StagingId>,
 }
 
-impl Ns {
-    pub(crate) fn new() -> Ns {
-        let mut ns = Ns {
+impl Namespace {
+    pub(crate) fn new() -> Namespace {
+        let mut ns = Namespace {
             next_ino: ROOT + 1,
-            ..Ns::default()
+            ..Namespace::default()
         };
         ns.inodes.insert(
             ROOT,
@@ -135,7 +137,7 @@ impl Ns {
         ns
     }
 
-    pub(crate) fn path(&self, ino: u64) -> Res<&str> {
+    pub(crate) fn path(&self, ino: u64) -> FsResult<&str> {
         self.inodes
             .get(&ino)
             .and_then(|i| i.path.as_deref())

@@ -1,6 +1,7 @@
 //! The namespace and attribute operations behind the FUSE entry points, as plain methods
-//! returning [`Res`]: lookup, create, setattr, open, unlink, rename (with the base pinning it
-//! needs), opendir and xattr edits. [`crate::fs`] decodes the kernel's calls and replies.
+//! returning [`FsResult`]: lookup, create, setattr, open, unlink, rename (with the base
+//! pinning it needs), opendir and xattr edits. [`crate::fs`] decodes the kernel's calls and
+//! replies.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -12,9 +13,9 @@ use fuser::{Errno, FileType, INodeNo, RenameFlags, Request, TimeOrNow};
 
 use crate::base::EntryKind;
 use crate::core::{DirHandle, Handle};
-use crate::errno::{Res, base_errno, overlay_errno};
+use crate::errno::{FsResult, base_errno, overlay_errno};
 use crate::fs::CairnFs;
-use crate::namespace::{NAME_MAX, Node, Ns, in_subtree, join};
+use crate::namespace::{NAME_MAX, Namespace, Node, in_subtree, join};
 use crate::stat::{Stat, file_type, time_to_ns};
 
 /// Set-group-ID on a directory: new entries take its group, new subdirectories the bit.
@@ -31,7 +32,7 @@ pub(crate) struct AttrChange {
     pub(crate) ctime: Option<SystemTime>,
 }
 
-fn name_str(name: &OsStr) -> Res<&str> {
+fn name_str(name: &OsStr) -> FsResult<&str> {
     if name.len() > NAME_MAX {
         return Err(Errno::from_i32(libc::ENAMETOOLONG));
     }
@@ -55,12 +56,12 @@ impl CairnFs {
     }
 
     /// Resolves `parent/name` to a path, checking the name.
-    fn child_path(&self, ns: &Ns, parent: INodeNo, name: &OsStr) -> Res<String> {
+    fn child_path(&self, ns: &Namespace, parent: INodeNo, name: &OsStr) -> FsResult<String> {
         let name = name_str(name)?;
         Ok(join(ns.path(parent.0)?, name))
     }
 
-    fn require_dir(&self, path: &str) -> Res<()> {
+    fn require_dir(&self, path: &str) -> FsResult<()> {
         if path.is_empty() {
             return Ok(());
         }
@@ -72,7 +73,7 @@ impl CairnFs {
     }
 
     /// Checks that `dir` is a directory and returns its attributes.
-    fn dir_stat(&self, dir: &str) -> Res<Stat> {
+    fn dir_stat(&self, dir: &str) -> FsResult<Stat> {
         let st = self.core.stat_path(dir)?;
         if st.kind != EntryKind::Dir {
             return Err(Errno::ENOTDIR);
@@ -92,7 +93,7 @@ impl CairnFs {
     }
 
     /// Counts a kernel lookup of `path` and returns its inode and attributes.
-    fn entry_for(&self, ns: &mut Ns, path: &str) -> Res<(u64, Stat)> {
+    fn entry_for(&self, ns: &mut Namespace, path: &str) -> FsResult<(u64, Stat)> {
         let stat = self.core.stat_path(path)?;
         let ino = ns.ino_for(path);
         if let Some(i) = ns.inodes.get_mut(&ino) {
@@ -101,7 +102,7 @@ impl CairnFs {
         Ok((ino, stat))
     }
 
-    pub(crate) fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Res<(u64, Stat)> {
+    pub(crate) fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> FsResult<(u64, Stat)> {
         let mut ns = self.core.ns();
         let path = self.child_path(&ns, parent, name)?;
         self.entry_for(&mut ns, &path)
@@ -112,7 +113,7 @@ impl CairnFs {
         parent: INodeNo,
         name: &OsStr,
         mut rec: Record,
-    ) -> Res<(u64, Stat)> {
+    ) -> FsResult<(u64, Stat)> {
         let mut ns = self.core.ns();
         let path = self.child_path(&ns, parent, name)?;
         let pst = self.dir_stat(parent_of(&path))?;
@@ -127,7 +128,7 @@ impl CairnFs {
         self.entry_for(&mut ns, &path)
     }
 
-    pub(crate) fn do_setattr(&self, req: &Request, ino: u64, ch: AttrChange) -> Res<Stat> {
+    pub(crate) fn do_setattr(&self, req: &Request, ino: u64, ch: AttrChange) -> FsResult<Stat> {
         let AttrChange {
             mode,
             uid,
@@ -226,7 +227,7 @@ impl CairnFs {
         self.core.stat_path(&path)
     }
 
-    pub(crate) fn do_open(&self, ino: u64, flags: i32) -> Res<u64> {
+    pub(crate) fn do_open(&self, ino: u64, flags: i32) -> FsResult<u64> {
         let cell = self.core.acquire_file(ino)?;
         let r = (|| {
             {
@@ -262,7 +263,7 @@ impl CairnFs {
         mode: u32,
         umask: u32,
         flags: i32,
-    ) -> Res<(u64, Stat, u64)> {
+    ) -> FsResult<(u64, Stat, u64)> {
         let (ino, stat) = {
             let mut ns = self.core.ns();
             let path = self.child_path(&ns, parent, name)?;
@@ -300,7 +301,7 @@ impl CairnFs {
         Ok((ino, stat, fh))
     }
 
-    pub(crate) fn do_unlink(&self, parent: INodeNo, name: &OsStr, dir: bool) -> Res<()> {
+    pub(crate) fn do_unlink(&self, parent: INodeNo, name: &OsStr, dir: bool) -> FsResult<()> {
         let mut ns = self.core.ns();
         let path = self.child_path(&ns, parent, name)?;
         let node = self.core.resolve(&path)?.ok_or(Errno::ENOENT)?;
@@ -326,7 +327,7 @@ impl CairnFs {
     /// `rename_subtree` can move it: base-only entries get records, and file content that
     /// refers to the base by path is pinned to its content reference. Returns the paths that
     /// existed in the base (they need whiteouts once their records moved away).
-    fn pin_subtree(&self, root: &str) -> Res<Vec<String>> {
+    fn pin_subtree(&self, root: &str) -> FsResult<Vec<String>> {
         let mut puts = Vec::new();
         let mut base_paths = Vec::new();
         let mut stack = vec![(
@@ -374,7 +375,12 @@ impl CairnFs {
         Ok(base_paths)
     }
 
-    fn whiteout_vacated(&self, ns: &Ns, old_paths: &[String], all: &[String]) -> Res<()> {
+    fn whiteout_vacated(
+        &self,
+        ns: &Namespace,
+        old_paths: &[String],
+        all: &[String],
+    ) -> FsResult<()> {
         let mut puts = Vec::new();
         let base: HashSet<&String> = old_paths.iter().collect();
         for p in all {
@@ -390,7 +396,7 @@ impl CairnFs {
         Ok(())
     }
 
-    fn subtree_paths(&self, root: &str) -> Res<Vec<String>> {
+    fn subtree_paths(&self, root: &str) -> FsResult<Vec<String>> {
         let mut out = Vec::new();
         let mut stack = vec![root.to_string()];
         while let Some(p) = stack.pop() {
@@ -415,7 +421,7 @@ impl CairnFs {
         newparent: INodeNo,
         newname: &OsStr,
         flags: RenameFlags,
-    ) -> Res<()> {
+    ) -> FsResult<()> {
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return Err(Errno::EINVAL);
         }
@@ -499,7 +505,7 @@ impl CairnFs {
         Ok(())
     }
 
-    pub(crate) fn do_opendir(&self, ino: u64) -> Res<u64> {
+    pub(crate) fn do_opendir(&self, ino: u64) -> FsResult<u64> {
         let ns = self.core.ns();
         let path = ns.path(ino)?.to_string();
         let kind = self.core.stat_path(&path)?.kind;
@@ -522,8 +528,8 @@ impl CairnFs {
     pub(crate) fn modify_xattrs(
         &self,
         ino: u64,
-        f: impl FnOnce(&mut Record) -> Res<()>,
-    ) -> Res<()> {
+        f: impl FnOnce(&mut Record) -> FsResult<()>,
+    ) -> FsResult<()> {
         let ns = self.core.ns();
         let path = ns.path(ino)?.to_string();
         let node = self.core.resolve(&path)?.ok_or(Errno::ENOENT)?;
@@ -537,7 +543,10 @@ impl CairnFs {
         Ok(())
     }
 
-    pub(crate) fn xattrs_of(&self, ino: u64) -> Res<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
+    pub(crate) fn xattrs_of(
+        &self,
+        ino: u64,
+    ) -> FsResult<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
         let ns = self.core.ns();
         let path = ns.path(ino)?.to_string();
         match self.core.resolve(&path)? {

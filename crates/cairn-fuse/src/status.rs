@@ -4,7 +4,7 @@
 use cairn_overlay::path::{name_of, parent_of};
 use fuser::Errno;
 
-use crate::errno::{Res, overlay_errno};
+use crate::errno::{FsResult, overlay_errno};
 use crate::fs::CairnFs;
 
 /// The sync state of one path, readable as `getfattr -n user.cairn.status FILE`. Computed on
@@ -29,7 +29,7 @@ fn is_conflict_copy_of(sibling: &str, name: &str) -> bool {
 impl CairnFs {
     /// `conflict` when the path is a conflict copy or has one beside it, `pending` when it
     /// has a local change not yet in a snapshot, else `synced`.
-    pub(crate) fn sync_status(&self, ino: u64) -> Res<&'static str> {
+    pub(crate) fn sync_status(&self, ino: u64) -> FsResult<&'static str> {
         let (path, inflight) = {
             let ns = self.core.ns();
             let path = ns.path(ino)?.to_string();
