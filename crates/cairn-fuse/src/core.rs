@@ -1,343 +1,28 @@
 //! The filesystem logic, independent of fuser's reply plumbing: path resolution over overlay
-//! and base, the inode and handle tables, copy-on-write, and flushing.
+//! and base, the file and directory handle tables, staging-file holds, copy-on-write, and
+//! reading and writing file content. The inode table lives in [`crate::namespace`], the
+//! flush in [`crate::flusher`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_overlay::path::now_ns;
-use cairn_overlay::{Data, Kind, Overlay, OverlayError, Record, StagingId};
-use fuser::{Errno, FileAttr, FileType, INodeNo};
+use cairn_overlay::{Data, Kind, Overlay, Record, StagingId};
+use fuser::{Errno, FileType};
 
 use crate::MountOptions;
 use crate::base::{BaseEntry, BaseLayer, ContentRef, EntryKind};
+use crate::errno::{FsResult, base_errno, io_errno, overlay_errno};
 use crate::flusher::FlushCtl;
-use crate::sink::{FlushBatch, FlushError, FlushItem, FlushSink, StagedFile};
+use crate::namespace::{FileCell, FileState, GoneSrc, Namespace, Node};
+use crate::sink::FlushSink;
+use crate::stat::{Stat, entry_kind};
 
-pub(crate) const ROOT: u64 = 1;
 /// Copy-on-write and staging reads move data in blocks of this size, so a file of any size
 /// costs at most one block of memory.
 pub(crate) const COPY_BLOCK: usize = 1 << 20;
-pub(crate) const NAME_MAX: usize = 255;
-
-pub(crate) type Res<T> = Result<T, Errno>;
-
-pub(crate) fn ns_to_time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
-}
-
-pub(crate) fn time_to_ns(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i64,
-        Err(e) => -(e.duration().as_nanos() as i64),
-    }
-}
-
-pub(crate) fn join(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_string()
-    } else {
-        format!("{parent}/{name}")
-    }
-}
-
-pub(crate) fn in_subtree(path: &str, root: &str) -> bool {
-    path == root
-        || (path.len() > root.len()
-            && path.starts_with(root)
-            && path.as_bytes()[root.len()] == b'/')
-}
-
-pub(crate) fn overlay_errno(e: OverlayError) -> Errno {
-    let code = match &e {
-        OverlayError::Staging { source, .. } | OverlayError::Dir { source, .. } => {
-            source.raw_os_error().unwrap_or(libc::EIO)
-        }
-        OverlayError::Journal {
-            source: rusqlite_err,
-            ..
-        } => {
-            if rusqlite_err.to_string().contains("full") {
-                libc::ENOSPC
-            } else {
-                libc::EIO
-            }
-        }
-        OverlayError::InvalidPath { .. } => libc::EINVAL,
-        _ => libc::EIO,
-    };
-    tracing::error!(error = %e, "overlay operation failed");
-    Errno::from_i32(code)
-}
-
-pub(crate) fn base_errno(e: crate::base::BaseError) -> Errno {
-    tracing::warn!(error = %e, "base layer operation failed");
-    Errno::from_i32(e.errno())
-}
-
-fn io_errno(e: std::io::Error) -> Errno {
-    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
-}
-
-/// Attributes in vault terms; turned into a [`FileAttr`] with the inode number at reply time.
-#[derive(Clone, Debug)]
-pub(crate) struct Stat {
-    pub kind: EntryKind,
-    pub perm: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub atime_ns: i64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-    /// Allocated 512-byte blocks when known (staged files: the staging file's allocation);
-    /// otherwise derived from the size.
-    pub blocks: Option<u64>,
-}
-
-impl Stat {
-    pub(crate) fn attr(&self, ino: u64) -> FileAttr {
-        FileAttr {
-            ino: INodeNo(ino),
-            size: self.size,
-            blocks: self.blocks.unwrap_or_else(|| self.size.div_ceil(512)),
-            atime: ns_to_time(self.atime_ns),
-            mtime: ns_to_time(self.mtime_ns),
-            ctime: ns_to_time(self.ctime_ns),
-            crtime: ns_to_time(self.mtime_ns),
-            kind: file_type(self.kind),
-            perm: (self.perm & 0o7777) as u16,
-            // Directories report 1 like btrfs: counting subdirectories would make every stat
-            // of a directory a listing of it; find and friends treat 1 as "unknown".
-            nlink: 1,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        }
-    }
-}
-
-pub(crate) fn file_type(k: EntryKind) -> FileType {
-    match k {
-        EntryKind::File => FileType::RegularFile,
-        EntryKind::Dir => FileType::Directory,
-        EntryKind::Symlink => FileType::Symlink,
-    }
-}
-
-fn entry_kind(k: Kind) -> EntryKind {
-    match k {
-        Kind::Dir => EntryKind::Dir,
-        Kind::Symlink => EntryKind::Symlink,
-        _ => EntryKind::File,
-    }
-}
-
-/// What a path resolves to in the merged view.
-#[derive(Clone, Debug)]
-pub(crate) enum Node {
-    Rec(Record),
-    Base(BaseEntry),
-}
-
-impl Node {
-    pub(crate) fn kind(&self) -> EntryKind {
-        match self {
-            Node::Rec(r) => entry_kind(r.kind),
-            Node::Base(b) => b.kind,
-        }
-    }
-
-    pub(crate) fn xattrs(&self) -> &BTreeMap<Vec<u8>, Vec<u8>> {
-        match self {
-            Node::Rec(r) => &r.xattrs,
-            Node::Base(b) => &b.xattrs,
-        }
-    }
-}
-
-pub(crate) struct FileState {
-    /// The staging file this inode reads and writes, once it has one. Kept for as long as the
-    /// inode is in use even after a flush retires its record, so an open file keeps its
-    /// content and the next write re-adopts the same staging file instead of copying again.
-    pub staging: Option<(StagingId, Arc<File>)>,
-    /// Content source while the data still lives in the base layer.
-    pub base: Option<BaseEntry>,
-    /// Written since the last time all users let go: schedule a flush on release.
-    pub written: bool,
-}
-
-pub(crate) struct FileCell {
-    pub st: Mutex<FileState>,
-}
-
-impl FileCell {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, FileState> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Where the content of an unlinked (or replaced) inode lives while the kernel may still
-/// open it: a lookup that raced with the unlink or rename-over must still be able to open
-/// the old file, like on any local filesystem.
-#[derive(Clone, Debug)]
-pub(crate) enum GoneSrc {
-    /// A staging file, held (see [`Ns::held`]) until the inode is dropped.
-    Staged(StagingId),
-    Base(BaseEntry),
-}
-
-pub(crate) struct Inode {
-    /// `None` once the path was unlinked or replaced while the kernel or a handle still uses
-    /// this inode.
-    pub path: Option<String>,
-    pub nlookup: u64,
-    pub file: Option<Arc<FileCell>>,
-    pub file_users: u32,
-    /// Attributes of an unlinked inode that is still open.
-    pub detached: Option<Stat>,
-    /// Content of an unlinked inode the kernel still knows.
-    pub gone: Option<GoneSrc>,
-}
-
-#[derive(Default)]
-pub(crate) struct Ns {
-    pub inodes: HashMap<u64, Inode>,
-    pub paths: BTreeMap<String, u64>,
-    pub next_ino: u64,
-    /// Paths of the batch a flush is committing right now: deleting one of these must leave
-    /// a whiteout even if the base does not have it yet, or the flush would resurrect it.
-    pub inflight: HashSet<String>,
-    /// Staging files held open by in-use inodes, so releasing their record does not delete
-    /// them under the handle.
-    pub held: HashMap<StagingId, u32>,
-    /// Holds of dropped detached inodes, for [`Core::settle`] to release.
-    pub unheld: Vec<StagingId>,
-}
-
-impl Ns {
-    pub(crate) fn new() -> Ns {
-        let mut ns = Ns {
-            next_ino: ROOT + 1,
-            ..Ns::default()
-        };
-        ns.inodes.insert(
-            ROOT,
-            Inode {
-                path: Some(String::new()),
-                nlookup: 1,
-                file: None,
-                file_users: 0,
-                detached: None,
-                gone: None,
-            },
-        );
-        ns.paths.insert(String::new(), ROOT);
-        ns
-    }
-
-    pub(crate) fn path(&self, ino: u64) -> Res<&str> {
-        self.inodes
-            .get(&ino)
-            .and_then(|i| i.path.as_deref())
-            .ok_or(Errno::ENOENT)
-    }
-
-    pub(crate) fn ino_for(&mut self, path: &str) -> u64 {
-        if let Some(&ino) = self.paths.get(path) {
-            return ino;
-        }
-        let ino = self.next_ino;
-        self.next_ino += 1;
-        self.inodes.insert(
-            ino,
-            Inode {
-                path: Some(path.to_string()),
-                nlookup: 0,
-                file: None,
-                file_users: 0,
-                detached: None,
-                gone: None,
-            },
-        );
-        self.paths.insert(path.to_string(), ino);
-        ino
-    }
-
-    fn maybe_drop(&mut self, ino: u64) {
-        if ino == ROOT {
-            return;
-        }
-        if let Some(i) = self.inodes.get(&ino)
-            && i.nlookup == 0
-            && i.file_users == 0
-        {
-            if let Some(p) = &i.path
-                && self.paths.get(p) == Some(&ino)
-            {
-                self.paths.remove(p);
-            }
-            if let Some(i) = self.inodes.remove(&ino)
-                && let Some(GoneSrc::Staged(id)) = i.gone
-            {
-                self.unheld.push(id);
-            }
-        }
-    }
-
-    pub(crate) fn forget(&mut self, ino: u64, n: u64) {
-        if let Some(i) = self.inodes.get_mut(&ino) {
-            i.nlookup = i.nlookup.saturating_sub(n);
-        }
-        self.maybe_drop(ino);
-    }
-
-    /// The inode at `path` no longer names anything there (unlinked or replaced).
-    pub(crate) fn detach(&mut self, path: &str, last: Option<Stat>, gone: Option<GoneSrc>) {
-        if let Some(ino) = self.paths.remove(path) {
-            if let Some(i) = self.inodes.get_mut(&ino) {
-                i.path = None;
-                i.detached = last;
-                i.gone = gone;
-            } else if let Some(GoneSrc::Staged(id)) = gone {
-                self.unheld.push(id);
-            }
-            self.maybe_drop(ino);
-        }
-    }
-
-    /// Rewrites the paths of every known inode at or under `from` to live under `to`.
-    pub(crate) fn move_paths(&mut self, from: &str, to: &str) {
-        let (lo, hi) = (format!("{from}/"), format!("{from}0"));
-        let mut moved: Vec<(String, u64)> = self
-            .paths
-            .range(lo..hi)
-            .map(|(p, i)| (p.clone(), *i))
-            .collect();
-        if let Some(&ino) = self.paths.get(from) {
-            moved.push((from.to_string(), ino));
-        }
-        for (p, _) in &moved {
-            self.paths.remove(p);
-        }
-        for (p, ino) in moved {
-            let np = format!("{to}{}", &p[from.len()..]);
-            if let Some(i) = self.inodes.get_mut(&ino) {
-                i.path = Some(np.clone());
-            }
-            self.paths.insert(np, ino);
-        }
-    }
-}
 
 pub(crate) struct Handle {
     pub ino: u64,
@@ -357,7 +42,7 @@ pub(crate) struct Core {
     pub base: Arc<dyn BaseLayer>,
     pub sink: Arc<dyn FlushSink>,
     pub opts: MountOptions,
-    pub ns: Mutex<Ns>,
+    pub ns: Mutex<Namespace>,
     pub handles: Mutex<HashMap<u64, Handle>>,
     pub dirs: Mutex<HashMap<u64, DirHandle>>,
     pub next_fh: AtomicU64,
@@ -385,7 +70,7 @@ impl Core {
             base,
             sink,
             opts,
-            ns: Mutex::new(Ns::new()),
+            ns: Mutex::new(Namespace::new()),
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -395,7 +80,7 @@ impl Core {
         }
     }
 
-    pub(crate) fn ns(&self) -> MutexGuard<'_, Ns> {
+    pub(crate) fn ns(&self) -> MutexGuard<'_, Namespace> {
         lock(&self.ns)
     }
 
@@ -416,7 +101,7 @@ impl Core {
         self.flush.schedule(self.opts.flush_debounce);
     }
 
-    pub(crate) fn resolve(&self, path: &str) -> Res<Option<Node>> {
+    pub(crate) fn resolve(&self, path: &str) -> FsResult<Option<Node>> {
         match self.overlay.get(path).map_err(overlay_errno)? {
             Some(r) if r.kind == Kind::Whiteout => Ok(None),
             Some(r) => Ok(Some(Node::Rec(r))),
@@ -424,11 +109,11 @@ impl Core {
         }
     }
 
-    pub(crate) fn base_has(&self, path: &str) -> Res<bool> {
+    pub(crate) fn base_has(&self, path: &str) -> FsResult<bool> {
         Ok(self.base.get(path).map_err(base_errno)?.is_some())
     }
 
-    pub(crate) fn stat_node(&self, path: &str, node: &Node) -> Res<Stat> {
+    pub(crate) fn stat_node(&self, path: &str, node: &Node) -> FsResult<Stat> {
         Ok(match node {
             Node::Rec(r) => {
                 let size = if r.kind == Kind::File && r.data == Data::Base {
@@ -490,7 +175,7 @@ impl Core {
     }
 
     /// Attributes of a path in the merged view (ENOENT if it is not there).
-    pub(crate) fn stat_path(&self, path: &str) -> Res<Stat> {
+    pub(crate) fn stat_path(&self, path: &str) -> FsResult<Stat> {
         match self.resolve(path)? {
             Some(node) => self.stat_node(path, &node),
             None if path.is_empty() => Ok(self.root_stat()),
@@ -498,7 +183,7 @@ impl Core {
         }
     }
 
-    pub(crate) fn stat_ino(&self, ns: &Ns, ino: u64) -> Res<Stat> {
+    pub(crate) fn stat_ino(&self, ns: &Namespace, ino: u64) -> FsResult<Stat> {
         let inode = ns.inodes.get(&ino).ok_or(Errno::ENOENT)?;
         match &inode.path {
             Some(p) => self.stat_path(p),
@@ -563,7 +248,7 @@ impl Core {
     }
 
     /// Releases the staging holds of detached inodes the namespace dropped.
-    pub(crate) fn settle(&self, ns: &mut Ns) {
+    pub(crate) fn settle(&self, ns: &mut Namespace) {
         for id in std::mem::take(&mut ns.unheld) {
             self.unhold(ns, id);
         }
@@ -579,7 +264,7 @@ impl Core {
     /// its inode, keeping its last attributes and, while the kernel still knows the inode,
     /// its content (a lookup racing with the unlink may still open it). Call before the
     /// overlay change so a staging file is held before the change releases it.
-    pub(crate) fn detach(&self, ns: &mut Ns, path: &str, node: &Node) -> Res<()> {
+    pub(crate) fn detach(&self, ns: &mut Namespace, path: &str, node: &Node) -> FsResult<()> {
         let Some(&ino) = ns.paths.get(path) else {
             return Ok(());
         };
@@ -613,7 +298,7 @@ impl Core {
     }
 
     /// The entries of directory `dir` changed: its mtime and ctime move to `now`.
-    pub(crate) fn touch_dir(&self, ns: &Ns, dir: &str, now: i64) -> Res<()> {
+    pub(crate) fn touch_dir(&self, ns: &Namespace, dir: &str, now: i64) -> FsResult<()> {
         if dir.is_empty() {
             self.root_mtime_ns.store(now, Ordering::Relaxed);
             self.root_ctime_ns.store(now, Ordering::Relaxed);
@@ -634,7 +319,7 @@ impl Core {
     }
 
     /// Deletes staging files nobody references or holds open any more.
-    pub(crate) fn drop_released(&self, ns: &Ns, released: Vec<StagingId>) {
+    pub(crate) fn drop_released(&self, ns: &Namespace, released: Vec<StagingId>) {
         for id in released {
             if !ns.held.contains_key(&id)
                 && let Err(e) = self.overlay.remove_staging(id)
@@ -646,7 +331,7 @@ impl Core {
 
     /// Removes `path` from the merged view: a whiteout when the base has it (or a flush in
     /// flight is about to give it to the base), otherwise the record just goes.
-    pub(crate) fn delete_path(&self, ns: &Ns, path: &str) -> Res<()> {
+    pub(crate) fn delete_path(&self, ns: &Namespace, path: &str) -> FsResult<()> {
         let change = if self.base_has(path)? || ns.inflight.contains(path) {
             self.overlay.whiteout(path)
         } else {
@@ -658,7 +343,7 @@ impl Core {
     }
 
     /// Whether a directory has no visible child in the merged view.
-    pub(crate) fn dir_is_empty(&self, path: &str) -> Res<bool> {
+    pub(crate) fn dir_is_empty(&self, path: &str) -> FsResult<bool> {
         let mut hidden = HashSet::new();
         for (name, rec) in self.overlay.children(path).map_err(overlay_errno)? {
             if rec.kind != Kind::Whiteout {
@@ -676,7 +361,7 @@ impl Core {
     }
 
     /// Merged children of a directory, sorted by name: overlay records win, whiteouts hide.
-    pub(crate) fn merged_children(&self, path: &str) -> Res<Vec<(String, Node)>> {
+    pub(crate) fn merged_children(&self, path: &str) -> FsResult<Vec<(String, Node)>> {
         let mut over = self
             .overlay
             .children(path)
@@ -708,7 +393,7 @@ impl Core {
     // ---- file data ----
 
     /// Gets (creating if needed) the file state of an inode and counts one more user.
-    pub(crate) fn acquire_file(&self, ino: u64) -> Res<Arc<FileCell>> {
+    pub(crate) fn acquire_file(&self, ino: u64) -> FsResult<Arc<FileCell>> {
         let mut ns = self.ns();
         let inode = ns.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         inode.file_users += 1;
@@ -761,11 +446,11 @@ impl Core {
         }
     }
 
-    pub(crate) fn hold(&self, ns: &mut Ns, id: StagingId) {
+    pub(crate) fn hold(&self, ns: &mut Namespace, id: StagingId) {
         *ns.held.entry(id).or_insert(0) += 1;
     }
 
-    fn unhold(&self, ns: &mut Ns, id: StagingId) {
+    fn unhold(&self, ns: &mut Namespace, id: StagingId) {
         let last = match ns.held.get_mut(&id) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -791,7 +476,7 @@ impl Core {
 
     /// Makes sure `st` knows where its content comes from (at open, or lazily after a base
     /// change dropped the pinned entry).
-    pub(crate) fn init_source(&self, ino: u64, st: &mut FileState) -> Res<()> {
+    pub(crate) fn init_source(&self, ino: u64, st: &mut FileState) -> FsResult<()> {
         if st.staging.is_some() || st.base.is_some() {
             return Ok(());
         }
@@ -849,7 +534,7 @@ impl Core {
         ino: u64,
         st: &mut FileState,
         limit: Option<u64>,
-    ) -> Res<()> {
+    ) -> FsResult<()> {
         if st.staging.is_some() {
             return Ok(());
         }
@@ -861,7 +546,7 @@ impl Core {
         let (id, file) = self.overlay.create_staging().map_err(overlay_errno)?;
         self.hold(&mut self.ns(), id);
         let want = limit.map_or(src.size, |l| l.min(src.size));
-        let copied = (|| -> Res<u64> {
+        let copied = (|| -> FsResult<u64> {
             let mut buf = vec![0u8; COPY_BLOCK.min(want as usize).max(1)];
             let mut off = 0u64;
             while off < want {
@@ -901,7 +586,7 @@ impl Core {
         st: &FileState,
         size: u64,
         touch_mtime: bool,
-    ) -> Res<Stat> {
+    ) -> FsResult<Stat> {
         let (id, _) = st.staging.as_ref().ok_or(Errno::EIO)?;
         let mut ns = self.ns();
         let now = now_ns();
@@ -928,7 +613,7 @@ impl Core {
         self.stat_path(&path)
     }
 
-    pub(crate) fn truncate(&self, ino: u64, cell: &FileCell, size: u64) -> Res<Stat> {
+    pub(crate) fn truncate(&self, ino: u64, cell: &FileCell, size: u64) -> FsResult<Stat> {
         let mut st = cell.lock();
         self.ensure_staged(ino, &mut st, Some(size))?;
         let file = st.staging.as_ref().ok_or(Errno::EIO)?.1.clone();
@@ -944,7 +629,7 @@ impl Core {
         offset: u64,
         data: &[u8],
         append: bool,
-    ) -> Res<u32> {
+    ) -> FsResult<u32> {
         let mut st = cell.lock();
         self.ensure_staged(ino, &mut st, None)?;
         let file = st.staging.as_ref().ok_or(Errno::EIO)?.1.clone();
@@ -960,7 +645,13 @@ impl Core {
         Ok(data.len() as u32)
     }
 
-    pub(crate) fn read(&self, ino: u64, cell: &FileCell, offset: u64, size: u32) -> Res<Vec<u8>> {
+    pub(crate) fn read(
+        &self,
+        ino: u64,
+        cell: &FileCell,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Vec<u8>> {
         let (staged, base) = {
             let mut st = cell.lock();
             self.init_source(ino, &mut st)?;
@@ -996,128 +687,6 @@ impl Core {
         buf.truncate(filled);
         Ok(buf)
     }
-
-    // ---- flushing ----
-
-    /// One flush: hands every dirty record to the sink and retires what did not change
-    /// meanwhile. Returns whether records are left (changed during the flush).
-    /// Folds the dirty records into the base through the sink. A batch holds one open
-    /// descriptor per staged file, so it takes at most [`staged_per_batch`] of them: the
-    /// records in path order up to that many, which keeps parents ahead of their children.
-    /// The rest stays in the overlay and is taken by the next call ([`Flushed::Capped`]).
-    pub(crate) fn flush_once(&self) -> Result<Flushed, FlushError> {
-        let to_flush_err = |e: OverlayError| FlushError::Failed(e.to_string());
-        let cap = staged_per_batch();
-        let (batch, keys, capped) = {
-            let mut ns = self.ns();
-            let mut dirty = self.overlay.dirty().map_err(to_flush_err)?;
-            if dirty.is_empty() {
-                return Ok(Flushed::Clean);
-            }
-            let capped = cut_after_staged(&mut dirty, cap);
-            // Staging files are opened with the batch, so the sink reads exactly what the
-            // batch saw even if a later write releases the staging file.
-            let mut items = Vec::with_capacity(dirty.len());
-            let mut keys = Vec::with_capacity(dirty.len());
-            for (path, record) in dirty {
-                let staged = match record.staging() {
-                    Some(id) => Some(StagedFile {
-                        path: self.overlay.staging_path(id),
-                        file: self.overlay.open_staging(id).map_err(to_flush_err)?,
-                    }),
-                    None => None,
-                };
-                keys.push((path.clone(), record.generation));
-                ns.inflight.insert(path.clone());
-                items.push(FlushItem {
-                    path,
-                    record,
-                    staged,
-                });
-            }
-            (FlushBatch { items }, keys, capped)
-        };
-        let n = keys.len();
-        let result = self.sink.flush(batch);
-        let mut ns = self.ns();
-        ns.inflight.clear();
-        result?;
-        let released = self.overlay.retire(&keys).map_err(to_flush_err)?;
-        self.drop_released(&ns, released);
-        let left = !self.overlay.is_empty().map_err(to_flush_err)?;
-        tracing::debug!(records = n, left, capped, "flushed overlay");
-        Ok(match (left, capped) {
-            (false, _) => Flushed::Clean,
-            (true, true) => Flushed::Capped,
-            (true, false) => Flushed::ChangedMeanwhile,
-        })
-    }
-
-    /// Flushes until the overlay is empty (used at unmount, when nothing changes any more).
-    pub(crate) fn flush_all(&self) -> Result<(), FlushError> {
-        // Capped batches always make progress; only changes arriving during the flush
-        // could keep it going, so those rounds are bounded.
-        let mut changed_rounds = 0;
-        loop {
-            match self.flush_once()? {
-                Flushed::Clean => return Ok(()),
-                Flushed::Capped => {}
-                Flushed::ChangedMeanwhile => {
-                    changed_rounds += 1;
-                    if changed_rounds >= 8 {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// What a [`Core::flush_once`] left behind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flushed {
-    /// The overlay is empty.
-    Clean,
-    /// The batch was cut to bound open descriptors; flush again right away.
-    Capped,
-    /// Records changed while the flush ran; they wait for the next debounce.
-    ChangedMeanwhile,
-}
-
-/// How many staged files one flush batch may hold open: a quarter of the soft descriptor
-/// limit (the rest is for the files applications hold open through the mount, the stores
-/// and the network), between 64 and 4096.
-pub(crate) fn staged_per_batch() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
-    } else {
-        1024
-    };
-    usize::try_from(soft / 4).unwrap_or(4096).clamp(64, 4096)
-}
-
-/// Keeps the records up to and including the `cap`-th one with a staged file; returns
-/// whether anything was cut.
-fn cut_after_staged(dirty: &mut Vec<(String, Record)>, cap: usize) -> bool {
-    let mut staged = 0;
-    let cut = dirty.iter().position(|(_, r)| {
-        if r.staging().is_some() {
-            staged += 1;
-        }
-        staged > cap
-    });
-    match cut {
-        Some(at) => {
-            dirty.truncate(at);
-            true
-        }
-        None => false,
-    }
 }
 
 /// A stand-in base entry for content the overlay describes (a pinned content reference).
@@ -1130,48 +699,5 @@ fn content_entry(r: &Record, content: ContentRef) -> BaseEntry {
         xattrs: BTreeMap::new(),
         target: Vec::new(),
         content,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn records(staged: &[bool]) -> Vec<(String, Record)> {
-        staged
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| {
-                let mut r = Record::whiteout(0);
-                if s {
-                    r.kind = Kind::File;
-                    r.data = Data::Staged(StagingId(i as u64));
-                }
-                (format!("p{i:02}"), r)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_batch_keeps_the_path_order_prefix_with_at_most_cap_staged_files() {
-        let mut dirty = records(&[true, false, true, true, false, true]);
-        assert!(cut_after_staged(&mut dirty, 2));
-        let paths: Vec<_> = dirty.iter().map(|(p, _)| p.as_str()).collect();
-        // Records without a staged file ride along until the third staged one.
-        assert_eq!(paths, ["p00", "p01", "p02"]);
-
-        let mut dirty = records(&[true, false, true, false]);
-        assert!(!cut_after_staged(&mut dirty, 2), "exactly cap staged files");
-        assert_eq!(dirty.len(), 4);
-
-        let mut dirty = records(&[false; 10]);
-        assert!(!cut_after_staged(&mut dirty, 0), "no staged file, no cut");
-        assert_eq!(dirty.len(), 10);
-    }
-
-    #[test]
-    fn the_batch_size_is_bounded_whatever_the_limit() {
-        let n = staged_per_batch();
-        assert!((64..=4096).contains(&n), "{n}");
     }
 }

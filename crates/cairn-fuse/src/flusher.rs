@@ -1,12 +1,16 @@
-//! Flush scheduling: an idle debounce after changes, immediate requests (fsync, explicit
-//! flush), and retry after failures, run on one background thread so the mount keeps serving.
+//! Flushing: folding the overlay's dirty records into the base through the sink in batches
+//! of bounded size ([`Core::flush_once`]), and scheduling it — an idle debounce after
+//! changes, immediate requests (fsync, explicit flush), and retry after failures — on one
+//! background thread so the mount keeps serving.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::core::{Core, Flushed};
-use crate::sink::FlushError;
+use cairn_overlay::{OverlayError, Record};
+
+use crate::core::Core;
+use crate::sink::{FlushBatch, FlushError, FlushItem, StagedFile};
 
 #[derive(Default)]
 struct State {
@@ -136,5 +140,174 @@ fn run(core: &Core) {
             }
         }
         ctl.cv.notify_all();
+    }
+}
+
+// ---- the flush itself ----
+
+impl Core {
+    /// One flush: hands every dirty record to the sink and retires what did not change
+    /// meanwhile. Returns whether records are left (changed during the flush).
+    /// Folds the dirty records into the base through the sink. A batch holds one open
+    /// descriptor per staged file, so it takes at most [`staged_per_batch`] of them: the
+    /// records in path order up to that many, which keeps parents ahead of their children.
+    /// The rest stays in the overlay and is taken by the next call ([`Flushed::Capped`]).
+    pub(crate) fn flush_once(&self) -> Result<Flushed, FlushError> {
+        let to_flush_err = |e: OverlayError| FlushError::Failed(e.to_string());
+        let cap = staged_per_batch();
+        let (batch, keys, capped) = {
+            let mut ns = self.ns();
+            let mut dirty = self.overlay.dirty().map_err(to_flush_err)?;
+            if dirty.is_empty() {
+                return Ok(Flushed::Clean);
+            }
+            let capped = cut_after_staged(&mut dirty, cap);
+            // Staging files are opened with the batch, so the sink reads exactly what the
+            // batch saw even if a later write releases the staging file.
+            let mut items = Vec::with_capacity(dirty.len());
+            let mut keys = Vec::with_capacity(dirty.len());
+            for (path, record) in dirty {
+                let staged = match record.staging() {
+                    Some(id) => Some(StagedFile {
+                        path: self.overlay.staging_path(id),
+                        file: self.overlay.open_staging(id).map_err(to_flush_err)?,
+                    }),
+                    None => None,
+                };
+                keys.push((path.clone(), record.generation));
+                ns.inflight.insert(path.clone());
+                items.push(FlushItem {
+                    path,
+                    record,
+                    staged,
+                });
+            }
+            (FlushBatch { items }, keys, capped)
+        };
+        let n = keys.len();
+        let result = self.sink.flush(batch);
+        let mut ns = self.ns();
+        ns.inflight.clear();
+        result?;
+        let released = self.overlay.retire(&keys).map_err(to_flush_err)?;
+        self.drop_released(&ns, released);
+        let left = !self.overlay.is_empty().map_err(to_flush_err)?;
+        tracing::debug!(records = n, left, capped, "flushed overlay");
+        Ok(match (left, capped) {
+            (false, _) => Flushed::Clean,
+            (true, true) => Flushed::Capped,
+            (true, false) => Flushed::ChangedMeanwhile,
+        })
+    }
+
+    /// Flushes until the overlay is empty (used at unmount, when nothing changes any more).
+    pub(crate) fn flush_all(&self) -> Result<(), FlushError> {
+        // Capped batches always make progress; only changes arriving during the flush
+        // could keep it going, so those rounds are bounded.
+        let mut changed_rounds = 0;
+        loop {
+            match self.flush_once()? {
+                Flushed::Clean => return Ok(()),
+                Flushed::Capped => {}
+                Flushed::ChangedMeanwhile => {
+                    changed_rounds += 1;
+                    if changed_rounds >= 8 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a [`Core::flush_once`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// The overlay is empty.
+    Clean,
+    /// The batch was cut to bound open descriptors; flush again right away.
+    Capped,
+    /// Records changed while the flush ran; they wait for the next debounce.
+    ChangedMeanwhile,
+}
+
+/// How many staged files one flush batch may hold open: a quarter of the soft descriptor
+/// limit (the rest is for the files applications hold open through the mount, the stores
+/// and the network), between 64 and 4096.
+pub(crate) fn staged_per_batch() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    usize::try_from(soft / 4).unwrap_or(4096).clamp(64, 4096)
+}
+
+/// Keeps the records up to and including the `cap`-th one with a staged file; returns
+/// whether anything was cut.
+fn cut_after_staged(dirty: &mut Vec<(String, Record)>, cap: usize) -> bool {
+    let mut staged = 0;
+    let cut = dirty.iter().position(|(_, r)| {
+        if r.staging().is_some() {
+            staged += 1;
+        }
+        staged > cap
+    });
+    match cut {
+        Some(at) => {
+            dirty.truncate(at);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_overlay::{Data, Kind, StagingId};
+
+    use super::*;
+
+    fn records(staged: &[bool]) -> Vec<(String, Record)> {
+        staged
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let mut r = Record::whiteout(0);
+                if s {
+                    r.kind = Kind::File;
+                    r.data = Data::Staged(StagingId(i as u64));
+                }
+                (format!("p{i:02}"), r)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_keeps_the_path_order_prefix_with_at_most_cap_staged_files() {
+        let mut dirty = records(&[true, false, true, true, false, true]);
+        assert!(cut_after_staged(&mut dirty, 2));
+        let paths: Vec<_> = dirty.iter().map(|(p, _)| p.as_str()).collect();
+        // Records without a staged file ride along until the third staged one.
+        assert_eq!(paths, ["p00", "p01", "p02"]);
+
+        let mut dirty = records(&[true, false, true, false]);
+        assert!(!cut_after_staged(&mut dirty, 2), "exactly cap staged files");
+        assert_eq!(dirty.len(), 4);
+
+        let mut dirty = records(&[false; 10]);
+        assert!(!cut_after_staged(&mut dirty, 0), "no staged file, no cut");
+        assert_eq!(dirty.len(), 10);
+    }
+
+    #[test]
+    fn the_batch_size_is_bounded_whatever_the_limit() {
+        let n = staged_per_batch();
+        assert!((64..=4096).contains(&n), "{n}");
     }
 }

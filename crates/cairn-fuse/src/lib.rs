@@ -15,10 +15,15 @@
 
 mod base;
 mod core;
+mod errno;
 mod flusher;
 mod fs;
 mod mount;
+mod namespace;
+mod ops;
 mod sink;
+mod stat;
+mod status;
 
 pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
 pub use fs::CairnFs;

@@ -505,17 +505,11 @@ impl PairingProtocol {
                     st.roster.clone()
                 };
                 self.pairing.0.members.insert(joiner);
-                let mut v = vec![0x00];
-                v.extend_from_slice(proof(token, ACCEPT_CONTEXT, &inviter, &joiner).as_bytes());
-                v.extend_from_slice(self.pairing.0.secret.as_bytes());
-                let roster = &roster[..roster.len().min(MAX_MEMBERS)];
-                v.extend_from_slice(&(roster.len() as u16).to_be_bytes());
-                for m in roster {
-                    v.extend_from_slice(m.device.as_bytes());
-                    v.extend_from_slice(&(m.age_recipient.len() as u16).to_be_bytes());
-                    v.extend_from_slice(m.age_recipient.as_bytes());
-                }
-                v
+                accept_reply(
+                    &proof(token, ACCEPT_CONTEXT, &inviter, &joiner),
+                    &self.pairing.0.secret,
+                    &roster,
+                )
             }
             Err(e) => {
                 let mut v = vec![0x01, e.code()];
@@ -534,6 +528,23 @@ impl PairingProtocol {
             }));
         })
     }
+}
+
+/// The success reply: `0x00 | confirm(32) | vault secret(32) | n u16 | n × (device(32) |
+/// len u16 | recipient)`, the roster cut to [`MAX_MEMBERS`]. Read back by
+/// [`parse_join_reply`].
+fn accept_reply(confirm: &blake3::Hash, secret: &VaultSecret, roster: &[MemberInfo]) -> Vec<u8> {
+    let mut v = vec![0x00];
+    v.extend_from_slice(confirm.as_bytes());
+    v.extend_from_slice(secret.as_bytes());
+    let roster = &roster[..roster.len().min(MAX_MEMBERS)];
+    v.extend_from_slice(&(roster.len() as u16).to_be_bytes());
+    for m in roster {
+        v.extend_from_slice(m.device.as_bytes());
+        v.extend_from_slice(&(m.age_recipient.len() as u16).to_be_bytes());
+        v.extend_from_slice(m.age_recipient.as_bytes());
+    }
+    v
 }
 
 fn parse_join_request(req: &[u8]) -> Result<([u8; 32], String), PairError> {
@@ -629,48 +640,56 @@ async fn join_on(
         .await
         .map_err(|e| closed_err(conn, e.to_string()))?
         .ok_or_else(|| closed_err(conn, "the inviter sent no reply".into()))?;
+    let confirm = proof(&ticket.token, ACCEPT_CONTEXT, &inviter, &joiner);
+    let (vault_secret, members) = parse_join_reply(&reply, &confirm, &ticket.vault)?;
+    Ok(JoinResult {
+        vault_secret,
+        inviter,
+        members,
+    })
+}
+
+/// Reads the inviter's reply to a join request (the layout is in the module docs): the vault
+/// secret and roster when it carries the `confirm` proof and the secret of `vault`, else the
+/// error it reports. Every read is bounds-checked, so a short or garbled reply is an error,
+/// never a panic. Bytes after the roster are ignored.
+fn parse_join_reply(
+    reply: &[u8],
+    confirm: &blake3::Hash,
+    vault: &VaultId,
+) -> Result<(VaultSecret, Vec<MemberInfo>), PairError> {
     match reply.split_first() {
         Some((0x00, rest)) => {
-            let bad = || PairError::Malformed("truncated pairing reply".into());
-            if rest.len() < 66 {
-                return Err(bad());
-            }
-            let confirm = blake3::Hash::from_bytes(rest[..32].try_into().expect("32"));
-            if confirm != proof(&ticket.token, ACCEPT_CONTEXT, &inviter, &joiner) {
+            let truncated =
+                |_: cairn_codec::Error| PairError::Malformed("truncated pairing reply".into());
+            let mut r = Reader::new(rest);
+            let sent_confirm = r.take_array::<32>().map_err(truncated)?;
+            let secret = r.take_array::<32>().map_err(truncated)?;
+            let n = r.u16_be().map_err(truncated)?;
+            if blake3::Hash::from_bytes(sent_confirm) != *confirm {
                 return Err(PairError::BadConfirmation);
             }
-            let secret = VaultSecret::from_bytes(rest[32..64].try_into().expect("32"));
-            if secret.vault_id() != ticket.vault {
+            let secret = VaultSecret::from_bytes(secret);
+            if secret.vault_id() != *vault {
                 return Err(PairError::Malformed(
                     "the inviter sent the secret of a different vault than the ticket names".into(),
                 ));
             }
-            let n = u16::from_be_bytes([rest[64], rest[65]]) as usize;
-            let mut r = &rest[66..];
-            let mut members = Vec::with_capacity(n);
+            // Each member takes at least 34 bytes: a forged count allocates no more than the
+            // reply could hold.
+            let mut members = Vec::with_capacity(usize::from(n).min(r.remaining() / 34));
             for _ in 0..n {
-                if r.len() < 34 {
-                    return Err(bad());
-                }
-                let device = DeviceId(r[..32].try_into().expect("32"));
-                let len = u16::from_be_bytes([r[32], r[33]]) as usize;
-                r = &r[34..];
-                if r.len() < len {
-                    return Err(bad());
-                }
-                let age_recipient = String::from_utf8(r[..len].to_vec())
-                    .map_err(|_| PairError::Malformed("age recipient is not UTF-8".into()))?;
-                r = &r[len..];
+                let device = DeviceId(r.take_array().map_err(truncated)?);
+                let len = r.u16_be().map_err(truncated)?;
+                let age_recipient = std::str::from_utf8(r.take(len.into()).map_err(truncated)?)
+                    .map_err(|_| PairError::Malformed("age recipient is not UTF-8".into()))?
+                    .to_owned();
                 members.push(MemberInfo {
                     device,
                     age_recipient,
                 });
             }
-            Ok(JoinResult {
-                vault_secret: secret,
-                inviter,
-                members,
-            })
+            Ok((secret, members))
         }
         Some((0x01, [code, msg @ ..])) => Err(PairError::from_code(
             *code,
@@ -737,5 +756,130 @@ mod tests {
         let sum = blake3::hash(&b[..n]);
         b[n..].copy_from_slice(&sum.as_bytes()[..4]);
         assert_eq!(Ticket::from_bytes(&b), Err(TicketError::Version(9)));
+    }
+
+    fn member(i: u8, recipient: &str) -> MemberInfo {
+        MemberInfo {
+            device: DeviceId([i; 32]),
+            age_recipient: recipient.into(),
+        }
+    }
+
+    /// A valid success reply, and what it must be checked against.
+    fn accepted() -> (Vec<u8>, blake3::Hash, VaultSecret, Vec<MemberInfo>) {
+        let secret = VaultSecret::generate();
+        let confirm = blake3::hash(b"confirm");
+        let roster = vec![
+            member(1, "age1first"),
+            member(2, ""),
+            member(3, "age1third"),
+        ];
+        (
+            accept_reply(&confirm, &secret, &roster),
+            confirm,
+            secret,
+            roster,
+        )
+    }
+
+    fn parse_err(reply: &[u8], confirm: &blake3::Hash, vault: &VaultId) -> Option<PairError> {
+        parse_join_reply(reply, confirm, vault).err()
+    }
+
+    #[test]
+    fn join_reply_round_trip() {
+        let (reply, confirm, secret, roster) = accepted();
+        let vault = secret.vault_id();
+        let Ok((got, members)) = parse_join_reply(&reply, &confirm, &vault) else {
+            panic!("a valid reply was refused");
+        };
+        assert_eq!(got.as_bytes(), secret.as_bytes());
+        assert_eq!(members, roster);
+
+        let mut longer = reply.clone();
+        longer.extend_from_slice(b"later fields");
+        assert!(parse_join_reply(&longer, &confirm, &vault).is_ok());
+
+        let other = blake3::hash(b"other");
+        assert_eq!(
+            parse_err(&reply, &other, &vault),
+            Some(PairError::BadConfirmation)
+        );
+        let other_vault = VaultSecret::generate().vault_id();
+        assert!(matches!(
+            parse_err(&reply, &confirm, &other_vault),
+            Some(PairError::Malformed(m)) if m.contains("different vault")
+        ));
+        assert_eq!(
+            parse_err(b"\x01\x02already", &confirm, &vault),
+            Some(PairError::AlreadyUsed)
+        );
+        assert_eq!(
+            parse_err(b"\x01\x04bad join request", &confirm, &vault),
+            Some(PairError::Malformed("bad join request".into()))
+        );
+    }
+
+    #[test]
+    fn truncated_or_garbled_join_replies_are_errors_not_panics() {
+        let (reply, confirm, secret, _) = accepted();
+        let vault = secret.vault_id();
+        let truncated = Some(PairError::Malformed("truncated pairing reply".into()));
+
+        assert_eq!(
+            parse_err(&[], &confirm, &vault),
+            Some(PairError::Malformed("unknown pairing reply".into()))
+        );
+        for cut in 1..reply.len() {
+            assert_eq!(
+                parse_err(&reply[..cut], &confirm, &vault),
+                truncated,
+                "cut at {cut}"
+            );
+        }
+
+        // A forged member count with no members behind it.
+        let header = 1 + 32 + 32;
+        let mut forged = reply[..header].to_vec();
+        forged.extend_from_slice(&u16::MAX.to_be_bytes());
+        assert_eq!(parse_err(&forged, &confirm, &vault), truncated);
+        // A recipient length running past the end.
+        let mut long = reply[..header].to_vec();
+        long.extend_from_slice(&1u16.to_be_bytes());
+        long.extend_from_slice(&[7; 32]);
+        long.extend_from_slice(&u16::MAX.to_be_bytes());
+        long.extend_from_slice(b"age1");
+        assert_eq!(parse_err(&long, &confirm, &vault), truncated);
+        // A recipient that is not UTF-8.
+        let mut latin1 = reply[..header].to_vec();
+        latin1.extend_from_slice(&1u16.to_be_bytes());
+        latin1.extend_from_slice(&[7; 32]);
+        latin1.extend_from_slice(&2u16.to_be_bytes());
+        latin1.extend_from_slice(&[0xe9, 0xe9]);
+        assert_eq!(
+            parse_err(&latin1, &confirm, &vault),
+            Some(PairError::Malformed("age recipient is not UTF-8".into()))
+        );
+
+        // Every single-byte corruption of a valid reply, and seeded garbage, both bare and
+        // behind a valid header so the roster decoding sees it: any outcome but a panic.
+        for i in 0..reply.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut bad = reply.clone();
+                bad[i] ^= flip;
+                let _ = parse_join_reply(&bad, &confirm, &vault);
+            }
+        }
+        for seed in 0u32..2000 {
+            let mut xof = blake3::Hasher::new()
+                .update(&seed.to_le_bytes())
+                .finalize_xof();
+            let mut garbage = vec![0u8; (seed % 300) as usize];
+            xof.fill(&mut garbage);
+            let _ = parse_join_reply(&garbage, &confirm, &vault);
+            let mut behind = reply[..header].to_vec();
+            behind.extend_from_slice(&garbage);
+            let _ = parse_join_reply(&behind, &confirm, &vault);
+        }
     }
 }
