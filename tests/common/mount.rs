@@ -39,6 +39,9 @@ pub struct DaemonDir {
     pub data: PathBuf,
     pub mnt: PathBuf,
     pub log: PathBuf,
+    /// Extra environment for every command (e.g. a test relay: `CAIRN_RELAY`, `CAIRN_DIRECT`;
+    /// these override [`cairn_command`]'s loopback defaults).
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonDir {
@@ -58,6 +61,7 @@ impl DaemonDir {
             base,
             data,
             mnt,
+            env: Vec::new(),
         }
     }
 
@@ -77,6 +81,9 @@ impl DaemonDir {
         c.env_remove("CAIRN_VAULT");
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info");
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
         }
         c.stdin(Stdio::null());
         c

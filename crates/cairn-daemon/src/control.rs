@@ -1,9 +1,10 @@
 //! The running daemon's control socket (`<vault dir>/run/control.sock`, mode 0600), through
 //! which `cairn invite`, `cairn peers` and `cairn remove-device` reach the live endpoint.
 //!
-//! One request per connection, one line each way (then EOF): `invite SECONDS`, `peers`,
-//! `remove DEVICE_HEX`. Replies start with `ok` or `err`; `peers` answers one line per
-//! member: `DEVICE CONNECTED(0|1) LAST_CONTACT_MS(-) ADDRS(,-separated or -)`.
+//! One request per connection, one line in, the reply then EOF: `invite SECONDS`, `peers`,
+//! `remove DEVICE_HEX`. Replies start with `ok` or `err`; `peers` answers `ok` and a JSON
+//! [`PeersReply`] (this device's addresses, then every member with its connection state,
+//! path, round-trip time and bytes).
 //! Only the owner can connect (file mode), which is also who owns the vault's keys.
 
 use std::io::{BufRead, BufReader, Write};
@@ -17,7 +18,22 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cairn_crypto::DeviceId;
 
-use super::net::{NetNode, PeerStatus};
+use serde::{Deserialize, Serialize};
+
+use super::net::NetNode;
+use crate::status::PeerStatus;
+
+/// How long `cairn invite` waits for a relay-only daemon to reach its relay: a ticket without
+/// any address would be useless.
+const INVITE_ADDR_WAIT: Duration = Duration::from_secs(10);
+
+/// The reply to `peers`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeersReply {
+    /// Where this device can be reached: `IP:PORT` and relay URLs.
+    pub addrs: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+}
 
 pub fn socket_path(vault_dir: &Path) -> PathBuf {
     vault_dir.join("run").join("control.sock")
@@ -95,23 +111,24 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
     let reply = match (words.next(), words.next()) {
         (Some("invite"), secs) => {
             let ttl = secs.and_then(|s| s.parse::<u64>().ok()).unwrap_or(600);
-            let inv = net
-                .pairing
-                .invite(&net.endpoint, Duration::from_secs(ttl.max(1)));
-            format!("ok {}\n", inv.ticket)
+            if net.wait_addressable(INVITE_ADDR_WAIT) {
+                let inv = net
+                    .pairing
+                    .invite(&net.endpoint, Duration::from_secs(ttl.max(1)));
+                format!("ok {}\n", inv.ticket)
+            } else {
+                "err this device has no address to put in a ticket: direct paths are off (net.direct = false) and no relay answered; check net.relay and the network, then retry\n".to_string()
+            }
         }
         (Some("peers"), _) => {
-            let own: Vec<String> = net
-                .endpoint
-                .addr()
-                .ip_addrs()
-                .map(|a| a.to_string())
-                .collect();
-            let mut out = format!("ok\nme {}\n", own.join(","));
-            for p in net.peer_status() {
-                out.push_str(&peer_line(&p));
-            }
-            out
+            let reply = PeersReply {
+                addrs: cairn_net::peer_addrs(&net.endpoint.addr())
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                peers: net.peer_status(),
+            };
+            format!("ok\n{}\n", serde_json::to_string(&reply)?)
         }
         (Some("remove"), Some(dev)) => match resolve_device(net, dev) {
             Ok(d) => match net.remove_member(d) {
@@ -124,21 +141,6 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
     };
     (&stream).write_all(reply.as_bytes())?;
     Ok(())
-}
-
-fn peer_line(p: &PeerStatus) -> String {
-    format!(
-        "{} {} {} {}\n",
-        p.device,
-        u8::from(p.connected),
-        p.last_contact_ms
-            .map_or_else(|| "-".to_string(), |t| t.to_string()),
-        if p.addrs.is_empty() {
-            "-".to_string()
-        } else {
-            p.addrs.join(",")
-        }
-    )
 }
 
 /// A full device id, or an unambiguous hex prefix of a member's.

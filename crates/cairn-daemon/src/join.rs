@@ -11,8 +11,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use cairn_crypto::{AgeIdentity, DeviceKey};
 use cairn_net::{
-    EndpointAddr, Members, NetConfig, RegistryClient, RegistryProtocol, Ticket, bind_endpoint,
-    endpoint_id_of, join,
+    Members, NetConfig, PeerAddr, RegistryClient, RegistryProtocol, Ticket, bind_endpoint,
+    endpoint_addr, endpoint_id_of, join,
 };
 use cairn_registry::Registry;
 
@@ -33,8 +33,9 @@ pub fn join_vault(
 }
 
 /// `cairn recover`: rebuilds this device's membership from the recovery phrase and one
-/// reachable member, given as `DEVICE_ID@HOST:PORT` (both shown by `cairn peers` and in the
-/// member's log). The phrase's standing recovery token stands in for an invitation.
+/// reachable member, given as `DEVICE_ID@HOST:PORT` or `DEVICE_ID@RELAY_URL` (both shown by
+/// `cairn peers` on that member). The phrase's standing recovery token stands in for an
+/// invitation.
 pub fn recover_vault(
     data_dir: &Path,
     name: &str,
@@ -49,18 +50,27 @@ pub fn recover_vault(
     })?;
     let (dev, addr) = from.split_once('@').ok_or_else(|| {
         anyhow::anyhow!(
-            "--from must be DEVICE_ID@HOST:PORT (see `cairn peers` on that member), got {from:?}"
+            "--from must be DEVICE_ID@HOST:PORT or DEVICE_ID@RELAY_URL (see `cairn peers` on that member), got {from:?}"
         )
     })?;
     let inviter: cairn_crypto::DeviceId = dev
         .parse()
         .map_err(|e| anyhow::anyhow!("{dev:?} is not a device id: {e}"))?;
-    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .with_context(|| format!("cannot resolve {addr:?}; give HOST:PORT"))?
-        .collect();
+    let (addrs, relays) = if addr.starts_with("http://") || addr.starts_with("https://") {
+        match addr.parse::<PeerAddr>() {
+            Ok(PeerAddr::Relay(u)) => (Vec::new(), vec![u]),
+            _ => bail!("{addr:?} is not a usable relay URL"),
+        }
+    } else {
+        let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .with_context(|| format!("cannot resolve {addr:?}; give HOST:PORT or a relay URL"))?
+            .collect();
+        (addrs, Vec::new())
+    };
     let ticket = Ticket {
         inviter,
         addrs,
+        relays,
         vault: secret.vault_id(),
         token: cairn_net::recovery_token(&secret),
         expires_at: u64::MAX,
@@ -97,7 +107,8 @@ fn join_with(
             &device,
             NetConfig {
                 bind: settings.bind,
-                relays: settings.relays,
+                relays: settings.relays.clone(),
+                direct: settings.direct,
             },
             Members::new([ticket.inviter]),
             None,
@@ -122,7 +133,10 @@ fn join_with(
         registry.add_member(&vault, &m.device)?;
     }
     registry.add_member(&vault, &state.device.device_id())?;
-    let addrs: Vec<String> = ticket.addrs.iter().map(|a| a.to_string()).collect();
+    let addrs: Vec<String> = ticket_addrs(&ticket)
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
     registry.set_addrs(&vault, &ticket.inviter, &addrs)?;
     let proto = RegistryProtocol::new(registry);
     proto.set_local(state.device.device_id(), Vec::new());
@@ -148,10 +162,7 @@ async fn pair_with(
         bail!("the inviter sent the secret of another vault than the ticket names; refusing it");
     }
     // The signed member list, with our own record that the inviter just signed.
-    let addr = ticket.addrs.iter().fold(
-        EndpointAddr::new(endpoint_id_of(&ticket.inviter)?),
-        |a, s| a.with_ip_addr(*s),
-    );
+    let addr = endpoint_addr(endpoint_id_of(&ticket.inviter)?, &ticket_addrs(ticket));
     let client = RegistryClient::connect(endpoint, addr)
         .await
         .context("connecting to the inviter's registry")?;
@@ -177,4 +188,14 @@ async fn pair_with(
         }
     };
     Ok((result.vault_secret, result.members, roster))
+}
+
+/// Every way to reach the inviter a ticket names.
+fn ticket_addrs(ticket: &Ticket) -> Vec<PeerAddr> {
+    ticket
+        .addrs
+        .iter()
+        .map(|a| PeerAddr::Direct(*a))
+        .chain(ticket.relays.iter().map(|u| PeerAddr::Relay(u.clone())))
+        .collect()
 }

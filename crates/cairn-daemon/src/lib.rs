@@ -24,6 +24,8 @@ mod state;
 mod status;
 mod stores;
 
+pub use cairn_net::{PeerAddr, RelayUrl, Relays};
+pub use control::PeersReply;
 pub use control::request as control_request;
 pub use history::{format_time, log, mount_at, parse_time};
 pub use instance::{DaemonInfo, running_daemon};

@@ -137,18 +137,7 @@ impl Networking {
                     .name("cairn-netstatus".into())
                     .spawn(move || {
                         while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-                            board.set_peers(
-                                inner
-                                    .peer_status()
-                                    .into_iter()
-                                    .map(|p| super::status::PeerStatus {
-                                        device: p.device.to_string(),
-                                        connected: p.connected,
-                                        last_contact_ms: p.last_contact_ms,
-                                        addrs: p.addrs,
-                                    })
-                                    .collect(),
-                            );
+                            board.set_peers(inner.peer_status());
                             let (chunks, bytes) = inner.downloads();
                             board.set_downloads(chunks, bytes);
                             std::thread::sleep(Duration::from_millis(500));
@@ -330,8 +319,12 @@ pub(super) fn serve(
     let mountpoint = handle.mountpoint().to_path_buf();
     // The network starts once the mount exists (so a bad mountpoint fails before anything
     // binds) and before READY (so a ready daemon is reachable by its peers).
+    let (publisher, settings) = match publisher {
+        Some((p, s)) => (Some(p), s),
+        None => (None, None),
+    };
     let mut networking = match publisher {
-        Some((publisher, settings)) => {
+        Some(publisher) => {
             publisher.set_invalidator(Some(handle.invalidator()));
             match Networking::start(state, publisher, settings, board.clone()) {
                 Ok(n) => n,
@@ -346,7 +339,6 @@ pub(super) fn serve(
         }
         None => Networking::none(),
     };
-    let publisher = publisher.map(|(h, _)| h);
     let status_writer = match &board {
         Some(b) => Some((b.clone(), b.spawn_writer()?)),
         None => None,

@@ -31,13 +31,27 @@ pub struct Downloads {
     pub bytes: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     /// The peer's device id.
     pub device: String,
     pub connected: bool,
     pub last_contact_ms: Option<u64>,
+    /// Where this device knows the peer can be reached: `IP:PORT` and relay URLs.
     pub addrs: Vec<String>,
+    /// The path traffic to the peer takes now: `direct IP:PORT` or `relay URL`
+    /// (`None` while not connected).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Round-trip time on that path, in microseconds.
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
+    /// Bytes sent to and received from the peer since the daemon started (UDP payload,
+    /// including QUIC overhead, on every connection to it).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub bytes_received: u64,
 }
 
 /// The content of `status.json`.
@@ -230,7 +244,11 @@ mod tests {
             device: "abc".into(),
             connected: true,
             last_contact_ms: Some(5),
-            addrs: vec!["1.2.3.4:5".into()],
+            addrs: vec!["1.2.3.4:5".into(), "http://127.0.0.1:3340/".into()],
+            path: Some("relay http://127.0.0.1:3340/".into()),
+            rtt_us: Some(3_500),
+            bytes_sent: 10,
+            bytes_received: 20,
         }]);
         board.set_downloads(3, 300);
         board.note_flush(Err("disk full".into()));

@@ -16,21 +16,44 @@ use iroh::endpoint::{
     AfterHandshakeOutcome, Connection, EndpointHooks, NetReportConfig, PortmapperConfig, VarInt,
     presets,
 };
-use iroh::{Endpoint, EndpointId, RelayMode, SecretKey};
+use iroh::{Endpoint, EndpointId, RelayMap, RelayMode, RelayUrl, SecretKey};
 
 use crate::pairing::{PAIR_ALPN, Pairing};
 
 /// QUIC close code sent to endpoints refused by the allowlist.
 pub const NOT_MEMBER_CODE: u32 = 403;
 
+/// Which relays the endpoint uses.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Relays {
+    /// None: devices must reach each other directly (same LAN, VPN, forwarded port).
+    #[default]
+    Disabled,
+    /// n0's public relays.
+    Default,
+    /// These relays (self-hosted, e.g. `cairn relay`); the endpoint picks the one that
+    /// answers fastest as its home relay.
+    Custom(Vec<RelayUrl>),
+}
+
+impl Relays {
+    pub fn enabled(&self) -> bool {
+        !matches!(self, Self::Disabled)
+    }
+}
+
 /// Where and how the endpoint talks to the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// Local UDP socket to bind (`127.0.0.1:0` for tests).
+    /// Local UDP socket to bind (`127.0.0.1:0` for tests); unused when `direct` is false.
     pub bind: SocketAddr,
-    /// Use n0's public relays for NAT traversal. Address lookup (pkarr/DNS) is never enabled
-    /// by this crate; peers are addressed by explicit socket addresses.
-    pub relays: bool,
+    /// Relays for reaching devices on other networks. Address lookup (pkarr/DNS) is never
+    /// enabled by this crate; peers are addressed by the addresses members exchange.
+    pub relays: Relays,
+    /// Open a UDP socket for direct paths. `false` is relay-only: no socket is bound, no
+    /// direct path is ever opened or announced, so peers never learn this device's IP
+    /// address (only the relay does). Needs a relay.
+    pub direct: bool,
 }
 
 impl NetConfig {
@@ -38,7 +61,8 @@ impl NetConfig {
     pub fn loopback() -> Self {
         Self {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            relays: false,
+            relays: Relays::Disabled,
+            direct: true,
         }
     }
 }
@@ -51,6 +75,10 @@ pub enum EndpointError {
     Bind { addr: SocketAddr, reason: String },
     #[error("{0} is not a valid ed25519 public key, so it cannot be a device or endpoint id")]
     BadId(DeviceId),
+    #[error(
+        "relay-only mode (net.direct = false) needs a relay: set net.relay to \"default\" or to your relay URLs"
+    )]
+    RelayOnlyWithoutRelay,
 }
 
 /// The endpoint id of a device: the same ed25519 public key.
@@ -150,8 +178,10 @@ impl EndpointHooks for Allowlist {
 /// or let a device rejoin with the recovery phrase: non-members may then always reach the
 /// pairing ALPN (and only it). With `None` they are refused on every ALPN.
 ///
-/// Address lookup, net-report HTTPS probes, captive-portal checks and port mapping are always
-/// off; relays only if `config.relays`.
+/// Address lookup, captive-portal checks and port mapping are always off. With relays, the
+/// net report asks each relay's `/ping` over HTTP(S) to pick the home relay (nothing else is
+/// probed); without, it probes nothing. Binding never waits for a relay: an unreachable one
+/// is retried by iroh in the background while direct paths work.
 pub async fn bind_endpoint(
     key: &DeviceKey,
     config: NetConfig,
@@ -162,20 +192,36 @@ pub async fn bind_endpoint(
         addr: config.bind,
         reason,
     };
-    let relay_mode = if config.relays {
-        RelayMode::Default
-    } else {
-        RelayMode::Disabled
+    if !config.direct && !config.relays.enabled() {
+        return Err(EndpointError::RelayOnlyWithoutRelay);
+    }
+    let mut report = NetReportConfig::minimal();
+    let relay_mode = match &config.relays {
+        Relays::Disabled => RelayMode::Disabled,
+        Relays::Default => {
+            report.https_probes = true;
+            RelayMode::Default
+        }
+        Relays::Custom(urls) => {
+            report.https_probes = true;
+            RelayMode::Custom(RelayMap::from_iter(
+                urls.iter().map(|u| iroh::RelayConfig::new(u.clone(), None)),
+            ))
+        }
     };
-    Endpoint::builder(presets::Minimal)
+    let mut builder = Endpoint::builder(presets::Minimal)
         .secret_key(SecretKey::from_bytes(&key.to_bytes()))
         .relay_mode(relay_mode)
         .clear_address_lookup()
-        .net_report_config(NetReportConfig::minimal())
+        .net_report_config(report)
         .portmapper_config(PortmapperConfig::Disabled)
-        .clear_ip_transports()
-        .bind_addr(config.bind)
-        .map_err(|e| bind_err(e.to_string()))?
+        .clear_ip_transports();
+    if config.direct {
+        builder = builder
+            .bind_addr(config.bind)
+            .map_err(|e| bind_err(e.to_string()))?;
+    }
+    builder
         .hooks(Allowlist { members, pairing })
         .bind()
         .await

@@ -11,15 +11,17 @@
 //! lookup, net-report probes and port mapping and binds to `127.0.0.1` only, and the tests use
 //! nothing else.
 
-pub mod blobs;
+pub mod addr;
+mod blobs;
 pub mod endpoint;
 pub mod pairing;
 pub mod registry_proto;
 mod wire;
 
+pub use addr::{AddrError, PeerAddr, endpoint_addr, parse_addrs, peer_addrs};
 pub use blobs::{BlobError, BlobService};
 pub use endpoint::{
-    EndpointError, Members, NetConfig, bind_endpoint, device_id_of, endpoint_id_of,
+    EndpointError, Members, NetConfig, Relays, bind_endpoint, device_id_of, endpoint_id_of,
 };
 pub use pairing::{
     Invitation, JoinResult, Joined, MemberInfo, PAIR_ALPN, PairError, Pairing, PairingEvent,
@@ -31,4 +33,4 @@ pub use registry_proto::{
 };
 
 pub use cairn_crypto::DeviceId;
-pub use iroh::{Endpoint, EndpointAddr, EndpointId, protocol::Router};
+pub use iroh::{Endpoint, EndpointAddr, EndpointId, RelayUrl, protocol::Router};

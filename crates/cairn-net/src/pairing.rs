@@ -37,15 +37,18 @@ use cairn_crypto::{DeviceId, VaultId, VaultSecret};
 use data_encoding::{BASE32_NOPAD, BASE32_NOPAD_NOCASE};
 use iroh::endpoint::{Connection, ConnectionError};
 use iroh::protocol::{AcceptError, ProtocolHandler};
-use iroh::{Endpoint, EndpointAddr};
+use iroh::{Endpoint, EndpointAddr, RelayUrl};
 use tokio::sync::broadcast;
 
+use crate::addr::{MAX_ADDR_TEXT, PeerAddr};
 use crate::endpoint::{Members, device_id_of, endpoint_id_of};
 use crate::wire::{FrameError, read_frame, write_frame};
 
 pub const PAIR_ALPN: &[u8] = b"cairn/pair/1";
 const TICKET_PREFIX: &str = "cairn1";
-const TICKET_VERSION: u8 = 1;
+/// Version 2 added the inviter's relay URLs; version 1 tickets (direct addresses only) are
+/// still read.
+const TICKET_VERSION: u8 = 2;
 const MAX_RECIPIENT: usize = 512;
 const MAX_MEMBERS: usize = 4096;
 const JOIN_CONTEXT: &[u8] = b"cairn pair v1 join";
@@ -84,6 +87,8 @@ pub enum TicketError {
     Trailing,
     #[error("the ticket's device id is not a valid public key")]
     BadId,
+    #[error("the ticket names a relay that is not an http:// or https:// URL")]
+    Relay,
     #[error("the ticket has an unknown address family {0}")]
     AddressFamily(u8),
 }
@@ -93,6 +98,9 @@ pub enum TicketError {
 pub struct Ticket {
     pub inviter: DeviceId,
     pub addrs: Vec<SocketAddr>,
+    /// Relays the inviter is connected to: the way in when its direct addresses are not
+    /// reachable from the joiner's network.
+    pub relays: Vec<RelayUrl>,
     pub vault: VaultId,
     pub token: [u8; 32],
     /// Seconds since the Unix epoch.
@@ -104,6 +112,7 @@ impl fmt::Debug for Ticket {
         f.debug_struct("Ticket")
             .field("inviter", &self.inviter)
             .field("addrs", &self.addrs)
+            .field("relays", &self.relays)
             .field("vault", &self.vault)
             .field("token", &"<redacted>")
             .field("expires_at", &self.expires_at)
@@ -133,6 +142,18 @@ impl Ticket {
             }
             v.extend_from_slice(&a.port().to_be_bytes());
         }
+        let relays: Vec<String> = self
+            .relays
+            .iter()
+            .map(|u| u.to_string())
+            .filter(|t| t.len() <= MAX_ADDR_TEXT)
+            .take(255)
+            .collect();
+        v.push(relays.len() as u8);
+        for t in relays {
+            v.push(t.len() as u8);
+            v.extend_from_slice(t.as_bytes());
+        }
         let sum = blake3::hash(&v);
         v.extend_from_slice(&sum.as_bytes()[..4]);
         v
@@ -148,7 +169,7 @@ impl Ticket {
         }
         let mut r = Reader::new(body);
         let version = r.u8()?;
-        if version != TICKET_VERSION {
+        if version != 1 && version != TICKET_VERSION {
             return Err(TicketError::Version(version));
         }
         let inviter = DeviceId(r.take_array()?);
@@ -167,10 +188,23 @@ impl Ticket {
             let port = r.u16_be()?;
             addrs.push(SocketAddr::new(ip, port));
         }
+        let mut relays = Vec::new();
+        if version >= 2 {
+            let n = r.u8()?;
+            for _ in 0..n {
+                let len = r.u8()? as usize;
+                let text = std::str::from_utf8(r.take(len)?).map_err(|_| TicketError::Relay)?;
+                match text.parse::<PeerAddr>() {
+                    Ok(PeerAddr::Relay(u)) => relays.push(u),
+                    _ => return Err(TicketError::Relay),
+                }
+            }
+        }
         r.finish()?;
         Ok(Self {
             inviter,
             addrs,
+            relays,
             vault,
             token,
             expires_at,
@@ -386,6 +420,7 @@ impl Pairing {
         let ticket = Ticket {
             inviter: device_id_of(&endpoint.id()),
             addrs: endpoint.addr().ip_addrs().copied().collect(),
+            relays: endpoint.addr().relay_urls().cloned().collect(),
             vault: self.0.secret.vault_id(),
             token,
             expires_at,
@@ -596,9 +631,10 @@ pub async fn join(
     }
     let id = endpoint_id_of(&ticket.inviter).map_err(|_| TicketError::BadId)?;
     let addr = ticket
-        .addrs
+        .relays
         .iter()
-        .fold(EndpointAddr::new(id), |a, s| a.with_ip_addr(*s));
+        .fold(EndpointAddr::new(id), |a, u| a.with_relay_url(u.clone()));
+    let addr = ticket.addrs.iter().fold(addr, |a, s| a.with_ip_addr(*s));
     let conn = endpoint
         .connect(addr, PAIR_ALPN)
         .await
@@ -710,6 +746,10 @@ mod tests {
             addrs: vec![
                 "127.0.0.1:4242".parse().unwrap(),
                 "[::1]:7".parse().unwrap(),
+            ],
+            relays: vec![
+                "http://127.0.0.1:3340/".parse().unwrap(),
+                "https://relay.example.org/".parse().unwrap(),
             ],
             vault: VaultSecret::generate().vault_id(),
             token: rand::random(),

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use cairn_codec::Reader;
 use cairn_crypto::{DeviceId, VaultId};
-use std::net::SocketAddr;
+
 use std::sync::RwLock;
 
 use cairn_registry::{
@@ -42,6 +42,7 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::sync::broadcast;
 
+use crate::addr::{MAX_ADDR_TEXT, PeerAddr, parse_addrs};
 use crate::endpoint::device_id_of;
 use crate::wire::{FrameError, read_frame, write_frame};
 
@@ -148,13 +149,14 @@ pub struct RegistryProtocol {
 }
 
 /// This device and the addresses it announces.
-type LocalInfo = (DeviceId, Vec<SocketAddr>);
+type LocalInfo = (DeviceId, Vec<PeerAddr>);
 
 /// A signed member list plus known addresses, as exchanged between members.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RosterMessage {
     pub records: Vec<MemberRecord>,
-    pub addrs: Vec<(DeviceId, Vec<SocketAddr>)>,
+    /// Where each device can be reached (direct addresses and relays), as its sender knows.
+    pub addrs: Vec<(DeviceId, Vec<PeerAddr>)>,
 }
 
 impl RosterMessage {
@@ -171,8 +173,10 @@ impl RosterMessage {
             v.push(list.len() as u8);
             for a in list {
                 let t = a.to_string();
+                // Never more than MAX_ADDR_TEXT (255) bytes: PeerAddr refuses longer text.
+                let t = &t.as_bytes()[..t.len().min(MAX_ADDR_TEXT)];
                 v.push(t.len() as u8);
-                v.extend_from_slice(t.as_bytes());
+                v.extend_from_slice(t);
             }
         }
         v
@@ -199,8 +203,8 @@ impl RosterMessage {
                 let t = r.take(len).map_err(cut)?;
                 let a = std::str::from_utf8(t)
                     .ok()
-                    .and_then(|t| t.parse::<SocketAddr>().ok())
-                    .ok_or_else(|| bad("invalid socket address"))?;
+                    .and_then(|t| t.parse::<PeerAddr>().ok())
+                    .ok_or_else(|| bad("invalid address (neither IP:PORT nor a relay URL)"))?;
                 list.push(a);
             }
             addrs.push((d, list));
@@ -223,7 +227,7 @@ impl RegistryProtocol {
     }
 
     /// Who this device is and where peers can reach it (sent in roster exchanges).
-    pub fn set_local(&self, device: DeviceId, addrs: Vec<SocketAddr>) {
+    pub fn set_local(&self, device: DeviceId, addrs: Vec<PeerAddr>) {
         *self.local.write().unwrap_or_else(|p| p.into_inner()) = Some((device, addrs));
     }
 
@@ -256,7 +260,7 @@ impl RegistryProtocol {
                 if local.as_ref().is_some_and(|(me, _)| *me == d) {
                     continue;
                 }
-                let list: Vec<SocketAddr> = list.iter().filter_map(|a| a.parse().ok()).collect();
+                let list = parse_addrs(list.iter().map(String::as_str));
                 if !list.is_empty() {
                     addrs.push((d, list));
                 }
@@ -269,7 +273,8 @@ impl RegistryProtocol {
     }
 
     /// Merges a roster message received from member `from`: signed records by the roster
-    /// rules; `from`'s own addresses always, others' only where we know none.
+    /// rules; `from`'s own addresses always, others' only where we know none, and only ever
+    /// for members (a peer cannot make us remember addresses of strangers).
     pub async fn absorb(
         &self,
         vault: VaultId,
@@ -290,8 +295,10 @@ impl RegistryProtocol {
                 .into_iter()
                 .map(|(d, _)| d)
                 .collect();
+            let members: std::collections::HashSet<DeviceId> =
+                registry.members(&vault)?.into_iter().collect();
             for (d, list) in &msg.addrs {
-                if Some(*d) == me || list.is_empty() {
+                if Some(*d) == me || list.is_empty() || !members.contains(d) {
                     continue;
                 }
                 if *d == from || !known.contains(d) {
@@ -667,6 +674,7 @@ mod tests {
                 vec![
                     "127.0.0.1:4000".parse().unwrap(),
                     "[::1]:9".parse().unwrap(),
+                    "https://relay.example.org/".parse().unwrap(),
                 ],
             )],
         };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cairn_crypto::{DeviceId, DeviceKey, VaultId, VaultSecret};
 use cairn_net::{
     BlobService, EndpointAddr, Members, NetConfig, PAIR_ALPN, PairError, Pairing, PairingEvent,
-    PairingProtocol, PushResult, REGISTRY_ALPN, RegistryClient, RegistryProtocol, Router,
+    PairingProtocol, PeerAddr, PushResult, REGISTRY_ALPN, RegistryClient, RegistryProtocol, Router,
     SubscriptionEvent, Ticket, TicketError, bind_endpoint, join,
 };
 use cairn_registry::{Payload, Registry, RegistryEntry, Revision};
@@ -261,6 +261,7 @@ async fn non_members_are_refused_on_every_alpn() {
     let ticket = Ticket {
         inviter: a.id(),
         addrs: a.addr().ip_addrs().copied().collect(),
+        relays: Vec::new(),
         vault,
         token: [7; 32],
         expires_at: u64::MAX,
@@ -479,7 +480,15 @@ async fn roster_exchange_spreads_members_and_addresses() {
         .registry()
         .merge_roster(&vault, &[add_new])
         .unwrap();
-    a.registry.set_local(a.id(), a.endpoint.bound_sockets());
+    a.registry.set_local(
+        a.id(),
+        a.endpoint
+            .bound_sockets()
+            .into_iter()
+            .map(PeerAddr::Direct)
+            .chain(["http://127.0.0.1:9/".parse().unwrap()])
+            .collect(),
+    );
 
     // B asks A: B now holds A's three records and A's address.
     let mut events = b.registry.roster_events();
@@ -502,7 +511,9 @@ async fn roster_exchange_spreads_members_and_addresses() {
             .bound_sockets()
             .iter()
             .map(|s| s.to_string())
-            .collect::<Vec<_>>()
+            .chain(["http://127.0.0.1:9/".to_string()])
+            .collect::<Vec<_>>(),
+        "direct addresses and relays both travel"
     );
 
     // A removal signed by A travels the same way and wins over the earlier addition.

@@ -3,13 +3,14 @@
 //! Every key has a default, so a missing file is a valid configuration; a present file must be
 //! entirely understood (unknown keys are rejected), because a typo that silently falls back
 //! to a default is worse than a refusal. `docs/config.example.toml` documents every key.
-//! Precedence, lowest first: defaults, the file, environment (`CAIRN_RELAY`, `CAIRN_BIND`),
-//! command-line flags.
+//! Precedence, lowest first: defaults, the file, environment (`CAIRN_RELAY`, `CAIRN_BIND`,
+//! `CAIRN_DIRECT`), command-line flags.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use cairn_daemon::{PeerAddr, RelayUrl, Relays};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -20,16 +21,82 @@ pub struct Config {
     pub cache: CacheSettings,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// `net.relay`: which relays carry traffic between devices that cannot reach each other
+/// directly.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawRelay")]
 pub enum RelayMode {
-    /// n0's public relays, for NAT traversal. Off by default: tickets and the member
-    /// address book carry direct socket addresses only, so devices must reach each other
-    /// directly (same LAN, VPN, or a forwarded UDP port).
-    Default,
-    /// Direct connections only: nothing is sent to any third party.
+    /// n0's public relays (the default): devices on different networks (a laptop at a café,
+    /// a desktop at home) find each other with no set-up. The relay sees device ids, IP
+    /// addresses and traffic volume, never content (it is end-to-end encrypted QUIC), and
+    /// iroh moves the connection to a direct path whenever hole punching succeeds.
     #[default]
+    Default,
+    /// Direct connections only: nothing is sent to any third party; devices must reach each
+    /// other directly (same LAN, a VPN, or a forwarded UDP port).
     Disabled,
+    /// Your own relays (`cairn relay`), by URL.
+    Custom(Vec<RelayUrl>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawRelay {
+    Word(String),
+    List(Vec<String>),
+}
+
+impl TryFrom<RawRelay> for RelayMode {
+    type Error = String;
+
+    fn try_from(raw: RawRelay) -> Result<Self, String> {
+        match raw {
+            RawRelay::Word(w) => parse_relay(&w),
+            RawRelay::List(urls) => relay_urls(urls.iter().map(String::as_str)),
+        }
+    }
+}
+
+fn relay_urls<'a>(urls: impl IntoIterator<Item = &'a str>) -> Result<RelayMode, String> {
+    let mut out = Vec::new();
+    for u in urls {
+        match u.trim().parse::<PeerAddr>() {
+            Ok(PeerAddr::Relay(url)) => out.push(url),
+            _ => {
+                return Err(format!(
+                    "{u:?} is not a relay URL; give http://HOST:PORT/ or https://HOST/"
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("an empty relay list; use \"disabled\" for no relays".into());
+    }
+    Ok(RelayMode::Custom(out))
+}
+
+/// `"default"`, `"disabled"`, or comma-separated relay URLs (the form `CAIRN_RELAY` takes).
+fn parse_relay(text: &str) -> Result<RelayMode, String> {
+    match text.trim() {
+        "default" => Ok(RelayMode::Default),
+        "disabled" => Ok(RelayMode::Disabled),
+        t if t.starts_with("http://") || t.starts_with("https://") => {
+            relay_urls(t.split(',').filter(|u| !u.trim().is_empty()))
+        }
+        other => Err(format!(
+            "relay {other:?} is not understood; use \"default\", \"disabled\" or a list of relay URLs"
+        )),
+    }
+}
+
+impl RelayMode {
+    pub fn to_relays(&self) -> Relays {
+        match self {
+            Self::Default => Relays::Default,
+            Self::Disabled => Relays::Disabled,
+            Self::Custom(urls) => Relays::Custom(urls.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -38,13 +105,16 @@ pub struct NetSettings {
     pub relay: RelayMode,
     /// UDP address of the endpoint; port 0 picks one (then remembered per vault).
     pub bind: SocketAddr,
+    /// `false`: relay-only, no direct paths; peers never learn this device's IP address.
+    pub direct: bool,
 }
 
 impl Default for NetSettings {
     fn default() -> Self {
         Self {
-            relay: RelayMode::Disabled,
+            relay: RelayMode::Default,
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            direct: true,
         }
     }
 }
@@ -139,13 +209,20 @@ impl Config {
             }
         };
         if let Some(relay) = env("CAIRN_RELAY").filter(|v| !v.is_empty()) {
-            config.net.relay = match relay.as_str() {
-                "default" => RelayMode::Default,
-                "disabled" => RelayMode::Disabled,
-                other => bail!(
-                    "CAIRN_RELAY={other:?} is not understood; use \"default\" or \"disabled\""
-                ),
+            config.net.relay =
+                parse_relay(&relay).map_err(|e| anyhow::anyhow!("CAIRN_RELAY: {e}"))?;
+        }
+        if let Some(direct) = env("CAIRN_DIRECT").filter(|v| !v.is_empty()) {
+            config.net.direct = match direct.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                other => bail!("CAIRN_DIRECT={other:?} is not understood; use true or false"),
             };
+        }
+        if !config.net.direct && config.net.relay == RelayMode::Disabled {
+            bail!(
+                "net.direct = false (relay-only) needs a relay, but net.relay is \"disabled\"; set net.relay to \"default\" or to your relay URLs"
+            );
         }
         if let Some(bind) = env("CAIRN_BIND").filter(|v| !v.is_empty()) {
             config.net.bind = bind.parse().map_err(|_| {
@@ -190,7 +267,8 @@ mod tests {
         let env = move |k: &str| (k == "XDG_CONFIG_HOME").then(|| home.clone());
         let c = Config::load_with(None, &env).unwrap();
         assert_eq!(c, Config::default());
-        assert_eq!(c.net.relay, RelayMode::Disabled);
+        assert_eq!(c.net.relay, RelayMode::Default);
+        assert!(c.net.direct);
         assert_eq!(c.net.bind, "0.0.0.0:0".parse().unwrap());
         assert_eq!(c.mount.debounce_ms, 150);
         assert_eq!(c.cache.chunk_cache_mib, 8);
@@ -208,8 +286,9 @@ mod tests {
     fn a_full_file_sets_every_key() {
         let text = r#"
 [net]
-relay = "default"
+relay = ["https://relay.example.org/", "http://127.0.0.1:3340"]
 bind = "127.0.0.1:4433"
+direct = false
 [mount]
 debounce_ms = 50
 [cache]
@@ -217,7 +296,14 @@ chunk_cache_mib = 2
 node_cache_mib = 64
 "#;
         let c = Config::parse(text, Path::new("config.toml")).unwrap();
-        assert_eq!(c.net.relay, RelayMode::Default);
+        assert_eq!(
+            c.net.relay,
+            RelayMode::Custom(vec![
+                "https://relay.example.org/".parse().unwrap(),
+                "http://127.0.0.1:3340/".parse().unwrap()
+            ])
+        );
+        assert!(!c.net.direct);
         assert_eq!(c.net.bind, "127.0.0.1:4433".parse().unwrap());
         assert_eq!(c.mount.debounce_ms, 50);
         assert_eq!(c.cache.chunk_cache_bytes(), 2 << 20);
@@ -254,10 +340,35 @@ node_cache_mib = 64
 
     #[test]
     fn a_bad_relay_mode_is_rejected() {
-        let err = Config::parse("[net]\nrelay = \"sometimes\"\n", Path::new("c.toml"))
+        for bad in [
+            "relay = \"sometimes\"",
+            "relay = []",
+            "relay = [\"ftp://x/\"]",
+            "relay = [\"relay.example.org\"]",
+        ] {
+            let err = Config::parse(&format!("[net]\n{bad}\n"), Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("c.toml:2: "), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn relay_only_needs_a_relay() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("config.toml");
+        std::fs::write(&path, "[net]\nrelay = \"disabled\"\ndirect = false\n").unwrap();
+        let err = Config::load_with(Some(&path), &no_env)
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("c.toml:2: "), "{err}");
+        assert!(err.contains("relay-only"), "{err}");
+        let env = |k: &str| (k == "CAIRN_RELAY").then(|| "http://127.0.0.1:9/".to_string());
+        let c = Config::load_with(Some(&path), &env).unwrap();
+        assert!(!c.net.direct);
+        assert_eq!(
+            c.net.relay.to_relays(),
+            Relays::Custom(vec!["http://127.0.0.1:9/".parse().unwrap()])
+        );
     }
 
     #[test]
@@ -273,6 +384,14 @@ node_cache_mib = 64
         let c = Config::load_with(Some(&path), &env).unwrap();
         assert_eq!(c.net.relay, RelayMode::Disabled);
         assert_eq!(c.net.bind, "127.0.0.1:7000".parse().unwrap());
+        let env = |k: &str| match k {
+            "CAIRN_RELAY" => Some("http://127.0.0.1:1/,https://r.example/".to_string()),
+            "CAIRN_DIRECT" => Some("false".to_string()),
+            _ => None,
+        };
+        let c = Config::load_with(Some(&path), &env).unwrap();
+        assert!(!c.net.direct);
+        assert!(matches!(c.net.relay, RelayMode::Custom(ref v) if v.len() == 2));
 
         let bad = |k: &str| (k == "CAIRN_BIND").then(|| "nonsense".to_string());
         let err = Config::load_with(Some(&path), &bad)

@@ -107,8 +107,13 @@ enum Command {
     },
     /// Run the sync daemon without mounting (an always-on replica).
     Sync,
-    /// List the vault's member devices and whether they are connected.
-    Peers,
+    /// List the vault's member devices: connected or not, the path in use (direct or which
+    /// relay), round-trip time, bytes sent and received, known addresses.
+    Peers {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke a member device: it can no longer connect or fetch, and later snapshots are
     /// not readable by it. DEVICE is its id or an unambiguous prefix (see `cairn peers`).
     RemoveDevice { device: String },
@@ -302,34 +307,17 @@ fn run(cli: Cli) -> Result<()> {
             let state = VaultState::load(&data_dir, &cli.vault)?;
             daemon::sync_only(&state, net_settings(&config))?;
         }
-        Command::Peers => {
+        Command::Peers { json } => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
             let me = state.device.device_id();
             match daemon::control_request(&state.dir, "peers")? {
                 Some(reply) => {
-                    let own = reply
-                        .lines()
-                        .find_map(|l| l.strip_prefix("me "))
-                        .unwrap_or("");
-                    println!("{me}  this device, listening on {own}");
-                    for line in reply
-                        .lines()
-                        .filter(|l| !l.is_empty() && !l.starts_with("me "))
-                    {
-                        let f: Vec<&str> = line.split(' ').collect();
-                        if f.len() < 4 {
-                            continue;
-                        }
-                        let state = if f[1] == "1" {
-                            "connected"
-                        } else {
-                            "disconnected"
-                        };
-                        let seen = match f[2].parse::<u64>() {
-                            Ok(ms) => format!("last contact {}", daemon::format_time(ms)),
-                            Err(_) => "never contacted".to_string(),
-                        };
-                        println!("{}  {state}, {seen}, addresses {}", f[0], f[3]);
+                    let reply: daemon::PeersReply = serde_json::from_str(reply.trim())
+                        .map_err(|e| anyhow::anyhow!("the daemon's peers reply is unreadable ({e}); is it the same cairn version?"))?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&reply)?);
+                    } else {
+                        print_peers(&me.to_string(), &reply);
                     }
                 }
                 None => {
@@ -415,11 +403,55 @@ fn no_daemon() -> anyhow::Error {
 }
 
 /// The daemon's network settings from the configuration (which already applied the
-/// `CAIRN_BIND` / `CAIRN_RELAY` environment overrides).
+/// `CAIRN_BIND` / `CAIRN_RELAY` / `CAIRN_DIRECT` environment overrides).
 fn net_settings(config: &config::Config) -> daemon::NetSettings {
     daemon::NetSettings {
         bind: config.net.bind,
-        relays: config.net.relay == config::RelayMode::Default,
+        relays: config.net.relay.to_relays(),
+        direct: config.net.direct,
+    }
+}
+
+fn print_peers(me: &str, reply: &daemon::PeersReply) {
+    let own = if reply.addrs.is_empty() {
+        "-".to_string()
+    } else {
+        reply.addrs.join(",")
+    };
+    println!("{me}  this device, listening on {own}");
+    for p in &reply.peers {
+        let mut parts = vec![
+            if p.connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+            .to_string(),
+        ];
+        if let Some(path) = &p.path {
+            parts.push(format!("via {path}"));
+        }
+        if let Some(us) = p.rtt_us {
+            parts.push(format!("rtt {:.1} ms", us as f64 / 1000.0));
+        }
+        if p.bytes_sent + p.bytes_received > 0 {
+            parts.push(format!(
+                "sent {}, received {}",
+                status::bytes(p.bytes_sent),
+                status::bytes(p.bytes_received)
+            ));
+        }
+        parts.push(match p.last_contact_ms {
+            Some(ms) => format!("last contact {}", daemon::format_time(ms)),
+            None => "never contacted".to_string(),
+        });
+        let addrs = if p.addrs.is_empty() {
+            "-".to_string()
+        } else {
+            p.addrs.join(",")
+        };
+        parts.push(format!("addresses {addrs}"));
+        println!("{}  {}", p.device, parts.join(", "));
     }
 }
 

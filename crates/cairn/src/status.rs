@@ -2,7 +2,7 @@
 
 use cairn_daemon::{Report, format_time};
 
-fn bytes(n: u64) -> String {
+pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -76,7 +76,10 @@ pub fn print_human(r: &Report) {
         );
         for p in &r.peers {
             let state = if p.connected {
-                "connected".to_string()
+                match &p.path {
+                    Some(path) => format!("connected via {path}"),
+                    None => "connected".to_string(),
+                }
             } else {
                 match p.last_contact_ms {
                     Some(ms) => format!("last seen {}", format_time(ms)),

@@ -45,14 +45,18 @@ use anyhow::{Context, Result};
 use cairn_crypto::{DeviceId, VaultId};
 use cairn_net::{
     BlobService, Endpoint, EndpointAddr, MemberInfo, Members, NetConfig, PAIR_ALPN, Pairing,
-    PairingProtocol, REGISTRY_ALPN, RegistryProtocol, Router, bind_endpoint, endpoint_id_of,
+    PairingProtocol, REGISTRY_ALPN, RegistryProtocol, Relays, Router, bind_endpoint, endpoint_addr,
+    endpoint_id_of, parse_addrs, peer_addrs,
 };
 use cairn_registry::RegistryEntry;
+use iroh::endpoint::Connection;
+use iroh::{TransportAddr, Watcher};
 use tokio::sync::Notify;
 
 use crate::open_vault::{OpenVault, now_ms};
 use crate::publisher::Publisher;
 use crate::state::VaultState;
+use crate::status::PeerStatus;
 use crate::stores::Remote;
 
 pub(crate) use fetch::Fetcher;
@@ -66,28 +70,51 @@ use sync::SyncWorker;
 const RETRY_EVERY: Duration = Duration::from_secs(5);
 
 /// Network settings for one daemon.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct NetSettings {
+    /// UDP address for direct paths (unused when `direct` is false).
     pub bind: SocketAddr,
-    pub relays: bool,
+    pub relays: Relays,
+    /// `false`: relay-only, this device's IP addresses are never announced to peers.
+    pub direct: bool,
 }
 
-/// Connection state of one member, for `cairn peers` and `cairn status`.
-#[derive(Debug, Clone)]
-pub struct PeerStatus {
-    pub device: DeviceId,
-    pub connected: bool,
-    pub last_contact_ms: Option<u64>,
-    pub addrs: Vec<String>,
-}
+/// How long after start an unreachable relay is reported (once) in the log.
+const RELAY_GRACE: Duration = Duration::from_secs(15);
 
 /// What the node knows of one member.
 #[derive(Default)]
 struct Peer {
     connected: bool,
     last_contact_ms: Option<u64>,
+    /// The current session's connection (registry and roster traffic).
+    conn: Option<Connection>,
     blob: BlobSlots,
+    /// Bytes sent and received on connections to the peer that are closed now.
+    closed_bytes: (u64, u64),
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Bytes sent and received on a connection so far.
+fn conn_bytes(c: &Connection) -> (u64, u64) {
+    let s = c.stats();
+    (s.udp_tx.bytes, s.udp_rx.bytes)
+}
+
+/// The path a connection uses now, for people: `direct IP:PORT` or `relay URL`, and its RTT.
+fn selected_path(c: &Connection) -> Option<(String, Duration)> {
+    c.paths()
+        .iter()
+        .find(|p| p.is_selected())
+        .map(|p| (describe_path(p.remote_addr()), p.rtt()))
+}
+
+fn describe_path(addr: &TransportAddr) -> String {
+    match addr {
+        TransportAddr::Ip(a) => format!("direct {a}"),
+        TransportAddr::Relay(u) => format!("relay {u}"),
+        other => format!("{other:?}"),
+    }
 }
 
 /// The network node of one running vault: its endpoint and protocols, the member peers, and
@@ -155,9 +182,10 @@ impl Net {
             roster_info(&vault_state)?,
             members.clone(),
         );
+        let relays_enabled = settings.relays.enabled();
         let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
         let registry = RegistryProtocol::new(vault_state.registry.clone());
-        registry.set_local(me, endpoint.addr().ip_addrs().copied().collect());
+        registry.set_local(me, peer_addrs(&endpoint.addr()));
         let blobs = rt
             .block_on(BlobService::open(
                 &state.dir.join("serve-index"),
@@ -215,6 +243,10 @@ impl Net {
                 handle: node.handle.clone(),
             }) as Arc<dyn Remote>));
 
+        rt.spawn(watch_own_addrs(node.clone()));
+        if relays_enabled {
+            rt.spawn(report_relay(node.clone()));
+        }
         rt.spawn(admission::pairing_events(node.clone()));
         rt.spawn(admission::roster_events(node.clone()));
         node.refresh_members();
@@ -322,7 +354,8 @@ async fn bind_persistent(
     for b in tries {
         let config = NetConfig {
             bind: b,
-            relays: settings.relays,
+            relays: settings.relays.clone(),
+            direct: settings.direct,
         };
         match bind_endpoint(
             &state.device,
@@ -379,6 +412,19 @@ impl NetNode {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the endpoint has an address to give out (direct or relay), waiting up to
+    /// `limit` for a relay-only endpoint to reach its relay.
+    pub fn wait_addressable(&self, limit: Duration) -> bool {
+        if !self.endpoint.addr().is_empty() {
+            return true;
+        }
+        let endpoint = self.endpoint.clone();
+        self.handle.block_on(async move {
+            let _ = tokio::time::timeout(limit, endpoint.online()).await;
+        });
+        !self.endpoint.addr().is_empty()
+    }
+
     /// Chunk fetches in flight, and bytes fetched since the daemon started.
     pub fn downloads(&self) -> (u64, u64) {
         self.fetcher.downloads()
@@ -393,24 +439,49 @@ impl NetNode {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let mut out: Vec<PeerStatus> = self
+        let mut out: Vec<(DeviceId, PeerStatus)> = self
             .peers()
             .iter()
-            .map(|(d, p)| PeerStatus {
-                device: *d,
-                connected: p.connected,
-                last_contact_ms: p.last_contact_ms,
-                addrs: addrs.get(d).cloned().unwrap_or_default(),
+            .map(|(d, p)| {
+                let path = p
+                    .conn
+                    .as_ref()
+                    .filter(|_| p.connected)
+                    .and_then(selected_path);
+                let (mut sent, mut received) = p.closed_bytes;
+                for c in p.conn.iter().chain(p.blob.open_conns()) {
+                    let (s, r) = conn_bytes(c);
+                    sent += s;
+                    received += r;
+                }
+                let status = PeerStatus {
+                    device: d.to_string(),
+                    connected: p.connected,
+                    last_contact_ms: p.last_contact_ms,
+                    addrs: addrs.get(d).cloned().unwrap_or_default(),
+                    rtt_us: path.as_ref().map(|(_, rtt)| rtt.as_micros() as u64),
+                    path: path.map(|(p, _)| p),
+                    bytes_sent: sent,
+                    bytes_received: received,
+                };
+                (*d, status)
             })
             .collect();
-        out.sort_by_key(|p| p.device);
-        out
+        out.sort_by_key(|(d, _)| *d);
+        out.into_iter().map(|(_, s)| s).collect()
     }
 
-    fn set_connected(&self, d: DeviceId, connected: bool) {
+    /// The session with `d` started on `conn` (`Some`) or ended (`None`).
+    fn set_session(&self, d: DeviceId, conn: Option<&Connection>) {
         if let Some(p) = self.peers().get_mut(&d) {
-            p.connected = connected;
-            if connected {
+            p.connected = conn.is_some();
+            if let Some(old) = p.conn.take() {
+                let (s, r) = conn_bytes(&old);
+                p.closed_bytes.0 += s;
+                p.closed_bytes.1 += r;
+            }
+            if let Some(c) = conn {
+                p.conn = Some(c.clone());
                 p.last_contact_ms = Some(now_ms());
             }
         }
@@ -434,6 +505,7 @@ impl NetNode {
         v.into_iter().map(|(_, _, d)| d).collect()
     }
 
+    /// What to dial for member `d`: the direct addresses and relays it announced.
     fn addr_of(&self, d: DeviceId) -> Option<EndpointAddr> {
         let id = endpoint_id_of(&d).ok()?;
         let list = self
@@ -445,14 +517,53 @@ impl NetNode {
             .into_iter()
             .find(|(x, _)| *x == d)?
             .1;
-        let addrs: Vec<SocketAddr> = list.iter().filter_map(|a| a.parse().ok()).collect();
-        if addrs.is_empty() {
-            return None;
+        let addrs = parse_addrs(list.iter().map(String::as_str));
+        (!addrs.is_empty()).then(|| endpoint_addr(id, &addrs))
+    }
+}
+
+/// Keeps what we announce to peers (direct addresses, home relay) current: when it changes
+/// (a new home relay, a new local address), the next roster exchange of every session
+/// carries it, so members find this device again without a new ticket.
+async fn watch_own_addrs(node: Arc<NetNode>) {
+    let mut watcher = node.endpoint.watch_addr();
+    loop {
+        tokio::select! {
+            r = watcher.updated() => {
+                let Ok(addr) = r else { return };
+                let addrs = peer_addrs(&addr);
+                tracing::debug!(addrs = ?addrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "own addresses changed");
+                node.registry.set_local(node.me, addrs);
+                node.roster_changed.notify_waiters();
+            }
+            _ = node.stop_notify.notified() => return,
         }
-        Some(
-            addrs
-                .into_iter()
-                .fold(EndpointAddr::new(id), |a, s| a.with_ip_addr(s)),
-        )
+    }
+}
+
+/// Logs once if no relay answers soon after start (peers reachable directly still sync),
+/// and once when one does.
+async fn report_relay(node: Arc<NetNode>) {
+    let online = tokio::time::timeout(RELAY_GRACE, node.endpoint.online());
+    tokio::select! {
+        r = online => match r {
+            Ok(()) => {
+                let relays: Vec<String> = node.endpoint.addr().relay_urls().map(ToString::to_string).collect();
+                tracing::info!(?relays, "connected to the relay");
+                return;
+            }
+            Err(_) => tracing::warn!(
+                "no relay answered within {} s; syncing with directly reachable members only and retrying in the background (check the network, or net.relay in config.toml)",
+                RELAY_GRACE.as_secs()
+            ),
+        },
+        _ = node.stop_notify.notified() => return,
+    }
+    tokio::select! {
+        _ = node.endpoint.online() => {
+            let relays: Vec<String> = node.endpoint.addr().relay_urls().map(ToString::to_string).collect();
+            tracing::info!(?relays, "connected to the relay");
+        }
+        _ = node.stop_notify.notified() => {}
     }
 }

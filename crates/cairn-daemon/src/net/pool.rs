@@ -44,6 +44,11 @@ impl BlobSlots {
             .collect()
     }
 
+    /// The connections held (open or not yet noticed closed).
+    pub(super) fn open_conns(&self) -> impl Iterator<Item = &Connection> {
+        self.conns.iter().flatten()
+    }
+
     /// Closes every connection (the peer is no longer a member).
     pub(super) fn close_all(&mut self, reason: &[u8]) {
         for c in self.conns.iter_mut().filter_map(Option::take) {
@@ -51,15 +56,19 @@ impl BlobSlots {
         }
     }
 
-    /// Closes the spare connections idle for `after`; returns how many.
-    fn close_idle(&mut self, now: Instant, after: Duration) -> usize {
+    /// Closes the spare connections idle for `after`; how many, and the bytes they had sent
+    /// and received.
+    fn close_idle(&mut self, now: Instant, after: Duration) -> (usize, (u64, u64)) {
         let spare = idle_spare_slots(&self.open(), &self.busy, &self.idle_since, now, after);
+        let mut bytes = (0, 0);
         for &i in &spare {
             if let Some(c) = self.conns[i].take() {
+                let (s, r) = super::conn_bytes(&c);
+                bytes = (bytes.0 + s, bytes.1 + r);
                 c.close(0u32.into(), b"idle");
             }
         }
-        spare.len()
+        (spare.len(), bytes)
     }
 }
 
@@ -163,8 +172,11 @@ impl NetNode {
                 .await
                 .ok()?
                 .ok()?;
-                if let Some(p) = self.peers().get_mut(&d) {
-                    p.blob.conns[slot] = Some(conn.clone());
+                if let Some(p) = self.peers().get_mut(&d)
+                    && let Some(old) = p.blob.conns[slot].replace(conn.clone())
+                {
+                    let (s, r) = super::conn_bytes(&old);
+                    p.closed_bytes = (p.closed_bytes.0 + s, p.closed_bytes.1 + r);
                 }
                 conn
             }
@@ -179,7 +191,11 @@ impl NetNode {
     /// extra connections a bulk transfer opened would otherwise exchange keep-alives forever.
     pub(super) fn close_idle_blob_conns(&self, d: DeviceId) {
         let closed = match self.peers().get_mut(&d) {
-            Some(p) => p.blob.close_idle(Instant::now(), BLOB_IDLE),
+            Some(p) => {
+                let (n, (s, r)) = p.blob.close_idle(Instant::now(), BLOB_IDLE);
+                p.closed_bytes = (p.closed_bytes.0 + s, p.closed_bytes.1 + r);
+                n
+            }
             None => return,
         };
         if closed > 0 {

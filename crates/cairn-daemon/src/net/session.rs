@@ -34,7 +34,7 @@ pub(super) async fn peer_loop(node: Arc<NetNode>, peer: DeviceId) {
                 Err(e) => tracing::debug!(peer = %peer.short(), error = %e, "session failed"),
             },
         }
-        node.set_connected(peer, false);
+        node.set_session(peer, None);
         if started.elapsed() > STABLE_SESSION {
             backoff = BACKOFF_MIN;
         }
@@ -55,8 +55,10 @@ async fn session(node: &Arc<NetNode>, peer: DeviceId, addr: EndpointAddr) -> Res
         .context("dial timed out")??;
     exchange_roster(node, peer, &client).await?;
     let mut sub = client.subscribe(&node.vault).await?;
-    node.set_connected(peer, true);
-    tracing::info!(peer = %peer.short(), "connected");
+    node.set_session(peer, Some(client.connection()));
+    let path = super::selected_path(client.connection()).map(|(p, _)| p);
+    tracing::info!(peer = %peer.short(), path = path.as_deref().unwrap_or("-"), "connected");
+    let _path_log = log_path_changes(node, peer, client.connection());
     for e in client.fetch_all(&node.vault).await? {
         node.ingest(e).await;
     }
@@ -90,6 +92,38 @@ async fn session(node: &Arc<NetNode>, peer: DeviceId, addr: EndpointAddr) -> Res
                 return Ok(());
             }
         }
+    }
+}
+
+/// Logs each change of the path the session's connection uses (direct ↔ relay), once per
+/// change; the task ends with the connection (or when the returned guard drops).
+fn log_path_changes(
+    node: &NetNode,
+    peer: DeviceId,
+    conn: &iroh::endpoint::Connection,
+) -> AbortOnDrop {
+    use iroh::endpoint::PathEvent;
+    use n0_future::StreamExt;
+    let mut events = conn.path_events();
+    AbortOnDrop(node.handle.spawn(async move {
+        let mut last: Option<String> = None;
+        while let Some(ev) = events.next().await {
+            if let PathEvent::Selected { remote_addr, .. } = ev {
+                let now = super::describe_path(&remote_addr);
+                if last.as_ref() != Some(&now) {
+                    tracing::info!(peer = %peer.short(), path = %now, "path changed");
+                    last = Some(now);
+                }
+            }
+        }
+    }))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
