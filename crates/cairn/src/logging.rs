@@ -58,14 +58,15 @@ fn filter(default: &str) -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
 }
 
-/// Installs the global subscriber; call once, first thing in `main`.
-pub fn init() {
+/// Installs the global subscriber; call once, first thing in `main`. `stderr_default` is the
+/// stderr filter unless `RUST_LOG` is set (`"warn"` for everything but the relay).
+pub fn init(stderr_default: &str) {
     // Colours only for a terminal: under systemd stderr goes to the journal, where escape
     // codes show up as noise.
     let stderr = tracing_subscriber::fmt::layer()
         .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(io::stderr)
-        .with_filter(filter("warn"));
+        .with_filter(filter(stderr_default));
     let file = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(LateFile)

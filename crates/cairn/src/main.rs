@@ -3,11 +3,13 @@
 
 mod config;
 mod logging;
+mod relay;
 mod service;
 mod status;
 
 use cairn_daemon as daemon;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
@@ -137,6 +139,37 @@ enum Command {
         #[command(subcommand)]
         action: ServiceAction,
     },
+    /// Run a relay server that only your vault's devices may use, so devices that cannot
+    /// reach each other directly still connect without any third party. Runs until SIGINT
+    /// or SIGTERM; SIGHUP re-reads the allow file (which is also polled every 2 s).
+    Relay(RelayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RelayArgs {
+    /// TCP address to listen on (HTTPS with --cert/--key, else plain HTTP).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:3340")]
+    bind: SocketAddr,
+    /// TLS certificate chain, PEM (e.g. certbot's fullchain.pem); re-read hourly.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    cert: Option<PathBuf>,
+    /// TLS private key, PEM (e.g. certbot's privkey.pem).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<PathBuf>,
+    /// With TLS: also answer iroh's captive-portal probe over plain HTTP here (e.g.
+    /// 0.0.0.0:80); by default that listener gets an unused ephemeral port.
+    #[arg(long, value_name = "ADDR", requires = "cert")]
+    captive_portal: Option<SocketAddr>,
+    /// A device that may use the relay (repeatable): its id as `cairn peers` prints it.
+    #[arg(long = "allow", value_name = "DEVICE_ID")]
+    allow: Vec<String>,
+    /// A file with one device id per line (`#` comments); changes apply without a restart,
+    /// and a device removed from it is disconnected.
+    #[arg(long, value_name = "PATH")]
+    allow_file: Option<PathBuf>,
+    /// Let any iroh endpoint use the relay (an open relay: only on purpose).
+    #[arg(long, conflicts_with_all = ["allow", "allow_file"])]
+    allow_anyone: bool,
 }
 
 #[derive(Subcommand)]
@@ -149,15 +182,24 @@ enum ServiceAction {
 }
 
 fn main() {
-    logging::init();
+    let cli = Cli::parse();
+    // The relay has no log file: its access-list changes go to stderr (the journal).
+    logging::init(match cli.command {
+        Command::Relay(_) => "warn,cairn_relay=info",
+        _ => "warn",
+    });
     raise_fd_limit();
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli) {
         eprintln!("cairn: error: {e:#}");
         std::process::exit(1);
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // The relay needs no vault on this machine: no configuration file, no data directory.
+    if let Command::Relay(args) = cli.command {
+        return relay::run(args);
+    }
     let config = config::Config::load(cli.config.as_deref())?;
     let explicit_data_dir = cli.data_dir.clone();
     let data_dir = match cli.data_dir {
@@ -357,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
             )?,
             ServiceAction::Uninstall { dir } => service::uninstall(&dir)?,
         },
+        Command::Relay(_) => unreachable!("handled above"),
     }
     Ok(())
 }
