@@ -1206,3 +1206,251 @@ fn recovery_phrase_and_a_peer_rebuild_a_device() {
         content_is(&a.path("after.txt"), b"from the recovered device\n")
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Relays: a relay started by the test on 127.0.0.1 (`cairn relay`, plain HTTP).
+
+/// A `cairn relay` process on 127.0.0.1 with a random port, for as long as it lives.
+struct TestRelay {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestRelay {
+    fn start() -> TestRelay {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("relay.log");
+        let child = common::cairn_command()
+            .args(["relay", "--bind", "127.0.0.1:0", "--allow-anyone"])
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).unwrap())
+            .stderr(File::create(dir.path().join("relay.err")).unwrap())
+            .spawn()
+            .expect("spawn cairn relay");
+        let mut url = None;
+        let found = poll(START_DEADLINE, POLL, || {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            url = text
+                .split_whitespace()
+                .find(|w| w.starts_with("http://127.0.0.1:"))
+                .map(str::to_string);
+            url.is_some()
+        });
+        assert!(
+            found,
+            "the relay printed no URL: {:?} / {:?}",
+            fs::read_to_string(&log),
+            fs::read_to_string(dir.path().join("relay.err"))
+        );
+        TestRelay {
+            child,
+            url: url.unwrap(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Device {
+    /// Directories only, with every command using `relay` (and, unless `direct`, nothing else).
+    fn via_relay(name: &str, relay: &TestRelay, direct: bool) -> Device {
+        let mut d = Device::new(name, None);
+        d.dir.env = vec![
+            ("CAIRN_RELAY".into(), relay.url.clone()),
+            ("CAIRN_DIRECT".into(), direct.to_string()),
+        ];
+        d
+    }
+
+    /// The `cairn peers` line of the device with id `id`.
+    fn peer_line(&self, id: &str) -> Option<String> {
+        self.peers().into_iter().find(|l| l.starts_with(id))
+    }
+}
+
+/// Every remote address of the TCP and UDP sockets process `pid` holds, as `IP:PORT` text,
+/// and whether it holds any UDP socket at all.
+fn socket_peers(pid: i32) -> (Vec<String>, bool) {
+    let mut inodes = BTreeSet::new();
+    if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(n.to_string());
+                }
+            }
+        }
+    }
+    let mut remotes = Vec::new();
+    let mut udp = false;
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || !inodes.contains(f[9]) {
+                continue;
+            }
+            udp |= table.starts_with("udp");
+            remotes.push(hex_addr(f[2]));
+        }
+    }
+    (remotes, udp)
+}
+
+/// `0100007F:1F90` (or the 32-hex-digit IPv6 form) as `127.0.0.1:8080`.
+fn hex_addr(s: &str) -> String {
+    let (ip, port) = s.split_once(':').unwrap_or((s, "0"));
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    let bytes: Vec<u8> = (0..ip.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&ip[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    // /proc prints each 32-bit word in host (little-endian) order.
+    let words: Vec<u8> = bytes
+        .chunks(4)
+        .flat_map(|w| w.iter().rev().copied())
+        .collect();
+    match words.len() {
+        4 => format!("{}.{}.{}.{}:{port}", words[0], words[1], words[2], words[3]),
+        16 => {
+            let ip = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&words[..]).unwrap());
+            match ip.to_ipv4_mapped() {
+                Some(v4) => format!("{v4}:{port}"),
+                None => format!("[{ip}]:{port}"),
+            }
+        }
+        _ => s.to_string(),
+    }
+}
+
+/// A remote address that is loopback, or unset (a listening or unconnected socket).
+fn stays_local(addr: &str) -> bool {
+    addr.starts_with("127.")
+        || addr.starts_with("0.0.0.0:")
+        || addr.starts_with("[::]:")
+        || addr.starts_with("[::1]:")
+}
+
+#[test]
+fn relay_only_devices_pair_and_sync_through_a_local_relay() {
+    let relay = TestRelay::start();
+    let mut a = Device::via_relay("ra", &relay, false);
+    let mnt = a.dir.mnt_str();
+    a.spawn_daemon(&["mount", "--init", &mnt]);
+    let ticket = a.invite("10m");
+    let mut b = Device::via_relay("rb", &relay, false);
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt]);
+
+    fs::write(a.path("hello.txt"), b"over the relay\n").unwrap();
+    wait_until(&[&a, &b], "hello.txt on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("hello.txt"), b"over the relay\n")
+    });
+    let hash = write_random(&a.path("big.bin"), 50 << 20, 15);
+    wait_for_big_file(&[&a, &b], &b.path("big.bin"), 50 << 20, &hash, BIG_DEADLINE);
+    fs::remove_file(a.path("hello.txt")).unwrap();
+    wait_until(&[&a, &b], "the delete on B", SYNC_DEADLINE, |_| {
+        !b.path("hello.txt").exists()
+    });
+
+    // Both sides report the relay as the path, and nobody learned an IP address.
+    let b_id = b.device_id();
+    let line = a.peer_line(&b_id).expect("A lists B");
+    assert!(line.contains(&format!("via relay {}", relay.url)), "{line}");
+    let out = a.run_ok(&["peers"]);
+    let own = out
+        .lines()
+        .find(|l| l.contains("this device"))
+        .unwrap_or_default();
+    let listed = own.rsplit(' ').next().unwrap_or_default();
+    assert!(
+        !listed.is_empty() && listed.split(',').all(|x| x.starts_with("http://")),
+        "a relay-only device announces only its relay, no IP address: {own}"
+    );
+    // Nothing but loopback, and no UDP socket at all (relay-only opens none).
+    for d in [&a, &b] {
+        let (remotes, udp) = socket_peers(d.pid());
+        assert!(!udp, "[{}] relay-only daemon holds a UDP socket", d.name);
+        for r in &remotes {
+            assert!(stays_local(r), "[{}] socket to {r}", d.name);
+        }
+        assert!(
+            remotes.iter().any(|r| relay.url.contains(r.as_str())),
+            "[{}] no connection to the relay among {remotes:?}",
+            d.name
+        );
+    }
+    // A used ticket is refused through the relay exactly as over a direct path.
+    let c = Device::via_relay("rc", &relay, false);
+    let out = c.run(&["join", &ticket, "--no-mount"], START_DEADLINE);
+    assert!(!out.ok(), "a used ticket was accepted through the relay");
+    assert!(out.stderr.contains("used"), "{}", out.stderr);
+
+    b.stop();
+    a.stop();
+}
+
+#[test]
+fn with_direct_paths_allowed_the_relay_gives_way_and_a_moved_device_is_found_again() {
+    let relay = TestRelay::start();
+    let mut a = Device::via_relay("da", &relay, true);
+    let mnt = a.dir.mnt_str();
+    a.spawn_daemon(&["mount", "--init", &mnt]);
+    let ticket = a.invite("10m");
+    let mut b = Device::via_relay("db", &relay, true);
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt]);
+    let b_id = b.device_id();
+
+    fs::write(a.path("one.txt"), b"1").unwrap();
+    wait_until(&[&a, &b], "one.txt on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("one.txt"), b"1")
+    });
+    wait_until(
+        &[&a, &b],
+        "a direct path from A to B",
+        SYNC_DEADLINE,
+        |why| {
+            let line = a.peer_line(&b_id).unwrap_or_default();
+            *why = line.clone();
+            line.contains("via direct 127.0.0.1:")
+        },
+    );
+
+    // B comes back on another port; A finds it through the relay without a new ticket.
+    b.stop();
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    b.dir
+        .env
+        .push(("CAIRN_BIND".into(), format!("127.0.0.1:{port}")));
+    b.start();
+    fs::write(a.path("two.txt"), b"2").unwrap();
+    wait_until(
+        &[&a, &b],
+        "two.txt on B after its move",
+        SYNC_DEADLINE,
+        |_| content_is(&b.path("two.txt"), b"2"),
+    );
+    wait_until(&[&a, &b], "A knows B's new port", SYNC_DEADLINE, |why| {
+        let line = a.peer_line(&b_id).unwrap_or_default();
+        *why = line.clone();
+        line.contains(&format!("127.0.0.1:{port}"))
+    });
+    for d in [&a, &b] {
+        for r in socket_peers(d.pid()).0 {
+            assert!(stays_local(&r), "[{}] socket to {r}", d.name);
+        }
+    }
+    b.stop();
+    a.stop();
+}

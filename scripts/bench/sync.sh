@@ -13,8 +13,13 @@
 #   (b2) transfer only: A stores and publishes the 1 GiB file while B is stopped, then B starts
 #        and fetches it (RUNS runs, median; the baseline also RUNS runs, median)
 #   (xfer) only (b2) and its baseline (quicker to iterate on)
+#   (relay) over a `cairn relay` started here on 127.0.0.1, both devices relay-only
+#       (net.direct = false): 4 KiB latency p50/p95 and a RELAY_MIB file (default 100 MiB)
+#       close-on-A → identical-on-B, against the same file over a direct pair in the same run
+#       (RUNS runs each, medians); then the time from B's `join` to its first synced file when
+#       the configured relay is unreachable (a closed port) against relays disabled
 #
-# Usage: scripts/bench/sync.sh [all|latency|big|xfer|many|idle]...   (default: all)
+# Usage: scripts/bench/sync.sh [all|latency|big|xfer|many|idle|relay]...   (default: all)
 # Env: TRIALS (25), RUNS (3), BIG_MIB (1024), IDLE_FILES (100000), BENCH_DIR (target/),
 #      CAIRN_BIN and BASELINE_BIN (prebuilt binaries; default: build them).
 set -euo pipefail
@@ -67,10 +72,13 @@ wait_pids() { # wait up to $1 s for every daemon we started to exit
 }
 trap cleanup EXIT
 
-# dev DIR: run cairn for the device in DIR (own data dir and XDG dirs).
+# dev DIR: run cairn for the device in DIR (own data dir and XDG dirs; DIR/env, if present,
+# holds extra KEY=VALUE settings such as a test relay).
 dev() {
     local d="$1"; shift
-    XDG_CONFIG_HOME="$d/config" XDG_DATA_HOME="$d/xdg" "$BIN" --data-dir "$d/data" "$@"
+    local extra=()
+    [[ -f "$d/env" ]] && mapfile -t extra <"$d/env"
+    env "${extra[@]}" XDG_CONFIG_HOME="$d/config" XDG_DATA_HOME="$d/xdg" "$BIN" --data-dir "$d/data" "$@"
 }
 wait_mounted() { # DIR LOGFILE
     for _ in $(seq 600); do
@@ -110,8 +118,10 @@ stop_dev() {
     while kill -0 "$p" 2>/dev/null; do sleep 0.1; done
 }
 # pair NAME DEBOUNCE [N=2]: devices $WORK/NAME/{a,b[,c]}, b and c joined through a's tickets.
+# PAIR_ENV (KEY=VALUE lines) goes into every device's env file.
 pair() {
     local base="$WORK/$1" deb="$2" n="${3:-2}"
+    for x in a b c; do mkdir -p "$base/$x"; printf '%s' "${PAIR_ENV:-}" >"$base/$x/env"; done
     start_dev "$base/a" "$deb"
     start_dev "$base/b" "$deb" "$(dev "$base/a" invite 2>/dev/null)"
     if (( n == 3 )); then start_dev "$base/c" "$deb" "$(dev "$base/a" invite 2>/dev/null)"; fi
@@ -122,6 +132,68 @@ stop_pair() {
 }
 
 echo "cairn sync benchmarks — $(date -u +%FT%TZ), $(nproc) cores, work dir $WORK"
+
+# latency_trials A_MNT B_MNT TRIALS LABEL: 4 KiB write+close on A until readable on B.
+latency_trials() {
+    python3 - "$1" "$2" "$3" "$4" <<'PY'
+import os, sys, time
+a, b, n, label = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+open(os.path.join(a, "warm"), "wb").write(b"w")
+while not os.path.exists(os.path.join(b, "warm")): time.sleep(0.01)
+lat = []
+for i in range(n):
+    data = os.urandom(4096)
+    name = f"lat-{i}.bin"
+    t0 = time.monotonic()
+    with open(os.path.join(a, name), "wb") as f:
+        f.write(data)
+    tp = os.path.join(b, name)
+    while True:
+        try:
+            with open(tp, "rb") as f:
+                if f.read() == data: break
+        except OSError:
+            pass
+        if time.monotonic() - t0 > 60: sys.exit(f"trial {i}: not on B after 60 s")
+        time.sleep(0.002)
+    lat.append(time.monotonic() - t0)
+    time.sleep(0.2)
+lat.sort()
+q = lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))]
+print(f"{label}, {n} trials: p50 {q(0.5)*1000:.0f} ms, "
+      f"p95 {q(0.95)*1000:.0f} ms, min {lat[0]*1000:.0f} ms, max {lat[-1]*1000:.0f} ms")
+PY
+}
+
+# file_transfer A_MNT B_MNT MIB: seconds from close on A until B's copy hashes equal.
+file_transfer() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import hashlib, os, sys, time
+a, b, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+name = f"t-{time.time_ns()}.bin"
+h = hashlib.sha256()
+with open(os.path.join(a, name), "wb") as f:
+    for _ in range(mib):
+        buf = os.urandom(1 << 20); h.update(buf); f.write(buf)
+t0 = time.monotonic()
+want, size, p = h.hexdigest(), mib << 20, os.path.join(b, name)
+while True:
+    try:
+        if os.path.getsize(p) == size:
+            hb = hashlib.sha256()
+            with open(p, "rb") as f:
+                while True:
+                    buf = f.read(1 << 20)
+                    if not buf: break
+                    hb.update(buf)
+            if hb.hexdigest() == want: break
+    except OSError:
+        pass
+    if time.monotonic() - t0 > 1200: sys.exit("not on B after 20 min")
+    time.sleep(0.5)
+print(f"{time.monotonic() - t0:.2f}")
+PY
+}
 
 # ---------------------------------------------------------------------------------------
 if want latency; then
@@ -435,5 +507,52 @@ for x, p in pids.items():
           f"RSS {min(r[x]):.0f}–{max(r[x]):.0f} MB, CPU {pct:.2f}%")
 PY
     stop_pair idle
+fi
+
+# ---------------------------------------------------------------------------------------
+if want relay; then
+    RELAY_MIB="${RELAY_MIB:-100}"
+    "$BIN" relay --bind 127.0.0.1:0 --allow-anyone >"$WORK/relay.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 300); do grep -q "relay listening" "$WORK/relay.log" && break; sleep 0.1; done
+    RELAY_URL="$(grep -o 'http://127\.0\.0\.1:[0-9]*/' "$WORK/relay.log" | head -1)"
+    [[ -n "$RELAY_URL" ]] || { echo "relay did not start:" >&2; cat "$WORK/relay.log" >&2; exit 1; }
+    echo "(relay) local relay at $RELAY_URL"
+    PAIR_ENV=$'CAIRN_RELAY='"$RELAY_URL"$'\nCAIRN_DIRECT=false' pair relay 150
+    latency_trials "$WORK/relay/a/mnt" "$WORK/relay/b/mnt" "$TRIALS" "(relay) 4 KiB latency, relay-only"
+    PAIR_ENV="" pair direct 150
+    latency_trials "$WORK/direct/a/mnt" "$WORK/direct/b/mnt" "$TRIALS" "(relay) 4 KiB latency, direct (same run)"
+    r=(); d=()
+    for i in $(seq "$RUNS"); do
+        r+=("$(file_transfer "$WORK/relay/a/mnt" "$WORK/relay/b/mnt" "$RELAY_MIB")")
+        d+=("$(file_transfer "$WORK/direct/a/mnt" "$WORK/direct/b/mnt" "$RELAY_MIB")")
+    done
+    python3 - "$RELAY_MIB" "${r[*]}" "${d[*]}" <<'PY'
+import statistics, sys
+mib = int(sys.argv[1]); r = [float(x) for x in sys.argv[2].split()]; d = [float(x) for x in sys.argv[3].split()]
+mr, md = statistics.median(r), statistics.median(d)
+print(f"(relay) {mib} MiB close→identical on B: relay-only median {mr:.2f} s ({mib/mr:.0f} MiB/s), "
+      f"direct median {md:.2f} s ({mib/md:.0f} MiB/s); relay/direct throughput = {md/mr:.2f}x "
+      f"(runs: relay {r}, direct {d})")
+PY
+    stop_pair relay
+    stop_pair direct
+    # Start-up with the relay unreachable (a closed port) vs relays disabled: B joins, then
+    # the time until A's file is readable on B.
+    for mode in unreachable disabled; do
+        if [[ $mode == unreachable ]]; then env_line="CAIRN_RELAY=http://127.0.0.1:9/"; else env_line="CAIRN_RELAY=disabled"; fi
+        base="$WORK/start-$mode"
+        mkdir -p "$base/a" "$base/b"; echo "$env_line" >"$base/a/env"; echo "$env_line" >"$base/b/env"
+        start_dev "$base/a" 150
+        echo first >"$base/a/mnt/first.txt"
+        sleep 1
+        ticket="$(dev "$base/a" invite 2>/dev/null)"
+        t0=$(date +%s.%N)
+        start_dev "$base/b" 150 "$ticket"
+        while ! grep -qx first "$base/b/mnt/first.txt" 2>/dev/null; do sleep 0.01; done
+        t1=$(date +%s.%N)
+        echo "(relay) join → first synced file, relay $mode: $(python3 -c "print(f'{$t1-$t0:.2f}')") s"
+        stop_dev "$base/b"; stop_dev "$base/a"
+    done
 fi
 echo "done"

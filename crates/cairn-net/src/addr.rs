@@ -123,13 +123,7 @@ mod tests {
                 .unwrap()
                 .is_relay()
         );
-        for bad in [
-            "",
-            "localhost",
-            "ftp://x/",
-            "http://",
-            "1.2.3.4",
-        ] {
+        for bad in ["", "localhost", "ftp://x/", "http://", "1.2.3.4"] {
             assert!(bad.parse::<PeerAddr>().is_err(), "{bad:?}");
         }
         let long = format!("https://{}.org/", "a".repeat(300));
