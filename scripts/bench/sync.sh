@@ -121,7 +121,8 @@ stop_dev() {
 # PAIR_ENV (KEY=VALUE lines) goes into every device's env file.
 pair() {
     local base="$WORK/$1" deb="$2" n="${3:-2}"
-    for x in a b c; do mkdir -p "$base/$x"; printf '%s' "${PAIR_ENV:-}" >"$base/$x/env"; done
+    local xs=(a b); (( n == 3 )) && xs+=(c)
+    for x in "${xs[@]}"; do mkdir -p "$base/$x"; printf '%s' "${PAIR_ENV:-}" >"$base/$x/env"; done
     start_dev "$base/a" "$deb"
     start_dev "$base/b" "$deb" "$(dev "$base/a" invite 2>/dev/null)"
     if (( n == 3 )); then start_dev "$base/c" "$deb" "$(dev "$base/a" invite 2>/dev/null)"; fi
