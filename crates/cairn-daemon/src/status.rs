@@ -85,6 +85,9 @@ struct Shared {
 /// The daemon's live status, shared by every thread that has something to report.
 pub struct StatusBoard {
     shared: Mutex<Shared>,
+    /// Held by one writer at a time: the writer thread and a flush's immediate write share
+    /// one temporary file name, and a later snapshot must not be overwritten by an earlier.
+    writing: Mutex<()>,
     wake: Condvar,
     file: PathBuf,
     overlay_dir: PathBuf,
@@ -106,6 +109,7 @@ impl StatusBoard {
                 dirty: true,
                 stopped: false,
             }),
+            writing: Mutex::new(()),
             wake: Condvar::new(),
             file: vault_dir.join("run").join(STATUS_FILE),
             overlay_dir: vault_dir.join("overlay"),
@@ -154,6 +158,7 @@ impl StatusBoard {
 
     /// Writes the file now (pending uploads refreshed from the overlay journal).
     pub fn write_now(&self) -> Result<()> {
+        let _one_writer = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let pending = cairn_overlay::read_pending(&self.overlay_dir).unwrap_or_else(|e| {
             tracing::debug!(error = %e, "cannot read the overlay for the status file");
             Vec::new()
