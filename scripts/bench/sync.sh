@@ -200,36 +200,7 @@ PY
 if want latency; then
     for deb in 150 500 50; do   # 150 ms is the default
         pair "lat$deb" "$deb"
-        A="$WORK/lat$deb/a/mnt" B="$WORK/lat$deb/b/mnt"
-        python3 - "$A" "$B" "$TRIALS" "$deb" <<'PY'
-import os, sys, time
-a, b, n, deb = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-# warm-up: the first transfer also opens connections
-open(os.path.join(a, "warm"), "wb").write(b"w")
-while not os.path.exists(os.path.join(b, "warm")): time.sleep(0.01)
-lat = []
-for i in range(n):
-    data = os.urandom(4096)
-    name = f"lat-{i}.bin"
-    t0 = time.monotonic()
-    with open(os.path.join(a, name), "wb") as f:
-        f.write(data)
-    tp = os.path.join(b, name)
-    while True:
-        try:
-            with open(tp, "rb") as f:
-                if f.read() == data: break
-        except OSError:
-            pass
-        if time.monotonic() - t0 > 60: sys.exit(f"trial {i}: not on B after 60 s")
-        time.sleep(0.002)
-    lat.append(time.monotonic() - t0)
-    time.sleep(0.2)
-lat.sort()
-q = lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))]
-print(f"(a) 4 KiB latency, debounce {deb} ms, {n} trials: p50 {q(0.5)*1000:.0f} ms, "
-      f"p95 {q(0.95)*1000:.0f} ms, min {lat[0]*1000:.0f} ms, max {lat[-1]*1000:.0f} ms")
-PY
+        latency_trials "$WORK/lat$deb/a/mnt" "$WORK/lat$deb/b/mnt" "$TRIALS" "(a) 4 KiB latency, debounce $deb ms"
         stop_pair "lat$deb"
     done
 fi

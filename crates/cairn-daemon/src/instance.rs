@@ -90,16 +90,21 @@ fn write_details(file: &mut File, text: &str) -> std::io::Result<()> {
     file.flush()
 }
 
-/// Takes the vault's single-daemon lock, or fails naming the daemon that holds it.
-pub fn lock_vault(vault_dir: &Path, name: &str, mountpoint: Option<&Path>) -> Result<InstanceLock> {
-    let path = vault_dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
+/// Opens (creating) a lock file without truncating it: a holder's details stay readable.
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Takes the vault's single-daemon lock, or fails naming the daemon that holds it.
+pub fn lock_vault(vault_dir: &Path, name: &str, mountpoint: Option<&Path>) -> Result<InstanceLock> {
+    let path = vault_dir.join(LOCK_FILE);
+    let mut file = open_lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -128,13 +133,7 @@ pub fn lock_view(vault_dir: &Path, mountpoint: &Path) -> Result<InstanceLock> {
     let dir = vault_dir.join(RUN_DIR);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("view-{}.lock", std::process::id()));
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let mut file = open_lock_file(&path)?;
     file.try_lock()
         .map_err(|e| anyhow::anyhow!("locking {}: {e}", path.display()))?;
     write_details(&mut file, &details(Some(mountpoint), true))

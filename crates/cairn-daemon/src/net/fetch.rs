@@ -244,17 +244,14 @@ impl<P: BlobPeers> Fetcher<P> {
             self.active.fetch_sub(n, Ordering::Relaxed);
             let results = match r {
                 Ok(Ok(results)) => results,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %d.short(), error = %e, "batch fetch failed");
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e,
+                        _ => "timed out".to_string(),
+                    };
+                    tracing::debug!(peer = %d.short(), %error, "batch fetch failed");
                     // Whatever arrived before the failure is stored; the rest goes to the
                     // next peer.
-                    let before = missing.len();
-                    missing = self.not_local(missing).await;
-                    got += before - missing.len();
-                    continue;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %d.short(), "batch fetch timed out");
                     let before = missing.len();
                     missing = self.not_local(missing).await;
                     got += before - missing.len();
