@@ -1220,12 +1220,35 @@ struct TestRelay {
 impl TestRelay {
     fn start() -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("relay.log");
+        let (child, url) = Self::spawn(dir.path(), "127.0.0.1:0");
+        TestRelay {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the relay (as a crashed or rebooted host vanishes) and starts it again on the
+    /// same port after `outage`.
+    fn restart_after(&mut self, outage: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        sleep(outage);
+        let bind = self.url.trim_start_matches("http://").trim_end_matches('/');
+        let (child, url) = Self::spawn(self._dir.path(), bind);
+        self.child = child;
+        assert_eq!(url, self.url, "the relay came back elsewhere");
+    }
+
+    /// `cairn relay --bind BIND` logging into `dir`; returns it with the URL it printed.
+    fn spawn(dir: &Path, bind: &str) -> (Child, String) {
+        let log = dir.join("relay.log");
+        let err = dir.join("relay.err");
         let child = common::cairn_command()
-            .args(["relay", "--bind", "127.0.0.1:0", "--allow-anyone"])
+            .args(["relay", "--bind", bind, "--allow-anyone"])
             .stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())
-            .stderr(File::create(dir.path().join("relay.err")).unwrap())
+            .stderr(File::create(&err).unwrap())
             .spawn()
             .expect("spawn cairn relay");
         let mut url = None;
@@ -1241,13 +1264,9 @@ impl TestRelay {
             found,
             "the relay printed no URL: {:?} / {:?}",
             fs::read_to_string(&log),
-            fs::read_to_string(dir.path().join("relay.err"))
+            fs::read_to_string(&err)
         );
-        TestRelay {
-            child,
-            url: url.unwrap(),
-            _dir: dir,
-        }
+        (child, url.unwrap())
     }
 }
 
@@ -1453,4 +1472,385 @@ fn with_direct_paths_allowed_the_relay_gives_way_and_a_moved_device_is_found_aga
     }
     b.stop();
     a.stop();
+}
+
+/// The relay dies while B is fetching a large file over it (relay-only, so nothing else can
+/// carry it) and comes back on the same port: B finishes by itself, byte-identical, and
+/// keeps every blob it had fetched before the outage (nothing fetched twice).
+#[test]
+fn a_relay_outage_mid_transfer_resumes_without_refetching() {
+    let mut relay = TestRelay::start();
+    let mut a = Device::via_relay("oa", &relay, false);
+    let mnt = a.dir.mnt_str();
+    a.spawn_daemon(&["mount", "--init", &mnt]);
+    let ticket = a.invite("10m");
+    let mut b = Device::via_relay("ob", &relay, false);
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt]);
+    fs::write(a.path("warmup.txt"), b"x\n").unwrap();
+    wait_until(&[&a, &b], "warm-up file on B", SYNC_DEADLINE, |_| {
+        b.path("warmup.txt").exists()
+    });
+
+    const BIG: usize = 100 << 20;
+    let before = b.store_files().len();
+    let hash = write_random(&a.path("big.bin"), BIG, 21);
+    // ~1,600 blobs of ~64 KiB: cut the relay once B holds 200 of them (a tight poll).
+    let deadline = Instant::now() + BIG_DEADLINE;
+    while b.store_files().len() < before + 200 {
+        assert!(
+            Instant::now() < deadline,
+            "B does not fetch over the relay\n{}",
+            logs_of(&[&a, &b])
+        );
+        sleep(Duration::from_millis(5));
+    }
+    relay.restart_after(Duration::from_secs(3));
+    let kept = b.store_files();
+    let had = kept.len() - before;
+
+    wait_for_big_file(
+        &[&a, &b],
+        &b.path("big.bin"),
+        BIG as u64,
+        &hash,
+        BIG_DEADLINE,
+    );
+    let total = b.store_files().len() - before;
+    eprintln!("B had {had} of {total} blobs when the relay died");
+    assert!(
+        had + 10 < total,
+        "B had every blob ({had} of {total}) before the outage ended; nothing was tested"
+    );
+    let now = b.store_files();
+    let refetched = kept.iter().filter(|(p, v)| now.get(*p) != Some(*v)).count();
+    assert_eq!(
+        refetched,
+        0,
+        "{refetched} of the {} blobs B had were fetched again or vanished\n{}",
+        kept.len(),
+        logs_of(&[&a, &b])
+    );
+    // Still relay-only after the outage: the relay is the path B reports.
+    let line = b.peer_line(&a.device_id()).expect("B lists A");
+    assert!(line.contains(&format!("via relay {}", relay.url)), "{line}");
+    b.stop();
+    a.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// Revocation: key epochs, and every way back refused.
+
+/// `DEVICE_ID@IP:PORT` of a running device, for `cairn recover --from`.
+fn recover_from(d: &Device) -> String {
+    let own = d
+        .run_ok(&["peers"])
+        .lines()
+        .find(|l| l.contains("this device"))
+        .map(str::to_string)
+        .expect("peers lists this device");
+    let addr = own
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    format!("{}@{addr}", d.device_id())
+}
+
+/// `cairn recover --from FROM --no-mount` on `d` with `phrase` on stdin; the daemon it starts
+/// on success keeps running, so give up after `limit` and report what happened.
+fn try_recover(d: &mut Device, from: &str, phrase: &str) -> CmdOut {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = d
+        .dir
+        .command(&["recover", "--from", from, "--no-mount"])
+        .stdin(Stdio::piped())
+        .stdout(File::create(&o).unwrap())
+        .stderr(File::create(&e).unwrap())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{phrase}\n").as_bytes())
+        .unwrap();
+    let status = match wait_deadline(&mut child, Duration::from_secs(30)) {
+        Some(s) => s,
+        None => {
+            // Still running: it joined and now syncs. Stop it (SIGTERM flushes and exits).
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap()
+        }
+    };
+    CmdOut {
+        status,
+        stdout: fs::read_to_string(&o).unwrap_or_default(),
+        stderr: fs::read_to_string(&e).unwrap_or_default(),
+    }
+}
+
+/// Names of the blobs in a device's store (`store/xx/<hex id>`).
+fn blob_names(d: &Device) -> BTreeSet<String> {
+    d.store_files()
+        .keys()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect()
+}
+
+/// A, B and C are members; A removes B. Nothing written afterwards is readable with anything
+/// in B's state directory, and no way back works: B's old key, a fresh device with the phrase
+/// computed from B's `vault.secret`, a device joining with a ticket B printed before. The new
+/// phrase A printed recovers a fresh device; C and A agree on the member list throughout.
+#[test]
+fn a_removed_device_reads_nothing_new_and_cannot_come_back() {
+    let a = Device::init("A", Some(50));
+    let mut b = Device::join("B", &a, Some(50));
+    let c = Device::join("C", &a, Some(50));
+    fs::write(a.path("before.txt"), b"everyone saw this\n").unwrap();
+    wait_until(
+        &[&a, &b, &c],
+        "before.txt on B and C",
+        SYNC_DEADLINE,
+        |_| {
+            content_is(&b.path("before.txt"), b"everyone saw this\n")
+                && content_is(&c.path("before.txt"), b"everyone saw this\n")
+        },
+    );
+    let b_id = b.device_id();
+    let b_ticket = b.invite("10m");
+    let old_phrase = b.run_ok(&["recovery-phrase", "--yes"]).trim().to_string();
+    assert_eq!(old_phrase.split(' ').count(), 24, "{old_phrase}");
+    // A thief's copy of B's whole state directory, taken before the removal.
+    let stolen = tempfile::tempdir().unwrap();
+    for f in ["vault.secret", "age.key", "device.key", "epochs.secret"] {
+        let _ = fs::copy(b.vault_dir().join(f), stolen.path().join(f));
+    }
+    let known_before = blob_names(&a);
+
+    let out = a.run_ok(&["remove-device", &b_id]);
+    let new_phrase = out
+        .lines()
+        .skip_while(|l| !l.starts_with("new recovery phrase"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("remove-device printed no new phrase: {out}"))
+        .trim()
+        .to_string();
+    assert_eq!(new_phrase.split(' ').count(), 24);
+    assert_ne!(new_phrase, old_phrase);
+    b.kill9();
+
+    // Written after the removal: a small file (inline in a tree node) and a chunked one.
+    fs::write(a.path("after.txt"), b"not for B\n").unwrap();
+    let hash = write_random(&a.path("after.bin"), 300 << 10, 5);
+    wait_for_big_file(
+        &[&a, &c],
+        &c.path("after.bin"),
+        300 << 10,
+        &hash,
+        BIG_DEADLINE,
+    );
+    wait_until(&[&a, &c], "after.txt on C", SYNC_DEADLINE, |_| {
+        content_is(&c.path("after.txt"), b"not for B\n")
+    });
+    for d in [&a, &c] {
+        let s = d.run_ok(&["status"]);
+        assert!(s.contains("key epoch: 1 "), "[{}] {s}", d.name);
+    }
+
+    // B's keys against every blob written since: no header opens with its age key, no tree
+    // node with its epochs, and the new nodes name an epoch B does not hold.
+    let new_blobs: Vec<PathBuf> = c
+        .store_files()
+        .into_keys()
+        .filter(|p| !known_before.contains(&*p.file_name().unwrap().to_string_lossy()))
+        .collect();
+    assert!(!new_blobs.is_empty());
+    let identity: cairn_crypto::AgeIdentity = fs::read_to_string(stolen.path().join("age.key"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let vault_secret: [u8; 32] = fs::read(stolen.path().join("vault.secret"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let b_keys = std::sync::Arc::new(cairn_crypto::KeyEpochs::new(
+        &cairn_crypto::VaultSecret::from_bytes(vault_secret),
+    ));
+    assert!(!stolen.path().join("epochs.secret").exists() || b_keys.all().len() == 1);
+    let nodes = cairn_store::EpochMetaSealer::new(b_keys.clone(), "tree node");
+    let mut foreign_epoch = 0;
+    for p in &new_blobs {
+        let bytes = fs::read(p).unwrap();
+        assert!(
+            cairn_crypto::open_sealed(&identity, &bytes).is_err(),
+            "B's age key opens {p:?}"
+        );
+        assert!(
+            nodes.open(&bytes).is_err(),
+            "B's keys open the tree node {p:?}"
+        );
+        if let Some(e) = cairn_store::sealed_epoch(&bytes) {
+            assert!(!b_keys.contains(&e));
+            foreign_epoch += 1;
+        }
+        let plain = b"not for B";
+        assert!(!bytes.windows(plain.len()).any(|w| w == plain));
+    }
+    assert!(
+        foreign_epoch > 0,
+        "no new blob is sealed under the new epoch"
+    );
+
+    // 1. B comes back with its old key: refused everywhere, gets nothing new.
+    let b_blobs = blob_names(&b);
+    let mut b_sync = b.dir.logged(&["sync"]).spawn().unwrap();
+    sleep(Duration::from_secs(8));
+    let _ = unsafe { libc::kill(b_sync.id() as i32, libc::SIGTERM) };
+    let _ = b_sync.wait();
+    let got: Vec<String> = blob_names(&b).difference(&b_blobs).cloned().collect();
+    assert!(
+        got.iter()
+            .all(|n| !new_blobs.iter().any(|p| p.ends_with(n))),
+        "B fetched blobs written after its removal: {got:?}"
+    );
+
+    // Recovery windows open on A, so what refuses below is the epoch, not the window.
+    a.run_ok(&["allow-recovery", "--for", "10m"]);
+    let from = recover_from(&a);
+
+    // 2. A fresh device with the phrase computed from B's vault.secret.
+    let mut thief = Device::new("thief", None);
+    let out = try_recover(&mut thief, &from, &old_phrase);
+    assert!(
+        !out.ok(),
+        "the old phrase recovered a device: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("refused") || out.stderr.contains("recovery"),
+        "{}",
+        out.stderr
+    );
+    assert!(!thief.vault_dir().join("vault.secret").exists());
+
+    // 3. A device joining with the ticket B printed before its removal (B answers it).
+    let mut b_again = b.dir.logged(&["sync"]).spawn().unwrap();
+    let mut j = Device::new("J", None);
+    let jmnt = j.dir.mnt_str();
+    let joined = j.dir.logged(&["join", &b_ticket, &jmnt]).spawn().unwrap();
+    j.child = Some(joined);
+    sleep(Duration::from_secs(8));
+    assert!(
+        !j.path("after.txt").exists(),
+        "a device invited by removed B got data written after the removal"
+    );
+    let _ = unsafe { libc::kill(b_again.id() as i32, libc::SIGTERM) };
+    let _ = b_again.wait();
+    if let Some(mut child) = j.child.take() {
+        let _ = kill_and_detach(&mut child, &j.dir.mnt);
+    }
+
+    // Neither A nor C lists any of them as a member.
+    for d in [&a, &c] {
+        let peers = d.peers().join("\n");
+        assert!(!peers.contains(&b_id), "[{}] lists B: {peers}", d.name);
+    }
+
+    // 4. The new phrase recovers a fresh device through A, with everything.
+    let mut r = Device::new("R", Some(50));
+    let out = try_recover(&mut r, &from, &new_phrase);
+    assert!(
+        r.vault_dir().join("vault.secret").exists(),
+        "the new phrase did not recover: {} {}",
+        out.stderr,
+        logs_of(&[&a])
+    );
+    let rmnt = r.dir.mnt_str();
+    r.spawn_daemon(&["mount", &rmnt]);
+    wait_until(&[&a, &r], "everything on R", SYNC_DEADLINE, |_| {
+        content_is(&r.path("before.txt"), b"everyone saw this\n")
+            && content_is(&r.path("after.txt"), b"not for B\n")
+    });
+    assert!(r.run_ok(&["status"]).contains("key epoch: 1 "));
+}
+
+/// Partition {A, C} | {B, D}: A removes B while B removes A. When C and D meet again, both
+/// removals stand on both (the rule is the same whatever order the records arrive in), so the
+/// remaining members agree on the member list, and on the key epoch they write under.
+#[test]
+fn members_that_remove_each_other_while_partitioned_agree_afterwards() {
+    let mut a = Device::init("A", Some(50));
+    let mut b = Device::join("B", &a, Some(50));
+    let mut c = Device::join("C", &a, Some(50));
+    let mut d = Device::join("D", &a, Some(50));
+    fs::write(a.path("x.txt"), b"x").unwrap();
+    wait_until(&[&a, &b, &c, &d], "x.txt everywhere", SYNC_DEADLINE, |_| {
+        [&b, &c, &d]
+            .iter()
+            .all(|n| content_is(&n.path("x.txt"), b"x"))
+    });
+    let ids: Vec<String> = [&a, &b, &c, &d].iter().map(|n| n.device_id()).collect();
+    let (a_id, b_id, c_id, d_id) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    let lists = |n: &Device, id: &str| n.peers().iter().any(|l| l.starts_with(id));
+
+    // {A, C} alone: A removes B; C hears it.
+    b.stop();
+    d.stop();
+    a.run_ok(&["remove-device", b_id]);
+    wait_until(&[&a, &c], "C drops B", SYNC_DEADLINE, |_| !lists(&c, b_id));
+    a.stop();
+    c.stop();
+    // {B, D} alone: B removes A; D hears it.
+    b.start();
+    d.start();
+    b.run_ok(&["remove-device", a_id]);
+    wait_until(&[&b, &d], "D drops A", SYNC_DEADLINE, |_| !lists(&d, a_id));
+    b.stop();
+    // Healed: C and D meet. Both removals stand on both.
+    c.start();
+    wait_until(
+        &[&c, &d],
+        "C and D drop both A and B",
+        SYNC_DEADLINE,
+        |why| {
+            let (pc, pd) = (c.peers(), d.peers());
+            *why = format!("C: {pc:?} D: {pd:?}");
+            [a_id, b_id].iter().all(|id| {
+                !pc.iter()
+                    .chain(pd.iter())
+                    .any(|l| l.starts_with(id.as_str()))
+            }) && lists(&c, d_id)
+                && lists(&d, c_id)
+        },
+    );
+    let epoch_of = |n: &Device| {
+        n.run_ok(&["status"])
+            .lines()
+            .find(|l| l.starts_with("key epoch:"))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    wait_until(
+        &[&c, &d],
+        "C and D write under one epoch",
+        SYNC_DEADLINE,
+        |why| {
+            let (ec, ed) = (epoch_of(&c), epoch_of(&d));
+            *why = format!("C: {ec} D: {ed}");
+            ec == ed && ec.starts_with("key epoch: 1 ")
+        },
+    );
+    // And they still sync with each other.
+    fs::write(c.path("after.txt"), b"c and d").unwrap();
+    wait_until(&[&c, &d], "after.txt on D", SYNC_DEADLINE, |_| {
+        content_is(&d.path("after.txt"), b"c and d")
+    });
+    c.stop();
+    d.stop();
 }

@@ -18,9 +18,12 @@
 #       close-on-A → identical-on-B, against the same file over a direct pair in the same run
 #       (RUNS runs each, medians); then the time from B's `join` to its first synced file when
 #       the configured relay is unreachable (a closed port) against relays disabled
+#   (rotate) key rotation in a ROT_FILES-file vault (default 100000) of three devices:
+#       `cairn rotate-keys` on A → both B and C hold the new epoch (their epochs.secret, which
+#       a daemon writes before sealing anything under it), RUNS runs, median
 #
-# Usage: scripts/bench/sync.sh [all|latency|big|xfer|many|idle|relay]...   (default: all)
-# Env: TRIALS (25), RUNS (3), BIG_MIB (1024), IDLE_FILES (100000), BENCH_DIR (target/),
+# Usage: scripts/bench/sync.sh [all|latency|big|xfer|many|idle|relay|rotate]...   (default: all)
+# Env: TRIALS (25), RUNS (3), BIG_MIB (1024), IDLE_FILES (100000), ROT_FILES (100000), BENCH_DIR (target/),
 #      CAIRN_BIN and BASELINE_BIN (prebuilt binaries; default: build them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,6 +32,7 @@ TRIALS="${TRIALS:-25}"
 RUNS="${RUNS:-3}"
 BIG_MIB="${BIG_MIB:-1024}"
 IDLE_FILES="${IDLE_FILES:-100000}"
+ROT_FILES="${ROT_FILES:-100000}"
 WHAT=("${@:-all}")
 want() { for w in "${WHAT[@]}"; do [[ "$w" == all || "$w" == "$1" ]] && return 0; done; return 1; }
 
@@ -526,5 +530,65 @@ PY
         echo "(relay) join → first synced file, relay $mode: $(python3 -c "print(f'{$t1-$t0:.2f}')") s"
         stop_dev "$base/b"; stop_dev "$base/a"
     done
+fi
+
+# ---------------------------------------------------------------------------------------
+if want rotate; then
+    pair rot 500 3
+    D="$WORK/rot"
+    python3 - "$D/a/mnt" "$ROT_FILES" <<'PY'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for d in range(n // 1000 + 1):
+    os.makedirs(os.path.join(root, f"d{d:03}"), exist_ok=True)
+for i in range(n):
+    with open(os.path.join(root, f"d{i // 1000:03}", f"f{i:06}"), "wb") as f:
+        f.write(b"%d\n" % i)
+PY
+    python3 - "$D" "$ROT_FILES" <<'PY'
+import os, sys, time
+base, n = sys.argv[1], int(sys.argv[2])
+t0 = time.monotonic()
+for x in "bc":
+    root = os.path.join(base, x, "mnt")
+    while True:
+        try:
+            c = sum(len(os.listdir(os.path.join(root, d))) for d in os.listdir(root))
+        except OSError:
+            c = -1
+        if c == n: break
+        if time.monotonic() - t0 > 3600: sys.exit(f"{x}: {c} of {n} files after an hour")
+        time.sleep(2)
+print(f"(rotate) B and C show all {n} files")
+PY
+    sleep 5
+    times=()
+    for run in $(seq "$RUNS"); do
+        t=$(python3 - "$D" "$run" "$BIN" <<'PY'
+import os, subprocess, sys, time
+base, run, bin_ = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+want = 36 * run  # epochs.secret: one 36-byte record per epoch after epoch 0
+def size(x):
+    try: return os.path.getsize(os.path.join(base, x, "data/vaults/default/epochs.secret"))
+    except OSError: return 0
+env = dict(os.environ, XDG_CONFIG_HOME=f"{base}/a/config", XDG_DATA_HOME=f"{base}/a/xdg")
+t0 = time.monotonic()
+subprocess.run([bin_, "--data-dir", f"{base}/a/data", "rotate-keys"], env=env, check=True,
+               stdout=subprocess.DEVNULL)
+while not (size("b") >= want and size("c") >= want):
+    if time.monotonic() - t0 > 120: sys.exit("the new epoch did not reach B and C in 120 s")
+    time.sleep(0.005)
+print(f"{time.monotonic() - t0:.3f}")
+PY
+)
+        times+=("$t")
+    done
+    python3 - "$ROT_FILES" "${times[*]}" <<'PY'
+import statistics, sys
+n = int(sys.argv[1]); t = [float(x) for x in sys.argv[2].split()]
+print(f"(rotate) {n}-file vault, 3 devices: rotate-keys on A → B and C hold the new epoch: "
+      f"median {statistics.median(t):.3f} s (runs: {t})")
+PY
+    stop_pair rot
 fi
 echo "done"

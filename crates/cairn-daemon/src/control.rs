@@ -2,9 +2,11 @@
 //! which `cairn invite`, `cairn peers` and `cairn remove-device` reach the live endpoint.
 //!
 //! One request per connection, one line in, the reply then EOF: `invite SECONDS`, `peers`,
-//! `remove DEVICE_HEX`. Replies start with `ok` or `err`; `peers` answers `ok` and a JSON
-//! [`PeersReply`] (this device's addresses, then every member with its connection state,
-//! path, round-trip time and bytes).
+//! `remove DEVICE_HEX`, `rotate`. Replies start with `ok` or `err`; `peers` answers `ok` and a
+//! JSON [`PeersReply`] (this device's addresses, then every member with its connection state,
+//! path, round-trip time and bytes); `remove` and `rotate` answer with the new key epoch:
+//! `ok [DEVICE] EPOCH` and, on the next line, its recovery phrase (the socket is the owner's
+//! only, like the key files the phrase could be computed from).
 //! Only the owner can connect (file mode), which is also who owns the vault's keys.
 
 use std::io::{BufRead, BufReader, Write};
@@ -132,9 +134,13 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
         }
         (Some("remove"), Some(dev)) => match resolve_device(net, dev) {
             Ok(d) => match net.remove_member(d) {
-                Ok(()) => format!("ok {d}\n"),
+                Ok(epoch) => format!("ok {d} {}\n{}\n", epoch.number, epoch.secret.to_phrase()),
                 Err(e) => format!("err {e:#}\n"),
             },
+            Err(e) => format!("err {e:#}\n"),
+        },
+        (Some("rotate"), None) => match net.rotate_keys() {
+            Ok(epoch) => format!("ok {}\n{}\n", epoch.number, epoch.secret.to_phrase()),
             Err(e) => format!("err {e:#}\n"),
         },
         _ => "err unknown request\n".to_string(),

@@ -10,6 +10,7 @@
 
 mod base;
 mod control;
+mod epochs;
 mod history;
 mod instance;
 mod join;

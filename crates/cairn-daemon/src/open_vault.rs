@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use cairn_crypto::{AgeRecipient, ContentKey, DeviceId, VaultId};
+use cairn_crypto::{AgeRecipient, DeviceId, KeyEpochs, VaultId};
 use cairn_registry::{MemberRecord, Registry};
 use cairn_store::BlobStore;
 use cairn_vault::{Keyring, SnapshotId, Vault, VaultStores};
@@ -27,7 +27,10 @@ pub struct OpenVault {
     /// Signs member records (invites, removals).
     pub key: cairn_crypto::DeviceKey,
     pub stores: VaultStores,
-    pub content_key: ContentKey,
+    /// Every key epoch this device holds; new content is sealed under the current one.
+    pub keys: Arc<KeyEpochs>,
+    /// The vault's state directory (key files, store, registry).
+    pub dir: std::path::PathBuf,
     vault: Mutex<Vault>,
 }
 
@@ -73,10 +76,10 @@ impl OpenVault {
             );
             registry.merge_roster(&vault_id, &[me])?;
         }
-        let content_key = state.secret.content_key();
+        let epochs = Arc::new(state.key_epochs());
         let remote_blobs = Arc::new(LocalOrRemote::new(blobs.clone()));
         let stores =
-            super::stores::vault_stores(remote_blobs.clone(), &content_key, node_cache_bytes)?;
+            super::stores::vault_stores(remote_blobs.clone(), epochs.clone(), node_cache_bytes)?;
         let keys = Keyring {
             vault: vault_id,
             identity: state.age.clone(),
@@ -95,7 +98,8 @@ impl OpenVault {
             device_id,
             key: state.device.clone(),
             stores,
-            content_key,
+            keys: epochs,
+            dir: state.dir.clone(),
             vault: Mutex::new(vault),
         })
     }

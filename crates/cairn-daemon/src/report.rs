@@ -22,6 +22,10 @@ pub struct Report {
     pub vault: String,
     pub vault_id: String,
     pub device_id: String,
+    /// The key epoch new content is sealed under (0 until the first rotation).
+    pub key_epoch: u32,
+    /// Its public tag, as named in sealed blobs.
+    pub key_epoch_id: String,
     pub state_dir: PathBuf,
     /// `synced`: mounted with nothing pending; `pending`: mounted with local changes not yet
     /// in a snapshot; `not mounted`: no live daemon serves this vault.
@@ -116,10 +120,14 @@ pub fn report(state: &VaultState) -> Result<Report> {
         (Some(_), _) => "pending",
     };
     let ds = daemon_status.unwrap_or_default();
+    // From the key files: the daemon saves an epoch before it seals anything under it.
+    let epoch = state.key_epochs().current();
     Ok(Report {
         vault: state.name.clone(),
         vault_id: vault_id.to_string(),
         device_id: state.device.device_id().to_string(),
+        key_epoch: epoch.number,
+        key_epoch_id: epoch.id().to_string(),
         state_dir: state.dir.clone(),
         state: state_name,
         mount: live.map(|m| MountInfo {

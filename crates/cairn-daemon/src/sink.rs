@@ -136,9 +136,11 @@ impl VaultSink {
             durability: cairn_store::Durability::Batch,
             ..WriteOptions::default()
         };
+        // One epoch for the whole file, even if a rotation lands meanwhile.
+        let (_, content_key) = device.keys.current_key();
         let manifest =
-            write_file_with(&device.blobs, &device.content_key, reader, opts).map_err(rejected)?;
-        let sealer = ChunkSealer::new(&device.content_key);
+            write_file_with(&device.blobs, &content_key, reader, opts).map_err(rejected)?;
+        let sealer = ChunkSealer::new(&content_key);
         let (content, size) =
             content_from_manifest(device.stores.blobs.as_ref(), &sealer, &manifest)
                 .map_err(rejected)?;

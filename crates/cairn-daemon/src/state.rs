@@ -6,7 +6,11 @@
 //! vaults/<name>/device.key     32-byte ed25519 device secret (0600)
 //! vaults/<name>/age.key        age X25519 identity            (0600)
 //! vaults/<name>/vault.id       public vault id, hex (for humans and scripts)
+//! vaults/<name>/epochs.secret  later key epochs: n × (number u32 BE | secret 32)  (0600)
 //! ```
+//! `vault.secret` is key epoch 0 and names the vault forever; `epochs.secret` holds every
+//! later epoch this device received (see `cairn_crypto::KeyEpochs`), absent until the first
+//! rotation.
 //! One device key per vault (not per machine) so that membership in one vault reveals
 //! nothing about membership in another.
 
@@ -14,7 +18,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use cairn_crypto::{AgeIdentity, DeviceKey, VaultSecret, read_secret_file, write_secret_file};
+use cairn_crypto::{
+    AgeIdentity, DeviceKey, Epoch, EpochSecret, KeyEpochs, VaultSecret, read_secret_file,
+    write_secret_file,
+};
+
+pub const EPOCHS_FILE: &str = "epochs.secret";
+const EPOCH_RECORD_LEN: usize = 4 + 32;
 
 /// The data directory: `$XDG_DATA_HOME/cairn`, else `~/.local/share/cairn`.
 pub fn default_data_dir() -> Result<PathBuf> {
@@ -34,6 +44,8 @@ pub struct VaultState {
     pub secret: VaultSecret,
     pub device: DeviceKey,
     pub age: AgeIdentity,
+    /// Key epochs after epoch 0 (which is `secret`).
+    pub epochs: Vec<Epoch>,
 }
 
 pub fn vault_dir(data_dir: &Path, name: &str) -> PathBuf {
@@ -92,6 +104,7 @@ impl VaultState {
             secret,
             device,
             age,
+            epochs: Vec::new(),
         };
         // Device and age keys first: a vault.secret without them would look complete.
         write_secret_file(&dir.join("device.key"), &state.device.to_bytes())?;
@@ -130,14 +143,59 @@ impl VaultState {
                     dir.join("age.key").display()
                 )
             })?;
+        let epochs = load_epochs(&dir)?;
         Ok(Self {
             name: name.to_string(),
             dir,
             secret: VaultSecret::from_bytes(secret),
             device: DeviceKey::from_bytes(device),
             age,
+            epochs,
         })
     }
+
+    /// Every key epoch this device holds, epoch 0 included.
+    pub fn key_epochs(&self) -> KeyEpochs {
+        let keys = KeyEpochs::new(&self.secret);
+        for e in &self.epochs {
+            keys.add(e.clone());
+        }
+        keys
+    }
+}
+
+/// The later key epochs stored in `dir` (none if the file does not exist yet).
+pub fn load_epochs(dir: &Path) -> Result<Vec<Epoch>> {
+    let path = dir.join(EPOCHS_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bytes = read_secret_file(&path)?;
+    if bytes.len() % EPOCH_RECORD_LEN != 0 {
+        bail!(
+            "{} has {} bytes, not a whole number of {EPOCH_RECORD_LEN}-byte epochs; it is damaged. Restore it from a backup, or recover the vault with the current recovery phrase",
+            path.display(),
+            bytes.len()
+        );
+    }
+    Ok(bytes
+        .chunks_exact(EPOCH_RECORD_LEN)
+        .map(|c| Epoch {
+            number: u32::from_be_bytes([c[0], c[1], c[2], c[3]]),
+            secret: EpochSecret::from_bytes(c[4..].try_into().expect("32 bytes")),
+        })
+        .collect())
+}
+
+/// Replaces the stored later epochs with every epoch in `keys` but epoch 0 (atomically).
+pub fn store_epochs(dir: &Path, keys: &KeyEpochs) -> Result<()> {
+    let mut bytes = Vec::new();
+    for e in keys.all().into_iter().filter(|e| e.number > 0) {
+        bytes.extend_from_slice(&e.number.to_be_bytes());
+        bytes.extend_from_slice(e.secret.as_bytes());
+    }
+    write_secret_file(&dir.join(EPOCHS_FILE), &bytes)?;
+    Ok(())
 }
 
 fn fixed<const N: usize>(path: &Path) -> Result<[u8; N]> {

@@ -4,8 +4,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use cairn_crypto::ContentKey;
-use cairn_store::{BlobStore, ChunkId, Durability, MetaSealer, StoreError};
+use cairn_crypto::KeyEpochs;
+use cairn_store::{BlobStore, ChunkId, Durability, EpochMetaSealer, StoreError};
 use cairn_tree::{CacheConfig, NodeId, NodeSealer, NodeStore, Tree, TreeConfig, TreeError};
 use cairn_vault::{Blobs, VaultStores};
 
@@ -105,8 +105,8 @@ impl NodeStore for BlobNodeStore {
     }
 }
 
-/// Tree nodes sealed under a vault subkey (see `cairn_store::meta`).
-struct SealedNodes(MetaSealer);
+/// Tree nodes sealed under the current key epoch's subkey (see `cairn_store::meta`).
+struct SealedNodes(EpochMetaSealer);
 
 impl NodeSealer for SealedNodes {
     fn seal(&self, plain: Vec<u8>) -> Vec<u8> {
@@ -120,7 +120,7 @@ impl NodeSealer for SealedNodes {
 /// The engine's stores for one vault on this device.
 pub fn vault_stores(
     blobs: Arc<LocalOrRemote>,
-    content_key: &ContentKey,
+    keys: Arc<KeyEpochs>,
     cache_bytes: usize,
 ) -> cairn_vault::Result<VaultStores> {
     let nodes: Arc<dyn NodeStore> = Arc::new(BlobNodeStore(blobs.clone()));
@@ -131,8 +131,8 @@ pub fn vault_stores(
             max_bytes: cache_bytes,
         },
     )?
-    .with_sealer(Arc::new(SealedNodes(MetaSealer::new(
-        content_key,
+    .with_sealer(Arc::new(SealedNodes(EpochMetaSealer::new(
+        keys,
         "tree node",
     ))));
     Ok(VaultStores {

@@ -35,8 +35,8 @@ use cairn_crypto::{DeviceId, VaultId};
 use std::sync::RwLock;
 
 use cairn_registry::{
-    ENTRY_LEN, MemberRecord, Outcome, Registry, RegistryEntry, RegistryError, Revision,
-    RosterChange, decode_roster, encode_roster,
+    ENTRY_LEN, EpochRecord, MemberRecord, Outcome, Registry, RegistryEntry, RegistryError,
+    Revision, RosterChange, decode_epochs, decode_roster, encode_epochs, encode_roster,
 };
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
@@ -157,6 +157,8 @@ pub struct RosterMessage {
     pub records: Vec<MemberRecord>,
     /// Where each device can be reached (direct addresses and relays), as its sender knows.
     pub addrs: Vec<(DeviceId, Vec<PeerAddr>)>,
+    /// Signed key-epoch records (each member's copy of an epoch secret, sealed to it).
+    pub epochs: Vec<EpochRecord>,
 }
 
 impl RosterMessage {
@@ -179,6 +181,10 @@ impl RosterMessage {
                 v.extend_from_slice(t);
             }
         }
+        // Appended last so the layout before it is unchanged.
+        let epochs = encode_epochs(&self.epochs);
+        v.extend_from_slice(&(epochs.len() as u32).to_be_bytes());
+        v.extend_from_slice(&epochs);
         v
     }
 
@@ -209,8 +215,14 @@ impl RosterMessage {
             }
             addrs.push((d, list));
         }
+        let n = r.u32_be().map_err(cut)? as usize;
+        let epochs = decode_epochs(r.take(n).map_err(cut)?)?;
         r.finish().map_err(cut)?;
-        Ok(Self { records, addrs })
+        Ok(Self {
+            records,
+            addrs,
+            epochs,
+        })
     }
 }
 
@@ -265,7 +277,12 @@ impl RegistryProtocol {
                     addrs.push((d, list));
                 }
             }
-            Ok(RosterMessage { records, addrs })
+            let epochs = registry.epochs(&vault)?;
+            Ok(RosterMessage {
+                records,
+                addrs,
+                epochs,
+            })
         })
         .await
         .map_err(|e| RegistryProtoError::Join(e.to_string()))?
@@ -289,7 +306,9 @@ impl RegistryProtocol {
             .as_ref()
             .map(|(d, _)| *d);
         let change = tokio::task::spawn_blocking(move || -> Result<RosterChange, RegistryError> {
-            let change = registry.merge_roster(&vault, &msg.records)?;
+            let mut change = registry.merge_roster(&vault, &msg.records)?;
+            // After the roster: an epoch signed by a member added in this very message counts.
+            change.epochs = registry.merge_epochs(&vault, &msg.epochs)?;
             let known: std::collections::HashSet<DeviceId> = registry
                 .addrs(&vault)?
                 .into_iter()
@@ -677,6 +696,17 @@ mod tests {
                     "https://relay.example.org/".parse().unwrap(),
                 ],
             )],
+            epochs: vec![
+                cairn_registry::EpochRecord::sign(
+                    &k,
+                    v,
+                    1,
+                    cairn_crypto::EpochId([5; 8]),
+                    vec![(k.device_id(), vec![1; 190])],
+                    9,
+                )
+                .unwrap(),
+            ],
         };
         let b = msg.encode();
         assert_eq!(RosterMessage::decode(&b).unwrap(), msg);

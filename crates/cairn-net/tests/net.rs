@@ -539,6 +539,7 @@ async fn roster_exchange_spreads_members_and_addresses() {
     let msg = cairn_net::RosterMessage {
         records: vec![forged],
         addrs: vec![],
+        epochs: vec![],
     };
     let c_to_a = RegistryClient::connect(&c.endpoint, a.addr())
         .await

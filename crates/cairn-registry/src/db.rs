@@ -24,6 +24,7 @@ use cairn_crypto::{DeviceId, VaultId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::accept::{Outcome, check_authentic, check_cas};
+use crate::epoch::EpochRecord;
 use crate::roster::{MemberRecord, RosterChange};
 use crate::{Payload, RegistryEntry, RegistryError, Revision};
 
@@ -66,6 +67,13 @@ CREATE TABLE IF NOT EXISTS addresses (
     addrs      TEXT NOT NULL,
     updated_at INTEGER NOT NULL,
     PRIMARY KEY (vault, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS epochs (
+    vault  BLOB NOT NULL CHECK (length(vault) = 16),
+    rid    BLOB NOT NULL CHECK (length(rid) = 16),
+    epoch  BLOB NOT NULL CHECK (length(epoch) = 8),
+    record BLOB NOT NULL,
+    PRIMARY KEY (vault, rid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS members (
     vault    BLOB NOT NULL CHECK (length(vault) = 16),
@@ -348,7 +356,7 @@ impl Registry {
                     change.refused.push((r.device, e.to_string()));
                     continue;
                 }
-                if !member_in(&tx, vault, &r.signer)? {
+                if !member_in(&tx, vault, &r.signer)? && !mutual_removal(&tx, vault, r)? {
                     retry.push(r);
                     continue;
                 }
@@ -410,6 +418,56 @@ impl Registry {
             .any(|r| r.device == *device && r.removed))
     }
 
+    /// Stores the key-epoch records that are new, valid (signature, vault) and signed by a
+    /// current member; returns those. Others are skipped: a record whose signer is not (yet)
+    /// a member here comes again with the next roster exchange. One epoch may have several
+    /// records (its creation, then a share for each device that joined later).
+    pub fn merge_epochs(
+        &self,
+        vault: &VaultId,
+        records: &[EpochRecord],
+    ) -> Result<Vec<EpochRecord>, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut added = Vec::new();
+        for r in records {
+            if r.vault != *vault || r.number == 0 || r.verify().is_err() {
+                tracing::debug!(signer = %r.signer.short(), "refused an invalid key epoch record");
+                continue;
+            }
+            if !member_in(&tx, vault, &r.signer)? {
+                tracing::debug!(signer = %r.signer.short(), "key epoch record by a non-member");
+                continue;
+            }
+            let bytes = r.encode();
+            let hash = blake3::hash(&bytes);
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO epochs (vault, rid, epoch, record) VALUES (?1, ?2, ?3, ?4)",
+                params![&vault.0[..], &hash.as_bytes()[..16], &r.epoch.0[..], bytes],
+            )?;
+            if n == 1 {
+                added.push(r.clone());
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// Every key-epoch record held for `vault`, by epoch number.
+    pub fn epochs(&self, vault: &VaultId) -> Result<Vec<EpochRecord>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT record FROM epochs WHERE vault = ?1")?;
+        let rows = stmt.query_map(params![&vault.0[..]], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for raw in rows {
+            let (r, _) = EpochRecord::decode_prefix(&raw?)
+                .map_err(|e| RegistryError::Corrupt(format!("stored key epoch record: {e}")))?;
+            out.push(r);
+        }
+        out.sort_by_key(|r| (r.number, r.epoch, r.at_ms));
+        Ok(out)
+    }
+
     /// Remembers where `device` was last reachable (socket addresses as text).
     pub fn set_addrs(
         &self,
@@ -449,6 +507,30 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// Whether `r` removes the very device that removed `r`'s signer: two members that removed
+/// each other (while partitioned). Both removals stand, on every device whatever the order
+/// they arrive in; otherwise each side would refuse the other's record (its signer is no
+/// longer a member there) and the member lists would split for good.
+fn mutual_removal(
+    conn: &Connection,
+    vault: &VaultId,
+    r: &MemberRecord,
+) -> Result<bool, RegistryError> {
+    if !r.removed {
+        return Ok(false);
+    }
+    let held: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT record FROM roster WHERE vault = ?1 AND device = ?2")?
+        .query_row(params![&vault.0[..], &r.signer.0[..]], |row| row.get(0))
+        .optional()?;
+    let Some(held) = held else {
+        return Ok(false);
+    };
+    let (held, _) = MemberRecord::decode_prefix(&held)
+        .map_err(|e| RegistryError::Corrupt(format!("stored member record: {e}")))?;
+    Ok(held.removed && held.signer == r.device)
 }
 
 fn member_in(conn: &Connection, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {

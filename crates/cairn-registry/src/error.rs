@@ -52,6 +52,8 @@ pub enum RegistryError {
     },
     #[error("malformed member record: {0}")]
     BadRoster(String),
+    #[error("malformed key epoch record: {0}")]
+    BadEpoch(String),
     #[error(
         "the registry database is locked by another writer for too long; retry later (is another cairn process stuck?)"
     )]

@@ -11,6 +11,7 @@
 mod accept;
 mod db;
 mod entry;
+pub mod epoch;
 mod error;
 mod publish;
 pub mod roster;
@@ -18,6 +19,7 @@ pub mod roster;
 pub use accept::{Outcome, accept, check_authentic, check_cas};
 pub use db::Registry;
 pub use entry::{ENTRY_LEN, FORMAT_V1, Payload, RegistryEntry, Revision, SIGNING_DOMAIN};
+pub use epoch::{EpochRecord, decode_epochs, encode_epochs};
 pub use error::RegistryError;
 pub use publish::{PublishError, PublishPolicy, Published, publish};
 pub use roster::{MemberRecord, RosterChange, decode_roster, encode_roster};

@@ -11,7 +11,13 @@
 //!
 //! A record is accepted only if its signature verifies and its signer is a current member
 //! of the vault on this device (the founder's first record signs itself while it is the
-//! only member). Record wire format, big-endian:
+//! only member). Any member may remove any other member, never itself. One exception to
+//! "the signer is a member": two members that removed each other while partitioned. Each
+//! side has already dropped the other, so each would refuse the other's removal and the
+//! lists would stay split; instead a removal of the device that removed its signer is
+//! accepted, and **both** devices end up removed everywhere, whatever the arrival order. A
+//! removed device can therefore take down at most the member that removed it, and only by
+//! reaching a member that has not heard of its removal yet; it can never come back. Record wire format, big-endian:
 //!
 //! ```text
 //! format u8 = 0x01 | vault [16] | device [32] | removed u8 (0|1) | at_ms u64 |
@@ -199,11 +205,13 @@ pub struct RosterChange {
     pub removed: Vec<DeviceId>,
     /// Records refused, with the reason (nothing was stored for them).
     pub refused: Vec<(DeviceId, String)>,
+    /// Key-epoch records newly stored (see [`crate::epoch`]).
+    pub epochs: Vec<crate::EpochRecord>,
 }
 
 impl RosterChange {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty()
+        self.added.is_empty() && self.removed.is_empty() && self.epochs.is_empty()
     }
 }
 
@@ -316,6 +324,51 @@ mod tests {
         }
         assert_eq!(rosters[0], rosters[1]);
         assert_eq!(rosters[0], rosters[2]);
+    }
+
+    #[test]
+    fn members_that_removed_each_other_are_both_removed_in_any_order() {
+        let v = VaultId([9; 16]);
+        let (a, b, c) = (dev(), dev(), dev());
+        let base = [
+            MemberRecord::add(&a.key, v, a.id, "age1a".into(), 1),
+            MemberRecord::add(&a.key, v, b.id, "age1b".into(), 2),
+            MemberRecord::add(&a.key, v, c.id, "age1c".into(), 3),
+        ];
+        let a_drops_b = MemberRecord::remove(&a.key, v, b.id, 10);
+        let b_drops_a = MemberRecord::remove(&b.key, v, a.id, 11);
+        let mut views = Vec::new();
+        for (who, first, second) in [
+            ("A", &a_drops_b, &b_drops_a),
+            ("B", &b_drops_a, &a_drops_b),
+            ("C", &a_drops_b, &b_drops_a),
+            ("C'", &b_drops_a, &a_drops_b),
+        ] {
+            let reg = Registry::open_in_memory().unwrap();
+            reg.add_member(&v, &a.id).unwrap();
+            reg.merge_roster(&v, &base).unwrap();
+            // Partitioned: each side applies its own removal first, then heals.
+            reg.merge_roster(&v, std::slice::from_ref(first)).unwrap();
+            let ch = reg.merge_roster(&v, std::slice::from_ref(second)).unwrap();
+            assert!(ch.refused.is_empty(), "{who}: {:?}", ch.refused);
+            let members = reg.members(&v).unwrap();
+            assert_eq!(members, vec![c.id], "{who}");
+            views.push(reg.roster(&v).unwrap());
+        }
+        assert!(views.windows(2).all(|w| w[0] == w[1]));
+        // A removed device cannot remove anyone else.
+        let reg = Registry::open_in_memory().unwrap();
+        reg.add_member(&v, &a.id).unwrap();
+        reg.merge_roster(&v, &base).unwrap();
+        reg.merge_roster(&v, &[a_drops_b.clone()]).unwrap();
+        let revenge = MemberRecord::remove(&b.key, v, c.id, 12);
+        let ch = reg.merge_roster(&v, &[revenge]).unwrap();
+        assert_eq!(ch.refused.len(), 1);
+        let mut members = reg.members(&v).unwrap();
+        members.sort();
+        let mut want = vec![a.id, c.id];
+        want.sort();
+        assert_eq!(members, want);
     }
 
     #[test]

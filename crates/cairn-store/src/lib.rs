@@ -28,4 +28,6 @@ pub use file::{
     write_file_with,
 };
 pub use id::ChunkId;
-pub use meta::{META_OVERHEAD, MetaError, MetaSealer};
+pub use meta::{
+    EpochMetaSealer, META_EPOCH_OVERHEAD, META_OVERHEAD, MetaError, MetaSealer, sealed_epoch,
+};

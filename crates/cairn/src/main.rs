@@ -116,9 +116,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a member device: it can no longer connect or fetch, and later snapshots are
-    /// not readable by it. DEVICE is its id or an unambiguous prefix (see `cairn peers`).
+    /// Revoke a member device: it can no longer connect or fetch, and the vault's keys move
+    /// to a new epoch it never receives, so nothing written afterwards is readable with
+    /// anything it holds (what it already had stays readable to it). Prints the new recovery
+    /// phrase: the old one admits nobody any more. DEVICE is its id or an unambiguous prefix
+    /// (see `cairn peers`).
     RemoveDevice { device: String },
+    /// Start a new key epoch for the current members (e.g. when a key may have leaked) and
+    /// print its recovery phrase; older phrases admit nobody any more.
+    RotateKeys,
+    /// Print the recovery phrase of the vault's current key epoch (asks for confirmation on
+    /// a terminal: whoever sees it can join the vault through a member's recovery window).
+    RecoveryPhrase {
+        /// Print without asking.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Stop the daemon serving MOUNTPOINT, waiting until all changes are flushed.
     Unmount { mountpoint: PathBuf },
     /// Bring back a deleted or older version of one file or directory tree, touching nothing
@@ -213,7 +226,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("created vault {:?}", s.name);
             print_identity(&s);
             if show_phrase {
-                println!("recovery phrase: {}", s.secret.to_phrase());
+                println!(
+                    "recovery phrase: {}",
+                    s.key_epochs().current().secret.to_phrase()
+                );
             }
         }
         Command::Ensure => {
@@ -376,11 +392,48 @@ fn run(cli: Cli) -> Result<()> {
         Command::RemoveDevice { device } => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
             match daemon::control_request(&state.dir, &format!("remove {device}"))? {
-                Some(reply) => println!("removed device {}", reply.trim()),
+                Some(reply) => {
+                    let (head, phrase) =
+                        reply.trim().split_once('\n').unwrap_or((reply.trim(), ""));
+                    let mut words = head.split_whitespace();
+                    let (dev, epoch) = (words.next().unwrap_or("?"), words.next().unwrap_or("?"));
+                    println!("removed device {dev}; the vault's keys moved to epoch {epoch}");
+                    print_new_phrase(phrase);
+                }
                 None => bail!(
                     "the daemon of this vault is not running; start it (`cairn mount DIR` or `cairn sync`) so the removal reaches the other members, then retry"
                 ),
             }
+        }
+        Command::RotateKeys => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            match daemon::control_request(&state.dir, "rotate")? {
+                Some(reply) => {
+                    let (epoch, phrase) =
+                        reply.trim().split_once('\n').unwrap_or((reply.trim(), ""));
+                    println!("the vault's keys moved to epoch {}", epoch.trim());
+                    print_new_phrase(phrase);
+                }
+                None => bail!(
+                    "the daemon of this vault is not running; start it (`cairn mount DIR` or `cairn sync`) so the new keys reach the other members, then retry"
+                ),
+            }
+        }
+        Command::RecoveryPhrase { yes } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            if !yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprint!(
+                    "cairn: the phrase lets anyone join this vault through a member's recovery window. Print it? [y/N] "
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    bail!("not printed");
+                }
+            }
+            let current = state.key_epochs().current();
+            println!("{}", current.secret.to_phrase());
+            eprintln!("cairn: recovery phrase of key epoch {}", current.number);
         }
         Command::Restore { path, at, to } => daemon::restore(
             &VaultState::load(&data_dir, &cli.vault)?,
@@ -509,4 +562,13 @@ fn print_identity(s: &VaultState) {
     println!("vault id:  {}", s.secret.vault_id());
     println!("device id: {}", s.device.device_id());
     println!("state dir: {}", s.dir.display());
+}
+
+/// After a rotation: the new phrase, and why the old one no longer helps.
+fn print_new_phrase(phrase: &str) {
+    if phrase.trim().is_empty() {
+        return;
+    }
+    println!("new recovery phrase (write it down; the previous phrase no longer admits anyone):");
+    println!("{}", phrase.trim());
 }

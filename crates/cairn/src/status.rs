@@ -24,6 +24,7 @@ pub fn print_human(r: &Report) {
     println!("vault:     {} ({})", r.vault, r.state);
     println!("vault id:  {}", r.vault_id);
     println!("device id: {}", r.device_id);
+    println!("key epoch: {} ({})", r.key_epoch, r.key_epoch_id);
     println!("state dir: {}", r.state_dir.display());
     match &r.mount {
         Some(m) => println!(

@@ -67,6 +67,11 @@ impl NetNode {
             }
         };
         self.members.replace(members.iter().copied());
+        // Key epochs travel with the roster: take up any a member started for us, stop
+        // writing under any a removed device held, rotate if none is left.
+        if let Err(e) = vault.settle_epochs() {
+            tracing::error!(error = %format!("{e:#}"), "cannot bring the vault's key epochs up to date");
+        }
         if let Ok(info) = roster_info(vault) {
             self.pairing.set_roster(info);
         }
@@ -121,7 +126,17 @@ impl NetNode {
     /// Signs `device` into the member list (after it joined through one of our invitations).
     fn admit(self: &Arc<Self>, device: DeviceId, recipient: String) {
         let vault = &self.publisher.vault;
-        let rec = MemberRecord::add(&vault.key, self.vault, device, recipient, now_ms());
+        let rec = MemberRecord::add(&vault.key, self.vault, device, recipient.clone(), now_ms());
+        match recipient.parse::<cairn_crypto::AgeRecipient>() {
+            Ok(r) => {
+                if let Err(e) = vault.share_epochs_with(device, &r) {
+                    tracing::error!(device = %device.short(), error = %format!("{e:#}"), "cannot record the key epochs handed to the joined device");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(device = %device.short(), error = %e, "joined device has an unusable age recipient")
+            }
+        }
         match vault.registry.merge_roster(&self.vault, &[rec]) {
             Ok(change) => {
                 tracing::info!(device = %device.short(), added = change.added.len(), "device joined");
@@ -133,9 +148,10 @@ impl NetNode {
         }
     }
 
-    /// Signs a removal of `device` and applies it; peers learn it at the next roster exchange
-    /// (which this triggers at once).
-    pub fn remove_member(self: &Arc<Self>, device: DeviceId) -> Result<()> {
+    /// Signs a removal of `device`, starts a new key epoch without it, and applies both;
+    /// peers learn them at the next roster exchange (which this triggers at once). Returns
+    /// the new epoch (its recovery phrase replaces the old one).
+    pub fn remove_member(self: &Arc<Self>, device: DeviceId) -> Result<cairn_crypto::Epoch> {
         if device == self.me {
             anyhow::bail!(
                 "refusing to remove this device itself; run `cairn remove-device` on another member"
@@ -147,7 +163,18 @@ impl NetNode {
             .registry
             .merge_roster(&self.vault, &[rec])
             .context("recording the removal")?;
+        // Sealed to the members that remain: the removed device never gets this secret.
+        let epoch = vault.rotate_keys().context(
+            "the device is removed, but starting a new key epoch failed; run `cairn rotate-keys`",
+        )?;
         self.refresh_members();
-        Ok(())
+        Ok(epoch)
+    }
+
+    /// `cairn rotate-keys`: a new key epoch for the current members, spread at once.
+    pub fn rotate_keys(self: &Arc<Self>) -> Result<cairn_crypto::Epoch> {
+        let epoch = self.publisher.vault.rotate_keys()?;
+        self.refresh_members();
+        Ok(epoch)
     }
 }

@@ -75,14 +75,10 @@ impl Pair {
         let content = if bytes.len() <= 4096 {
             Content::Inline(bytes.to_vec())
         } else {
-            let manifest = write_file_with(
-                &self.a.blobs,
-                &self.a.content_key,
-                bytes,
-                WriteOptions::default(),
-            )
-            .unwrap();
-            let sealer = ChunkSealer::new(&self.a.content_key);
+            let (_, key) = self.a.keys.current_key();
+            let manifest =
+                write_file_with(&self.a.blobs, &key, bytes, WriteOptions::default()).unwrap();
+            let sealer = ChunkSealer::new(&key);
             content_from_manifest(self.a.stores.blobs.as_ref(), &sealer, &manifest)
                 .unwrap()
                 .0
