@@ -16,7 +16,7 @@ mod publish;
 pub mod roster;
 
 pub use accept::{Outcome, accept, check_authentic, check_cas};
-pub use db::Registry;
+pub use db::{Equivocated, Equivocation, Offered, Registry};
 pub use entry::{ENTRY_LEN, FORMAT_V1, Payload, RegistryEntry, Revision, SIGNING_DOMAIN};
 pub use error::RegistryError;
 pub use publish::{PublishError, PublishPolicy, Published, publish};
