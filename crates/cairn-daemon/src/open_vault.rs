@@ -10,6 +10,7 @@ use cairn_registry::{MemberRecord, Registry};
 use cairn_store::BlobStore;
 use cairn_vault::{Keyring, SnapshotId, Vault, VaultStores};
 
+use super::faults::PeerFaults;
 use super::stores::LocalOrRemote;
 use crate::state::VaultState;
 
@@ -28,6 +29,8 @@ pub struct OpenVault {
     pub key: cairn_crypto::DeviceKey,
     pub stores: VaultStores,
     pub content_key: ContentKey,
+    /// Misbehaviour of members seen while serving this vault, and where content came from.
+    pub faults: Arc<PeerFaults>,
     vault: Mutex<Vault>,
 }
 
@@ -96,6 +99,7 @@ impl OpenVault {
             key: state.device.clone(),
             stores,
             content_key,
+            faults: Arc::default(),
             vault: Mutex::new(vault),
         })
     }
