@@ -1782,7 +1782,8 @@ fn a_removed_device_reads_nothing_new_and_cannot_come_back() {
 
 /// Partition {A, C} | {B, D}: A removes B while B removes A. When C and D meet again, both
 /// removals stand on both (the rule is the same whatever order the records arrive in), so the
-/// remaining members agree on the member list, and on the key epoch they write under.
+/// remaining members agree on the member list, and on the key epoch they write under: a
+/// fresh one, since each epoch 1 was held by a device that is now removed.
 #[test]
 fn members_that_remove_each_other_while_partitioned_agree_afterwards() {
     let mut a = Device::init("A", Some(50));
@@ -1843,7 +1844,9 @@ fn members_that_remove_each_other_while_partitioned_agree_afterwards() {
         |why| {
             let (ec, ed) = (epoch_of(&c), epoch_of(&d));
             *why = format!("C: {ec} D: {ed}");
-            ec == ed && ec.starts_with("key epoch: 1 ")
+            // Both epoch-1s (one per removal) were held by a removed device: each side
+            // rotated again, and the same epoch 2 wins on both.
+            ec == ed && ec.starts_with("key epoch: 2 ")
         },
     );
     // And they still sync with each other.
@@ -1853,4 +1856,316 @@ fn members_that_remove_each_other_while_partitioned_agree_afterwards() {
     });
     c.stop();
     d.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// a hostile member
+// ---------------------------------------------------------------------------------------
+
+/// A device's vault state opened as a library while its daemon is stopped: its real device
+/// key, store and registry, so the test can sign what a malicious build of cairn would.
+fn open_state(d: &Device) -> cairn_daemon::OpenVault {
+    let state = cairn_daemon::VaultState::load(&d.dir.data, "default")
+        .unwrap_or_else(|e| panic!("[{}] loading the vault state: {e:#}", d.name));
+    cairn_daemon::OpenVault::open(&state)
+        .unwrap_or_else(|e| panic!("[{}] opening the vault: {e:#}", d.name))
+}
+
+/// A sealed snapshot header of `m`'s current engine state naming `device` as its author,
+/// stored in `m`'s store; returns its id and the sealed bytes.
+fn craft_header(
+    m: &cairn_daemon::OpenVault,
+    device: cairn_crypto::DeviceId,
+    created_ms: u64,
+) -> (cairn_vault::SnapshotId, Vec<u8>) {
+    let engine = m.engine();
+    let head = engine.head().expect("M has published before");
+    let header = cairn_vault::SnapshotHeader {
+        vault: m.vault_id,
+        root: engine.root(),
+        parents: vec![head.id],
+        device,
+        clock: engine.clock(),
+        seq: head.header.seq + 1,
+        created_ms,
+    };
+    let id = cairn_vault::write_snapshot(engine.stores(), engine.keys(), &header).unwrap();
+    let sealed = engine.stores().blobs.get(&id.0).unwrap().unwrap();
+    m.blobs.sync().unwrap();
+    (id, sealed)
+}
+
+/// Reads `p` on a helper thread: the outcome, or a panic if the read hangs.
+fn read_with_deadline(devs: &[&Device], p: &Path) -> std::io::Result<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = p.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::read(&path));
+    });
+    rx.recv_timeout(SYNC_DEADLINE).unwrap_or_else(|_| {
+        panic!(
+            "reading {p:?} hung for {SYNC_DEADLINE:?}\n{}",
+            logs_of(devs)
+        )
+    })
+}
+
+/// `cairn status --json`'s peer faults as (device, kind) pairs, with their counts.
+fn peer_faults(d: &Device) -> Vec<(String, String, u64)> {
+    let json: serde_json::Value =
+        serde_json::from_str(&d.run_ok(&["status", "--json"])).expect("status --json is JSON");
+    json["peer_faults"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    (
+                        f["device"].as_str().unwrap_or_default().to_string(),
+                        f["kind"].as_str().unwrap_or_default().to_string(),
+                        f["count"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// V and a member M that turns hostile: M signs (with its real device key) files whose
+/// chunks are shorter or longer than their manifest says and a file whose size lies about
+/// its chunk list, then a snapshot header naming V as its author, then two different
+/// snapshots under one revision. V's mount keeps serving every other file byte-identical,
+/// the bad files fail with EIO (promptly, no hang, no crash), and `cairn status` on V names
+/// M for each kind of misbehaviour.
+#[test]
+fn a_hostile_member_cannot_break_the_other_members_mount() {
+    use cairn_registry::{Payload, Registry, RegistryEntry, Revision};
+    use cairn_store::{ChunkRef, ChunkSealer, FileManifest};
+    use cairn_vault::{Attrs, Change, Content, VaultPath, content_from_manifest};
+
+    let v = Device::init("V", Some(50));
+    let mut m = Device::join("M", &v, Some(50));
+    let m_id = m.device_id();
+
+    // Honest files from both sides, synced.
+    let notes = b"notes from V\n".to_vec();
+    fs::write(v.path("notes.txt"), &notes).unwrap();
+    let big_hash = write_random(&v.path("big.bin"), 600_000, 7);
+    let from_m = b"written by M while it was honest\n".to_vec();
+    fs::write(m.path("from-m.txt"), &from_m).unwrap();
+    wait_until(&[&v, &m], "honest files everywhere", SYNC_DEADLINE, |why| {
+        content_is(&v.path("from-m.txt"), &from_m)
+            && content_is(&m.path("notes.txt"), &notes)
+            && all_equal(&[&v, &m], why)
+    });
+    let good = |why: &mut String| -> bool {
+        let big_ok = hash_file(&v.path("big.bin")).is_ok_and(|h| h == big_hash);
+        if !big_ok {
+            *why = "big.bin differs on V".into();
+        }
+        big_ok
+            && content_is(&v.path("notes.txt"), &notes)
+            && content_is(&v.path("from-m.txt"), &from_m)
+    };
+
+    // (a, b) M publishes files that contradict their own manifests.
+    m.unmount();
+    {
+        let ov = open_state(&m);
+        let sealer = ChunkSealer::new(&ov.keys.current_key().1);
+        let chunk = |plain: &[u8], claimed: u32| {
+            let s = sealer.seal(plain);
+            ov.stores.blobs.put(&s.bytes).unwrap();
+            ChunkRef {
+                id: s.id,
+                len: claimed,
+                key: s.key,
+            }
+        };
+        let data = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n).map(|i| (i as u8).wrapping_mul(13) ^ seed).collect()
+        };
+        let short = chunk(&data(1_000, 1), 3_000);
+        let long = chunk(&data(3_000, 2), 1_000);
+        let refs: Vec<ChunkRef> = (0..49).map(|i| chunk(&data(100, 10 + i), 100)).collect();
+        let manifest = FileManifest::new(refs).unwrap();
+        let (list, real) =
+            content_from_manifest(ov.stores.blobs.as_ref(), &sealer, &manifest).unwrap();
+        assert_eq!(real, 4_900);
+        let attrs = || Attrs {
+            mode: 0o644,
+            mtime_ns: 1_000_000_000,
+            xattrs: Default::default(),
+        };
+        let write = |size: u64, content: Content| Change::Write {
+            attrs: attrs(),
+            size,
+            content,
+        };
+        let mut engine = ov.engine();
+        engine
+            .commit(
+                [
+                    (
+                        VaultPath::new("short-chunk.bin").unwrap(),
+                        write(3_000, Content::Chunks(vec![short])),
+                    ),
+                    (
+                        VaultPath::new("long-chunk.bin").unwrap(),
+                        write(1_000, Content::Chunks(vec![long])),
+                    ),
+                    (
+                        VaultPath::new("lying-size.bin").unwrap(),
+                        write(100_000, list),
+                    ),
+                ],
+                cairn_daemon::now_ms(),
+            )
+            .unwrap();
+        ov.blobs.sync().unwrap();
+        engine
+            .publish(&ov.registry, cairn_daemon::now_ms())
+            .unwrap();
+    }
+    m.start();
+    let bad = ["short-chunk.bin", "long-chunk.bin", "lying-size.bin"];
+    wait_until(
+        &[&v, &m],
+        "M's bad files listed on V",
+        SYNC_DEADLINE,
+        |why| {
+            let missing: Vec<&str> = bad
+                .iter()
+                .copied()
+                .filter(|b| fs::metadata(v.path(b)).is_err())
+                .collect();
+            *why = format!("not listed yet: {missing:?}");
+            missing.is_empty()
+        },
+    );
+    for b in bad {
+        match read_with_deadline(&[&v, &m], &v.path(b)) {
+            Ok(bytes) => panic!(
+                "{b}: read {} bytes from a file that contradicts its manifest\n{}",
+                bytes.len(),
+                logs_of(&[&v, &m])
+            ),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{b}: {e}"),
+        }
+    }
+    let mut why = String::new();
+    assert!(
+        good(&mut why),
+        "after the bad reads: {why}\n{}",
+        logs_of(&[&v, &m])
+    );
+    wait_until(
+        &[&v, &m],
+        "V's status names M for bad files",
+        SYNC_DEADLINE,
+        |why| {
+            let f = peer_faults(&v);
+            *why = format!("{f:?}");
+            f.iter()
+                .any(|(d, k, n)| *d == m_id && k == "bad-file" && *n >= bad.len() as u64)
+        },
+    );
+    // A new honest file on V still reaches M: the mounts keep serving and syncing.
+    fs::write(v.path("after.txt"), b"still syncing\n").unwrap();
+    wait_until(&[&v, &m], "after.txt on M", SYNC_DEADLINE, |_| {
+        content_is(&m.path("after.txt"), b"still syncing\n")
+    });
+
+    // (c) A snapshot header naming V, announced under M's signature, and (d) two different
+    // snapshots under one revision. M is stopped; the foreign header and one side of the
+    // equivocation go straight into V's registry and store (as if pushed by a modified M),
+    // the other side stays in M's registry for M's daemon to deliver when it comes back.
+    m.unmount();
+    let v_registry = Registry::open(v.vault_dir().join("registry.sqlite")).unwrap();
+    let v_store = cairn_store::BlobStore::open(v.vault_dir().join("store")).unwrap();
+    let (foreign, lo, hi) = {
+        let ov = open_state(&m);
+        let v_dev: cairn_crypto::DeviceId = v.device_id().parse().unwrap();
+        let r = ov
+            .registry
+            .get(&ov.vault_id, &ov.device_id)
+            .unwrap()
+            .expect("M has a head")
+            .revision
+            .0;
+        let (fid, fsealed) = craft_header(&ov, v_dev, cairn_daemon::now_ms());
+        let foreign =
+            RegistryEntry::sign(&ov.key, ov.vault_id, Revision(r + 1), Payload::from(fid));
+        v_store
+            .put(&fsealed, cairn_store::Durability::Immediate)
+            .unwrap();
+
+        // Sealing is randomized: one header sealed twice gives two payloads.
+        let now = cairn_daemon::now_ms();
+        let (x, xs) = craft_header(&ov, ov.device_id, now);
+        let (y, ys) = craft_header(&ov, ov.device_id, now);
+        let ex = RegistryEntry::sign(&ov.key, ov.vault_id, Revision(r + 2), Payload::from(x));
+        let ey = RegistryEntry::sign(&ov.key, ov.vault_id, Revision(r + 2), Payload::from(y));
+        let ((lo, _), (hi, hs)) = if ex.payload < ey.payload {
+            ((ex, xs), (ey, ys))
+        } else {
+            ((ey, ys), (ex, xs))
+        };
+        v_store
+            .put(&hs, cairn_store::Durability::Immediate)
+            .unwrap();
+        v_store.sync().unwrap();
+        ov.registry.put(&ov.vault_id, &lo).unwrap();
+        (foreign, lo, hi)
+    };
+    v_registry.put(&foreign.vault, &foreign).unwrap();
+    wait_until(
+        &[&v, &m],
+        "V's status names M for a foreign header",
+        SYNC_DEADLINE,
+        |why| {
+            let f = peer_faults(&v);
+            *why = format!("{f:?}");
+            f.iter()
+                .any(|(d, k, _)| *d == m_id && k == "foreign-snapshot")
+        },
+    );
+    v_registry.put(&hi.vault, &hi).unwrap();
+    m.start();
+    wait_until(
+        &[&v, &m],
+        "V's status names M for equivocation",
+        SYNC_DEADLINE,
+        |why| {
+            let f = peer_faults(&v);
+            *why = format!("{f:?}");
+            f.iter().any(|(d, k, _)| *d == m_id && k == "equivocation")
+        },
+    );
+    // Both ends hold the same head for M's equivocated revision: the lower payload.
+    let ev = v_registry.equivocations(&lo.vault).unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (ev[0].low.clone(), ev[0].high.clone()),
+        (lo.clone(), hi.clone())
+    );
+    let held = v_registry.log(&lo.vault, &lo.device).unwrap();
+    assert!(
+        held.contains(&(lo.revision, lo.payload)) && !held.contains(&(hi.revision, hi.payload)),
+        "V keeps the lower payload for revision {}: {held:?}",
+        lo.revision
+    );
+
+    // Through all of it V kept serving: good files identical, bad ones still EIO, and the
+    // human status names M.
+    let mut why = String::new();
+    assert!(good(&mut why), "at the end: {why}\n{}", logs_of(&[&v, &m]));
+    for b in bad {
+        let e = read_with_deadline(&[&v, &m], &v.path(b)).expect_err(b);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{b}: {e}");
+    }
+    let human = v.run_ok(&["status"]);
+    assert!(
+        human.contains("misbehaving devices") && human.contains(&m_id),
+        "`cairn status` on V does not name M ({m_id}):\n{human}"
+    );
 }

@@ -11,6 +11,7 @@
 mod base;
 mod control;
 mod epochs;
+mod faults;
 mod history;
 mod instance;
 mod join;
@@ -28,6 +29,7 @@ mod stores;
 pub use cairn_net::{PeerAddr, RelayUrl, Relays};
 pub use control::PeersReply;
 pub use control::request as control_request;
+pub use faults::{FaultKind, PeerFault, PeerFaults};
 pub use history::{format_time, log, mount_at, parse_time};
 pub use instance::{DaemonInfo, running_daemon};
 pub use join::{join_vault, recover_vault};

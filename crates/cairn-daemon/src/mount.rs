@@ -271,13 +271,15 @@ pub fn mount(
     let source = device.engine().source();
     let base = Arc::new(
         VaultBase::with_chunk_cache(device.stores.clone(), view_of(source), cache.chunk_bytes)
-            .with_remote(device.remote_blobs.clone()),
+            .with_remote(device.remote_blobs.clone())
+            .with_faults(device.faults.clone()),
     );
     let publisher = Arc::new(Publisher::new(device.clone(), Some(base.clone())));
     let sink = Arc::new(VaultSink {
         publisher: publisher.clone(),
     });
     let board = StatusBoard::new(&state.dir, &shown);
+    board.set_faults(device.faults.clone());
     serve(
         state,
         mountpoint,

@@ -10,6 +10,7 @@ use cairn_registry::{MemberRecord, Registry};
 use cairn_store::BlobStore;
 use cairn_vault::{Keyring, SnapshotId, Vault, VaultStores};
 
+use super::faults::PeerFaults;
 use super::stores::LocalOrRemote;
 use crate::state::VaultState;
 
@@ -31,6 +32,8 @@ pub struct OpenVault {
     pub keys: Arc<KeyEpochs>,
     /// The vault's state directory (key files, store, registry).
     pub dir: std::path::PathBuf,
+    /// Misbehaviour of members seen while serving this vault, and where content came from.
+    pub faults: Arc<PeerFaults>,
     vault: Mutex<Vault>,
 }
 
@@ -100,6 +103,7 @@ impl OpenVault {
             stores,
             keys: epochs,
             dir: state.dir.clone(),
+            faults: Arc::default(),
             vault: Mutex::new(vault),
         })
     }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::faults::{FaultKind, PeerFault};
 use crate::open_vault::OpenVault;
 use crate::state::VaultState;
 use crate::status::{DaemonStatus, Downloads, PeerStatus};
@@ -38,6 +39,10 @@ pub struct Report {
     pub downloads: Downloads,
     pub last_flush_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// Members caught misbehaving: equivocation (evidence kept on disk, so shown whether or
+    /// not a daemon runs), and what the running daemon saw (bad file content, snapshots
+    /// naming another device).
+    pub peer_faults: Vec<PeerFault>,
 }
 
 #[derive(Serialize)]
@@ -120,6 +125,8 @@ pub fn report(state: &VaultState) -> Result<Report> {
         (Some(_), _) => "pending",
     };
     let ds = daemon_status.unwrap_or_default();
+    let mut peer_faults = equivocation_faults(&device)?;
+    peer_faults.extend(ds.peer_faults);
     // From the key files: the daemon saves an epoch before it seals anything under it.
     let epoch = state.key_epochs().current();
     Ok(Report {
@@ -142,7 +149,39 @@ pub fn report(state: &VaultState) -> Result<Report> {
         downloads: ds.downloads,
         last_flush_ms: ds.last_flush_ms,
         last_error: ds.last_error,
+        peer_faults,
     })
+}
+
+/// One fault per equivocating device, from the evidence in the registry.
+fn equivocation_faults(device: &OpenVault) -> Result<Vec<PeerFault>> {
+    let mut out: Vec<PeerFault> = Vec::new();
+    for e in device.registry.equivocations(&device.vault_id)? {
+        let detail = format!(
+            "revision {}: payloads {} and {} (members keep the lower)",
+            e.revision(),
+            e.low.payload,
+            e.high.payload
+        );
+        let id = e.device().to_string();
+        match out.iter_mut().find(|f| f.device == id) {
+            Some(f) => {
+                f.count += 1;
+                if e.detected_ms >= f.last_ms {
+                    f.last_ms = e.detected_ms;
+                    f.detail = detail;
+                }
+            }
+            None => out.push(PeerFault {
+                device: id,
+                kind: FaultKind::Equivocation,
+                detail,
+                count: 1,
+                last_ms: e.detected_ms,
+            }),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

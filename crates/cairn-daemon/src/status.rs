@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use cairn_fuse::{FlushBatch, FlushError, FlushSink};
 use serde::{Deserialize, Serialize};
 
+use crate::faults::{PeerFault, PeerFaults};
 use crate::open_vault::now_ms;
 
 pub const STATUS_FILE: &str = "status.json";
@@ -66,6 +67,10 @@ pub struct DaemonStatus {
     pub peers: Vec<PeerStatus>,
     pub last_flush_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// Members that sent content contradicting itself or snapshots that are not theirs
+    /// (equivocation evidence is on disk and read by `cairn status` directly).
+    #[serde(default)]
+    pub peer_faults: Vec<PeerFault>,
 }
 
 impl DaemonStatus {
@@ -91,6 +96,7 @@ pub struct StatusBoard {
     wake: Condvar,
     file: PathBuf,
     overlay_dir: PathBuf,
+    faults: Mutex<Option<Arc<PeerFaults>>>,
 }
 
 impl StatusBoard {
@@ -113,6 +119,7 @@ impl StatusBoard {
             wake: Condvar::new(),
             file: vault_dir.join("run").join(STATUS_FILE),
             overlay_dir: vault_dir.join("overlay"),
+            faults: Mutex::new(None),
         })
     }
 
@@ -151,6 +158,11 @@ impl StatusBoard {
         });
     }
 
+    /// Where misbehaviour of members is recorded; copied into every status file written.
+    pub fn set_faults(&self, faults: Arc<PeerFaults>) {
+        *self.faults.lock().unwrap_or_else(|e| e.into_inner()) = Some(faults);
+    }
+
     #[allow(dead_code)]
     pub fn set_error(&self, error: Option<String>) {
         self.update(true, |s| s.last_error = error);
@@ -163,8 +175,17 @@ impl StatusBoard {
             tracing::debug!(error = %e, "cannot read the overlay for the status file");
             Vec::new()
         });
+        let faults = self
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|f| f.list());
         let status = {
             let mut s = self.lock();
+            if let Some(f) = faults {
+                s.status.peer_faults = f;
+            }
             s.status.pending_uploads = PendingUploads {
                 files: pending.len() as u64,
                 bytes: pending.iter().map(|p| p.bytes).sum(),
@@ -256,6 +277,14 @@ mod tests {
             bytes_received: 20,
         }]);
         board.set_downloads(3, 300);
+        let faults = Arc::new(PeerFaults::default());
+        let m = cairn_crypto::DeviceKey::generate().device_id();
+        faults.report(
+            m,
+            crate::faults::FaultKind::BadFile,
+            "x: short chunk".into(),
+        );
+        board.set_faults(faults);
         board.note_flush(Err("disk full".into()));
         board.write_now().unwrap();
         let read = DaemonStatus::read(d.path()).unwrap();
@@ -271,6 +300,8 @@ mod tests {
         );
         assert_eq!(read.pending_uploads, PendingUploads::default());
         assert_eq!(read.last_error.as_deref(), Some("disk full"));
+        assert_eq!(read.peer_faults.len(), 1);
+        assert_eq!(read.peer_faults[0].device, m.to_string());
         board.note_flush(Ok(()));
         board.write_now().unwrap();
         let read = DaemonStatus::read(d.path()).unwrap();

@@ -7,6 +7,9 @@
 //! |------------|----------------------------------------|-------------------------------------|
 //! | Push       | `0x01` vault(16) entry(153)            | one [`PushResult`]                  |
 //! | FetchAll   | `0x02` vault(16)                       | one: `0x00` then n × entry(153)     |
+//!
+//! A FetchAll reply holds every head, then both entries of each equivocation the server
+//! holds evidence of (same device and revision, different payloads).
 //! | Subscribe  | `0x03` vault(16)                       | a stream of events (below)          |
 //! | Roster     | `0x04` vault(16) roster message        | one: `0x00` then roster message     |
 //!
@@ -35,7 +38,7 @@ use cairn_crypto::{DeviceId, VaultId};
 use std::sync::RwLock;
 
 use cairn_registry::{
-    ENTRY_LEN, EpochRecord, MemberRecord, Outcome, Registry, RegistryEntry, RegistryError,
+    ENTRY_LEN, EpochRecord, MemberRecord, Offered, Outcome, Registry, RegistryEntry, RegistryError,
     Revision, RosterChange, decode_epochs, decode_roster, encode_epochs, encode_roster,
 };
 use iroh::endpoint::{Connection, RecvStream, SendStream};
@@ -343,26 +346,100 @@ impl RegistryProtocol {
     }
 
     /// Offers an entry as if a peer pushed it (e.g. one this device just published, or one
-    /// fetched from another peer): stored through `Registry::put`, and broadcast to
+    /// fetched from another peer): stored through [`Registry::offer`], and broadcast to
     /// subscribers if accepted.
+    ///
+    /// An entry proving its device equivocated is kept as evidence; when that evidence is
+    /// new, both entries are broadcast, so every member holding either one sees the other,
+    /// detects the equivocation itself and settles on the same head (the lower payload).
     pub async fn submit(&self, entry: RegistryEntry) -> Result<PushResult, RegistryProtoError> {
         let registry = self.registry.clone();
         let held = entry.clone();
-        let outcome = tokio::task::spawn_blocking(move || registry.put(&held.vault, &held))
+        let outcome = tokio::task::spawn_blocking(move || registry.offer(&held.vault, &held))
             .await
             .map_err(|e| RegistryProtoError::Join(e.to_string()))?;
         Ok(match outcome {
-            Ok(Outcome::Accepted { previous }) => {
+            Ok(Offered::Stored(Outcome::Accepted { previous })) => {
                 // No subscribers is fine.
                 let _ = self.events.send(entry);
                 PushResult::Accepted { previous }
             }
-            Ok(Outcome::Unchanged) => PushResult::Unchanged,
+            Ok(Offered::Stored(Outcome::Unchanged)) => PushResult::Unchanged,
+            Ok(Offered::Equivocation(seen)) => {
+                if seen.new_evidence {
+                    tracing::error!(
+                        device = %seen.device,
+                        revision = seen.revision.0,
+                        "device signed two different snapshots under one revision (equivocation); both entries are kept as evidence and shown by `cairn status`; consider removing the device with `cairn remove-device`"
+                    );
+                    let _ = self.events.send(seen.other.clone());
+                }
+                let kept = seen.other.payload.min(entry.payload);
+                if seen.head_replaced || seen.new_evidence {
+                    let _ = self.events.send(entry);
+                }
+                if seen.head_replaced {
+                    PushResult::Accepted {
+                        previous: Some(seen.revision),
+                    }
+                } else {
+                    PushResult::Rejected(format!(
+                        "device {} equivocated at revision {}: this registry keeps payload {} for it (the lower one)",
+                        seen.device, seen.revision, kept
+                    ))
+                }
+            }
             Err(e @ (RegistryError::Db(_) | RegistryError::Busy | RegistryError::Corrupt(_))) => {
                 return Err(e.into());
             }
             Err(e) => PushResult::Rejected(e.to_string()),
         })
+    }
+
+    /// Takes equivocation evidence out of a list of entries a peer sent (a fetch-all reply
+    /// carries both entries of every equivocation its sender knows): each pair of one
+    /// device and revision with different payloads is checked and recorded. Returns how
+    /// many pairs were new here.
+    pub async fn absorb_evidence(
+        &self,
+        entries: &[RegistryEntry],
+    ) -> Result<usize, RegistryProtoError> {
+        // One pass with a map: a reply may hold tens of thousands of entries.
+        let mut first: std::collections::HashMap<(DeviceId, Revision), &RegistryEntry> =
+            std::collections::HashMap::new();
+        let mut pairs = Vec::new();
+        for e in entries {
+            match first.entry((e.device, e.revision)) {
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(e);
+                }
+                std::collections::hash_map::Entry::Occupied(a) if a.get().payload != e.payload => {
+                    pairs.push(((*a.get()).clone(), e.clone()));
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {}
+            }
+        }
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut new = 0;
+            for (a, b) in pairs {
+                match registry.record_equivocation(&a.vault, &a, &b) {
+                    Ok(true) => new += 1,
+                    Ok(false) => {}
+                    Err(
+                        e @ (RegistryError::Db(_) | RegistryError::Busy | RegistryError::Corrupt(_)),
+                    ) => return Err(e),
+                    Err(e) => tracing::debug!(device = %a.device.short(), error = %e, "ignored equivocation evidence"),
+                }
+            }
+            Ok(new)
+        })
+        .await
+        .map_err(|e| RegistryProtoError::Join(e.to_string()))?
+        .map_err(Into::into)
     }
 
     /// Local subscription to accepted entries (for the engine).
@@ -430,9 +507,18 @@ impl RegistryProtocol {
             }
             REQ_FETCH_ALL => {
                 let registry = self.registry.clone();
-                let entries = tokio::task::spawn_blocking(move || registry.list(&vault))
-                    .await
-                    .map_err(|e| RegistryProtoError::Join(e.to_string()))??;
+                // The heads, then both entries of every equivocation known here: evidence
+                // costs two entries per case and convinces the receiver on its own.
+                let entries = tokio::task::spawn_blocking(move || {
+                    let mut all = registry.list(&vault)?;
+                    for e in registry.equivocations(&vault)? {
+                        all.push(e.low);
+                        all.push(e.high);
+                    }
+                    Ok::<_, RegistryError>(all)
+                })
+                .await
+                .map_err(|e| RegistryProtoError::Join(e.to_string()))??;
                 let mut reply = Vec::with_capacity(1 + entries.len() * ENTRY_LEN);
                 reply.push(RES_OK);
                 for e in entries.iter().take((MAX_REPLY - 1) / ENTRY_LEN) {

@@ -153,7 +153,8 @@ async fn push_fetch_and_subscribe() {
         Some(SubscriptionEvent::Entry(e)) => assert_eq!(e, e2),
         other => panic!("expected the second entry, got {other:?}"),
     }
-    let stale = entry(&a.key, vault, 1, 9);
+    // (The same payload as before: another one at revision 1 would be equivocation.)
+    let stale = entry(&a.key, vault, 1, 1);
     match a_to_b.push(&stale).await.unwrap() {
         PushResult::Rejected(reason) => assert!(reason.contains("stale"), "{reason}"),
         other => panic!("stale entry: {other:?}"),
@@ -464,6 +465,94 @@ async fn blob_fetch_verified_missing_and_tampered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equivocation_is_detected_kept_and_passed_on() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+    // A signs two payloads under revision 1; B hears the higher one first.
+    let (x, y) = (entry(&a.key, vault, 1, 0x70), entry(&a.key, vault, 1, 0x07));
+    let a_to_b = within("connect", RegistryClient::connect(&a.endpoint, b.addr()))
+        .await
+        .unwrap();
+    let c_to_b = within("connect", RegistryClient::connect(&c.endpoint, b.addr()))
+        .await
+        .unwrap();
+    let mut sub = within("subscribe", c_to_b.subscribe(&vault)).await.unwrap();
+    assert_eq!(
+        within("push", a_to_b.push(&x)).await.unwrap(),
+        PushResult::Accepted { previous: None }
+    );
+    // The lower payload wins the revision: B switches to it and tells its subscribers.
+    assert_eq!(
+        within("push", a_to_b.push(&y)).await.unwrap(),
+        PushResult::Accepted {
+            previous: Some(Revision(1))
+        }
+    );
+    assert_eq!(
+        b.registry.registry().get(&vault, &a.id()).unwrap(),
+        Some(y.clone())
+    );
+    let ev = b.registry.registry().equivocations(&vault).unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        (ev[0].low.clone(), ev[0].high.clone()),
+        (y.clone(), x.clone())
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match within("event", sub.next()).await.unwrap() {
+            Some(SubscriptionEvent::Entry(e)) => seen.push(e),
+            other => panic!("expected entries, got {other:?}"),
+        }
+    }
+    assert!(seen.contains(&x) && seen.contains(&y), "{seen:?}");
+    // Pushing the higher one again is refused with a reason naming the device.
+    match a_to_b.push(&x).await.unwrap() {
+        PushResult::Rejected(reason) => {
+            assert!(reason.contains("equivocated"), "{reason}");
+            assert!(reason.contains(&a.id().to_string()), "{reason}");
+        }
+        other => panic!("equivocating entry: {other:?}"),
+    }
+
+    // A fetch-all carries the evidence: C, which never saw either entry, records it.
+    let all = within("fetch", c_to_b.fetch_all(&vault)).await.unwrap();
+    assert!(all.contains(&x) && all.contains(&y), "{all:?}");
+    for e in &all {
+        c.registry.submit(e.clone()).await.unwrap();
+    }
+    assert_eq!(
+        c.registry.absorb_evidence(&all).await.unwrap(),
+        0,
+        "already seen via submit"
+    );
+    let on_c = c.registry.registry().equivocations(&vault).unwrap();
+    assert_eq!(on_c.len(), 1);
+    assert_eq!(
+        c.registry.registry().get(&vault, &a.id()).unwrap(),
+        Some(y.clone())
+    );
+
+    // And evidence alone (two entries, not offered one by one) is enough on a fresh node.
+    let d = Node::spawn(&secret, &[a.id(), b.id(), c.id()], DeviceKey::generate()).await;
+    assert_eq!(
+        d.registry
+            .absorb_evidence(&[x.clone(), y.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        d.registry.registry().equivocations(&vault).unwrap().len(),
+        1
+    );
+
+    for n in [a, b, c, d] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roster_exchange_spreads_members_and_addresses() {
     let (secret, a, b, c) = trio().await;
     let vault = secret.vault_id();
@@ -536,9 +625,16 @@ async fn roster_exchange_spreads_members_and_addresses() {
         "age1s".into(),
         5,
     );
+    // Addresses travel only for members: the stranger's and the removed device's are
+    // dropped, the sender's own are kept.
+    let somewhere: PeerAddr = "10.9.8.7:6543".parse().unwrap();
     let msg = cairn_net::RosterMessage {
         records: vec![forged],
-        addrs: vec![],
+        addrs: vec![
+            (c.id(), vec![somewhere.clone()]),
+            (stranger.device_id(), vec![somewhere.clone()]),
+            (new_dev, vec![somewhere.clone()]),
+        ],
         epochs: vec![],
     };
     let c_to_a = RegistryClient::connect(&c.endpoint, a.addr())
@@ -550,6 +646,19 @@ async fn roster_exchange_spreads_members_and_addresses() {
             .registry()
             .is_member(&vault, &stranger.device_id())
             .unwrap()
+    );
+    let known: Vec<DeviceId> = a
+        .registry
+        .registry()
+        .addrs(&vault)
+        .unwrap()
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    assert!(known.contains(&c.id()), "the sender's own address is kept");
+    assert!(
+        !known.contains(&stranger.device_id()) && !known.contains(&new_dev),
+        "addresses of non-members were kept: {known:?}"
     );
 
     for n in [a, b, c] {

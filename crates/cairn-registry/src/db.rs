@@ -28,7 +28,10 @@ use crate::epoch::EpochRecord;
 use crate::roster::{MemberRecord, RosterChange};
 use crate::{Payload, RegistryEntry, RegistryError, Revision};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+/// Revisions per device kept as equivocation evidence: one pair already proves the device
+/// signed two states under one number, so more only costs space a hostile device controls.
+const MAX_EVIDENCE_PER_DEVICE: i64 = 16;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
@@ -75,6 +78,19 @@ CREATE TABLE IF NOT EXISTS epochs (
     record BLOB NOT NULL,
     PRIMARY KEY (vault, rid)
 ) WITHOUT ROWID;
+-- v3: equivocation evidence. Two validly signed entries of one device with one revision
+-- and different payloads; `low` holds the one with the lower payload id (the one every
+-- member keeps as the head for that revision, see `Registry::offer`), `high` another one.
+-- Both are raw signed entries, so the evidence convinces anyone who receives it.
+CREATE TABLE IF NOT EXISTS equivocations (
+    vault       BLOB NOT NULL CHECK (length(vault) = 16),
+    device      BLOB NOT NULL CHECK (length(device) = 32),
+    revision    BLOB NOT NULL CHECK (length(revision) = 8),
+    low         BLOB NOT NULL,
+    high        BLOB NOT NULL,
+    detected_at INTEGER NOT NULL,
+    PRIMARY KEY (vault, device, revision)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS members (
     vault    BLOB NOT NULL CHECK (length(vault) = 16),
     device   BLOB NOT NULL CHECK (length(device) = 32),
@@ -82,6 +98,47 @@ CREATE TABLE IF NOT EXISTS members (
     PRIMARY KEY (vault, device)
 ) WITHOUT ROWID;
 ";
+
+/// What [`Registry::offer`] did with a peer's entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Offered {
+    /// The ordinary compare-and-swap outcome, as from [`Registry::put`].
+    Stored(Outcome),
+    /// The entry proves its device equivocated; see [`Equivocated`].
+    Equivocation(Equivocated),
+}
+
+/// An equivocation [`Registry::offer`] just saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Equivocated {
+    pub device: DeviceId,
+    pub revision: Revision,
+    /// The offered entry had the lower payload and became the head for its revision.
+    pub head_replaced: bool,
+    /// The pair was not known before (worth telling other members about).
+    pub new_evidence: bool,
+    /// The entry with the same revision this registry held (or logged) before.
+    pub other: RegistryEntry,
+}
+
+/// Evidence that a device signed two payloads under one revision: both signed entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Equivocation {
+    /// The entry with the lower payload id: the one members keep for the revision.
+    pub low: RegistryEntry,
+    pub high: RegistryEntry,
+    pub detected_ms: u64,
+}
+
+impl Equivocation {
+    pub fn device(&self) -> DeviceId {
+        self.low.device
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.low.revision
+    }
+}
 
 /// A handle to the registry database. `Send + Sync`: share one handle between threads (calls
 /// serialize on its connection) or open one handle per thread on the same file (calls run
@@ -164,37 +221,122 @@ impl Registry {
         let held = get_in(&tx, &entry.vault, &entry.device)?;
         let outcome = check_cas(is_member, held.as_ref(), entry)?;
         if let Outcome::Accepted { .. } = outcome {
-            let raw = entry.encode();
-            let now = unix_millis();
-            tx.execute(
-                "INSERT OR REPLACE INTO entries
-                     (vault, device, revision, payload, signature, raw, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    &entry.vault.0[..],
-                    &entry.device.0[..],
-                    &entry.revision.0.to_be_bytes()[..],
-                    &entry.payload.0[..],
-                    &entry.signature.0[..],
-                    &raw[..],
-                    now
-                ],
-            )?;
-            tx.execute(
-                "INSERT INTO entry_log (vault, device, revision, payload, raw, accepted_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    &entry.vault.0[..],
-                    &entry.device.0[..],
-                    &entry.revision.0.to_be_bytes()[..],
-                    &entry.payload.0[..],
-                    &raw[..],
-                    now
-                ],
-            )?;
+            accept_in(&tx, entry)?;
             tx.commit()?;
         }
         Ok(outcome)
+    }
+
+    /// Offer an entry that came from a peer. Like [`put`](Self::put), except that an entry
+    /// proving its device equivocated (signed a different payload under a revision this
+    /// registry already holds or logged) is not just refused:
+    ///
+    /// - both entries are kept as evidence (see [`equivocations`](Self::equivocations));
+    /// - **the lower payload id wins the revision**: if the incoming entry has the lower
+    ///   payload and its revision is the held head's, it replaces the head. Every member
+    ///   that sees both entries thus holds the same head whatever the arrival order, so
+    ///   members do not silently diverge about what the device's revision N is. (Content
+    ///   already merged from the other payload stays merged: merges only add, and every
+    ///   member merges every other member's snapshots, so their trees converge as well.)
+    ///
+    /// The local publish loop must keep using `put`: there a same-revision conflict is an
+    /// ordinary lost race between two producers on this device, not evidence.
+    pub fn offer(&self, vault: &VaultId, entry: &RegistryEntry) -> Result<Offered, RegistryError> {
+        check_authentic(vault, entry)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let is_member = member_in(&tx, &entry.vault, &entry.device)?;
+        let held = get_in(&tx, &entry.vault, &entry.device)?;
+        let refusal = match check_cas(is_member, held.as_ref(), entry) {
+            Ok(outcome @ Outcome::Accepted { .. }) => {
+                accept_in(&tx, entry)?;
+                tx.commit()?;
+                return Ok(Offered::Stored(outcome));
+            }
+            Ok(Outcome::Unchanged) => return Ok(Offered::Stored(Outcome::Unchanged)),
+            Err(e) => e,
+        };
+        // The other entry of the same revision: the held head, or one logged earlier.
+        let other = match &refusal {
+            RegistryError::Conflict { .. } => held.clone(),
+            RegistryError::Stale { .. } => logged_in(&tx, entry)?,
+            _ => None,
+        };
+        let Some(other) = other.filter(|o| o.payload != entry.payload) else {
+            return Err(refusal);
+        };
+        let new_evidence = store_evidence(&tx, &other, entry)?;
+        let head_replaced = settle_revision(&tx, held.as_ref(), entry, &other)?;
+        tx.commit()?;
+        Ok(Offered::Equivocation(Equivocated {
+            device: entry.device,
+            revision: entry.revision,
+            head_replaced,
+            new_evidence,
+            other,
+        }))
+    }
+
+    /// Takes equivocation evidence a peer passed on: two entries of one member with one
+    /// revision and different payloads, each checked here. Applies the same rule as
+    /// [`offer`](Self::offer) (the lower payload wins the revision if it is the held head's).
+    /// Returns whether anything changed (new evidence, or the head replaced).
+    pub fn record_equivocation(
+        &self,
+        vault: &VaultId,
+        a: &RegistryEntry,
+        b: &RegistryEntry,
+    ) -> Result<bool, RegistryError> {
+        check_authentic(vault, a)?;
+        check_authentic(vault, b)?;
+        if a.device != b.device || a.revision != b.revision || a.payload == b.payload {
+            return Err(RegistryError::NotEvidence);
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if !member_in(&tx, vault, &a.device)? {
+            return Err(RegistryError::NotMember {
+                vault: *vault,
+                device: a.device,
+            });
+        }
+        let new_evidence = store_evidence(&tx, a, b)?;
+        let (low, high) = if a.payload < b.payload {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        let held = get_in(&tx, vault, &a.device)?;
+        let head_replaced = settle_revision(&tx, held.as_ref(), low, high)?;
+        tx.commit()?;
+        Ok(new_evidence || head_replaced)
+    }
+
+    /// Every equivocation this registry holds evidence of for `vault`, by device then revision.
+    pub fn equivocations(&self, vault: &VaultId) -> Result<Vec<Equivocation>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT device, low, high, detected_at FROM equivocations
+             WHERE vault = ?1 ORDER BY device, revision",
+        )?;
+        let rows = stmt.query_map(params![&vault.0[..]], |row| {
+            Ok((
+                row.get::<_, Vec<u8>>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Vec<u8>>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, low, high, at) = row?;
+            out.push(Equivocation {
+                low: decode_stored(&vault.0, &d, &low)?,
+                high: decode_stored(&vault.0, &d, &high)?,
+                detected_ms: u64::try_from(at).unwrap_or(0),
+            });
+        }
+        Ok(out)
     }
 
     /// [`put`](Self::put) for bytes straight off the network.
@@ -381,6 +523,12 @@ impl Registry {
                         "DELETE FROM members WHERE vault = ?1 AND device = ?2",
                         params![&vault.0[..], &r.device.0[..]],
                     )?;
+                    // Where a removed device was reachable is of no use any more, and
+                    // must not be passed on to other members.
+                    tx.execute(
+                        "DELETE FROM addresses WHERE vault = ?1 AND device = ?2",
+                        params![&vault.0[..], &r.device.0[..]],
+                    )?;
                     if n == 1 {
                         change.removed.push(r.device);
                     }
@@ -419,9 +567,11 @@ impl Registry {
     }
 
     /// Stores the key-epoch records that are new, valid (signature, vault) and signed by a
-    /// current member; returns those. Others are skipped: a record whose signer is not (yet)
-    /// a member here comes again with the next roster exchange. One epoch may have several
-    /// records (its creation, then a share for each device that joined later).
+    /// device that is or was a member; returns those. Others are skipped: a record whose
+    /// signer is not (yet) known here comes again with the next roster exchange. One epoch
+    /// may have several records (its creation, then a share for each device that joined
+    /// later). A record by a since-removed member is kept so what was sealed under it stays
+    /// readable; the caller never writes under such an epoch (see `cairn_crypto::KeyEpochs`).
     pub fn merge_epochs(
         &self,
         vault: &VaultId,
@@ -435,7 +585,10 @@ impl Registry {
                 tracing::debug!(signer = %r.signer.short(), "refused an invalid key epoch record");
                 continue;
             }
-            if !member_in(&tx, vault, &r.signer)? {
+            let in_roster = tx
+                .prepare_cached("SELECT 1 FROM roster WHERE vault = ?1 AND device = ?2")?
+                .exists(params![&vault.0[..], &r.signer.0[..]])?;
+            if !in_roster && !member_in(&tx, vault, &r.signer)? {
                 tracing::debug!(signer = %r.signer.short(), "key epoch record by a non-member");
                 continue;
             }
@@ -468,26 +621,33 @@ impl Registry {
         Ok(out)
     }
 
-    /// Remembers where `device` was last reachable (socket addresses as text).
+    /// Remembers where member `device` was last reachable (socket addresses as text).
+    /// Returns false, storing nothing, if `device` is not a member: a peer must not make
+    /// us remember (and later dial, or pass on) addresses of strangers.
     pub fn set_addrs(
         &self,
         vault: &VaultId,
         device: &DeviceId,
         addrs: &[String],
-    ) -> Result<(), RegistryError> {
+    ) -> Result<bool, RegistryError> {
         let conn = self.conn();
-        conn.execute(
-            "INSERT OR REPLACE INTO addresses (vault, device, addrs, updated_at) VALUES (?1, ?2, ?3, ?4)",
+        let n = conn.execute(
+            "INSERT OR REPLACE INTO addresses (vault, device, addrs, updated_at)
+             SELECT ?1, ?2, ?3, ?4
+             WHERE EXISTS (SELECT 1 FROM members WHERE vault = ?1 AND device = ?2)",
             params![&vault.0[..], &device.0[..], addrs.join(","), unix_millis()],
         )?;
-        Ok(())
+        Ok(n == 1)
     }
 
-    /// Last known addresses of every device of `vault`.
+    /// Last known addresses of every member of `vault`. Addresses of devices that are not
+    /// members (any more) are never returned, so they are neither dialed nor passed on.
     pub fn addrs(&self, vault: &VaultId) -> Result<Vec<(DeviceId, Vec<String>)>, RegistryError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT device, addrs FROM addresses WHERE vault = ?1 ORDER BY device",
+            "SELECT device, addrs FROM addresses WHERE vault = ?1
+               AND device IN (SELECT device FROM members WHERE vault = ?1)
+             ORDER BY device",
         )?;
         let rows = stmt.query_map(params![&vault.0[..]], |row| {
             Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?))
@@ -537,6 +697,176 @@ fn member_in(conn: &Connection, vault: &VaultId, device: &DeviceId) -> Result<bo
     Ok(conn
         .prepare_cached("SELECT 1 FROM members WHERE vault = ?1 AND device = ?2")?
         .exists(params![&vault.0[..], &device.0[..]])?)
+}
+
+/// Stores an entry the compare-and-swap rule accepted: the new head, and a log record.
+fn accept_in(conn: &Connection, entry: &RegistryEntry) -> Result<(), RegistryError> {
+    store_head(conn, entry)?;
+    conn.execute(
+        "INSERT INTO entry_log (vault, device, revision, payload, raw, accepted_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            &entry.vault.0[..],
+            &entry.device.0[..],
+            &entry.revision.0.to_be_bytes()[..],
+            &entry.payload.0[..],
+            &entry.encode()[..],
+            unix_millis()
+        ],
+    )?;
+    Ok(())
+}
+
+/// Writes `entry` as the held head of its device.
+fn store_head(conn: &Connection, entry: &RegistryEntry) -> Result<(), RegistryError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO entries
+             (vault, device, revision, payload, signature, raw, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            &entry.vault.0[..],
+            &entry.device.0[..],
+            &entry.revision.0.to_be_bytes()[..],
+            &entry.payload.0[..],
+            &entry.signature.0[..],
+            &entry.encode()[..],
+            unix_millis()
+        ],
+    )?;
+    Ok(())
+}
+
+/// Applies "the lower payload wins the revision" to one equivocated revision: if
+/// `candidate` is lower than `other`, it replaces whatever the log holds for that revision,
+/// and the head too when the head is at that revision (and higher). Returns whether the head
+/// was replaced.
+fn settle_revision(
+    conn: &Connection,
+    held: Option<&RegistryEntry>,
+    candidate: &RegistryEntry,
+    other: &RegistryEntry,
+) -> Result<bool, RegistryError> {
+    if candidate.payload >= other.payload {
+        return Ok(false);
+    }
+    let head_replaced =
+        held.is_some_and(|h| h.revision == candidate.revision && candidate.payload < h.payload);
+    if head_replaced {
+        store_head(conn, candidate)?;
+    }
+    relog(conn, candidate)?;
+    Ok(head_replaced)
+}
+
+/// Makes `entry` the log's record of its revision (if the log has one), so `log` reports
+/// the payload every member keeps for it.
+fn relog(conn: &Connection, entry: &RegistryEntry) -> Result<(), RegistryError> {
+    conn.execute(
+        // Only ever towards a lower payload (blobs compare bytewise, like `Payload`).
+        "UPDATE entry_log SET payload = ?4, raw = ?5
+         WHERE vault = ?1 AND device = ?2 AND revision = ?3 AND payload > ?4",
+        params![
+            &entry.vault.0[..],
+            &entry.device.0[..],
+            &entry.revision.0.to_be_bytes()[..],
+            &entry.payload.0[..],
+            &entry.encode()[..]
+        ],
+    )?;
+    Ok(())
+}
+
+/// The entry the log holds for `entry`'s device and revision.
+fn logged_in(
+    conn: &Connection,
+    entry: &RegistryEntry,
+) -> Result<Option<RegistryEntry>, RegistryError> {
+    let raw: Option<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT raw FROM entry_log WHERE vault = ?1 AND device = ?2 AND revision = ?3",
+        )?
+        .query_row(
+            params![
+                &entry.vault.0[..],
+                &entry.device.0[..],
+                &entry.revision.0.to_be_bytes()[..]
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    raw.map(|raw| decode_stored(&entry.vault.0, &entry.device.0, &raw))
+        .transpose()
+}
+
+/// Keeps `a` and `b` (one device, one revision, different payloads) as evidence: the lowest
+/// payload seen at that revision and one other. Returns whether the evidence is new (a first
+/// pair for the revision, or a payload lower than the kept one). At most
+/// [`MAX_EVIDENCE_PER_DEVICE`] revisions are kept per device.
+fn store_evidence(
+    conn: &Connection,
+    a: &RegistryEntry,
+    b: &RegistryEntry,
+) -> Result<bool, RegistryError> {
+    let (low, high) = if a.payload < b.payload {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let rev = low.revision.0.to_be_bytes();
+    let held: Option<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT low FROM equivocations WHERE vault = ?1 AND device = ?2 AND revision = ?3",
+        )?
+        .query_row(
+            params![&low.vault.0[..], &low.device.0[..], &rev[..]],
+            |row| row.get(0),
+        )
+        .optional()?;
+    match held {
+        Some(raw) => {
+            let kept = decode_stored(&low.vault.0, &low.device.0, &raw)?;
+            if low.payload >= kept.payload {
+                return Ok(false);
+            }
+            conn.execute(
+                "UPDATE equivocations SET low = ?4, high = ?5
+                 WHERE vault = ?1 AND device = ?2 AND revision = ?3",
+                params![
+                    &low.vault.0[..],
+                    &low.device.0[..],
+                    &rev[..],
+                    &low.encode()[..],
+                    &raw[..]
+                ],
+            )?;
+            Ok(true)
+        }
+        None => {
+            let n: i64 = conn
+                .prepare_cached(
+                    "SELECT count(*) FROM equivocations WHERE vault = ?1 AND device = ?2",
+                )?
+                .query_row(params![&low.vault.0[..], &low.device.0[..]], |row| {
+                    row.get(0)
+                })?;
+            if n >= MAX_EVIDENCE_PER_DEVICE {
+                return Ok(false);
+            }
+            conn.execute(
+                "INSERT INTO equivocations (vault, device, revision, low, high, detected_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    &low.vault.0[..],
+                    &low.device.0[..],
+                    &low.revision.0.to_be_bytes()[..],
+                    &low.encode()[..],
+                    &high.encode()[..],
+                    unix_millis()
+                ],
+            )?;
+            Ok(true)
+        }
+    }
 }
 
 fn get_in(

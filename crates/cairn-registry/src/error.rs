@@ -50,6 +50,10 @@ pub enum RegistryError {
         held: Payload,
         incoming: Payload,
     },
+    #[error(
+        "not equivocation evidence: the two entries must be of one device and one revision with different payloads"
+    )]
+    NotEvidence,
     #[error("malformed member record: {0}")]
     BadRoster(String),
     #[error("malformed key epoch record: {0}")]

@@ -17,7 +17,7 @@ mod publish;
 pub mod roster;
 
 pub use accept::{Outcome, accept, check_authentic, check_cas};
-pub use db::Registry;
+pub use db::{Equivocated, Equivocation, Offered, Registry};
 pub use entry::{ENTRY_LEN, FORMAT_V1, Payload, RegistryEntry, Revision, SIGNING_DOMAIN};
 pub use epoch::{EpochRecord, decode_epochs, encode_epochs};
 pub use error::RegistryError;

@@ -392,11 +392,39 @@ mod tests {
         let v = VaultId([9; 16]);
         let a = dev();
         let reg = Registry::open_in_memory().unwrap();
-        reg.set_addrs(&v, &a.id, &["127.0.0.1:5".into(), "[::1]:6".into()])
-            .unwrap();
+        reg.add_member(&v, &a.id).unwrap();
+        assert!(
+            reg.set_addrs(&v, &a.id, &["127.0.0.1:5".into(), "[::1]:6".into()])
+                .unwrap()
+        );
         assert_eq!(
             reg.addrs(&v).unwrap(),
             vec![(a.id, vec!["127.0.0.1:5".to_string(), "[::1]:6".to_string()])]
         );
+    }
+
+    #[test]
+    fn addresses_are_kept_only_for_members() {
+        let v = VaultId([9; 16]);
+        let (a, b, stranger) = (dev(), dev(), dev());
+        let reg = Registry::open_in_memory().unwrap();
+        reg.add_member(&v, &a.id).unwrap();
+        let founder = MemberRecord::add(&a.key, v, a.id, "age1a".into(), 1);
+        let add_b = MemberRecord::add(&a.key, v, b.id, "age1b".into(), 2);
+        reg.merge_roster(&v, &[founder, add_b]).unwrap();
+        assert!(
+            !reg.set_addrs(&v, &stranger.id, &["10.0.0.1:1".into()])
+                .unwrap(),
+            "a stranger's addresses are not stored"
+        );
+        assert!(reg.set_addrs(&v, &b.id, &["10.0.0.2:2".into()]).unwrap());
+        assert_eq!(reg.addrs(&v).unwrap().len(), 1);
+
+        // Once removed, its addresses are forgotten, not passed on.
+        let rm = MemberRecord::remove(&a.key, v, b.id, 3);
+        reg.merge_roster(&v, &[rm]).unwrap();
+        assert!(reg.addrs(&v).unwrap().is_empty());
+        assert!(!reg.set_addrs(&v, &b.id, &["10.0.0.2:2".into()]).unwrap());
+        assert!(reg.addrs(&v).unwrap().is_empty());
     }
 }

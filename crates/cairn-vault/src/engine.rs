@@ -14,7 +14,8 @@ use crate::error::{Result, VaultError};
 use crate::merge::MergeReport;
 use crate::path::{EntryKey, VaultPath, prefix_successor};
 use crate::snapshot::{
-    Keyring, Snapshot, SnapshotHeader, SnapshotId, load_snapshot, verify_history, write_snapshot,
+    Keyring, Snapshot, SnapshotHeader, SnapshotId, load_announced, load_snapshot, verify_history,
+    write_snapshot,
 };
 use crate::source::EntrySource;
 use crate::stores::{TreeSource, VaultStores};
@@ -266,7 +267,7 @@ impl Vault {
                 let head_id = head.map(|h| SnapshotId::from(h.payload));
                 let (root, seq, merged) = match head_id {
                     Some(hid) if Some(hid) != own_head => {
-                        let hs = load_snapshot(&self.stores, &self.keys, hid)?;
+                        let hs = load_announced(&self.stores, &self.keys, hid, self.device)?;
                         clock.observe(hs.header.clock);
                         let out = self.stores.merge(&self.root, &hs.header.root)?;
                         (out.root, hs.header.seq.max(own_seq), Some(out.report))
@@ -313,12 +314,26 @@ impl Vault {
 
     /// Merges a peer's snapshot into the local state. The snapshot must load (see
     /// [`load_snapshot`]) and its direct parents must be present, so history stays
-    /// walkable; otherwise nothing changes.
+    /// walkable; otherwise nothing changes. For a snapshot a registry entry announced, use
+    /// [`Vault::receive_from`], which also checks whose it is.
     pub fn receive(&mut self, id: SnapshotId) -> Result<MergeReport> {
+        self.receive_checked(id, None)
+    }
+
+    /// [`Vault::receive`] for the snapshot a registry entry signed by `signer` points to:
+    /// refused ([`VaultError::ForeignSnapshot`]) unless its header names `signer`.
+    pub fn receive_from(&mut self, signer: DeviceId, id: SnapshotId) -> Result<MergeReport> {
+        self.receive_checked(id, Some(signer))
+    }
+
+    fn receive_checked(&mut self, id: SnapshotId, signer: Option<DeviceId>) -> Result<MergeReport> {
         if self.head.as_ref().is_some_and(|h| h.id == id) || self.merged_peers.contains(&id) {
             return Ok(MergeReport::default());
         }
-        let snap = load_snapshot(&self.stores, &self.keys, id)?;
+        let snap = match signer {
+            Some(signer) => load_announced(&self.stores, &self.keys, id, signer)?,
+            None => load_snapshot(&self.stores, &self.keys, id)?,
+        };
         for p in &snap.header.parents {
             if !self.stores.blobs.has(&p.0)? {
                 return Err(VaultError::MissingParent { id, parent: *p });

@@ -2,7 +2,7 @@
 //! caller can tell "these bytes are garbage" from "this operation is not allowed" from "a
 //! store failed".
 
-use cairn_crypto::{CryptoError, VaultId};
+use cairn_crypto::{CryptoError, DeviceId, VaultId};
 use cairn_registry::RegistryError;
 use cairn_store::StoreError;
 use cairn_tree::TreeError;
@@ -94,6 +94,14 @@ pub enum VaultError {
         id: SnapshotId,
         expected: VaultId,
         found: VaultId,
+    },
+    #[error(
+        "snapshot {id} was announced by device {signer} but its header says it is device {named}'s; refusing it (a member publishing other devices' snapshots as its own is misbehaving: check `cairn status` and consider `cairn remove-device`)"
+    )]
+    ForeignSnapshot {
+        id: SnapshotId,
+        signer: DeviceId,
+        named: DeviceId,
     },
     #[error("snapshot {id} is not in the local store; fetch it from a peer first")]
     MissingSnapshot { id: SnapshotId },

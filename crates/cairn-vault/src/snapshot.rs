@@ -169,6 +169,12 @@ pub fn write_snapshot(
 /// it decodes, it belongs to this vault, and its root node is available. Parents are not
 /// followed (see [`verify_history`]).
 pub fn load_snapshot(stores: &VaultStores, keys: &Keyring, id: SnapshotId) -> Result<Snapshot> {
+    let header = open_header(stores, keys, id)?;
+    check_root(stores, id, header)
+}
+
+/// The header of snapshot `id`: present, intact, openable by this device, of this vault.
+fn open_header(stores: &VaultStores, keys: &Keyring, id: SnapshotId) -> Result<SnapshotHeader> {
     let sealed = stores
         .blobs
         .get(&id.0)?
@@ -184,11 +190,39 @@ pub fn load_snapshot(stores: &VaultStores, keys: &Keyring, id: SnapshotId) -> Re
             found: header.vault,
         });
     }
+    Ok(header)
+}
+
+/// The snapshot, once its root node is available.
+fn check_root(stores: &VaultStores, id: SnapshotId, header: SnapshotHeader) -> Result<Snapshot> {
     stores
         .tree
         .read_node(&header.root)
         .map_err(|source| VaultError::IncompleteTree { id, source })?;
     Ok(Snapshot { id, header })
+}
+
+/// [`load_snapshot`] for a snapshot a registry entry signed by `signer` points to: the
+/// header must name `signer` as its device. Otherwise a member could announce a snapshot
+/// (say, an old one another device wrote) as its own state, and others would merge and
+/// attribute it to the wrong device.
+pub fn load_announced(
+    stores: &VaultStores,
+    keys: &Keyring,
+    id: SnapshotId,
+    signer: DeviceId,
+) -> Result<Snapshot> {
+    // Whose it is is settled before its tree is fetched: a foreign snapshot is refused
+    // even when its nodes are not to be had.
+    let header = open_header(stores, keys, id)?;
+    if header.device != signer {
+        return Err(VaultError::ForeignSnapshot {
+            id,
+            signer,
+            named: header.device,
+        });
+    }
+    check_root(stores, id, header)
 }
 
 /// Walks every ancestor of `id`, loading each; fails on the first one that is missing or

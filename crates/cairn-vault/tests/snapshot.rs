@@ -128,6 +128,50 @@ fn bad_snapshots_are_refused_and_change_nothing() {
 }
 
 #[test]
+fn a_snapshot_announced_by_one_device_but_naming_another_is_refused() {
+    let f = Fixture::new(3);
+    let mut a = f.vault(0);
+    let mut c = f.vault(2);
+    write(&mut a, "from-a", "x", 1);
+    let a_snap = a.snapshot(1).unwrap();
+    let (a_id, m_id) = (f.keys[0].device_id(), f.keys[1].device_id());
+    let root = c.root();
+
+    // Device 1 (M) announces A's snapshot under its own signature.
+    match c.receive_from(m_id, a_snap.id) {
+        Err(VaultError::ForeignSnapshot { id, signer, named }) => {
+            assert_eq!((id, signer, named), (a_snap.id, m_id, a_id));
+        }
+        other => panic!("expected ForeignSnapshot, got {other:?}"),
+    }
+    let err = c.receive_from(m_id, a_snap.id).unwrap_err().to_string();
+    assert!(err.contains(&m_id.to_string()), "names the signer: {err}");
+    assert_eq!(c.root(), root, "a refused snapshot changes nothing");
+    assert!(matches!(
+        cairn_vault::load_announced(&f.stores, &f.keyring(2), a_snap.id, m_id),
+        Err(VaultError::ForeignSnapshot { .. })
+    ));
+
+    // Whose it is is checked before its tree is needed: a foreign header with a tree
+    // nobody has is still refused as foreign, not left to retry as incomplete.
+    let mut rootless = a_snap.header.clone();
+    rootless.root = cairn_tree::NodeId([9; 32]);
+    let id = SnapshotId(
+        f.blobs
+            .put(&seal_to(&f.recipients, &rootless.encode()).unwrap())
+            .unwrap(),
+    );
+    assert!(matches!(
+        c.receive_from(m_id, id),
+        Err(VaultError::ForeignSnapshot { .. })
+    ));
+
+    // Announced by its own device, it merges.
+    c.receive_from(a_id, a_snap.id).unwrap();
+    assert_eq!(live(&c.source()).len(), 1);
+}
+
+#[test]
 fn non_member_identity_cannot_load() {
     let f = Fixture::new(1);
     let mut a = f.vault(0);

@@ -100,6 +100,26 @@ pub fn print_human(r: &Report) {
             println!("flushed:   {}", format_time(ms));
         }
     }
+    if !r.peer_faults.is_empty() {
+        println!(
+            "misbehaving devices: {} (their bad files read as I/O errors, everything else keeps syncing; remove a device you do not trust with `cairn remove-device ID`)",
+            r.peer_faults.len()
+        );
+        for f in &r.peer_faults {
+            let times = if f.count > 1 {
+                format!(" ({} times)", f.count)
+            } else {
+                String::new()
+            };
+            println!(
+                "           {} {}{times}, last {}: {}",
+                f.device,
+                f.kind.describe(),
+                format_time(f.last_ms),
+                f.detail
+            );
+        }
+    }
     if let Some(e) = &r.last_error {
         println!(
             "error:     {e} (see the log in {}/log)",

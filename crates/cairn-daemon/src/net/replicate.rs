@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
-use cairn_store::ChunkId;
+use cairn_store::{ChunkId, StoreError};
 use cairn_tree::{DiffEntry, NodeId};
-use cairn_vault::{Content, EntryKind, VaultStores, manifest_of};
+use cairn_vault::{Content, EntryKind, VaultError, VaultStores, manifest_of};
 
 use super::RETRY_EVERY;
+use crate::faults::FaultKind;
 use crate::open_vault::OpenVault;
 
 /// Chunks gathered before they are fetched (or indexed) as one batch.
@@ -133,6 +134,21 @@ impl Replicator {
                     }
                 }
                 Ok(None) => {}
+                // A chunk list that arrived intact but makes no sense never will: waiting
+                // for it would re-walk the vault every RETRY_EVERY forever. The file's reads
+                // fail on their own; the sender is named once here.
+                Err(e) if is_malformed(&e) => {
+                    let (device, why) = self.vault.faults.blame(&entry);
+                    self.vault.faults.report(
+                        device,
+                        FaultKind::BadFile,
+                        format!(
+                            "{}: {e} (device {} {why})",
+                            String::from_utf8_lossy(&key),
+                            device.short()
+                        ),
+                    );
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "chunk list not available yet");
                     complete = false;
@@ -167,6 +183,21 @@ impl Replicator {
         }
         Some(complete)
     }
+}
+
+/// Whether a chunk list failed for a reason refetching cannot fix: it was delivered (its
+/// id verified) but does not decrypt with the entry's key or does not decode.
+fn is_malformed(e: &VaultError) -> bool {
+    matches!(
+        e,
+        VaultError::Store(
+            StoreError::InvalidManifest { .. }
+                | StoreError::Decrypt { .. }
+                | StoreError::Truncated { .. }
+                | StoreError::UnsupportedFormat { .. }
+                | StoreError::LengthMismatch { .. }
+        )
+    )
 }
 
 #[cfg(test)]

@@ -59,9 +59,7 @@ async fn session(node: &Arc<NetNode>, peer: DeviceId, addr: EndpointAddr) -> Res
     let path = super::selected_path(client.connection()).map(|(p, _)| p);
     tracing::info!(peer = %peer.short(), path = path.as_deref().unwrap_or("-"), "connected");
     let _path_log = log_path_changes(node, peer, client.connection());
-    for e in client.fetch_all(&node.vault).await? {
-        node.ingest(e).await;
-    }
+    node.ingest_all(client.fetch_all(&node.vault).await?).await;
     let mut idle_check = tokio::time::interval(BLOB_IDLE / 2);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -73,9 +71,7 @@ async fn session(node: &Arc<NetNode>, peer: DeviceId, addr: EndpointAddr) -> Res
                     Some(SubscriptionEvent::Entry(e)) => node.ingest(e).await,
                     Some(SubscriptionEvent::Lagged(n)) => {
                         tracing::debug!(peer = %peer.short(), skipped = n, "fell behind; refetching");
-                        for e in client.fetch_all(&node.vault).await? {
-                            node.ingest(e).await;
-                        }
+                        node.ingest_all(client.fetch_all(&node.vault).await?).await;
                     }
                     None => return Ok(()),
                 }
@@ -139,6 +135,24 @@ async fn exchange_roster(
 }
 
 impl NetNode {
+    /// Stores a fetch-all reply: every entry, then the equivocation evidence it carries.
+    async fn ingest_all(&self, entries: Vec<RegistryEntry>) {
+        for e in &entries {
+            self.ingest(e.clone()).await;
+        }
+        match self.registry.absorb_evidence(&entries).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    cases = n,
+                    "a peer passed on evidence of equivocating devices; see `cairn status`"
+                );
+                self.wake_sync();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot store equivocation evidence"),
+        }
+    }
+
     /// Stores an entry a peer sent us; wakes the sync worker if it is a new head of another
     /// device.
     async fn ingest(&self, entry: RegistryEntry) {

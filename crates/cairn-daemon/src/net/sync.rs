@@ -7,6 +7,12 @@
 //! peer), merges it, publishes the result and shows it in the mount. A head that cannot be
 //! merged yet (a peer went away mid-fetch, served bad data, or the registry got ahead of the
 //! blobs) is retried at the next pass; one that merged is not looked at again.
+//!
+//! A head is only merged if its snapshot header names the device that signed the registry
+//! entry: a member announcing someone else's snapshot as its own is refused, reported as
+//! misbehaving, and not retried until it announces another snapshot. Each file version a
+//! merge brings is noted as coming from the signer, so a bad file read later through the
+//! mount names the device that sent it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,9 +23,11 @@ use anyhow::{Context, Result};
 use cairn_crypto::DeviceId;
 use cairn_net::Members;
 use cairn_registry::Payload;
-use cairn_vault::{SnapshotId, load_snapshot};
+use cairn_tree::DiffEntry;
+use cairn_vault::{EntryKind, SnapshotId, VaultError, load_announced};
 
 use super::RETRY_EVERY;
+use crate::faults::FaultKind;
 use crate::open_vault::now_ms;
 use crate::publisher::Publisher;
 
@@ -30,6 +38,8 @@ pub(crate) struct SyncPass {
     pub merged: usize,
     /// Heads that could not be merged yet, with why.
     pub failed: Vec<(DeviceId, String)>,
+    /// Heads refused for good (until the device announces another snapshot), with why.
+    pub refused: Vec<(DeviceId, String)>,
 }
 
 pub(crate) struct SyncWorker {
@@ -37,6 +47,8 @@ pub(crate) struct SyncWorker {
     members: Members,
     /// Per device: the last head merged.
     merged: HashMap<DeviceId, Payload>,
+    /// Per device: a head refused for good (its header names another device).
+    refused: HashMap<DeviceId, Payload>,
     /// Called after a merge changed the engine's state (it brings chunks we may lack).
     on_change: Box<dyn Fn() + Send>,
 }
@@ -51,6 +63,7 @@ impl SyncWorker {
             publisher,
             members,
             merged: HashMap::new(),
+            refused: HashMap::new(),
             on_change: Box::new(on_change),
         }
     }
@@ -68,6 +81,7 @@ impl SyncWorker {
             for (device, error) in self.pass(stop).failed {
                 tracing::warn!(device = %device.short(), %error, "cannot merge a peer snapshot yet; will retry");
             }
+            // Refusals were reported (and logged) as faults of their device when they happened.
         }
     }
 
@@ -89,24 +103,39 @@ impl SyncWorker {
             if head.device == vault.device_id
                 || !self.members.contains(&head.device)
                 || self.merged.get(&head.device) == Some(&head.payload)
+                || self.refused.get(&head.device) == Some(&head.payload)
             {
                 continue;
             }
             let id = SnapshotId::from(head.payload);
-            match self.merge(id) {
+            match self.merge(head.device, id) {
                 Ok(()) => {
                     self.merged.insert(head.device, head.payload);
                     out.merged += 1;
                 }
-                Err(e) => out
-                    .failed
-                    .push((head.device, format!("snapshot {id}: {e:#}"))),
+                Err(e) => match e.downcast_ref::<VaultError>() {
+                    Some(foreign @ VaultError::ForeignSnapshot { .. }) => {
+                        vault.faults.report(
+                            head.device,
+                            FaultKind::ForeignSnapshot,
+                            format!("revision {}: {foreign}", head.revision),
+                        );
+                        self.refused.insert(head.device, head.payload);
+                        out.refused.push((head.device, foreign.to_string()));
+                    }
+                    _ => out
+                        .failed
+                        .push((head.device, format!("snapshot {id}: {e:#}"))),
+                },
             }
         }
         out
     }
 
-    fn merge(&self, id: SnapshotId) -> Result<()> {
+    /// Merges the snapshot `id` that `signer`'s registry entry points to. A header naming
+    /// another device fails with [`VaultError::ForeignSnapshot`] (not wrapped in context, so
+    /// the caller can tell it from a retryable failure).
+    fn merge(&self, signer: DeviceId, id: SnapshotId) -> Result<()> {
         let vault = &self.publisher.vault;
         let (stores, keys, our_root) = {
             let v = vault.engine();
@@ -115,7 +144,10 @@ impl SyncWorker {
         // Everything that may need the network happens before taking the engine lock: the
         // header, its parents' headers, and the tree nodes on the differing paths (a diff
         // walk reads exactly those).
-        let snap = load_snapshot(&stores, &keys, id).context("loading the snapshot")?;
+        let snap = match load_announced(&stores, &keys, id, signer) {
+            Err(e @ VaultError::ForeignSnapshot { .. }) => return Err(e.into()),
+            other => other.context("loading the snapshot")?,
+        };
         for p in &snap.header.parents {
             if !vault.blobs.has(&p.0).unwrap_or(false) {
                 // Fetched through the stores' remote fallback; a parent that cannot be had
@@ -124,11 +156,23 @@ impl SyncWorker {
             }
         }
         for d in stores.tree.diff(&our_root, &snap.header.root) {
-            d.context("reading the peer's tree")?;
+            // File versions the peer has and we do not: remember who sent them.
+            if let DiffEntry::Added { key, value }
+            | DiffEntry::Changed {
+                key, new: value, ..
+            } = d.context("reading the peer's tree")?
+                && let Ok(entry) = cairn_vault::decode_value(&key, &value)
+                && entry.kind == EntryKind::File
+            {
+                vault.faults.note_origin(&entry, signer);
+            }
         }
         let mut engine = vault.engine();
         let before = engine.root();
-        let report = engine.receive(id).context("merging")?;
+        let report = match engine.receive_from(signer, id) {
+            Err(e @ VaultError::ForeignSnapshot { .. }) => return Err(e.into()),
+            other => other.context("merging")?,
+        };
         if engine.root() != before {
             tracing::info!(snapshot = %id, conflicts = report.conflicts.len(), "merged a peer snapshot");
             self.publisher
@@ -246,6 +290,83 @@ mod tests {
         pair.connect_b(&pair.fetcher_on_b(&[Behaviour::Honest]));
         assert_eq!(w.pass(&go()).merged, 1);
         assert_eq!(pair.read_on_b("v299"), Some(noise(100, 299)));
+    }
+
+    #[test]
+    fn a_head_whose_header_names_another_device_is_refused_and_reported() {
+        let pair = Pair::new();
+        pair.connect_b(&pair.fetcher_on_b(&[Behaviour::Honest]));
+        let honest = pair.write_on_a("honest.txt", b"from A", NOW);
+        // A signs an entry pointing at a header that names B (say, B's own old snapshot).
+        let header = {
+            let engine = pair.a.engine();
+            cairn_vault::SnapshotHeader {
+                vault: pair.a.vault_id,
+                root: engine.root(),
+                parents: vec![SnapshotId::from(honest.payload)],
+                device: pair.b.device_id,
+                clock: engine.clock(),
+                seq: 9,
+                created_ms: NOW,
+            }
+        };
+        let id = {
+            let engine = pair.a.engine();
+            cairn_vault::write_snapshot(engine.stores(), engine.keys(), &header).unwrap()
+        };
+        let forged = cairn_registry::RegistryEntry::sign(
+            &pair.a.key,
+            pair.a.vault_id,
+            cairn_registry::Revision(honest.revision.0 + 1),
+            Payload::from(id),
+        );
+        pair.deliver_to_b(&forged);
+        let (mut w, changes) = worker(&pair);
+        let p = w.pass(&go());
+        assert_eq!((p.merged, p.failed.len()), (0, 0), "{p:?}");
+        assert_eq!(p.refused.len(), 1);
+        assert_eq!(p.refused[0].0, pair.a.device_id, "the signer is named");
+        assert!(p.refused[0].1.contains(&pair.a.device_id.to_string()));
+        assert_eq!(
+            pair.read_on_b("honest.txt"),
+            None,
+            "nothing of it was merged"
+        );
+        assert_eq!(changes.load(Ordering::SeqCst), 0);
+        assert!(
+            pair.b
+                .faults
+                .has(pair.a.device_id, FaultKind::ForeignSnapshot)
+        );
+        // Refused for good: not retried (or reported again) until A announces another head.
+        let p = w.pass(&go());
+        assert_eq!((p.merged, p.failed.len(), p.refused.len()), (0, 0, 0));
+        let next = pair.write_on_a("later.txt", b"honest again", NOW + 1_000);
+        pair.deliver_to_b(&next);
+        assert_eq!(w.pass(&go()).merged, 1);
+        assert_eq!(
+            pair.read_on_b("later.txt").as_deref(),
+            Some(&b"honest again"[..])
+        );
+    }
+
+    #[test]
+    fn merged_file_versions_are_attributed_to_the_signer() {
+        let pair = Pair::new();
+        pair.connect_b(&pair.fetcher_on_b(&[Behaviour::Honest]));
+        let e = pair.write_on_a("big.bin", &noise(200_000, 3), NOW);
+        pair.deliver_to_b(&e);
+        let (mut w, _) = worker(&pair);
+        assert_eq!(w.pass(&go()).merged, 1);
+        let entry = {
+            let engine = pair.b.engine();
+            engine
+                .lookup(&cairn_vault::VaultPath::new("big.bin").unwrap())
+                .unwrap()
+                .unwrap()
+                .1
+        };
+        assert_eq!(pair.b.faults.origin(&entry), Some(pair.a.device_id));
     }
 
     #[test]
