@@ -162,7 +162,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn fuzz_meta_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = sealer(4, "tree").open(&bytes);
         }
     }
