@@ -237,8 +237,10 @@ mod tests {
                 let sealed = seal_to(&[identity().recipient()], &plain).unwrap();
                 let mut b = sealed.clone();
                 for (op, at, x) in edits {
-                    let i = at.index(b.len());
+                    let i = at.index(b.len().max(1));
                     match op {
+                        // A truncation at 0 leaves nothing to index.
+                        _ if b.is_empty() => b.push(x),
                         0 => b[i] ^= x.max(1),
                         1 => b[i] = x,
                         2 => b.insert(i, x),
