@@ -624,23 +624,7 @@ impl RegistryClient {
         let (mut send, mut recv) = self.request(REQ_FETCH_ALL, vault, &[]).await?;
         let _ = send.finish();
         let reply = Self::reply(&mut recv, MAX_REPLY).await?;
-        match reply.split_first() {
-            Some((&RES_OK, rest)) if rest.len().is_multiple_of(ENTRY_LEN) => rest
-                .chunks_exact(ENTRY_LEN)
-                .map(|b| {
-                    let e = RegistryEntry::decode(b)?;
-                    cairn_registry::check_authentic(vault, &e)?;
-                    Ok(e)
-                })
-                .collect(),
-            Some((&RES_REJECTED, reason)) => Err(RegistryProtoError::Refused(
-                String::from_utf8_lossy(reason).into_owned(),
-            )),
-            _ => Err(RegistryProtoError::Malformed(format!(
-                "fetch-all reply of {} bytes",
-                reply.len()
-            ))),
-        }
+        decode_fetch_all_reply(vault, &reply)
     }
 
     /// Sends our roster message and returns the peer's (merged with ours on its side).
@@ -702,17 +686,50 @@ impl Subscription {
         let Some(frame) = read_frame(&mut self.recv, 1 + ENTRY_LEN).await? else {
             return Ok(None);
         };
-        match frame.split_first() {
-            Some((&EV_ENTRY, body)) => {
-                let e = RegistryEntry::decode(body)?;
-                cairn_registry::check_authentic(&self.vault, &e)?;
-                Ok(Some(SubscriptionEvent::Entry(e)))
-            }
-            Some((&EV_LAGGED, n)) if n.len() == 8 => Ok(Some(SubscriptionEvent::Lagged(
-                u64::from_be_bytes(n.try_into().expect("8 bytes")),
-            ))),
-            _ => Err(RegistryProtoError::Malformed("subscription event".into())),
+        decode_event(&self.vault, &frame).map(Some)
+    }
+}
+
+/// A FetchAll reply: `0x00` then whole entries, each checked to be of `vault` and signed by
+/// its device, or `0x02` and the peer's reason.
+fn decode_fetch_all_reply(
+    vault: &VaultId,
+    reply: &[u8],
+) -> Result<Vec<RegistryEntry>, RegistryProtoError> {
+    match reply.split_first() {
+        Some((&RES_OK, rest)) if rest.len().is_multiple_of(ENTRY_LEN) => rest
+            .chunks_exact(ENTRY_LEN)
+            .map(|b| {
+                let e = RegistryEntry::decode(b)?;
+                cairn_registry::check_authentic(vault, &e)?;
+                Ok(e)
+            })
+            .collect(),
+        Some((&RES_REJECTED, reason)) => Err(RegistryProtoError::Refused(
+            String::from_utf8_lossy(reason).into_owned(),
+        )),
+        _ => Err(RegistryProtoError::Malformed(format!(
+            "fetch-all reply of {} bytes",
+            reply.len()
+        ))),
+    }
+}
+
+/// One subscription event frame; an entry is checked to be of `vault` and authentic.
+fn decode_event(vault: &VaultId, frame: &[u8]) -> Result<SubscriptionEvent, RegistryProtoError> {
+    match frame.split_first() {
+        Some((&EV_ENTRY, body)) => {
+            let e = RegistryEntry::decode(body)?;
+            cairn_registry::check_authentic(vault, &e)?;
+            Ok(SubscriptionEvent::Entry(e))
         }
+        Some((&EV_LAGGED, n)) if n.len() == 8 => Ok(SubscriptionEvent::Lagged(u64::from_be_bytes(
+            n.try_into().expect("8 bytes"),
+        ))),
+        _ => Err(RegistryProtoError::Malformed(format!(
+            "subscription event of {} bytes",
+            frame.len()
+        ))),
     }
 }
 
@@ -999,6 +1016,48 @@ mod tests {
                 crate::fuzz::mutate(&mut b, op, at, x);
             }
             check_decoded(RosterMessage::decode(&b), &m)?;
+        }
+
+        #[test]
+        fn fuzz_fetch_all_reply_mutations(
+            seeds in prop::collection::vec(any::<[u8; 32]>(), 0..4),
+            edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let vault = VaultId([8; 16]);
+            let entries: Vec<RegistryEntry> = seeds
+                .iter()
+                .map(|s| RegistryEntry::sign(&cairn_crypto::DeviceKey::from_bytes(*s), vault, Revision(3), cairn_registry::Payload([1; 32])))
+                .collect();
+            let mut good = vec![RES_OK];
+            for e in &entries {
+                good.extend_from_slice(&e.encode());
+            }
+            prop_assert_eq!(decode_fetch_all_reply(&vault, &good).unwrap(), entries.clone());
+            let mut b = good.clone();
+            for (op, at, x) in edits {
+                crate::fuzz::mutate(&mut b, op, at, x);
+            }
+            match decode_fetch_all_reply(&vault, &b) {
+                // Only the untouched reply (or a cut between whole entries) gets through.
+                Ok(got) => {
+                    prop_assert!(b[0] == RES_OK && got.len() <= entries.len());
+                    prop_assert_eq!(&got[..], &entries[..got.len()]);
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn fuzz_subscription_event_random_bytes(mut b in prop::collection::vec(any::<u8>(), 0..200), tag in prop::sample::select(vec![EV_ENTRY, EV_LAGGED, 0x00, 0x12])) {
+            if !b.is_empty() {
+                b[0] = tag;
+            }
+            match decode_event(&VaultId([8; 16]), &b) {
+                Ok(SubscriptionEvent::Lagged(_)) => prop_assert_eq!(b.len(), 9),
+                // A random entry never carries a valid signature.
+                Ok(SubscriptionEvent::Entry(_)) => prop_assert!(false, "a random entry verified"),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
         }
 
         #[test]
