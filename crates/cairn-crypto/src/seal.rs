@@ -177,4 +177,83 @@ mod tests {
         assert!("age1notakey".parse::<AgeRecipient>().is_err());
         assert!("garbage".parse::<AgeIdentity>().is_err());
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use std::sync::OnceLock;
+
+        /// Cases per fuzz test unless PROPTEST_CASES is set (`scripts/bench/fuzz.sh` sets
+        /// it); fewer than elsewhere because every case runs an X25519 unwrap.
+        fn fuzz_config() -> ProptestConfig {
+            let cases = match std::env::var_os("PROPTEST_CASES") {
+                Some(_) => ProptestConfig::default().cases,
+                None => 256,
+            };
+            ProptestConfig {
+                cases,
+                ..ProptestConfig::default()
+            }
+        }
+
+        /// One identity for every case: generating one per case would dominate the run.
+        fn identity() -> &'static AgeIdentity {
+            static ID: OnceLock<AgeIdentity> = OnceLock::new();
+            ID.get_or_init(AgeIdentity::generate)
+        }
+
+        fn assert_open_error(r: Result<Vec<u8>, CryptoError>) -> Result<(), TestCaseError> {
+            match r {
+                Ok(p) => prop_assert!(false, "damaged header opened to {} bytes", p.len()),
+                Err(e) => prop_assert!(
+                    matches!(e, CryptoError::Open(ref m) if !m.is_empty()),
+                    "{e}"
+                ),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzz_config())]
+
+            /// Snapshot headers arrive as age files from peers: random bytes, with or
+            /// without the age magic line, are refused with a worded error.
+            #[test]
+            fn fuzz_sealed_header_random_bytes(b in prop::collection::vec(any::<u8>(), 0..300), magic: bool) {
+                let mut b = b;
+                if magic {
+                    let mut framed = b"age-encryption.org/v1\n".to_vec();
+                    framed.append(&mut b);
+                    b = framed;
+                }
+                assert_open_error(open_sealed(identity(), &b))?;
+            }
+
+            #[test]
+            fn fuzz_sealed_header_mutations(
+                plain in prop::collection::vec(any::<u8>(), 0..200),
+                edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            ) {
+                let sealed = seal_to(&[identity().recipient()], &plain).unwrap();
+                let mut b = sealed.clone();
+                for (op, at, x) in edits {
+                    let i = at.index(b.len().max(1));
+                    match op {
+                        // A truncation at 0 leaves nothing to index.
+                        _ if b.is_empty() => b.push(x),
+                        0 => b[i] ^= x.max(1),
+                        1 => b[i] = x,
+                        2 => b.insert(i, x),
+                        3 => {
+                            b.remove(i);
+                        }
+                        _ => b.truncate(i),
+                    }
+                }
+                if b != sealed {
+                    assert_open_error(open_sealed(identity(), &b))?;
+                }
+            }
+        }
+    }
 }

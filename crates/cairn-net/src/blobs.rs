@@ -50,9 +50,19 @@ use iroh_blobs::{BlobFormat, BlobsProtocol, Hash};
 
 use crate::endpoint::{Members, device_id_of};
 
-/// Default cap on a single fetched blob (cairn chunks are at most 256 KiB; snapshot nodes
-/// and other blobs stay far below this).
+/// Default cap on a single fetched blob; a peer announcing more is refused before anything is
+/// read. What legitimate blobs weigh: a file chunk at most [`MAX_CHUNK_BLOB`] (256 KiB + 41
+/// bytes), a tree node at most 1 MiB + 41 bytes (`cairn_tree::MAX_ENCODED_NODE`, sealed; writers
+/// default to 128 KiB), a snapshot header ~33 KiB plus ~100 bytes per member recipient. The
+/// one kind without a fixed bound is a file's chunk list (`Content::ChunkList`: 17 + 68 bytes
+/// per chunk, sealed), which passes 64 MiB for files beyond ~60 GiB at the average chunk size
+/// (~15 GiB if every chunk were minimal); until chunk lists become trees, such files cannot be
+/// fetched with this default.
 pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 * 1024 * 1024;
+/// The largest sealed file chunk, and what a fetch reserves before any byte arrived: the
+/// announced size is the peer's claim until the last group verifies, so a larger blob's buffer
+/// grows with bytes already verified against the requested hash instead.
+pub const MAX_CHUNK_BLOB: usize = cairn_store::MAX_CHUNK_SIZE + cairn_store::CHUNK_OVERHEAD;
 /// Blobs [`BlobService::index_local`] imports into the serving index at once.
 const INDEX_AT_ONCE: usize = 8;
 /// Failed blobs in a row after which [`BlobService::fetch_many`] stops asking that peer.
@@ -444,7 +454,7 @@ async fn read_blob(
             max,
         });
     }
-    let mut buf = Vec::with_capacity(size as usize);
+    let mut buf = Vec::with_capacity(initial_reserve(size));
     let end = loop {
         match content.next().await {
             fsm::BlobContentNext::More((next, item)) => {
@@ -463,6 +473,13 @@ async fn read_blob(
         return Err(fail(format!("got {} of {size} bytes", buf.len())));
     }
     Ok((end, buf))
+}
+
+/// What [`read_blob`] reserves for a blob announced at `size` bytes: all of it for anything
+/// up to a sealed file chunk (the bulk of all fetches, filled without reallocating), never
+/// more than that on the peer's word alone.
+fn initial_reserve(size: u64) -> usize {
+    usize::try_from(size).map_or(MAX_CHUNK_BLOB, |s| s.min(MAX_CHUNK_BLOB))
 }
 
 /// Whether the connection belongs to a device that is a member now (membership can end
@@ -581,5 +598,35 @@ async fn ensure_indexed(index: &FsStore, blobs: &BlobStore, hash: Hash) {
             tt.hash()
         ),
         Err(e) => tracing::warn!("cannot index local blob {hash} for serving: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetch_reserves_at_most_one_sealed_chunk() {
+        assert_eq!(MAX_CHUNK_BLOB, 256 * 1024 + 41);
+        assert_eq!(initial_reserve(0), 0);
+        assert_eq!(initial_reserve(1000), 1000);
+        assert_eq!(initial_reserve(MAX_CHUNK_BLOB as u64), MAX_CHUNK_BLOB);
+        assert_eq!(initial_reserve(MAX_CHUNK_BLOB as u64 + 1), MAX_CHUNK_BLOB);
+        assert_eq!(initial_reserve(DEFAULT_MAX_BLOB_SIZE), MAX_CHUNK_BLOB);
+        assert_eq!(initial_reserve(u64::MAX), MAX_CHUNK_BLOB);
+    }
+
+    /// The largest legitimate blobs fit under the default cap: a sealed file chunk, a sealed
+    /// tree node at the format limit, and the chunk list of a 32 GiB file cut at the average
+    /// chunk size.
+    #[test]
+    fn legitimate_blobs_fit_the_default_cap() {
+        let node = 1024 * 1024 + cairn_store::META_OVERHEAD as u64;
+        let list_of_32_gib = 17
+            + 68 * ((32u64 << 30) / cairn_store::AVG_CHUNK_SIZE as u64)
+            + cairn_store::CHUNK_OVERHEAD as u64;
+        for size in [MAX_CHUNK_BLOB as u64, node, list_of_32_gib] {
+            assert!(size <= DEFAULT_MAX_BLOB_SIZE, "{size}");
+        }
     }
 }

@@ -34,3 +34,108 @@ pub use registry_proto::{
 
 pub use cairn_crypto::DeviceId;
 pub use iroh::{Endpoint, EndpointAddr, EndpointId, RelayUrl, protocol::Router};
+
+/// Test-only global allocator that records the largest single allocation a thread makes while
+/// measuring, so tests can prove that a forged length is never reserved up front.
+#[cfg(test)]
+pub(crate) mod test_alloc {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    struct Recording;
+
+    thread_local! {
+        // Const-initialised without a destructor: touching it from the allocator never
+        // allocates itself.
+        static MEASURING: Cell<bool> = const { Cell::new(false) };
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn record(size: usize) {
+        if MEASURING.with(Cell::get) {
+            LARGEST.with(|l| l.set(l.get().max(size)));
+        }
+    }
+
+    unsafe impl GlobalAlloc for Recording {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            record(layout.size());
+            // SAFETY: forwarded unchanged to the system allocator.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            record(layout.size());
+            // SAFETY: forwarded unchanged to the system allocator.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            record(new_size);
+            // SAFETY: forwarded unchanged to the system allocator.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: forwarded unchanged to the system allocator.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Recording = Recording;
+
+    /// Runs `f` on this thread and returns its result with the size of the largest single
+    /// allocation (or reallocation) it made on this thread.
+    pub(crate) fn largest_allocation_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        LARGEST.with(|l| l.set(0));
+        MEASURING.with(|m| m.set(true));
+        let out = f();
+        MEASURING.with(|m| m.set(false));
+        (out, LARGEST.with(Cell::get))
+    }
+
+    #[test]
+    fn the_recorder_sees_a_large_reservation() {
+        let (v, largest) = largest_allocation_during(|| Vec::<u8>::with_capacity(1 << 20));
+        assert!(v.capacity() >= 1 << 20);
+        assert!(largest >= 1 << 20, "{largest}");
+    }
+}
+
+/// The budget of the decoder fuzz tests (every test named `fuzz_*`).
+#[cfg(test)]
+pub(crate) mod fuzz {
+    /// Cases per fuzz test when `PROPTEST_CASES` is not set: small enough that every fuzz test
+    /// of the workspace together adds well under a minute to the suite; `scripts/bench/fuzz.sh`
+    /// sets `PROPTEST_CASES` for longer runs.
+    pub(crate) const CASES: u32 = 512;
+
+    pub(crate) fn config() -> proptest::test_runner::Config {
+        // `Config::default()` reads PROPTEST_CASES; only its absence gets the fixed budget.
+        let cases = match std::env::var_os("PROPTEST_CASES") {
+            Some(_) => proptest::test_runner::Config::default().cases,
+            None => CASES,
+        };
+        proptest::test_runner::Config {
+            cases,
+            ..proptest::test_runner::Config::default()
+        }
+    }
+
+    /// One random edit of an encoding: flip a byte, overwrite it, insert one, delete one, or
+    /// truncate there. Shared by the fuzz tests of this crate.
+    pub(crate) fn mutate(b: &mut Vec<u8>, op: u8, at: proptest::sample::Index, x: u8) {
+        if b.is_empty() {
+            b.push(x);
+            return;
+        }
+        let i = at.index(b.len());
+        match op {
+            0 => b[i] ^= x.max(1),
+            1 => b[i] = x,
+            2 => b.insert(i, x),
+            3 => {
+                b.remove(i);
+            }
+            _ => b.truncate(i),
+        }
+    }
+}

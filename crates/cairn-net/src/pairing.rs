@@ -178,7 +178,8 @@ impl Ticket {
         let token = r.take_array()?;
         let expires_at = r.u64_be()?;
         let n = r.u8()?;
-        let mut addrs = Vec::with_capacity(n as usize);
+        // An address takes at least 7 bytes (family, IPv4, port).
+        let mut addrs = Vec::with_capacity(usize::from(n).min(r.remaining() / 7));
         for _ in 0..n {
             let ip = match r.u8()? {
                 4 => IpAddr::V4(Ipv4Addr::from(r.take_array::<4>()?)),
@@ -920,6 +921,166 @@ mod tests {
             let mut behind = reply[..header].to_vec();
             behind.extend_from_slice(&garbage);
             let _ = parse_join_reply(&behind, &confirm, &vault);
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use crate::fuzz::mutate;
+        use proptest::prelude::*;
+
+        fn ticket_strategy() -> impl Strategy<Value = Ticket> {
+            (
+                any::<[u8; 32]>(),
+                // IP and port only: a ticket carries no IPv6 flow info or scope id.
+                prop::collection::vec(
+                    (any::<IpAddr>(), any::<u16>())
+                        .prop_map(|(ip, port)| SocketAddr::new(ip, port)),
+                    0..4,
+                ),
+                prop::collection::vec("[a-z]{1,12}", 0..3),
+                any::<[u8; 16]>(),
+                any::<[u8; 32]>(),
+                any::<u64>(),
+            )
+                .prop_map(|(seed, addrs, hosts, vault, token, expires_at)| Ticket {
+                    inviter: DeviceKey::from_bytes(seed).device_id(),
+                    addrs,
+                    relays: hosts
+                        .iter()
+                        .map(|h| format!("https://{h}.example.org/").parse().unwrap())
+                        .collect(),
+                    vault: VaultId(vault),
+                    token,
+                    expires_at,
+                })
+        }
+
+        /// Replaces the last four bytes with the checksum of the rest, so a mutated body
+        /// reaches the parser instead of stopping at the checksum.
+        fn reseal(b: &mut [u8]) {
+            if b.len() >= 4 {
+                let n = b.len() - 4;
+                let sum = blake3::hash(&b[..n]);
+                b[n..].copy_from_slice(&sum.as_bytes()[..4]);
+            }
+        }
+
+        /// What a decoded ticket must satisfy: it encodes to bytes that decode to itself.
+        fn check_ticket(got: Result<Ticket, TicketError>) -> Result<(), TestCaseError> {
+            match got {
+                Ok(t) => {
+                    prop_assert_eq!(Ticket::from_bytes(&t.to_bytes()).unwrap(), t.clone());
+                    prop_assert_eq!(t.to_string().parse::<Ticket>().unwrap(), t);
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(crate::fuzz::config())]
+
+            #[test]
+            fn fuzz_ticket_random_bytes(mut b in prop::collection::vec(any::<u8>(), 0..200), seal: bool) {
+                if seal {
+                    reseal(&mut b);
+                }
+                check_ticket(Ticket::from_bytes(&b))?;
+            }
+
+            #[test]
+            fn fuzz_ticket_random_text(s in "cairn1[a-z2-7]{0,200}") {
+                check_ticket(s.parse::<Ticket>())?;
+            }
+
+            #[test]
+            fn fuzz_ticket_mutations(
+                t in ticket_strategy(),
+                edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            ) {
+                let good = t.to_bytes();
+                prop_assert_eq!(Ticket::from_bytes(&good).unwrap(), t);
+                let mut b = good.clone();
+                for (op, at, x) in &edits {
+                    mutate(&mut b, *op, *at, *x);
+                }
+                if b != good {
+                    // The checksum catches a copy-paste accident...
+                    prop_assert!(Ticket::from_bytes(&b).is_err());
+                }
+                // ...and the parser holds behind it.
+                reseal(&mut b);
+                check_ticket(Ticket::from_bytes(&b))?;
+            }
+
+            #[test]
+            fn fuzz_join_request_random_bytes(b in prop::collection::vec(any::<u8>(), 0..100)) {
+                match parse_join_request(&b) {
+                    Ok((mac, recipient)) => {
+                        let mut again = vec![0x01];
+                        again.extend_from_slice(&mac);
+                        again.extend_from_slice(recipient.as_bytes());
+                        prop_assert_eq!(again, b);
+                    }
+                    Err(e) => prop_assert!(e.to_string().starts_with("malformed pairing message: ")),
+                }
+            }
+
+            #[test]
+            fn fuzz_join_reply_random_bytes(b in prop::collection::vec(any::<u8>(), 0..300)) {
+                let confirm = blake3::hash(b"confirm");
+                let vault = VaultId([1; 16]);
+                // Random bytes cannot carry the right confirmation (or the right vault).
+                let err = parse_join_reply(&b, &confirm, &vault).unwrap_err();
+                prop_assert!(!err.to_string().is_empty());
+            }
+
+            #[test]
+            fn fuzz_join_reply_mutations(
+                roster in prop::collection::vec((any::<[u8; 32]>(), "age1[a-z0-9]{0,60}"), 0..5),
+                edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            ) {
+                let secret = VaultSecret::from_bytes([9; 32]);
+                let confirm = blake3::hash(b"confirm");
+                let roster: Vec<MemberInfo> = roster
+                    .into_iter()
+                    .map(|(d, r)| MemberInfo { device: DeviceId(d), age_recipient: r })
+                    .collect();
+                let good = accept_reply(&confirm, &secret, &roster);
+                let mut b = good.clone();
+                for (op, at, x) in &edits {
+                    mutate(&mut b, *op, *at, *x);
+                }
+                match parse_join_reply(&b, &confirm, &secret.vault_id()) {
+                    Ok((got, members)) => {
+                        // Accepted only with the proof and secret intact.
+                        prop_assert_eq!(&b[..65], &good[..65]);
+                        prop_assert_eq!(got.as_bytes(), secret.as_bytes());
+                        // Each member took at least 34 bytes of the reply.
+                        prop_assert!(67 + 34 * members.len() <= b.len());
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+
+        /// A reply claiming 65535 members in a few bytes reserves room for none of them.
+        #[test]
+        fn join_reply_member_count_is_bounded_by_the_input() {
+            let secret = VaultSecret::from_bytes([9; 32]);
+            let confirm = blake3::hash(b"confirm");
+            let mut b = accept_reply(&confirm, &secret, &[]);
+            let n = b.len();
+            b[n - 2..].copy_from_slice(&u16::MAX.to_be_bytes());
+            let (r, largest) = crate::test_alloc::largest_allocation_during(|| {
+                parse_join_reply(&b, &confirm, &secret.vault_id())
+            });
+            assert_eq!(
+                r.unwrap_err(),
+                PairError::Malformed("truncated pairing reply".into())
+            );
+            assert!(largest < 1024, "largest allocation {largest} bytes");
         }
     }
 }

@@ -43,11 +43,12 @@ use cairn_registry::{
 };
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
+use tokio::io::AsyncRead;
 use tokio::sync::broadcast;
 
 use crate::addr::{MAX_ADDR_TEXT, PeerAddr, parse_addrs};
 use crate::endpoint::device_id_of;
-use crate::wire::{FrameError, read_frame, write_frame};
+use crate::wire::{FrameError, read_frame, read_frame_body, read_frame_len, write_frame};
 
 pub const REGISTRY_ALPN: &[u8] = b"cairn/registry/1";
 
@@ -141,6 +142,62 @@ fn decode_push_result(b: &[u8]) -> Result<PushResult, RegistryProtoError> {
     }
 }
 
+/// A request as read off a stream, or why it was refused before its body was buffered.
+#[derive(Debug, PartialEq, Eq)]
+enum Incoming {
+    Request {
+        tag: u8,
+        vault: VaultId,
+        body: Vec<u8>,
+    },
+    Refused(String),
+}
+
+/// The largest request of type `tag` a peer may send, tag and vault id included.
+fn request_limit(tag: u8) -> usize {
+    match tag {
+        REQ_ROSTER => MAX_ROSTER,
+        _ => MAX_REQUEST,
+    }
+}
+
+/// Reads one request (`tag | vault(16) | body`, framed), settling its size before buffering
+/// it: the length prefix, tag and vault id come first and decide the limit, and a roster
+/// request (the only large one) is read only from a device `is_member` of that vault says
+/// belongs to it. `Ok(None)` when the peer finished the stream without a request.
+async fn read_request<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    is_member: impl AsyncFnOnce(VaultId) -> Result<bool, RegistryProtoError>,
+) -> Result<Option<Incoming>, RegistryProtoError> {
+    let Some(len) = read_frame_len(recv).await? else {
+        return Ok(None);
+    };
+    const HEAD: usize = 1 + 16;
+    let head = read_frame_body(recv, len.min(HEAD), HEAD).await?;
+    let Some((&tag, vault)) = head.split_first() else {
+        return Ok(Some(Incoming::Refused("empty request".into())));
+    };
+    let Ok(vault) = <[u8; 16]>::try_from(vault) else {
+        return Ok(Some(Incoming::Refused(
+            "request too short for a vault id".into(),
+        )));
+    };
+    let vault = VaultId(vault);
+    let max = request_limit(tag);
+    if len > max {
+        return Ok(Some(Incoming::Refused(format!(
+            "request of {len} bytes is larger than the {max} bytes a request of type {tag:#04x} may have"
+        ))));
+    }
+    if tag == REQ_ROSTER && !is_member(vault).await? {
+        return Ok(Some(Incoming::Refused(
+            "only members of the vault may send a roster".into(),
+        )));
+    }
+    let body = read_frame_body(recv, len - HEAD, max - HEAD).await?;
+    Ok(Some(Incoming::Request { tag, vault, body }))
+}
+
 /// Serves the registry ALPN from a local [`Registry`]. Clone it freely (shared state).
 #[derive(Debug, Clone)]
 pub struct RegistryProtocol {
@@ -200,13 +257,17 @@ impl RosterMessage {
         };
         let mut r = Reader::new(b);
         let n = r.u32_be().map_err(cut)? as usize;
-        let records = decode_roster(r.take(n).map_err(cut)?)?;
+        // A bad record is the sender's fault: say so, not "the local registry failed".
+        let records = decode_roster(r.take(n).map_err(cut)?).map_err(|e| bad(&e.to_string()))?;
         let count = r.u16_be().map_err(cut)?;
-        let mut addrs = Vec::with_capacity(count as usize);
+        // Each device takes at least 33 bytes (id and address count): a forged count
+        // reserves no more than the message could hold.
+        let mut addrs = Vec::with_capacity(usize::from(count).min(r.remaining() / 33));
         for _ in 0..count {
             let d = DeviceId(r.take_array().map_err(cut)?);
             let k = r.u8().map_err(cut)?;
-            let mut list = Vec::with_capacity(k as usize);
+            // Each address takes at least its length byte.
+            let mut list = Vec::with_capacity(usize::from(k).min(r.remaining()));
             for _ in 0..k {
                 let len = r.u8().map_err(cut)? as usize;
                 let t = r.take(len).map_err(cut)?;
@@ -219,7 +280,7 @@ impl RosterMessage {
             addrs.push((d, list));
         }
         let n = r.u32_be().map_err(cut)? as usize;
-        let epochs = decode_epochs(r.take(n).map_err(cut)?)?;
+        let epochs = decode_epochs(r.take(n).map_err(cut)?).map_err(|e| bad(&e.to_string()))?;
         r.finish().map_err(cut)?;
         Ok(Self {
             records,
@@ -465,23 +526,19 @@ impl RegistryProtocol {
         mut send: SendStream,
         mut recv: RecvStream,
     ) -> Result<(), RegistryProtoError> {
-        let Some(req) = read_frame(&mut recv, MAX_ROSTER).await? else {
-            return Ok(());
+        let remote_is_member = async |vault: VaultId| self.is_member(vault, remote).await;
+        let (tag, vault, body) = match read_request(&mut recv, remote_is_member).await? {
+            None => return Ok(()),
+            Some(Incoming::Request { tag, vault, body }) => (tag, vault, body),
+            Some(Incoming::Refused(why)) => {
+                tracing::debug!(from = %remote.short(), %why, "refused registry request");
+                write_frame(&mut send, &rejected(&why)).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
         };
-        let (tag, rest) = req
-            .split_first()
-            .ok_or_else(|| RegistryProtoError::Malformed("empty request".into()))?;
-        if rest.len() < 16 {
-            write_frame(&mut send, &rejected("request too short for a vault id")).await?;
-            return Ok(());
-        }
-        let vault = VaultId(rest[..16].try_into().expect("16 bytes"));
-        let body = &rest[16..];
-        if *tag != REQ_ROSTER && req.len() > MAX_REQUEST {
-            write_frame(&mut send, &rejected("request too large")).await?;
-            return Ok(());
-        }
-        match *tag {
+        let body = &body[..];
+        match tag {
             REQ_PUSH => {
                 let result = match RegistryEntry::decode(body) {
                     Err(e) => PushResult::Rejected(e.to_string()),
@@ -672,23 +729,7 @@ impl RegistryClient {
         let (mut send, mut recv) = self.request(REQ_FETCH_ALL, vault, &[]).await?;
         let _ = send.finish();
         let reply = Self::reply(&mut recv, MAX_REPLY).await?;
-        match reply.split_first() {
-            Some((&RES_OK, rest)) if rest.len().is_multiple_of(ENTRY_LEN) => rest
-                .chunks_exact(ENTRY_LEN)
-                .map(|b| {
-                    let e = RegistryEntry::decode(b)?;
-                    cairn_registry::check_authentic(vault, &e)?;
-                    Ok(e)
-                })
-                .collect(),
-            Some((&RES_REJECTED, reason)) => Err(RegistryProtoError::Refused(
-                String::from_utf8_lossy(reason).into_owned(),
-            )),
-            _ => Err(RegistryProtoError::Malformed(format!(
-                "fetch-all reply of {} bytes",
-                reply.len()
-            ))),
-        }
+        decode_fetch_all_reply(vault, &reply)
     }
 
     /// Sends our roster message and returns the peer's (merged with ours on its side).
@@ -750,23 +791,58 @@ impl Subscription {
         let Some(frame) = read_frame(&mut self.recv, 1 + ENTRY_LEN).await? else {
             return Ok(None);
         };
-        match frame.split_first() {
-            Some((&EV_ENTRY, body)) => {
-                let e = RegistryEntry::decode(body)?;
-                cairn_registry::check_authentic(&self.vault, &e)?;
-                Ok(Some(SubscriptionEvent::Entry(e)))
-            }
-            Some((&EV_LAGGED, n)) if n.len() == 8 => Ok(Some(SubscriptionEvent::Lagged(
-                u64::from_be_bytes(n.try_into().expect("8 bytes")),
-            ))),
-            _ => Err(RegistryProtoError::Malformed("subscription event".into())),
+        decode_event(&self.vault, &frame).map(Some)
+    }
+}
+
+/// A FetchAll reply: `0x00` then whole entries, each checked to be of `vault` and signed by
+/// its device, or `0x02` and the peer's reason.
+fn decode_fetch_all_reply(
+    vault: &VaultId,
+    reply: &[u8],
+) -> Result<Vec<RegistryEntry>, RegistryProtoError> {
+    match reply.split_first() {
+        Some((&RES_OK, rest)) if rest.len().is_multiple_of(ENTRY_LEN) => rest
+            .chunks_exact(ENTRY_LEN)
+            .map(|b| {
+                let e = RegistryEntry::decode(b)?;
+                cairn_registry::check_authentic(vault, &e)?;
+                Ok(e)
+            })
+            .collect(),
+        Some((&RES_REJECTED, reason)) => Err(RegistryProtoError::Refused(
+            String::from_utf8_lossy(reason).into_owned(),
+        )),
+        _ => Err(RegistryProtoError::Malformed(format!(
+            "fetch-all reply of {} bytes",
+            reply.len()
+        ))),
+    }
+}
+
+/// One subscription event frame; an entry is checked to be of `vault` and authentic.
+fn decode_event(vault: &VaultId, frame: &[u8]) -> Result<SubscriptionEvent, RegistryProtoError> {
+    match frame.split_first() {
+        Some((&EV_ENTRY, body)) => {
+            let e = RegistryEntry::decode(body)?;
+            cairn_registry::check_authentic(vault, &e)?;
+            Ok(SubscriptionEvent::Entry(e))
         }
+        Some((&EV_LAGGED, n)) if n.len() == 8 => Ok(SubscriptionEvent::Lagged(u64::from_be_bytes(
+            n.try_into().expect("8 bytes"),
+        ))),
+        _ => Err(RegistryProtoError::Malformed(format!(
+            "subscription event of {} bytes",
+            frame.len()
+        ))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_alloc::largest_allocation_during;
+    use proptest::prelude::*;
 
     #[test]
     fn roster_message_round_trip() {
@@ -816,5 +892,351 @@ mod tests {
         assert!(decode_push_result(&[9]).is_err());
         let long = "é".repeat(MAX_REASON);
         assert!(rejected(&long).len() <= 1 + MAX_REASON);
+    }
+
+    fn block_on<T>(f: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    fn framed(tag: u8, vault: [u8; 16], body: &[u8]) -> Vec<u8> {
+        let len = 17 + body.len();
+        let mut v = (len as u32).to_be_bytes().to_vec();
+        v.push(tag);
+        v.extend_from_slice(&vault);
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// Reads a request from `input` with a membership answer of `member`, and counts how
+    /// often membership was asked.
+    fn read(input: &[u8], member: bool) -> (Option<Incoming>, usize) {
+        let asked = std::cell::Cell::new(0);
+        let got = block_on(read_request(&mut &input[..], async |_| {
+            asked.set(asked.get() + 1);
+            Ok(member)
+        }))
+        .unwrap();
+        (got, asked.get())
+    }
+
+    #[test]
+    fn requests_are_read_whole_when_within_their_limit() {
+        let entry = [5u8; ENTRY_LEN];
+        let (got, asked) = read(&framed(REQ_PUSH, [1; 16], &entry), false);
+        assert_eq!(
+            got,
+            Some(Incoming::Request {
+                tag: REQ_PUSH,
+                vault: VaultId([1; 16]),
+                body: entry.to_vec()
+            })
+        );
+        assert_eq!(asked, 0, "a push needs no membership check before reading");
+        let (got, asked) = read(&framed(REQ_ROSTER, [2; 16], &[9; 5000]), true);
+        assert!(
+            matches!(got, Some(Incoming::Request { tag: REQ_ROSTER, ref body, .. }) if body.len() == 5000)
+        );
+        assert_eq!(asked, 1);
+        assert_eq!(read(&[], true).0, None);
+    }
+
+    #[test]
+    fn short_and_oversized_requests_are_refused_before_their_body() {
+        let refused = |input: &[u8], member: bool| match read(input, member).0 {
+            Some(Incoming::Refused(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(refused(&0u32.to_be_bytes(), true), "empty request");
+        let mut short = 5u32.to_be_bytes().to_vec();
+        short.extend_from_slice(&[REQ_PUSH, 1, 2, 3, 4]);
+        assert_eq!(refused(&short, true), "request too short for a vault id");
+        // Lengths that announce more than the type allows; no body follows, so reading it
+        // would fail with a cut frame instead of this refusal.
+        for (tag, len) in [
+            (REQ_PUSH, MAX_REQUEST + 1),
+            (REQ_FETCH_ALL, u32::MAX as usize),
+            (0x7f, MAX_REQUEST + 1),
+            (REQ_ROSTER, MAX_ROSTER + 1),
+        ] {
+            let mut input = (len as u32).to_be_bytes().to_vec();
+            input.push(tag);
+            input.extend_from_slice(&[0; 16]);
+            let why = refused(&input, true);
+            assert!(
+                why.contains(&format!("request of {len} bytes is larger than")),
+                "{why}"
+            );
+        }
+        // A roster from a non-member is refused before its megabytes are read.
+        let mut input = (MAX_ROSTER as u32).to_be_bytes().to_vec();
+        input.push(REQ_ROSTER);
+        input.extend_from_slice(&[0; 16]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (got, largest) = largest_allocation_during(|| {
+            rt.block_on(read_request(&mut &input[..], async |_| Ok(false)))
+        });
+        assert_eq!(
+            got.unwrap(),
+            Some(Incoming::Refused(
+                "only members of the vault may send a roster".into()
+            ))
+        );
+        assert!(largest < 1024, "largest allocation {largest} bytes");
+    }
+
+    #[test]
+    fn a_roster_request_that_lies_about_its_length_allocates_what_arrives() {
+        let mut input = (MAX_ROSTER as u32).to_be_bytes().to_vec();
+        input.push(REQ_ROSTER);
+        input.extend_from_slice(&[0; 16]);
+        input.extend_from_slice(&[0; 100]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (got, largest) = largest_allocation_during(|| {
+            rt.block_on(read_request(&mut &input[..], async |_| Ok(true)))
+        });
+        assert!(
+            matches!(
+                got,
+                Err(RegistryProtoError::Frame(FrameError::Cut { got: 100, .. }))
+            ),
+            "{got:?}"
+        );
+        assert!(
+            largest <= 2 * crate::wire::READ_STEP,
+            "largest allocation {largest} bytes"
+        );
+    }
+
+    /// A message announcing 65535 devices in a few bytes must not reserve room for them.
+    #[test]
+    fn roster_message_counts_are_bounded_by_the_input() {
+        let mut b = 0u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&u16::MAX.to_be_bytes());
+        b.extend_from_slice(&[7; 32]);
+        b.push(255);
+        let (r, largest) = largest_allocation_during(|| RosterMessage::decode(&b));
+        let err = r.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the peer sent a malformed registry message: roster message: cut off"
+        );
+        assert!(largest < 4096, "largest allocation {largest} bytes");
+        // A record length beyond the input is refused without reading on.
+        let mut b = u32::MAX.to_be_bytes().to_vec();
+        b.extend_from_slice(&[0; 8]);
+        assert!(RosterMessage::decode(&b).is_err());
+    }
+
+    fn member_record() -> impl Strategy<Value = MemberRecord> {
+        (
+            any::<[u8; 32]>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>(),
+            "age1[a-z0-9]{0,70}",
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|(seed, vault, device, recipient, removed, at)| {
+                let k = cairn_crypto::DeviceKey::from_bytes(seed);
+                let (v, d) = (VaultId(vault), DeviceId(device));
+                if removed {
+                    MemberRecord::remove(&k, v, d, at)
+                } else {
+                    MemberRecord::add(&k, v, d, recipient, at)
+                }
+            })
+    }
+
+    fn peer_addr() -> impl Strategy<Value = PeerAddr> {
+        prop_oneof![
+            // Built from IP and port: flow info and scope ids do not travel as text.
+            (any::<std::net::IpAddr>(), any::<u16>())
+                .prop_map(|(ip, port)| PeerAddr::Direct(std::net::SocketAddr::new(ip, port))),
+            "[a-z]{1,12}\\.example\\.org".prop_map(|h| format!("https://{h}/").parse().unwrap()),
+        ]
+    }
+
+    fn roster_message() -> impl Strategy<Value = RosterMessage> {
+        (
+            prop::collection::vec(member_record(), 0..4),
+            prop::collection::vec(
+                (
+                    any::<[u8; 32]>().prop_map(DeviceId),
+                    prop::collection::vec(peer_addr(), 0..4),
+                ),
+                0..4,
+            ),
+            prop::collection::vec(epoch_record(), 0..3),
+        )
+            .prop_map(|(records, addrs, epochs)| RosterMessage {
+                records,
+                addrs,
+                epochs,
+            })
+    }
+
+    fn epoch_record() -> impl Strategy<Value = EpochRecord> {
+        (
+            any::<[u8; 32]>(),
+            any::<u32>(),
+            any::<[u8; 8]>(),
+            prop::collection::vec((any::<[u8; 32]>(), 0..300usize), 1..3),
+        )
+            .prop_map(|(seed, number, id, shares)| {
+                let k = cairn_crypto::DeviceKey::from_bytes(seed);
+                let shares = shares
+                    .into_iter()
+                    .map(|(d, n)| (DeviceId(d), vec![n as u8; n]))
+                    .collect();
+                EpochRecord::sign(
+                    &k,
+                    VaultId([1; 16]),
+                    number,
+                    cairn_crypto::EpochId(id),
+                    shares,
+                    5,
+                )
+                .expect("within bounds")
+            })
+    }
+
+    /// What decodes from a damaged message: every record in it that verifies is one the
+    /// sender signed (damage never yields a valid forgery), and it re-encodes to bytes that
+    /// decode to the same message.
+    fn check_decoded(
+        got: Result<RosterMessage, RegistryProtoError>,
+        original: &RosterMessage,
+    ) -> Result<(), TestCaseError> {
+        match got {
+            Ok(m) => {
+                for r in &m.records {
+                    if r.verify().is_ok() {
+                        prop_assert!(original.records.contains(r), "forged record verifies");
+                    }
+                }
+                for e in &m.epochs {
+                    if e.verify().is_ok() {
+                        prop_assert!(original.epochs.contains(e), "forged epoch record verifies");
+                    }
+                }
+                prop_assert_eq!(RosterMessage::decode(&m.encode()).unwrap(), m);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                prop_assert!(
+                    text.contains("malformed registry message: roster message: "),
+                    "{}",
+                    text
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::config())]
+
+        #[test]
+        fn fuzz_roster_message_round_trip(m in roster_message()) {
+            let b = m.encode();
+            prop_assert_eq!(RosterMessage::decode(&b).unwrap(), m.clone());
+            for r in &m.records {
+                prop_assert!(r.verify().is_ok());
+            }
+        }
+
+        #[test]
+        fn fuzz_roster_message_random_bytes(b in prop::collection::vec(any::<u8>(), 0..600)) {
+            check_decoded(RosterMessage::decode(&b), &RosterMessage::default())?;
+        }
+
+        #[test]
+        fn fuzz_roster_message_mutations(
+            m in roster_message(),
+            edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut b = m.encode();
+            for (op, at, x) in edits {
+                crate::fuzz::mutate(&mut b, op, at, x);
+            }
+            check_decoded(RosterMessage::decode(&b), &m)?;
+        }
+
+        #[test]
+        fn fuzz_fetch_all_reply_mutations(
+            seeds in prop::collection::vec(any::<[u8; 32]>(), 0..4),
+            edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let vault = VaultId([8; 16]);
+            let entries: Vec<RegistryEntry> = seeds
+                .iter()
+                .map(|s| RegistryEntry::sign(&cairn_crypto::DeviceKey::from_bytes(*s), vault, Revision(3), cairn_registry::Payload([1; 32])))
+                .collect();
+            let mut good = vec![RES_OK];
+            for e in &entries {
+                good.extend_from_slice(&e.encode());
+            }
+            prop_assert_eq!(decode_fetch_all_reply(&vault, &good).unwrap(), entries.clone());
+            let mut b = good.clone();
+            for (op, at, x) in edits {
+                crate::fuzz::mutate(&mut b, op, at, x);
+            }
+            match decode_fetch_all_reply(&vault, &b) {
+                // Only the untouched reply (or a cut between whole entries) gets through.
+                Ok(got) => {
+                    prop_assert!(b[0] == RES_OK && got.len() <= entries.len());
+                    prop_assert_eq!(&got[..], &entries[..got.len()]);
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn fuzz_subscription_event_random_bytes(mut b in prop::collection::vec(any::<u8>(), 0..200), tag in prop::sample::select(vec![EV_ENTRY, EV_LAGGED, 0x00, 0x12])) {
+            if !b.is_empty() {
+                b[0] = tag;
+            }
+            match decode_event(&VaultId([8; 16]), &b) {
+                Ok(SubscriptionEvent::Lagged(_)) => prop_assert_eq!(b.len(), 9),
+                // A random entry never carries a valid signature.
+                Ok(SubscriptionEvent::Entry(_)) => prop_assert!(false, "a random entry verified"),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn fuzz_push_result_random_bytes(b in prop::collection::vec(any::<u8>(), 0..40)) {
+            match decode_push_result(&b) {
+                Ok(PushResult::Rejected(_)) => prop_assert_eq!(b[0], RES_REJECTED),
+                Ok(r) => prop_assert_eq!(encode_push_result(&r), b),
+                Err(e) => prop_assert!(e.to_string().contains("push reply of"), "{}", e),
+            }
+        }
+
+        #[test]
+        fn fuzz_registry_request_random_bytes(b in prop::collection::vec(any::<u8>(), 0..300), member: bool) {
+            let got = block_on(read_request(&mut &b[..], async |_| Ok(member)));
+            match got {
+                Ok(Some(Incoming::Request { tag, body, .. })) => {
+                    prop_assert!(17 + body.len() <= request_limit(tag));
+                    prop_assert!(tag != REQ_ROSTER || member);
+                    prop_assert_eq!(&framed(tag, b[5..21].try_into().unwrap(), &body)[..], &b[..21 + body.len()]);
+                }
+                Ok(Some(Incoming::Refused(why))) => prop_assert!(why.contains("request"), "{}", why),
+                Ok(None) => prop_assert!(b.is_empty()),
+                // A slice only fails by ending early.
+                Err(e) => prop_assert!(
+                    matches!(e, RegistryProtoError::Frame(FrameError::Cut { got, len }) if got < len),
+                    "{}", e
+                ),
+            }
+        }
     }
 }

@@ -227,6 +227,44 @@ async fn forged_and_garbage_entries_are_rejected() {
     }
 }
 
+/// A member announcing a request larger than its type allows gets a clear refusal at once:
+/// the server decides from the length prefix, tag and vault id, without waiting for (or
+/// buffering) the body the peer announced and never sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_registry_requests_are_refused_before_buffering() {
+    let (secret, a, b, c) = trio().await;
+    let vault = secret.vault_id();
+    let client = RegistryClient::connect(&a.endpoint, b.addr())
+        .await
+        .unwrap();
+    for (tag, len) in [(0x01u8, 4u32 << 20), (0x04, u32::MAX)] {
+        let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+        send.write_all(&len.to_be_bytes()).await.unwrap();
+        send.write_all(&[tag]).await.unwrap();
+        send.write_all(vault.as_bytes()).await.unwrap();
+        // Neither the body nor the end of the stream follows.
+        let reply = within("refusal", async {
+            let mut n = [0u8; 4];
+            recv.read_exact(&mut n).await.unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(n) as usize];
+            recv.read_exact(&mut body).await.unwrap();
+            body
+        })
+        .await;
+        assert_eq!(reply[0], 0x02, "not a refusal: {reply:?}");
+        let why = String::from_utf8_lossy(&reply[1..]);
+        assert!(
+            why.contains(&format!("request of {len} bytes is larger than")),
+            "{why}"
+        );
+    }
+    // The connection still serves ordinary requests.
+    assert!(client.fetch_all(&vault).await.unwrap().is_empty());
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_members_are_refused_on_every_alpn() {
     let (secret, a, b, c) = trio().await;

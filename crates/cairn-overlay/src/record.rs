@@ -117,3 +117,90 @@ pub(crate) fn decode_xattrs(b: &[u8]) -> Option<BTreeMap<Vec<u8>, Vec<u8>>> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Cases per fuzz test unless PROPTEST_CASES is set (`scripts/bench/fuzz.sh` sets it):
+    /// keeps every fuzz test of the workspace together well under a minute.
+    fn fuzz_config() -> ProptestConfig {
+        let cases = match std::env::var_os("PROPTEST_CASES") {
+            Some(_) => ProptestConfig::default().cases,
+            None => 512,
+        };
+        ProptestConfig {
+            cases,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn xattrs() -> impl Strategy<Value = BTreeMap<Vec<u8>, Vec<u8>>> {
+        prop::collection::btree_map(
+            prop::collection::vec(any::<u8>(), 0..12),
+            prop::collection::vec(any::<u8>(), 0..24),
+            0..5,
+        )
+    }
+
+    /// What decodes from a journal column is a map that round-trips; the input, being
+    /// whole length-prefixed pairs, is at least as long as the map's own encoding (a repeated
+    /// name keeps its last value).
+    fn check(b: &[u8]) -> Result<(), TestCaseError> {
+        if let Some(m) = decode_xattrs(b) {
+            let again = encode_xattrs(&m);
+            prop_assert!(again.len() <= b.len());
+            prop_assert_eq!(decode_xattrs(&again), Some(m));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(fuzz_config())]
+
+        #[test]
+        fn fuzz_xattrs_round_trip(m in xattrs()) {
+            prop_assert_eq!(decode_xattrs(&encode_xattrs(&m)), Some(m));
+        }
+
+        #[test]
+        fn fuzz_xattrs_random_bytes(b in prop::collection::vec(any::<u8>(), 0..200)) {
+            check(&b)?;
+        }
+
+        #[test]
+        fn fuzz_xattrs_mutations(
+            m in xattrs(),
+            edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut b = encode_xattrs(&m);
+            for (op, at, x) in edits {
+                let i = at.index(b.len().max(1));
+                match op {
+                    _ if b.is_empty() => b.push(x),
+                    0 => b[i] ^= x.max(1),
+                    1 => b[i] = x,
+                    2 => b.insert(i, x),
+                    3 => {
+                        b.remove(i);
+                    }
+                    _ => b.truncate(i),
+                }
+            }
+            check(&b)?;
+        }
+    }
+
+    /// A length of 4 GiB in an 8-byte column is refused, not reserved.
+    #[test]
+    fn a_huge_xattr_length_is_refused() {
+        let mut b = u32::MAX.to_le_bytes().to_vec();
+        b.extend_from_slice(b"name");
+        assert_eq!(decode_xattrs(&b), None);
+        let mut b = 1u32.to_le_bytes().to_vec();
+        b.push(b'k');
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_xattrs(&b), None);
+    }
+}

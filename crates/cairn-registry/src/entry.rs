@@ -283,7 +283,7 @@ mod tests {
         }
 
         #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        fn fuzz_registry_entry_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             if let Ok(e) = RegistryEntry::decode(&bytes) {
                 prop_assert_eq!(bytes.len(), ENTRY_LEN);
                 prop_assert_eq!(e.to_vec(), bytes);
@@ -308,6 +308,37 @@ mod tests {
             b[pos] = b[pos].wrapping_add(delta);
             let caught = RegistryEntry::decode(&b).map(|d| d.verify().is_err()).unwrap_or(true);
             prop_assert!(caught);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::config())]
+
+        #[test]
+        fn fuzz_registry_entry_mutations(
+            seed in any::<[u8; 32]>(),
+            rev in any::<u64>(),
+            edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let e = RegistryEntry::sign(&DeviceKey::from_bytes(seed), VaultId([4; 16]), Revision(rev), Payload([6; 32]));
+            let good = e.to_vec();
+            let mut b = good.clone();
+            for (op, at, x) in edits {
+                crate::fuzz::mutate(&mut b, op, at, x);
+            }
+            match RegistryEntry::decode(&b) {
+                Ok(d) => {
+                    prop_assert_eq!(d.to_vec(), b.clone());
+                    if b != good {
+                        prop_assert!(d.verify().is_err(), "a damaged entry verifies");
+                    }
+                }
+                Err(err) => {
+                    let text = err.to_string();
+                    prop_assert!(text.starts_with("registry entry "), "{}", text);
+                    prop_assert!(b.len() != ENTRY_LEN || b[0] != FORMAT_V1);
+                }
+            }
         }
     }
 }

@@ -427,4 +427,89 @@ mod tests {
         assert!(!reg.set_addrs(&v, &b.id, &["10.0.0.2:2".into()]).unwrap());
         assert!(reg.addrs(&v).unwrap().is_empty());
     }
+
+    mod fuzz {
+        use super::*;
+        use crate::fuzz::{config, mutate};
+        use proptest::prelude::*;
+
+        fn record() -> impl Strategy<Value = MemberRecord> {
+            (
+                any::<[u8; 32]>(),
+                any::<[u8; 16]>(),
+                any::<[u8; 32]>(),
+                "age1[a-z0-9]{0,70}",
+                any::<bool>(),
+                any::<u64>(),
+            )
+                .prop_map(|(seed, vault, device, recipient, removed, at)| {
+                    let k = DeviceKey::from_bytes(seed);
+                    let (v, d) = (VaultId(vault), DeviceId(device));
+                    if removed {
+                        MemberRecord::remove(&k, v, d, at)
+                    } else {
+                        MemberRecord::add(&k, v, d, recipient, at)
+                    }
+                })
+        }
+
+        /// Whatever decodes is canonical (re-encodes to the same bytes), and a record that
+        /// verifies is one that was signed: damage never makes a valid forgery.
+        fn check(b: &[u8], signed: &[MemberRecord]) -> Result<(), TestCaseError> {
+            match decode_roster(b) {
+                Ok(records) => {
+                    prop_assert_eq!(encode_roster(&records), b.to_vec());
+                    for r in &records {
+                        if r.verify().is_ok() {
+                            prop_assert!(signed.contains(r), "a damaged record verifies");
+                        }
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    prop_assert!(
+                        text.starts_with("malformed member record: member record "),
+                        "{}",
+                        text
+                    );
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn fuzz_roster_random_bytes(b in prop::collection::vec(any::<u8>(), 0..600), format: bool) {
+                let mut b = b;
+                if format && !b.is_empty() {
+                    b[0] = ROSTER_FORMAT_V1;
+                }
+                check(&b, &[])?;
+            }
+
+            #[test]
+            fn fuzz_roster_mutations(
+                records in prop::collection::vec(record(), 1..4),
+                edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            ) {
+                let good = encode_roster(&records);
+                prop_assert_eq!(decode_roster(&good).unwrap(), records.clone());
+                let mut b = good;
+                for (op, at, x) in edits {
+                    mutate(&mut b, op, at, x);
+                }
+                check(&b, &records)?;
+            }
+
+            #[test]
+            fn fuzz_roster_huge_recipient_length(r in record(), len in (MAX_RECIPIENT_LEN as u16 + 1)..=u16::MAX) {
+                let mut b = r.encode();
+                b[90..92].copy_from_slice(&len.to_be_bytes());
+                let e = decode_roster(&b).unwrap_err();
+                prop_assert_eq!(e.to_string(), "malformed member record: member record recipient is too long");
+            }
+        }
+    }
 }

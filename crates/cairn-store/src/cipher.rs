@@ -325,7 +325,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn random_frames_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), k: [u8; 32]) {
+        fn fuzz_chunk_frame_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200), k: [u8; 32]) {
             let key = ChunkKey::from_bytes(k);
             prop_assert!(open_chunk(ChunkId::of(&bytes), &key, &bytes).is_err());
         }

@@ -303,7 +303,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn fuzz_meta_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = sealer(4, "tree").open(&bytes);
             let keys = Arc::new(KeyEpochs::new(&cairn_crypto::VaultSecret::from_bytes([4; 32])));
             let _ = EpochMetaSealer::new(keys, "tree").open(&bytes);

@@ -377,18 +377,6 @@ fn store_errors_abort_the_write() {
     drop(store);
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1000))]
-
-    #[test]
-    fn random_manifest_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-        let _ = FileManifest::decode(&bytes);
-        let mut with_header = vec![1u8];
-        with_header.extend_from_slice(&bytes);
-        let _ = FileManifest::decode(&with_header);
-    }
-}
-
 /// Shares one store across cases: creating a store (256 fan-out dirs) per case would
 /// dominate the run time.
 #[test]

@@ -48,10 +48,10 @@ fn arb_node() -> impl Strategy<Value = Node> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::default())]
 
     #[test]
-    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+    fn fuzz_node_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
         let r = Node::decode(&bytes);
         if bytes.first() != Some(&cairn_tree::FORMAT_V1) {
             prop_assert!(r.is_err());
@@ -87,6 +87,67 @@ proptest! {
             let is_mismatch = matches!(tree.read_node(&id), Err(TreeError::HashMismatch { .. }));
             prop_assert!(is_mismatch);
         }
+    }
+}
+
+/// Cases per fuzz test unless PROPTEST_CASES is set (`scripts/bench/fuzz.sh` sets it): keeps
+/// every fuzz test of the workspace together well under a minute.
+fn fuzz_config() -> ProptestConfig {
+    let cases = match std::env::var_os("PROPTEST_CASES") {
+        Some(_) => ProptestConfig::default().cases,
+        None => 512,
+    };
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(fuzz_config())]
+
+    /// Several edits of a valid node (flip, overwrite, insert, delete, truncate): an error
+    /// that says something, or a node in canonical form (it re-encodes to the same bytes).
+    #[test]
+    fn fuzz_node_mutations(
+        node in arb_node(),
+        edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let mut b = node.encode();
+        for (op, at, x) in edits {
+            let i = at.index(b.len().max(1));
+            match op {
+                _ if b.is_empty() => b.push(x),
+                0 => b[i] ^= x.max(1),
+                1 => b[i] = x,
+                2 => b.insert(i, x),
+                3 => {
+                    b.remove(i);
+                }
+                _ => b.truncate(i),
+            }
+        }
+        match Node::decode(&b) {
+            Ok(n) => prop_assert_eq!(n.encode(), b),
+            Err(e) => prop_assert!(e.to_string().len() > 8, "{}", e),
+        }
+    }
+
+    /// An item count far beyond the input (up to 2^63) fails fast: the count is never
+    /// trusted for a reservation or a loop beyond the bytes present.
+    #[test]
+    fn fuzz_node_huge_item_count(level in 0u8..4, shift in 16u32..64, tail in prop::collection::vec(any::<u8>(), 0..64)) {
+        let mut b = vec![cairn_tree::FORMAT_V1, level];
+        let mut n = 1u64 << shift;
+        while n >= 0x80 {
+            b.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        b.push(n as u8);
+        b.extend_from_slice(&tail);
+        let started = std::time::Instant::now();
+        prop_assert!(Node::decode(&b).is_err());
+        prop_assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 }
 

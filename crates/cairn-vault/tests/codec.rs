@@ -7,7 +7,8 @@ use cairn_crypto::{DeviceId, VaultId};
 use cairn_store::{ChunkId, ChunkKey, ChunkRef};
 use cairn_tree::NodeId;
 use cairn_vault::{
-    Causality, Content, Entry, EntryKind, Hlc, SnapshotHeader, SnapshotId, Version, VersionVector,
+    Causality, Content, Entry, EntryKey, EntryKind, Hlc, SnapshotHeader, SnapshotId, Version,
+    VersionVector,
 };
 use proptest::prelude::*;
 
@@ -124,7 +125,7 @@ proptest! {
     }
 
     #[test]
-    fn entry_garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+    fn fuzz_entry_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         let _ = Entry::decode(&bytes);
         let mut framed = vec![1u8];
         framed.extend_from_slice(&bytes);
@@ -203,4 +204,218 @@ fn invalid_entries_are_refused() {
         Entry::decode(&[9]),
         Err(cairn_vault::DecodeError::UnknownFormat { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+// Fuzzing (tests named `fuzz_*`; `scripts/bench/fuzz.sh` runs them with a larger budget).
+
+/// Cases per fuzz test unless PROPTEST_CASES is set: keeps every fuzz test of the workspace
+/// together well under a minute.
+fn fuzz_config() -> ProptestConfig {
+    let cases = match std::env::var_os("PROPTEST_CASES") {
+        Some(_) => ProptestConfig::default().cases,
+        None => 512,
+    };
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    }
+}
+
+/// One random edit: flip, overwrite, insert, delete, or truncate at `at`.
+fn mutate(b: &mut Vec<u8>, op: u8, at: prop::sample::Index, x: u8) {
+    if b.is_empty() {
+        b.push(x);
+        return;
+    }
+    let i = at.index(b.len());
+    match op {
+        0 => b[i] ^= x.max(1),
+        1 => b[i] = x,
+        2 => b.insert(i, x),
+        3 => {
+            b.remove(i);
+        }
+        _ => b.truncate(i),
+    }
+}
+
+fn edits() -> impl Strategy<Value = Vec<(u8, prop::sample::Index, u8)>> {
+    prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4)
+}
+
+/// A decode error says what was wrong in words, not an empty or debug-only string.
+fn assert_worded(e: &cairn_vault::DecodeError) -> Result<(), TestCaseError> {
+    let text = e.to_string();
+    prop_assert!(
+        text.len() > 8 && text.chars().any(char::is_alphabetic),
+        "{:?}",
+        text
+    );
+    Ok(())
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+proptest! {
+    #![proptest_config(fuzz_config())]
+
+    #[test]
+    fn fuzz_entry_mutations(e in entry(), edits in edits()) {
+        let mut b = e.encode();
+        for (op, at, x) in edits {
+            mutate(&mut b, op, at, x);
+        }
+        match Entry::decode(&b) {
+            Ok(d) => {
+                prop_assert_eq!(d.encode(), b);
+                d.validate().unwrap();
+            }
+            Err(err) => assert_worded(&err)?,
+        }
+    }
+
+    #[test]
+    fn fuzz_header_mutations(h in header(), edits in edits()) {
+        let mut b = h.encode();
+        for (op, at, x) in edits {
+            mutate(&mut b, op, at, x);
+        }
+        match SnapshotHeader::decode(&b) {
+            Ok(d) => prop_assert_eq!(d.encode(), b),
+            Err(err) => assert_worded(&err)?,
+        }
+    }
+
+    #[test]
+    fn fuzz_header_random_bytes(b in prop::collection::vec(any::<u8>(), 0..400), magic: bool) {
+        let mut b = b;
+        if magic {
+            // Past the magic and format byte, where the parser has work to do.
+            let mut framed = b"cairnsnap\x01".to_vec();
+            framed.append(&mut b);
+            b = framed;
+        }
+        match SnapshotHeader::decode(&b) {
+            Ok(d) => prop_assert_eq!(d.encode(), b),
+            Err(err) => assert_worded(&err)?,
+        }
+    }
+
+    /// Tree keys come from peers' trees: any bytes parse to a valid key or a typed error,
+    /// and a parsed key is the bytes it came from.
+    #[test]
+    fn fuzz_entry_key_random_bytes(b in prop::collection::vec(any::<u8>(), 0..80), texty in "[a-c/.\\x00]{0,12}") {
+        for key in [&b[..], texty.as_bytes()] {
+            match EntryKey::from_bytes(key) {
+                Ok(k) => prop_assert_eq!(k.to_bytes(), key.to_vec()),
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+
+    /// Every count in an entry or header, overwritten with a huge value, is refused at once
+    /// (the decoder compares it with the bytes left before looping or reserving).
+    #[test]
+    fn fuzz_huge_counts_are_refused(e in entry(), h in header(), shift in 20u32..64) {
+        let huge = 1u64 << shift;
+        // Entry: rebuild the encoding with one count replaced, for each count it has.
+        let b = e.encode();
+        for count in huge_count_variants(&e, huge) {
+            prop_assert!(Entry::decode(&count).is_err());
+        }
+        prop_assert!(Entry::decode(&b).is_ok());
+        // Header: the parent count sits right after magic, format, vault and root.
+        let mut hb = h.encode()[..9 + 1 + 16 + 32].to_vec();
+        put_varint(&mut hb, huge);
+        hb.extend_from_slice(&[0; 64]);
+        let err = SnapshotHeader::decode(&hb).unwrap_err();
+        prop_assert_eq!(err.to_string(), "invalid value: too many parents");
+    }
+}
+
+/// Encodings of `e` with, in turn, its xattr count, chunk count, version-vector length and
+/// dot count replaced by `huge` (those it has), built field by field as the format says.
+fn huge_count_variants(e: &Entry, huge: u64) -> Vec<Vec<u8>> {
+    let whole = e.encode();
+    let mut out = Vec::new();
+    // Header through size: format, kind, then three varints (mode, mtime, size).
+    let mut at = 2;
+    for _ in 0..3 {
+        at += varint_at(&whole, at);
+    }
+    // xattr count.
+    let mut v = whole[..at].to_vec();
+    put_varint(&mut v, huge);
+    v.extend_from_slice(&whole[at + varint_at(&whole, at)..]);
+    out.push(v);
+    if let Content::Chunks(c) = &e.content {
+        // The chunk count follows the xattrs and the content tag.
+        let tail_len = 1 + varint_at_len(c.len() as u64) + c.len() * 68;
+        let tag_at = find_content_tag(&whole, e);
+        let mut v = whole[..tag_at + 1].to_vec();
+        put_varint(&mut v, huge);
+        v.extend_from_slice(&whole[tag_at + tail_len..]);
+        out.push(v);
+    }
+    // The version starts at the vv count, right after the content.
+    let vv_at = whole.len() - version_len(e);
+    let mut v = whole[..vv_at].to_vec();
+    put_varint(&mut v, huge);
+    v.extend_from_slice(&whole[vv_at + varint_at(&whole, vv_at)..]);
+    out.push(v);
+    // The dot count is the last count before the dots themselves.
+    let dots_len: usize = e
+        .version
+        .dots
+        .iter()
+        .map(|(_, c)| 32 + varint_at_len(*c))
+        .sum();
+    let dots_at = whole.len() - dots_len - varint_at_len(e.version.dots.len() as u64);
+    let mut v = whole[..dots_at].to_vec();
+    put_varint(&mut v, huge);
+    v.extend_from_slice(&whole[whole.len() - dots_len..]);
+    out.push(v);
+    out
+}
+
+/// Length of the varint starting at `at`.
+fn varint_at(b: &[u8], at: usize) -> usize {
+    b[at..].iter().position(|x| x & 0x80 == 0).unwrap() + 1
+}
+
+fn varint_at_len(v: u64) -> usize {
+    let mut b = Vec::new();
+    put_varint(&mut b, v);
+    b.len()
+}
+
+/// Offset of the content tag: the encoding up to it is the entry with no content and no
+/// version, which is what the encoder writes first.
+fn find_content_tag(whole: &[u8], e: &Entry) -> usize {
+    let content_and_version = match &e.content {
+        Content::Chunks(c) => 1 + varint_at_len(c.len() as u64) + c.len() * 68,
+        _ => unreachable!("only called for chunk lists"),
+    } + version_len(e);
+    whole.len() - content_and_version
+}
+
+/// Bytes the version takes at the end of an entry's encoding.
+fn version_len(e: &Entry) -> usize {
+    let v = &e.version;
+    let vv: usize = v.vv.iter().map(|(_, c)| 32 + varint_at_len(*c)).sum();
+    let dots: usize = v.dots.iter().map(|(_, c)| 32 + varint_at_len(*c)).sum();
+    varint_at_len(v.vv.len() as u64)
+        + vv
+        + varint_at_len(v.hlc.wall_ms)
+        + varint_at_len(u64::from(v.hlc.counter))
+        + 32
+        + varint_at_len(v.dots.len() as u64)
+        + dots
 }
