@@ -23,8 +23,8 @@
 use std::sync::Arc;
 
 use crate::node::{
-    ChildRef, LeafEntry, Node, child_item_len, encode_internal, encode_leaf, header_len,
-    leaf_item_len,
+    ChildRef, LeafEntry, MAX_DECODED_NODE, Node, child_item_len, encode_internal, encode_leaf,
+    header_len, leaf_item_len,
 };
 
 /// Fixed key for the boundary hash. Mixing the level into the key makes the boundary decisions of
@@ -153,6 +153,8 @@ pub(crate) struct Chunker<T> {
     max_node_bytes: usize,
     items: Vec<T>,
     body_len: usize,
+    /// The open node's items written without prefix sharing: a bound on its decoded size.
+    full_len: usize,
     /// Nodes closed so far; tells `finish` whether this level is the top.
     pub(crate) emitted: u64,
 }
@@ -165,6 +167,7 @@ impl<T: ChunkItem> Chunker<T> {
             max_node_bytes,
             items: Vec::new(),
             body_len: 0,
+            full_len: 0,
             emitted: 0,
         }
     }
@@ -177,14 +180,17 @@ impl<T: ChunkItem> Chunker<T> {
     pub(crate) fn push(&mut self, item: T, closed: &mut Vec<Vec<T>>) {
         let prev = self.items.last().map_or(&[][..], |p| p.key());
         let mut len = item.encoded_len(prev);
+        let full = item.encoded_len(&[]);
         if !self.items.is_empty()
-            && header_len(self.items.len() + 1) + self.body_len + len > self.max_node_bytes
+            && (header_len(self.items.len() + 1) + self.body_len + len > self.max_node_bytes
+                || self.full_len + full > MAX_DECODED_NODE)
         {
             closed.extend(self.take_open());
-            len = item.encoded_len(&[]);
+            len = full;
         }
         let boundary = is_boundary(self.level, item.key(), self.threshold);
         self.body_len += len;
+        self.full_len += full;
         self.items.push(item);
         if boundary {
             closed.extend(self.take_open());
@@ -197,6 +203,7 @@ impl<T: ChunkItem> Chunker<T> {
             return None;
         }
         self.body_len = 0;
+        self.full_len = 0;
         self.emitted += 1;
         // The next node is likely about as long: sizing for it avoids regrowing item by item.
         let next = Vec::with_capacity(self.items.len());

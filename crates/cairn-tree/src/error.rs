@@ -22,6 +22,8 @@ pub enum DecodeError {
     NonCanonical(&'static str),
     #[error("node of {0} bytes exceeds the decoder limit")]
     NodeTooLarge(usize),
+    #[error("node decodes to more than the decoder limit (16 MiB of keys and values)")]
+    DecodedTooLarge,
     #[error("node level {0} exceeds the maximum depth")]
     LevelTooHigh(u8),
     #[error("internal node without children")]

@@ -38,8 +38,8 @@ pub use cache::{CacheConfig, CacheStats};
 pub use diff::{Diff, DiffEntry};
 pub use error::{DecodeError, Result, TreeError};
 pub use node::{
-    ChildRef, FORMAT_V1, Leaf, LeafEntry, MAX_ENCODED_NODE, MAX_KEY_LEN, MAX_LEVEL, MAX_VALUE_LEN,
-    Node, NodeId,
+    ChildRef, FORMAT_V1, Leaf, LeafEntry, MAX_DECODED_NODE, MAX_ENCODED_NODE, MAX_KEY_LEN,
+    MAX_LEVEL, MAX_VALUE_LEN, Node, NodeId,
 };
 pub use read::Scan;
 pub use store::{FileNodeStore, FileStoreOptions, MemoryNodeStore, NodeStore};

@@ -32,6 +32,11 @@ pub const MAX_KEY_LEN: usize = 4 * 1024;
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// Decoder refuses inputs larger than this regardless of the writer's configuration.
 pub const MAX_ENCODED_NODE: usize = 1024 * 1024;
+/// Decoder refuses nodes whose keys and values, written out in full, exceed this. Keys are
+/// prefix-compressed, so without it a hostile writer's 1 MiB node of long shared keys would
+/// decode to ~800 MiB. Writers close nodes before they reach it (see `boundary`); honest
+/// nodes of the default 128 KiB stay under ~7 MiB.
+pub const MAX_DECODED_NODE: usize = 16 * 1024 * 1024;
 /// Deepest level a node can have. Every internal node chunk holds at least two children (see
 /// `TreeConfig::validate`), so 2^64 entries fit well below this.
 pub const MAX_LEVEL: u8 = 64;
@@ -338,6 +343,9 @@ impl Node {
                 }
                 leaf.bytes.extend_from_slice(r.take(vlen as usize)?);
                 leaf.ends.push((key_end, leaf.bytes.len()));
+                if leaf.bytes.len() > MAX_DECODED_NODE {
+                    return Err(DecodeError::DecodedTooLarge);
+                }
             }
             // The cache accounts capacity: do not let a doubled buffer count twice.
             if leaf.bytes.capacity() - leaf.bytes.len() > leaf.bytes.len() / 8 {
@@ -349,8 +357,13 @@ impl Node {
                 return Err(DecodeError::EmptyInternal);
             }
             let mut children: Vec<ChildRef> = Vec::with_capacity(cap);
+            let mut key_bytes = 0usize;
             for _ in 0..n {
                 let key = read_key(&mut r, children.last().map(|c| c.key.as_slice()))?;
+                key_bytes += key.len() + 48;
+                if key_bytes > MAX_DECODED_NODE {
+                    return Err(DecodeError::DecodedTooLarge);
+                }
                 let id = r.take_array()?;
                 let count = r.varint()?;
                 if count == 0 {

@@ -566,3 +566,62 @@ fn sealed_trees_store_only_sealed_bytes_and_keep_canonical_roots() {
         Err(cairn_tree::TreeError::Unseal { .. })
     ));
 }
+
+/// Keys that share almost all of their 4 KiB: the encoding stores each once, a decoder would
+/// write every one out in full.
+fn long_shared_keys(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut k = vec![b'p'; MAX_KEY_LEN - 8];
+            k.extend_from_slice(&(i as u64).to_be_bytes());
+            k
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_that_would_decode_to_hundreds_of_mib_is_refused() {
+    // ~60k items of ~5 encoded bytes each: a 300 KiB leaf that spells out 240 MiB of keys.
+    let keys = long_shared_keys(60_000);
+    let mut enc = vec![cairn_tree::FORMAT_V1, 0];
+    cairn_codec::put_varint(&mut enc, keys.len() as u64);
+    let mut prev: &[u8] = &[];
+    for k in &keys {
+        let shared = prev.iter().zip(k).take_while(|(a, b)| a == b).count();
+        cairn_codec::put_varint(&mut enc, shared as u64);
+        cairn_codec::put_varint(&mut enc, (k.len() - shared) as u64);
+        enc.extend_from_slice(&k[shared..]);
+        cairn_codec::put_varint(&mut enc, 0);
+        prev = k;
+    }
+    assert!(enc.len() < 1 << 20, "{} bytes", enc.len());
+    assert!(matches!(
+        Node::decode(&enc),
+        Err(DecodeError::DecodedTooLarge)
+    ));
+}
+
+#[test]
+fn writers_split_nodes_before_the_decoded_limit() {
+    // The same kind of keys written with the largest nodes the format allows and a fan-out
+    // so high that hash boundaries almost never close a node: only the decoded-size cap
+    // splits them. Every node written decodes again, and all entries are there.
+    let cfg = TreeConfig {
+        max_node_bytes: cairn_tree::MAX_ENCODED_NODE,
+        target_fanout: 1 << 30,
+        ..TreeConfig::default()
+    };
+    let tree = Tree::with_config(MemoryNodeStore::new(), cfg, CacheConfig::default()).unwrap();
+    let keys = long_shared_keys(8_000);
+    let root = tree
+        .build(keys.iter().map(|k| (k.clone(), b"v".to_vec())))
+        .unwrap()
+        .root;
+    let ids = tree.store().ids();
+    for id in &ids {
+        let bytes = tree.store().get(id).unwrap().unwrap();
+        Node::decode(&bytes).unwrap();
+    }
+    assert!(ids.len() >= 3, "32 MiB of keys fit in {} nodes", ids.len());
+    assert_eq!(tree.len(&root).unwrap(), 8_000);
+}
