@@ -11,8 +11,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use cairn_crypto::{AgeIdentity, DeviceKey};
 use cairn_net::{
-    Members, NetConfig, PeerAddr, RegistryClient, RegistryProtocol, Ticket, bind_endpoint,
-    endpoint_addr, endpoint_id_of, join,
+    Members, NetConfig, PairError, PeerAddr, RegistryClient, RegistryProtocol, Ticket,
+    bind_endpoint, endpoint_addr, endpoint_id_of, join,
 };
 use cairn_registry::Registry;
 
@@ -34,8 +34,8 @@ pub fn join_vault(
 
 /// `cairn recover`: rebuilds this device's membership from the recovery phrase and one
 /// reachable member, given as `DEVICE_ID@HOST:PORT` or `DEVICE_ID@RELAY_URL` (both shown by
-/// `cairn peers` on that member). The phrase's standing recovery token stands in for an
-/// invitation.
+/// `cairn peers` on that member). The phrase's recovery token stands in for an invitation,
+/// and the member accepts it only inside a recovery window (`cairn allow-recovery` there).
 pub fn recover_vault(
     data_dir: &Path,
     name: &str,
@@ -73,9 +73,17 @@ pub fn recover_vault(
         relays,
         vault: secret.vault_id(),
         token: cairn_net::recovery_token(&secret),
+        // The member decides how long recovery stays open; this ticket never expires here.
         expires_at: u64::MAX,
     };
-    join_with(data_dir, name, &ticket, settings)
+    join_with(data_dir, name, &ticket, settings).map_err(|e| {
+        match e.downcast_ref::<PairError>() {
+            Some(PairError::PairingClosed | PairError::RecoveryClosed) => anyhow::anyhow!(
+                "the member refused the recovery phrase: no recovery window is open on it. On that member run `cairn allow-recovery --for 10m`, then retry here"
+            ),
+            _ => e,
+        }
+    })
 }
 
 fn join_with(
@@ -157,7 +165,7 @@ async fn pair_with(
 )> {
     let result = join(endpoint, ticket, &age.recipient().to_string())
         .await
-        .map_err(|e| anyhow::anyhow!("joining failed: {e}"))?;
+        .map_err(|e| anyhow::Error::new(e).context("joining failed"))?;
     if result.vault_secret.vault_id() != ticket.vault {
         bail!("the inviter sent the secret of another vault than the ticket names; refusing it");
     }
