@@ -337,7 +337,7 @@ pub enum PairError {
     BadConfirmation,
     /// The allowlist closed the connection: no invitation pending, no recovery window open.
     #[error(
-        "the member is not accepting new devices right now: it has no pending invitation and no open recovery window. To join, ask for a new ticket (`cairn invite` on a member; a ticket works once, and not after its daemon restarted); to recover, run `cairn allow-recovery` on the member first"
+        "the member is not accepting new devices right now: it has no pending invitation and no open recovery window (a ticket stops working once used, withdrawn or expired, or when its daemon restarts). To join, ask for a new ticket with `cairn invite` on a member; to recover, run `cairn allow-recovery` on the member first"
     )]
     PairingClosed,
     #[error(
