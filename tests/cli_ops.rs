@@ -434,6 +434,55 @@ fn operator_mistakes_get_one_line_and_change_nothing() {
     assert_eq!(home.status()["state"], "not mounted");
 }
 
+/// Pairing lifetimes are bounded: an absurd `--ttl` or `--for` is refused before anything is
+/// sent, naming the maximum, however large the number (no overflow, no wrap-around to a short
+/// or endless window).
+#[test]
+fn absurd_pairing_lifetimes_are_refused_naming_the_maximum() {
+    let home = Home::new();
+    home.ok(&["init"]);
+    let refused = |args: &[&str], hint: &str| {
+        let out = home.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "`cairn {}` succeeded",
+            args.join(" ")
+        );
+        assert!(
+            err.contains(hint),
+            "`cairn {}`: expected {hint:?} in: {err}",
+            args.join(" ")
+        );
+    };
+    for ttl in [
+        "8days",
+        "1000000d",
+        "18446744073709551615s",
+        "99999999999999999999999999s",
+    ] {
+        refused(
+            &["invite", "--ttl", ttl],
+            "an invitation can last at most 7days",
+        );
+    }
+    refused(&["invite", "--ttl", "0s"], "at least one second");
+    for window in ["25h", "1000000d", "18446744073709551615s"] {
+        refused(
+            &["allow-recovery", "--for", window],
+            "a recovery window can last at most 1day",
+        );
+    }
+    refused(&["allow-recovery", "--for", "soon"], "such as 10m");
+    // Within bounds, they only need the daemon.
+    assert_one_line_error(&home.run(&["invite", "--ttl", "7days"]), "cairn mount");
+    assert_one_line_error(
+        &home.run(&["allow-recovery", "--for", "1day"]),
+        "cairn mount",
+    );
+    assert_one_line_error(&home.run(&["allow-recovery", "--close"]), "cairn mount");
+}
+
 #[test]
 fn service_install_writes_a_valid_unit_without_a_user_manager() {
     let home = Home::new();

@@ -946,7 +946,12 @@ fn non_members_and_removed_devices_get_nothing() {
             "join with {what} left a vault behind in {other:?}"
         );
     };
-    join_fails(&ticket, &["already used", "used"], "a used ticket");
+    // A used ticket: nothing else is pending, so A no longer lets strangers in at all.
+    join_fails(
+        &ticket,
+        &["not accepting new devices", "already used"],
+        "a used ticket",
+    );
     let short = a.invite("1s");
     sleep(Duration::from_secs(2));
     join_fails(&short, &["expired"], "an expired ticket");
@@ -1133,7 +1138,9 @@ fn interrupted_large_transfer_resumes_without_refetching() {
 }
 
 /// `cairn recover`: the recovery phrase plus one reachable member rebuild a device, which then
-/// sees everything written before it existed (the member re-seals its snapshot to it).
+/// sees everything written before it existed (the member re-seals its snapshot to it). The
+/// member accepts the phrase only inside a recovery window (`cairn allow-recovery`), and a
+/// stranger with a made-up ticket gets nowhere, window or not.
 #[test]
 fn recovery_phrase_and_a_peer_rebuild_a_device() {
     let mut a = Device::new("A", Some(50));
@@ -1159,25 +1166,56 @@ fn recovery_phrase_and_a_peer_rebuild_a_device() {
 
     // A wrong phrase is refused with a reason and creates nothing.
     let bad = Device::new("bad", None);
-    let mut child = bad
-        .dir
-        .command(&["recover", "--from", &from, "--no-mount"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"abandon abandon abandon\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = recover_no_mount(&bad, &from, "abandon abandon abandon");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("recovery phrase is not valid"), "{err}");
     assert!(!bad.vault_dir().join("vault.secret").exists());
+
+    // The right phrase without a recovery window on A: refused, with what to do.
+    let early = Device::new("early", None);
+    let out = recover_no_mount(&early, &from, &phrase);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "recovered without a window: {err}");
+    assert!(
+        err.contains("no recovery window is open") && err.contains("cairn allow-recovery"),
+        "{err}"
+    );
+    assert!(!early.vault_dir().join("vault.secret").exists());
+
+    // A stranger with a ticket it made up (A's id and address, a random token).
+    let stranger = Device::new("stranger", None);
+    let forged = made_up_ticket(&a.device_id(), addr);
+    let out = stranger.run(&["join", &forged, "--no-mount"], Duration::from_secs(90));
+    assert!(!out.ok(), "a made-up ticket joined: {}", out.stderr);
+    assert!(
+        out.stderr.contains("not accepting new devices"),
+        "{}",
+        out.stderr
+    );
+
+    // Absurd windows are refused naming the limit; then a real one opens.
+    let out = a.run(
+        &["allow-recovery", "--for", "1000000d"],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.ok() && out.stderr.contains("at most 1day"),
+        "{}",
+        out.stderr
+    );
+    let opened = a.run_ok(&["allow-recovery", "--for", "10m"]);
+    assert!(opened.contains("recovery window open until"), "{opened}");
+
+    // The open window lets the stranger reach the proof check, which refuses its token.
+    let out = stranger.run(&["join", &forged, "--no-mount"], Duration::from_secs(90));
+    assert!(!out.ok(), "a made-up ticket joined: {}", out.stderr);
+    assert!(
+        out.stderr.contains("does not know this invitation"),
+        "{}",
+        out.stderr
+    );
+    assert!(!stranger.vault_dir().join("vault.secret").exists());
 
     // The right phrase: a new device, member of the same vault, with A's data.
     let mut b = Device::new("B", Some(50));
@@ -1205,6 +1243,55 @@ fn recovery_phrase_and_a_peer_rebuild_a_device() {
     wait_until(&[&a, &b], "B's write on A", SYNC_DEADLINE, |_| {
         content_is(&a.path("after.txt"), b"from the recovered device\n")
     });
+
+    // Closed early, the window admits nobody else.
+    let closed = a.run_ok(&["allow-recovery", "--close"]);
+    assert!(closed.contains("recovery window closed"), "{closed}");
+    let late = Device::new("late", None);
+    let out = recover_no_mount(&late, &from, &phrase);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "recovered after the window closed: {err}"
+    );
+    assert!(err.contains("cairn allow-recovery"), "{err}");
+    assert!(!late.vault_dir().join("vault.secret").exists());
+    // Of all the devices that tried, only B became a member.
+    let peers = a.peers();
+    assert_eq!(peers.len(), 1, "A's members besides itself: {peers:?}");
+    assert!(peers[0].starts_with(&b.device_id()), "{peers:?}");
+}
+
+/// `cairn recover --from FROM --no-mount` on `dev` with `phrase` on stdin, to completion.
+fn recover_no_mount(dev: &Device, from: &str, phrase: &str) -> std::process::Output {
+    let mut child = dev
+        .dir
+        .command(&["recover", "--from", from, "--no-mount"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{phrase}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A well-formed ticket naming `inviter` at `addr` with a token nobody issued.
+fn made_up_ticket(inviter: &str, addr: &str) -> String {
+    cairn_net::Ticket {
+        inviter: inviter.parse().expect("a device id"),
+        addrs: vec![addr.parse().expect("HOST:PORT")],
+        relays: Vec::new(),
+        vault: cairn_crypto::VaultId(rand::random()),
+        token: rand::random(),
+        expires_at: u64::MAX,
+    }
+    .to_string()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1406,11 +1493,16 @@ fn relay_only_devices_pair_and_sync_through_a_local_relay() {
             d.name
         );
     }
-    // A used ticket is refused through the relay exactly as over a direct path.
+    // A used ticket is refused through the relay exactly as over a direct path: with nothing
+    // else pending, A lets no stranger into pairing at all.
     let c = Device::via_relay("rc", &relay, false);
     let out = c.run(&["join", &ticket, "--no-mount"], START_DEADLINE);
     assert!(!out.ok(), "a used ticket was accepted through the relay");
-    assert!(out.stderr.contains("used"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not accepting new devices") && out.stderr.contains("used"),
+        "{}",
+        out.stderr
+    );
 
     b.stop();
     a.stop();

@@ -1,7 +1,10 @@
 //! The running daemon's control socket (`<vault dir>/run/control.sock`, mode 0600), through
 //! which `cairn invite`, `cairn peers` and `cairn remove-device` reach the live endpoint.
 //!
-//! One request per connection, one line in, the reply then EOF: `invite SECONDS`, `peers`,
+//! One request per connection, one line in, the reply then EOF: `invite SECONDS` (answers the
+//! ticket), `invite cancel` (withdraws every pending invitation, answers how many),
+//! `allow-recovery SECONDS` (opens the recovery window, answers when it closes in Unix
+//! milliseconds), `allow-recovery close` (answers `closed` or `none`), `peers`,
 //! `remove DEVICE_HEX`, `rotate`. Replies start with `ok` or `err`; `peers` answers `ok` and a
 //! JSON [`PeersReply`] (this device's addresses, then every member with its connection state,
 //! path, round-trip time and bytes); `remove` and `rotate` answer with the new key epoch:
@@ -111,15 +114,45 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
     BufReader::new(&stream).read_line(&mut line)?;
     let mut words = line.split_whitespace();
     let reply = match (words.next(), words.next()) {
-        (Some("invite"), secs) => {
-            let ttl = secs.and_then(|s| s.parse::<u64>().ok()).unwrap_or(600);
-            if net.wait_addressable(INVITE_ADDR_WAIT) {
-                let inv = net
-                    .pairing
-                    .invite(&net.endpoint, Duration::from_secs(ttl.max(1)));
-                format!("ok {}\n", inv.ticket)
-            } else {
+        (Some("invite"), Some("cancel")) => {
+            let n = net.pairing.cancel_all();
+            tracing::info!(withdrawn = n, "pending invitations withdrawn");
+            format!("ok {n}\n")
+        }
+        (Some("invite"), secs) => match seconds(secs.unwrap_or("600")) {
+            Err(e) => format!("err {e}\n"),
+            Ok(_) if !net.wait_addressable(INVITE_ADDR_WAIT) => {
                 "err this device has no address to put in a ticket: direct paths are off (net.direct = false) and no relay answered; check net.relay and the network, then retry\n".to_string()
+            }
+            Ok(ttl) => match net.pairing.invite(&net.endpoint, ttl) {
+                Ok(inv) => format!("ok {}\n", inv.ticket),
+                Err(e) => format!("err {e}\n"),
+            },
+        },
+        (Some("allow-recovery"), Some("close")) => {
+            if net.pairing.close_recovery() {
+                tracing::warn!("recovery window closed early");
+                "ok closed\n".to_string()
+            } else {
+                "ok none\n".to_string()
+            }
+        }
+        (Some("allow-recovery"), Some(secs)) => {
+            match seconds(secs).and_then(|d| Ok(net.pairing.open_recovery(d)?)) {
+                Ok(until) => {
+                    let ms = until
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    // Worth a warning in the log: until it closes, anybody with the recovery
+                    // phrase (or a copy of vault.secret) can join.
+                    tracing::warn!(
+                        until = %crate::format_time(ms),
+                        "recovery window open: the recovery phrase admits a new device until then"
+                    );
+                    format!("ok {ms}\n")
+                }
+                Err(e) => format!("err {e:#}\n"),
             }
         }
         (Some("peers"), _) => {
@@ -147,6 +180,14 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
     };
     (&stream).write_all(reply.as_bytes())?;
     Ok(())
+}
+
+/// A lifetime sent as whole seconds. Text that is not a number is an error rather than a
+/// default: a typo must not open pairing for longer than asked.
+fn seconds(text: &str) -> Result<Duration> {
+    text.parse::<u64>().map(Duration::from_secs).map_err(|_| {
+        anyhow::anyhow!("{text:?} is not a number of seconds (is the cairn command the same version as the daemon?)")
+    })
 }
 
 /// A full device id, or an unambiguous hex prefix of a member's.

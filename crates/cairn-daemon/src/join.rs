@@ -11,8 +11,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use cairn_crypto::{AgeIdentity, DeviceKey};
 use cairn_net::{
-    Members, NetConfig, PeerAddr, RegistryClient, RegistryProtocol, Ticket, bind_endpoint,
-    endpoint_addr, endpoint_id_of, join,
+    Members, NetConfig, PairError, PeerAddr, RegistryClient, RegistryProtocol, Ticket,
+    bind_endpoint, endpoint_addr, endpoint_id_of, join,
 };
 use cairn_registry::Registry;
 
@@ -34,8 +34,8 @@ pub fn join_vault(
 
 /// `cairn recover`: rebuilds this device's membership from the recovery phrase and one
 /// reachable member, given as `DEVICE_ID@HOST:PORT` or `DEVICE_ID@RELAY_URL` (both shown by
-/// `cairn peers` on that member). The phrase's standing recovery token stands in for an
-/// invitation.
+/// `cairn peers` on that member). The phrase's recovery token stands in for an invitation,
+/// and the member accepts it only inside a recovery window (`cairn allow-recovery` there).
 pub fn recover_vault(
     data_dir: &Path,
     name: &str,
@@ -43,7 +43,7 @@ pub fn recover_vault(
     from: &str,
     settings: NetSettings,
 ) -> Result<VaultState> {
-    let secret = cairn_crypto::VaultSecret::from_phrase(phrase.trim()).map_err(|e| {
+    let secret = cairn_crypto::EpochSecret::from_phrase(phrase.trim()).map_err(|e| {
         anyhow::anyhow!(
             "the recovery phrase is not valid ({e}); check the 24 words and their order"
         )
@@ -71,11 +71,24 @@ pub fn recover_vault(
         inviter,
         addrs,
         relays,
-        vault: secret.vault_id(),
-        token: cairn_net::recovery_token(&secret),
+        // The phrase of a key epoch after the first does not name the vault: learn it from
+        // the member, whose confirmation proves it holds this phrase's epoch.
+        vault: cairn_net::ANY_VAULT,
+        token: secret.recovery_token(),
+        // The member decides how long recovery stays open; this ticket never expires here.
         expires_at: u64::MAX,
     };
-    join_with(data_dir, name, &ticket, settings)
+    join_with(data_dir, name, &ticket, settings).map_err(|e| {
+        match e.downcast_ref::<PairError>() {
+            Some(PairError::PairingClosed | PairError::RecoveryClosed) => anyhow::anyhow!(
+                "the member refused the recovery phrase: no recovery window is open on it. On that member run `cairn allow-recovery --for 10m`, then retry here"
+            ),
+            Some(PairError::UnknownToken) => anyhow::anyhow!(
+                "the member refused the recovery phrase: it is not the vault's current one. Phrases change when a device is removed or the keys are rotated; `cairn recovery-phrase` on a member prints the current one"
+            ),
+            _ => e,
+        }
+    })
 }
 
 fn join_with(
@@ -157,10 +170,11 @@ async fn pair_with(
 )> {
     let result = join(endpoint, ticket, &age.recipient().to_string())
         .await
-        .map_err(|e| anyhow::anyhow!("joining failed: {e}"))?;
-    if result.vault_secret.vault_id() != ticket.vault {
+        .map_err(|e| anyhow::Error::new(e).context("joining failed"))?;
+    if ticket.vault != cairn_net::ANY_VAULT && result.vault_secret.vault_id() != ticket.vault {
         bail!("the inviter sent the secret of another vault than the ticket names; refusing it");
     }
+    let vault = result.vault_secret.vault_id();
     // The signed member list, with our own record that the inviter just signed.
     let addr = endpoint_addr(endpoint_id_of(&ticket.inviter)?, &ticket_addrs(ticket));
     let client = RegistryClient::connect(endpoint, addr)
@@ -170,10 +184,7 @@ async fn pair_with(
     // then its registry refuses us, so retry for a while.
     let mut attempt = 0;
     let roster = loop {
-        match client
-            .exchange_roster(&ticket.vault, &Default::default())
-            .await
-        {
+        match client.exchange_roster(&vault, &Default::default()).await {
             Ok(r) => break r,
             Err(cairn_net::RegistryProtoError::Refused(why)) if attempt < 80 => {
                 tracing::debug!(%why, "inviter has not admitted us yet");

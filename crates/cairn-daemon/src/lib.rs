@@ -26,7 +26,7 @@ mod state;
 mod status;
 mod stores;
 
-pub use cairn_net::{PeerAddr, RelayUrl, Relays};
+pub use cairn_net::{MAX_INVITATION_TTL, MAX_RECOVERY_WINDOW, PeerAddr, RelayUrl, Relays};
 pub use control::PeersReply;
 pub use control::request as control_request;
 pub use faults::{FaultKind, PeerFault, PeerFaults};

@@ -3,9 +3,11 @@
 //! The allowlist is an [`EndpointHooks::after_handshake`] hook, so it applies to every ALPN
 //! before any protocol handler sees the connection: a non-member's connection is closed
 //! right after the TLS handshake (its `connect()` may succeed, its first stream fails). The
-//! one exception is the pairing ALPN of an endpoint bound with a [`Pairing`]: non-members
-//! may reach it at any time, pending invitation or not, and must prove an invitation token or
-//! the vault's recovery token there (see [`crate::pairing`]).
+//! one exception is the pairing ALPN of an endpoint bound with a [`Pairing`], and only while
+//! that pairing is open ([`Pairing::is_open`]: an invitation is pending and unexpired, or a
+//! recovery window is open): non-members may then reach it, and must prove an invitation
+//! token or the vault's recovery token there (see [`crate::pairing`]). Closed, they are
+//! refused with [`PAIRING_CLOSED_CODE`] so the joiner can say what to do.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,6 +24,9 @@ use crate::pairing::{PAIR_ALPN, Pairing};
 
 /// QUIC close code sent to endpoints refused by the allowlist.
 pub const NOT_MEMBER_CODE: u32 = 403;
+/// QUIC close code sent to non-members that ask for the pairing ALPN while this device has
+/// no pending invitation and no open recovery window.
+pub const PAIRING_CLOSED_CODE: u32 = 423;
 
 /// Which relays the endpoint uses.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -159,11 +164,21 @@ impl EndpointHooks for Allowlist {
         if self.members.contains(&remote) {
             return AfterHandshakeOutcome::Accept;
         }
-        // Strangers may always reach the pairing ALPN of a device that can invite: they
-        // get nothing without a proof made from a live invitation's token or from the
-        // vault's recovery token (see `pairing`).
-        if conn.alpn() == PAIR_ALPN && self.pairing.is_some() {
-            return AfterHandshakeOutcome::Accept;
+        if conn.alpn() == PAIR_ALPN {
+            // Strangers reach pairing only while a member opened it on purpose (`cairn
+            // invite`, `cairn allow-recovery`); even then they get nothing without a proof
+            // made from a live invitation's token or, inside a recovery window, from the
+            // vault's recovery token (see `pairing`).
+            if self.pairing.as_ref().is_some_and(Pairing::is_open) {
+                return AfterHandshakeOutcome::Accept;
+            }
+            tracing::debug!(device = %remote.short(), "refusing pairing: no invitation pending, no recovery window open");
+            return AfterHandshakeOutcome::Reject {
+                error_code: VarInt::from_u32(PAIRING_CLOSED_CODE),
+                reason:
+                    b"not accepting new devices: no invitation pending, no recovery window open"
+                        .to_vec(),
+            };
         }
         tracing::debug!(device = %remote.short(), "refusing connection from a non-member");
         AfterHandshakeOutcome::Reject {
@@ -175,8 +190,9 @@ impl EndpointHooks for Allowlist {
 
 /// Binds an endpoint whose secret key is `key` (so its id equals `key.device_id()`), with the
 /// member allowlist installed. Pass the [`Pairing`] state if this device may invite others
-/// or let a device rejoin with the recovery phrase: non-members may then always reach the
-/// pairing ALPN (and only it). With `None` they are refused on every ALPN.
+/// or let a device rejoin with the recovery phrase: non-members may then reach the pairing
+/// ALPN (and only it) while that state is open ([`Pairing::is_open`]). With `None`, or while
+/// it is closed, they are refused on every ALPN.
 ///
 /// Address lookup, captive-portal checks and port mapping are always off. With relays, the
 /// net report asks each relay's `/ping` over HTTP(S) to pick the home relay (nothing else is

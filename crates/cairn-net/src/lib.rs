@@ -14,6 +14,7 @@
 pub mod addr;
 mod blobs;
 pub mod endpoint;
+pub mod limiter;
 pub mod pairing;
 pub mod registry_proto;
 mod wire;
@@ -21,11 +22,13 @@ mod wire;
 pub use addr::{AddrError, PeerAddr, endpoint_addr, parse_addrs, peer_addrs};
 pub use blobs::{BlobError, BlobService};
 pub use endpoint::{
-    EndpointError, Members, NetConfig, Relays, bind_endpoint, device_id_of, endpoint_id_of,
+    EndpointError, Members, NOT_MEMBER_CODE, NetConfig, PAIRING_CLOSED_CODE, Relays, bind_endpoint,
+    device_id_of, endpoint_id_of,
 };
 pub use pairing::{
-    Invitation, JoinResult, Joined, MemberInfo, PAIR_ALPN, PairError, Pairing, PairingEvent,
-    PairingProtocol, Ticket, TicketError, join, recovery_token,
+    ANY_VAULT, Invitation, JoinResult, Joined, MAX_INVITATION_TTL, MAX_PENDING_INVITATIONS,
+    MAX_RECOVERY_WINDOW, MAX_REMEMBERED_TOKENS, MemberInfo, PAIR_ALPN, PairError, Pairing,
+    PairingEvent, PairingProtocol, Ticket, TicketError, WindowError, join, recovery_token,
 };
 pub use registry_proto::{
     PushResult, REGISTRY_ALPN, RegistryClient, RegistryProtoError, RegistryProtocol, RosterMessage,

@@ -1,16 +1,21 @@
-//! `cairn/pair/1`: inviting a new device into a vault with a one-time ticket.
+//! `cairn/pair/1`: admitting a new device into a vault, only while a member has opened a
+//! window for it.
 //!
-//! The inviter creates an [`Invitation`]: a random 32-byte token, valid once, until an expiry
-//! time. Its [`Ticket`] (endpoint id + loopback/LAN socket addresses + vault id + token +
-//! expiry) is printed as a copy-pasteable string. Besides invitations, every vault has a
-//! standing [`recovery_token`] derived from its secret, never spent, so whoever holds the
-//! recovery phrase can rejoin through any member at any time.
+//! Two things admit a device:
+//! - an [`Invitation`] (`cairn invite`): a random 32-byte token, valid once, until an expiry
+//!   at most [`MAX_INVITATION_TTL`] away. Its [`Ticket`] (endpoint id + loopback/LAN socket
+//!   addresses + relays + vault id + token + expiry) is printed as a copy-pasteable string.
+//! - the vault's [`recovery_token`], derived from its secret (so from the recovery phrase) and
+//!   never spent, accepted only while a **recovery window** is open on this device
+//!   ([`Pairing::open_recovery`], `cairn allow-recovery`, at most [`MAX_RECOVERY_WINDOW`]).
+//!   Outside a window a correct recovery proof is refused like any other (code 5): holding the
+//!   secret of a vault is not enough to walk into it unnoticed.
 //!
-//! Because of that, an endpoint bound with a [`Pairing`] lets non-members reach this ALPN (and
-//! only this one) at all times, whether or not an invitation is pending; the allowlist does
-//! not look at invitations. What guards it is the proof below: without one made from a
-//! pending invitation's token or from the recovery token, a stranger gets an error reply and
-//! nothing else. An endpoint bound without a `Pairing` refuses non-members on every ALPN.
+//! Non-members reach this ALPN only while this device has a pending, unexpired invitation or
+//! an open recovery window ([`Pairing::is_open`]). Otherwise the allowlist closes their
+//! connection right after the TLS handshake with [`PAIRING_CLOSED_CODE`] (the joiner reports
+//! [`PairError::PairingClosed`]), as it closes every other ALPN to them with
+//! [`crate::endpoint::NOT_MEMBER_CODE`].
 //!
 //! The joiner connects to the endpoint id in the ticket (TLS authenticates the inviter) and
 //! sends, in one frame, `0x01 | mac(32) | age recipient (UTF-8)` where
@@ -19,29 +24,45 @@
 //! so it cannot be replayed on another connection. The inviter replies with one frame:
 //! `0x00 | confirm(32) | vault secret(32) | n u16 | n × (device(32) | len u16 | recipient)`
 //! where `confirm = keyed_hash(token, "cairn pair v1 accept" | inviter id | joiner id)`, or
-//! `0x01 | code u8 | message` (codes: 1 unknown token, 2 already used, 3 expired,
-//! 4 malformed request). All of it travels inside the QUIC connection's encryption.
+//! `0x01 | code u8 | message` with codes
+//! - 1 unknown token, 2 already used, 3 expired, 4 malformed request;
+//! - 5 recovery not open: a correct recovery proof while no recovery window is open;
+//! - 6 too many failed attempts: the joiner (or everybody, see [`crate::limiter`]) is backing
+//!   off; the message says for how long.
+//!
+//! Joiners that predate codes 5 and 6 show them as a malformed reply carrying the inviter's
+//! message. All of it travels inside the QUIC connection's encryption.
+//!
+//! What the inviter keeps is bounded: at most [`MAX_PENDING_INVITATIONS`] invitations are
+//! pending (one more is an error), expired ones are dropped whenever the state is used, and
+//! only the last [`MAX_REMEMBERED_TOKENS`] used or expired tokens are remembered, so that a
+//! late joiner is told "already used" or "expired" rather than "unknown": forgetting one
+//! changes that message, never whether anybody is admitted. Refused requests are rate-limited
+//! per remote and for the whole device ([`crate::limiter`]). The expiry a ticket carries is
+//! for the joiner only: the inviter keeps its own per token, so a forged `expires_at` (even
+//! `u64::MAX`) is only ever compared, never added to.
 //!
 //! On success the inviter adds the joiner to the allowlist [`Members`] and to its roster, and
 //! emits [`PairingEvent::Joined`] so the daemon can add it to the signed member list.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_codec::Reader;
 use cairn_crypto::{DeviceId, VaultId, VaultSecret};
 use data_encoding::{BASE32_NOPAD, BASE32_NOPAD_NOCASE};
-use iroh::endpoint::{Connection, ConnectionError};
+use iroh::endpoint::{ConnectError, ConnectingError, Connection, ConnectionError, VarInt};
 use iroh::protocol::{AcceptError, ProtocolHandler};
 use iroh::{Endpoint, EndpointAddr, RelayUrl};
 use tokio::sync::broadcast;
 
 use crate::addr::{MAX_ADDR_TEXT, PeerAddr};
-use crate::endpoint::{Members, device_id_of, endpoint_id_of};
+use crate::endpoint::{Members, PAIRING_CLOSED_CODE, device_id_of, endpoint_id_of};
+use crate::limiter::FailureLimiter;
 use crate::wire::{FrameError, read_frame, write_frame};
 
 pub const PAIR_ALPN: &[u8] = b"cairn/pair/1";
@@ -53,6 +74,18 @@ const MAX_RECIPIENT: usize = 512;
 const MAX_MEMBERS: usize = 4096;
 const JOIN_CONTEXT: &[u8] = b"cairn pair v1 join";
 const ACCEPT_CONTEXT: &[u8] = b"cairn pair v1 accept";
+
+/// The longest an invitation may stay valid: long enough to hand a ticket over by post, short
+/// enough that a forgotten one does not keep this device open for long.
+pub const MAX_INVITATION_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// The longest a recovery window may stay open: recovery is done in one sitting, and while the
+/// window is open anybody holding the vault secret (a removed device too) can join.
+pub const MAX_RECOVERY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+/// Invitations pending at once on one device. Each is a few dozen bytes; the cap is there so a
+/// runaway script cannot grow the inviter without bound, and is far above what people use.
+pub const MAX_PENDING_INVITATIONS: usize = 64;
+/// Used or expired tokens remembered to tell a late joiner why its ticket is refused.
+pub const MAX_REMEMBERED_TOKENS: usize = 1024;
 
 /// A member as the roster knows it: its device id and the age recipient its snapshot
 /// headers are sealed to.
@@ -258,8 +291,17 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The standing pairing token of a vault, derived from its secret (so from its recovery
-/// phrase): `cairn recover` uses it to rejoin through any member without an invitation.
+/// The vault a recovery ticket names when the rescuer cannot know it: a recovery phrase of a
+/// key epoch after the first does not encode the vault id. The member's confirmation (keyed
+/// with the recovery token, see the module docs) still proves it holds that phrase's epoch.
+pub const ANY_VAULT: VaultId = VaultId([0; 16]);
+
+/// The recovery token of key epoch 0, derived from the vault secret (so from the first
+/// recovery phrase): `cairn recover` proves it to rejoin through a member without an
+/// invitation, which the member accepts only inside a recovery window. After a key rotation
+/// the member accepts only the current epoch's token instead (see
+/// [`Pairing::set_recovery_token`] and `cairn_crypto::EpochSecret::recovery_token`, the same
+/// derivation).
 pub fn recovery_token(secret: &VaultSecret) -> [u8; 32] {
     secret.derive("cairn pairing recovery token v1")
 }
@@ -301,14 +343,29 @@ pub enum PairError {
     Connect(String),
     #[error("the inviter could not prove it issued this ticket: refusing its vault secret")]
     BadConfirmation,
+    /// The allowlist closed the connection: no invitation pending, no recovery window open.
+    #[error(
+        "the member is not accepting new devices right now: it has no pending invitation and no open recovery window (a ticket stops working once used, withdrawn or expired, or when its daemon restarts). To join, ask for a new ticket with `cairn invite` on a member; to recover, run `cairn allow-recovery` on the member first"
+    )]
+    PairingClosed,
+    #[error(
+        "the member has no recovery window open, so it refuses the recovery phrase: run `cairn allow-recovery` on that member, then retry"
+    )]
+    RecoveryClosed,
+    /// Refused by the rate limit; the inviter's message says for how long.
+    #[error("{0}")]
+    TooManyAttempts(String),
 }
 
 impl PairError {
+    /// The refusal code on the wire (see the module docs).
     fn code(&self) -> u8 {
         match self {
             PairError::UnknownToken => 1,
             PairError::AlreadyUsed => 2,
             PairError::Expired => 3,
+            PairError::RecoveryClosed => 5,
+            PairError::TooManyAttempts(_) => 6,
             _ => 4,
         }
     }
@@ -318,9 +375,79 @@ impl PairError {
             1 => PairError::UnknownToken,
             2 => PairError::AlreadyUsed,
             3 => PairError::Expired,
+            5 => PairError::RecoveryClosed,
+            6 => PairError::TooManyAttempts(message),
             _ => PairError::Malformed(message),
         }
     }
+
+    /// The error a joiner reports for a connection the inviter closed.
+    fn from_connection(e: &ConnectionError) -> Self {
+        match e {
+            ConnectionError::ApplicationClosed(close)
+                if close.error_code == VarInt::from_u32(PAIRING_CLOSED_CODE) =>
+            {
+                PairError::PairingClosed
+            }
+            ConnectionError::ApplicationClosed(close) => {
+                PairError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            other => PairError::Connect(other.to_string()),
+        }
+    }
+}
+
+/// Why an invitation or a recovery window cannot be opened.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum WindowError {
+    #[error(
+        "an invitation can stay valid for at most {}, not {}: give a shorter --ttl",
+        human(MAX_INVITATION_TTL),
+        human(*.0)
+    )]
+    InvitationTooLong(Duration),
+    #[error(
+        "a recovery window can stay open for at most {}, not {}: give a shorter --for",
+        human(MAX_RECOVERY_WINDOW),
+        human(*.0)
+    )]
+    RecoveryTooLong(Duration),
+    #[error("{0} must last at least one second")]
+    TooShort(&'static str),
+    #[error(
+        "{MAX_PENDING_INVITATIONS} invitations are already pending on this device: use one, wait until one expires, or withdraw them all with `cairn invite --cancel`"
+    )]
+    TooManyInvitations,
+}
+
+/// `d` in the largest whole unit that divides it, e.g. "7 days" or "90 seconds"; plain
+/// division, so even `u64::MAX` seconds prints without overflow.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    let (n, unit) = match s {
+        0 => return format!("{} ms", d.as_millis()),
+        s if s % 86_400 == 0 => (s / 86_400, "day"),
+        s if s % 3_600 == 0 => (s / 3_600, "hour"),
+        s if s % 60 == 0 => (s / 60, "minute"),
+        s => (s, "second"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Checks a requested lifetime against its bounds.
+fn check_lifetime(
+    d: Duration,
+    max: Duration,
+    too_long: fn(Duration) -> WindowError,
+    what: &'static str,
+) -> Result<Duration, WindowError> {
+    if d > max {
+        return Err(too_long(d));
+    }
+    if d < Duration::from_secs(1) {
+        return Err(WindowError::TooShort(what));
+    }
+    Ok(d)
 }
 
 /// A device that joined through one of our invitations.
@@ -365,20 +492,67 @@ pub struct Invitation {
     pub ticket: Ticket,
 }
 
+/// Why a token is no longer pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retired {
+    Used,
+    Expired,
+}
+
 #[derive(Debug)]
 struct State {
-    /// token → expiry (unix seconds)
+    /// token → expiry (unix seconds); never more than [`MAX_PENDING_INVITATIONS`].
     pending: HashMap<[u8; 32], u64>,
-    spent: HashSet<[u8; 32]>,
+    /// Tokens no longer pending, oldest first; never more than [`MAX_REMEMBERED_TOKENS`].
+    retired: VecDeque<([u8; 32], Retired)>,
+    /// The end of the open recovery window. Monotonic time: a clock change neither closes nor
+    /// extends it.
+    recovery_until: Option<Instant>,
+    failures: FailureLimiter,
     roster: Vec<MemberInfo>,
 }
 
-/// The inviter's pairing state: vault secret, roster, pending tokens. Clone freely.
+impl State {
+    /// Retires expired invitations and forgets a recovery window that closed. Called before
+    /// every decision, so nothing expired is ever counted as live.
+    fn prune(&mut self, now_unix: u64, now: Instant) {
+        let expired: Vec<[u8; 32]> = self
+            .pending
+            .iter()
+            .filter(|&(_, &exp)| exp <= now_unix)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in expired {
+            self.pending.remove(&token);
+            self.retire(token, Retired::Expired);
+        }
+        if self.recovery_until.is_some_and(|until| until <= now) {
+            self.recovery_until = None;
+        }
+    }
+
+    fn retire(&mut self, token: [u8; 32], why: Retired) {
+        while self.retired.len() >= MAX_REMEMBERED_TOKENS {
+            self.retired.pop_front();
+        }
+        self.retired.push_back((token, why));
+    }
+
+    /// Whether non-members may reach the pairing ALPN. Only after [`State::prune`].
+    fn is_open(&self) -> bool {
+        !self.pending.is_empty() || self.recovery_until.is_some()
+    }
+}
+
+/// The inviter's pairing state: vault secret, roster, pending tokens, the recovery window and
+/// the failure counts. Clone freely.
 #[derive(Clone)]
 pub struct Pairing(Arc<PairingInner>);
 
 struct PairingInner {
     secret: VaultSecret,
+    /// The token of the current key epoch's recovery phrase; older phrases admit nobody.
+    recovery: Mutex<[u8; 32]>,
     members: Members,
     state: Mutex<State>,
     events: broadcast::Sender<PairingEvent>,
@@ -398,26 +572,37 @@ impl Pairing {
     pub fn new(secret: VaultSecret, roster: Vec<MemberInfo>, members: Members) -> Self {
         let (events, _) = broadcast::channel(64);
         Self(Arc::new(PairingInner {
+            recovery: Mutex::new(recovery_token(&secret)),
             secret,
             members,
             state: Mutex::new(State {
                 pending: HashMap::new(),
-                spent: HashSet::new(),
+                retired: VecDeque::new(),
+                recovery_until: None,
+                failures: FailureLimiter::default(),
                 roster,
             }),
             events,
         }))
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Accepts only the recovery phrase whose token this is from now on (after a key
+    /// rotation: the new epoch's), so phrases computed from older key files admit nobody.
+    pub fn set_recovery_token(&self, token: [u8; 32]) {
+        *self.0.recovery.lock().unwrap_or_else(|p| p.into_inner()) = token;
     }
 
-    /// Creates a one-time invitation valid for `ttl`, addressed to `endpoint`'s bound sockets.
-    pub fn invite(&self, endpoint: &Endpoint, ttl: Duration) -> Invitation {
-        let token: [u8; 32] = rand::random();
-        let expires_at = unix_now() + ttl.as_secs().max(1);
-        self.state().pending.insert(token, expires_at);
+    /// The state with expired invitations and a closed recovery window already pruned.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.prune(unix_now(), Instant::now());
+        st
+    }
+
+    /// Creates a one-time invitation valid for `ttl` (1 second to [`MAX_INVITATION_TTL`]),
+    /// addressed to `endpoint`'s bound sockets and relays.
+    pub fn invite(&self, endpoint: &Endpoint, ttl: Duration) -> Result<Invitation, WindowError> {
+        let (token, expires_at) = self.mint(ttl)?;
         let ticket = Ticket {
             inviter: device_id_of(&endpoint.id()),
             addrs: endpoint.addr().ip_addrs().copied().collect(),
@@ -426,18 +611,74 @@ impl Pairing {
             token,
             expires_at,
         };
-        Invitation { ticket }
+        Ok(Invitation { ticket })
     }
 
-    /// Withdraws all pending invitations.
-    pub fn cancel_all(&self) {
-        self.state().pending.clear();
+    /// Adds a pending invitation token valid for `ttl`; returns it and its expiry.
+    fn mint(&self, ttl: Duration) -> Result<([u8; 32], u64), WindowError> {
+        let ttl = check_lifetime(
+            ttl,
+            MAX_INVITATION_TTL,
+            WindowError::InvitationTooLong,
+            "an invitation",
+        )?;
+        let token: [u8; 32] = rand::random();
+        let mut st = self.state();
+        if st.pending.len() >= MAX_PENDING_INVITATIONS {
+            return Err(WindowError::TooManyInvitations);
+        }
+        // Rounded up, so a sub-second remainder never shortens the invitation; bounded
+        // above, so the sum cannot overflow (saturating all the same).
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let expires_at = unix_now().saturating_add(secs);
+        st.pending.insert(token, expires_at);
+        Ok((token, expires_at))
+    }
+
+    /// Withdraws all pending invitations; returns how many there were. Their tickets then
+    /// read as unknown to this device.
+    pub fn cancel_all(&self) -> usize {
+        let mut st = self.state();
+        let n = st.pending.len();
+        st.pending.clear();
+        n
     }
 
     /// Whether any invitation is pending and unexpired.
     pub fn has_live_invitation(&self) -> bool {
-        let now = unix_now();
-        self.state().pending.values().any(|&exp| exp > now)
+        !self.state().pending.is_empty()
+    }
+
+    /// Opens (or replaces) the recovery window for `duration` (1 second to
+    /// [`MAX_RECOVERY_WINDOW`]): until it closes, a device proving the vault's recovery token
+    /// is admitted. Returns when it closes, by the wall clock.
+    pub fn open_recovery(&self, duration: Duration) -> Result<SystemTime, WindowError> {
+        let duration = check_lifetime(
+            duration,
+            MAX_RECOVERY_WINDOW,
+            WindowError::RecoveryTooLong,
+            "a recovery window",
+        )?;
+        self.state().recovery_until = Some(Instant::now() + duration);
+        Ok(SystemTime::now() + duration)
+    }
+
+    /// Closes the recovery window now; returns whether one was open.
+    pub fn close_recovery(&self) -> bool {
+        self.state().recovery_until.take().is_some()
+    }
+
+    /// How long the recovery window stays open, if it is.
+    pub fn recovery_open_for(&self) -> Option<Duration> {
+        self.state()
+            .recovery_until
+            .map(|until| until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether non-members may reach the pairing ALPN now: an invitation is pending and
+    /// unexpired, or a recovery window is open. The allowlist asks this on every handshake.
+    pub fn is_open(&self) -> bool {
+        self.state().is_open()
     }
 
     pub fn roster(&self) -> Vec<MemberInfo> {
@@ -453,45 +694,64 @@ impl Pairing {
         self.0.events.subscribe()
     }
 
-    /// Checks the joiner's proof and consumes the token. Returns the token on success.
-    fn redeem(
+    /// The token a recovery proof is made from (see [`recovery_token`]).
+    fn recovery_token(&self) -> [u8; 32] {
+        *self.0.recovery.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides on a join request from `joiner`: the rate limit first, then the proof. Returns
+    /// the token it proves and the joiner's age recipient; every refusal but the rate limit's
+    /// own counts against the joiner.
+    fn answer(
         &self,
-        mac: &[u8; 32],
+        req: &[u8],
         inviter: &DeviceId,
         joiner: &DeviceId,
-    ) -> Result<[u8; 32], PairError> {
-        let mac = blake3::Hash::from_bytes(*mac);
-        let now = unix_now();
+    ) -> Result<([u8; 32], String), PairError> {
+        let now = Instant::now();
+        let recovery = self.recovery_token();
         let mut st = self.state();
-        // blake3::Hash equality is constant-time.
-        let hit = st
-            .pending
-            .iter()
-            .find(|(t, _)| proof(t, JOIN_CONTEXT, inviter, joiner) == mac)
-            .map(|(t, exp)| (*t, *exp));
-        // The recovery token is derived from the vault secret: whoever holds the recovery
-        // phrase may (re)join at any time, as often as needed.
-        let recovery = recovery_token(&self.0.secret);
-        if proof(&recovery, JOIN_CONTEXT, inviter, joiner) == mac {
-            return Ok(recovery);
+        if let Err(backoff) = st.failures.check(joiner, now) {
+            return Err(PairError::TooManyAttempts(backoff.message()));
         }
-        if let Some((token, exp)) = hit {
-            st.pending.remove(&token);
-            st.spent.insert(token);
-            return if exp > now {
-                Ok(token)
-            } else {
-                Err(PairError::Expired)
-            };
+        let result = parse_join_request(req).and_then(|(mac, recipient)| {
+            redeem(&mut st, &recovery, &mac, inviter, joiner).map(|token| (token, recipient))
+        });
+        if result.is_err() {
+            st.failures.failed(joiner, now);
         }
-        if st
-            .spent
-            .iter()
-            .any(|t| proof(t, JOIN_CONTEXT, inviter, joiner) == mac)
-        {
-            return Err(PairError::AlreadyUsed);
-        }
-        Err(PairError::UnknownToken)
+        result
+    }
+}
+
+/// Checks the joiner's proof against the pending invitations, then the recovery token, and
+/// consumes an invitation it proves. `st` is pruned, so every pending token is unexpired.
+fn redeem(
+    st: &mut State,
+    recovery: &[u8; 32],
+    mac: &[u8; 32],
+    inviter: &DeviceId,
+    joiner: &DeviceId,
+) -> Result<[u8; 32], PairError> {
+    let mac = blake3::Hash::from_bytes(*mac);
+    // blake3::Hash equality is constant-time.
+    let proves = |token: &[u8; 32]| proof(token, JOIN_CONTEXT, inviter, joiner) == mac;
+    if let Some(token) = st.pending.keys().find(|t| proves(t)).copied() {
+        st.pending.remove(&token);
+        st.retire(token, Retired::Used);
+        return Ok(token);
+    }
+    if proves(recovery) {
+        return if st.recovery_until.is_some() {
+            Ok(*recovery)
+        } else {
+            Err(PairError::RecoveryClosed)
+        };
+    }
+    match st.retired.iter().find(|(t, _)| proves(t)) {
+        Some((_, Retired::Used)) => Err(PairError::AlreadyUsed),
+        Some((_, Retired::Expired)) => Err(PairError::Expired),
+        None => Err(PairError::UnknownToken),
     }
 }
 
@@ -523,11 +783,7 @@ impl PairingProtocol {
             .await
             .map_err(frame_err)?
             .ok_or_else(|| PairError::Malformed("empty pairing request".into()))?;
-        let result = parse_join_request(&req).and_then(|(mac, recipient)| {
-            self.pairing
-                .redeem(&mac, &inviter, &joiner)
-                .map(|token| (token, recipient))
-        });
+        let result = self.pairing.answer(&req, &inviter, &joiner);
         let reply = match &result {
             Ok((token, recipient)) => {
                 let roster = {
@@ -602,13 +858,21 @@ fn frame_err(e: FrameError) -> PairError {
 impl ProtocolHandler for PairingProtocol {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let device = device_id_of(&conn.remote_id());
-        if let Err(error) = self.handle(&conn).await {
-            tracing::info!(device = %device.short(), "pairing refused: {error}");
-            let _ = self
-                .pairing
-                .0
-                .events
-                .send(PairingEvent::Refused { device, error });
+        match self.handle(&conn).await {
+            Ok(()) => {}
+            // Already counted when the limit was reached; reporting every further attempt
+            // would let a flood of them flood the log too.
+            Err(error @ PairError::TooManyAttempts(_)) => {
+                tracing::debug!(device = %device.short(), "pairing refused: {error}");
+            }
+            Err(error) => {
+                tracing::info!(device = %device.short(), "pairing refused: {error}");
+                let _ = self
+                    .pairing
+                    .0
+                    .events
+                    .send(PairingEvent::Refused { device, error });
+            }
         }
         Ok(())
     }
@@ -639,7 +903,7 @@ pub async fn join(
     let conn = endpoint
         .connect(addr, PAIR_ALPN)
         .await
-        .map_err(|e| PairError::Connect(e.to_string()))?;
+        .map_err(connect_err)?;
     let result = join_on(&conn, device_id_of(&endpoint.id()), ticket, age_recipient).await;
     conn.close(0u32.into(), b"done");
     result
@@ -647,11 +911,21 @@ pub async fn join(
 
 fn closed_err(conn: &Connection, fallback: String) -> PairError {
     match conn.close_reason() {
-        Some(ConnectionError::ApplicationClosed(close)) => {
-            PairError::Refused(String::from_utf8_lossy(&close.reason).into_owned())
-        }
-        Some(other) => PairError::Connect(other.to_string()),
+        Some(e) => PairError::from_connection(&e),
         None => PairError::Connect(fallback),
+    }
+}
+
+/// A failed connect: the inviter may have closed the connection while the handshake was
+/// finishing on our side, and its close code says why.
+fn connect_err(e: ConnectError) -> PairError {
+    match &e {
+        ConnectError::Connection { source, .. }
+        | ConnectError::Connecting {
+            source: ConnectingError::ConnectionError { source, .. },
+            ..
+        } => PairError::from_connection(source),
+        _ => PairError::Connect(e.to_string()),
     }
 }
 
@@ -707,7 +981,7 @@ fn parse_join_reply(
                 return Err(PairError::BadConfirmation);
             }
             let secret = VaultSecret::from_bytes(secret);
-            if secret.vault_id() != *vault {
+            if *vault != ANY_VAULT && secret.vault_id() != *vault {
                 return Err(PairError::Malformed(
                     "the inviter sent the secret of a different vault than the ticket names".into(),
                 ));
@@ -1081,6 +1355,269 @@ mod tests {
                 PairError::Malformed("truncated pairing reply".into())
             );
             assert!(largest < 1024, "largest allocation {largest} bytes");
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Inviter state: windows, bounds, rate limits
+
+    fn pairing() -> Pairing {
+        Pairing::new(VaultSecret::generate(), Vec::new(), Members::default())
+    }
+
+    fn inviter() -> DeviceId {
+        DeviceId([0xaa; 32])
+    }
+
+    fn joiner(i: u32) -> DeviceId {
+        let mut b = [0x11; 32];
+        b[..4].copy_from_slice(&i.to_be_bytes());
+        DeviceId(b)
+    }
+
+    /// The request `join` sends for `token`, from `joiner` to [`inviter`].
+    fn request(token: &[u8; 32], joiner: &DeviceId) -> Vec<u8> {
+        let mut req = vec![0x01];
+        req.extend_from_slice(proof(token, JOIN_CONTEXT, &inviter(), joiner).as_bytes());
+        req.extend_from_slice(b"age1joiner");
+        req
+    }
+
+    fn answer(p: &Pairing, token: &[u8; 32], joiner: &DeviceId) -> Result<[u8; 32], PairError> {
+        p.answer(&request(token, joiner), &inviter(), joiner)
+            .map(|(t, recipient)| {
+                assert_eq!(recipient, "age1joiner");
+                t
+            })
+    }
+
+    #[test]
+    fn lifetimes_are_bounded_and_never_overflow() {
+        let p = pairing();
+        assert!(p.mint(MAX_INVITATION_TTL).is_ok());
+        for absurd in [
+            MAX_INVITATION_TTL + Duration::from_secs(1),
+            Duration::from_secs(1_000_000 * 86_400),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ] {
+            let err = p.mint(absurd).unwrap_err();
+            assert_eq!(err, WindowError::InvitationTooLong(absurd));
+            assert!(err.to_string().contains("at most 7 days"), "{err}");
+            let err = p.open_recovery(absurd).unwrap_err();
+            assert_eq!(err, WindowError::RecoveryTooLong(absurd));
+            assert!(err.to_string().contains("at most 1 day,"), "{err}");
+        }
+        for tiny in [Duration::ZERO, Duration::from_millis(999)] {
+            assert_eq!(p.mint(tiny), Err(WindowError::TooShort("an invitation")));
+            assert_eq!(
+                p.open_recovery(tiny),
+                Err(WindowError::TooShort("a recovery window"))
+            );
+        }
+        // A sub-second remainder rounds the expiry up.
+        let before = unix_now();
+        let (_, exp) = p.mint(Duration::from_millis(1500)).unwrap();
+        assert!(
+            exp >= before + 2 && exp <= unix_now() + 2,
+            "{exp} vs {before}"
+        );
+        // The longest recovery window closes a day from now by the wall clock.
+        let until = p.open_recovery(MAX_RECOVERY_WINDOW).unwrap();
+        let left = until.duration_since(SystemTime::now()).unwrap();
+        assert!(
+            left > MAX_RECOVERY_WINDOW - Duration::from_secs(5),
+            "{left:?}"
+        );
+        assert!(p.recovery_open_for().unwrap() <= MAX_RECOVERY_WINDOW);
+        assert_eq!(human(Duration::from_secs(90)), "90 seconds");
+        assert_eq!(human(Duration::from_secs(600)), "10 minutes");
+        assert_eq!(human(Duration::from_secs(3600)), "1 hour");
+        assert!(human(Duration::MAX).ends_with("seconds"));
+    }
+
+    #[test]
+    fn tickets_from_far_in_the_future_decode_and_compare_without_overflow() {
+        for expires_at in [u64::MAX, u64::MAX - 1, 1 << 63] {
+            let t = Ticket {
+                expires_at,
+                ..ticket()
+            };
+            let back: Ticket = t.to_string().parse().unwrap();
+            assert_eq!(back.expires_at, expires_at);
+            assert!(!back.is_expired());
+        }
+        let old = Ticket {
+            expires_at: 0,
+            ..ticket()
+        };
+        assert!(old.is_expired());
+    }
+
+    #[test]
+    fn pairing_is_open_only_with_a_live_invitation_or_a_recovery_window() {
+        let p = pairing();
+        assert!(!p.is_open());
+        p.mint(Duration::from_secs(60)).unwrap();
+        assert!(p.is_open() && p.has_live_invitation());
+        assert_eq!(p.cancel_all(), 1);
+        assert!(!p.is_open());
+        p.open_recovery(Duration::from_secs(60)).unwrap();
+        assert!(p.is_open() && !p.has_live_invitation());
+        assert!(p.close_recovery());
+        assert!(!p.close_recovery());
+        assert!(!p.is_open());
+        assert_eq!(p.recovery_open_for(), None);
+
+        // An invitation that expired no longer opens anything.
+        p.state().pending.insert([9; 32], unix_now() - 1);
+        assert!(!p.is_open());
+        assert!(p.state().pending.is_empty());
+        // A window whose time is up closes by itself.
+        p.state().recovery_until = Some(Instant::now());
+        assert!(!p.is_open());
+    }
+
+    #[test]
+    fn pending_invitations_are_capped_and_remembered_tokens_bounded() {
+        let p = pairing();
+        for _ in 0..MAX_PENDING_INVITATIONS {
+            p.mint(Duration::from_secs(600)).unwrap();
+        }
+        let err = p.mint(Duration::from_secs(600)).unwrap_err();
+        assert_eq!(err, WindowError::TooManyInvitations);
+        assert!(err.to_string().contains("cairn invite --cancel"), "{err}");
+        // Expired invitations make room.
+        for exp in p.state().pending.values_mut().take(3) {
+            *exp = 0;
+        }
+        for _ in 0..3 {
+            p.mint(Duration::from_secs(600)).unwrap();
+        }
+        assert!(p.mint(Duration::from_secs(600)).is_err());
+        assert_eq!(p.state().retired.len(), 3);
+        assert_eq!(p.cancel_all(), MAX_PENDING_INVITATIONS);
+        p.mint(Duration::from_secs(600)).unwrap();
+
+        // Used and expired tokens: only the newest are remembered.
+        let mut st = p.state();
+        for i in 0..MAX_REMEMBERED_TOKENS + 10 {
+            let mut t = [0u8; 32];
+            t[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            st.retire(t, Retired::Used);
+        }
+        assert_eq!(st.retired.len(), MAX_REMEMBERED_TOKENS);
+        let oldest = st.retired.front().unwrap().0;
+        // The three expired tokens from above went first, then the ten oldest of these.
+        assert_eq!(oldest[..8], 10u64.to_be_bytes()[..]);
+    }
+
+    #[test]
+    fn the_recovery_token_admits_only_inside_a_window() {
+        let p = pairing();
+        let recovery = recovery_token(&p.0.secret);
+        assert_eq!(
+            answer(&p, &recovery, &joiner(1)),
+            Err(PairError::RecoveryClosed)
+        );
+        p.open_recovery(Duration::from_secs(60)).unwrap();
+        // Inside the window, as often as needed.
+        assert_eq!(answer(&p, &recovery, &joiner(2)), Ok(recovery));
+        assert_eq!(answer(&p, &recovery, &joiner(3)), Ok(recovery));
+        // A proof bound to another joiner does not carry over.
+        let stolen = request(&recovery, &joiner(3));
+        assert_eq!(
+            p.answer(&stolen, &inviter(), &joiner(4)).unwrap_err(),
+            PairError::UnknownToken
+        );
+        p.close_recovery();
+        assert_eq!(
+            answer(&p, &recovery, &joiner(5)),
+            Err(PairError::RecoveryClosed)
+        );
+        // A window that ran out is closed too.
+        p.open_recovery(Duration::from_secs(60)).unwrap();
+        p.state().recovery_until = Some(Instant::now());
+        assert_eq!(
+            answer(&p, &recovery, &joiner(6)),
+            Err(PairError::RecoveryClosed)
+        );
+    }
+
+    #[test]
+    fn invitations_work_once_and_say_why_they_are_refused() {
+        let p = pairing();
+        let (token, _) = p.mint(Duration::from_secs(60)).unwrap();
+        assert_eq!(answer(&p, &token, &joiner(1)), Ok(token));
+        assert_eq!(answer(&p, &token, &joiner(2)), Err(PairError::AlreadyUsed));
+        let (late, _) = p.mint(Duration::from_secs(60)).unwrap();
+        *p.state().pending.get_mut(&late).unwrap() = unix_now();
+        assert_eq!(answer(&p, &late, &joiner(3)), Err(PairError::Expired));
+        assert_eq!(
+            answer(&p, &[7; 32], &joiner(4)),
+            Err(PairError::UnknownToken)
+        );
+        assert!(matches!(
+            p.answer(b"\x01short", &inviter(), &joiner(5)),
+            Err(PairError::Malformed(_))
+        ));
+        // An invitation does not open recovery.
+        p.mint(Duration::from_secs(60)).unwrap();
+        let recovery = recovery_token(&p.0.secret);
+        assert_eq!(
+            answer(&p, &recovery, &joiner(6)),
+            Err(PairError::RecoveryClosed)
+        );
+    }
+
+    #[test]
+    fn failed_proofs_back_off_per_remote_and_globally() {
+        use crate::limiter::{MAX_FAILURES_PER_MINUTE, MAX_FAILURES_PER_REMOTE};
+        let p = pairing();
+        let (token, _) = p.mint(Duration::from_secs(600)).unwrap();
+        let guesser = joiner(1);
+        for _ in 0..MAX_FAILURES_PER_REMOTE {
+            assert_eq!(answer(&p, &[7; 32], &guesser), Err(PairError::UnknownToken));
+        }
+        // Now even the right token is not looked at, and stays pending for others.
+        let err = answer(&p, &token, &guesser).unwrap_err();
+        assert!(
+            matches!(&err, PairError::TooManyAttempts(m) if m.contains("from this device") && m.contains("retry in 600 s")),
+            "{err:?}"
+        );
+        assert!(p.has_live_invitation());
+        assert_eq!(answer(&p, &token, &joiner(2)), Ok(token));
+
+        // Fresh ids use up the device-wide budget; then everybody waits.
+        let p = pairing();
+        let (token, _) = p.mint(Duration::from_secs(600)).unwrap();
+        for i in 0..MAX_FAILURES_PER_MINUTE {
+            assert_eq!(
+                answer(&p, &[7; 32], &joiner(100 + i)),
+                Err(PairError::UnknownToken)
+            );
+        }
+        let err = answer(&p, &token, &joiner(1)).unwrap_err();
+        assert!(
+            matches!(&err, PairError::TooManyAttempts(m) if m.contains("any device")),
+            "{err:?}"
+        );
+        assert!(p.has_live_invitation());
+    }
+
+    #[test]
+    fn new_refusal_codes_cross_the_wire() {
+        for e in [
+            PairError::UnknownToken,
+            PairError::AlreadyUsed,
+            PairError::Expired,
+            PairError::RecoveryClosed,
+            PairError::TooManyAttempts("retry in 5 s".into()),
+        ] {
+            let mut reply = vec![0x01, e.code()];
+            reply.extend_from_slice(e.to_string().as_bytes());
+            let vault = VaultSecret::generate().vault_id();
+            assert_eq!(parse_err(&reply, &blake3::hash(b"x"), &vault), Some(e));
         }
     }
 }

@@ -296,7 +296,7 @@ async fn non_members_are_refused_on_every_alpn() {
     assert!(res.is_err(), "stranger fetched a blob");
     assert!(!stranger.blobs.blob_store().has(&id).unwrap());
 
-    // Pairing with no pending invitation.
+    // Pairing with no pending invitation and no recovery window: closed at the handshake.
     let ticket = Ticket {
         inviter: a.id(),
         addrs: a.addr().ip_addrs().copied().collect(),
@@ -306,30 +306,65 @@ async fn non_members_are_refused_on_every_alpn() {
         expires_at: u64::MAX,
     };
     let res = within("pair", join(&stranger.endpoint, &ticket, "age1x")).await;
-    assert!(
-        matches!(
-            res,
-            Err(PairError::Refused(_) | PairError::Connect(_) | PairError::UnknownToken)
-        ),
-        "{res:?}"
-    );
+    assert_eq!(res.unwrap_err(), PairError::PairingClosed);
     assert!(!a.members.contains(&stranger.id()));
 
-    // The vault's recovery token (derived from the secret, i.e. the recovery phrase) is a
-    // standing invitation: it works without `invite`, and more than once.
+    // The vault's recovery token (derived from the secret, i.e. the recovery phrase) admits
+    // nobody without a recovery window: refused at the handshake while nothing is open...
+    let recovery = Ticket {
+        token: cairn_net::recovery_token(&secret),
+        ..ticket.clone()
+    };
+    let res = within(
+        "recover, closed",
+        join(&stranger.endpoint, &recovery, "age1r"),
+    )
+    .await;
+    assert_eq!(res.unwrap_err(), PairError::PairingClosed);
+    // ... and by the proof check while only an invitation is pending.
+    let _inv = a
+        .pairing
+        .invite(&a.endpoint, Duration::from_secs(600))
+        .unwrap();
+    let res = within(
+        "recover, invitation",
+        join(&stranger.endpoint, &recovery, "age1r"),
+    )
+    .await;
+    assert_eq!(res.unwrap_err(), PairError::RecoveryClosed);
+    assert!(!a.members.contains(&stranger.id()));
+    // A made-up token gets nothing through the open door either.
+    let res = within("made up", join(&stranger.endpoint, &ticket, "age1x")).await;
+    assert_eq!(res.unwrap_err(), PairError::UnknownToken);
+    assert_eq!(a.pairing.cancel_all(), 1);
+
+    // Inside a recovery window it works, more than once.
+    a.pairing.open_recovery(Duration::from_secs(600)).unwrap();
     for _ in 0..2 {
         let rescuer = Node::spawn(&secret, &[], DeviceKey::generate()).await;
-        let ticket = Ticket {
-            token: cairn_net::recovery_token(&secret),
-            ..ticket.clone()
-        };
-        let joined = within("recover", join(&rescuer.endpoint, &ticket, "age1r"))
+        let joined = within("recover", join(&rescuer.endpoint, &recovery, "age1r"))
             .await
             .unwrap();
         assert_eq!(joined.vault_secret, secret);
         assert!(a.members.contains(&rescuer.id()));
         rescuer.shutdown().await;
     }
+    // Closed early: refused again.
+    assert!(a.pairing.close_recovery());
+    let late = Node::spawn(&secret, &[], DeviceKey::generate()).await;
+    let res = within(
+        "recover, closed early",
+        join(&late.endpoint, &recovery, "age1r"),
+    )
+    .await;
+    assert_eq!(res.unwrap_err(), PairError::PairingClosed);
+    // A window that runs out closes by itself.
+    a.pairing.open_recovery(Duration::from_secs(1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let res = within("recover, ran out", join(&late.endpoint, &recovery, "age1r")).await;
+    assert_eq!(res.unwrap_err(), PairError::PairingClosed);
+    assert!(!a.members.contains(&late.id()));
+    late.shutdown().await;
 
     // A member on the same nodes still gets through.
     within("member blob", b.blobs.fetch_from(&b.endpoint, a.addr(), id))
@@ -349,7 +384,10 @@ async fn pairing_invite_join_reuse_expiry() {
     let j = Node::spawn(&VaultSecret::generate(), &[], DeviceKey::generate()).await;
     let mut events = a.pairing.events();
 
-    let inv = a.pairing.invite(&a.endpoint, Duration::from_secs(600));
+    let inv = a
+        .pairing
+        .invite(&a.endpoint, Duration::from_secs(600))
+        .unwrap();
     let text = inv.ticket.to_string();
     let ticket: Ticket = text.parse().unwrap();
     let got = within("join", join(&j.endpoint, &ticket, "age1joiner"))
@@ -373,15 +411,15 @@ async fn pairing_invite_join_reuse_expiry() {
         other => panic!("{other:?}"),
     }
 
-    // Reuse: the inviter says exactly why, with or without another invitation pending.
+    // Reuse: with nothing else pending the inviter no longer lets strangers in at all; with
+    // another invitation pending it says exactly why.
     let stranger = Node::spawn(&VaultSecret::generate(), &[], DeviceKey::generate()).await;
     let res = within("reuse", join(&stranger.endpoint, &ticket, "age1s")).await;
-    assert_eq!(res.unwrap_err(), PairError::AlreadyUsed);
-    match within("event", events.recv()).await.unwrap() {
-        PairingEvent::Refused { error, .. } => assert_eq!(error, PairError::AlreadyUsed),
-        other => panic!("{other:?}"),
-    }
-    let _other = a.pairing.invite(&a.endpoint, Duration::from_secs(600));
+    assert_eq!(res.unwrap_err(), PairError::PairingClosed);
+    let _other = a
+        .pairing
+        .invite(&a.endpoint, Duration::from_secs(600))
+        .unwrap();
     let res = within("reuse", join(&stranger.endpoint, &ticket, "age1s")).await;
     assert_eq!(res.unwrap_err(), PairError::AlreadyUsed);
     match within("event", events.recv()).await.unwrap() {
@@ -401,7 +439,10 @@ async fn pairing_invite_join_reuse_expiry() {
 
     // Expiry: refused locally by the joiner, and by the inviter even if the joiner lies
     // about the expiry.
-    let short = a.pairing.invite(&a.endpoint, Duration::from_secs(1));
+    let short = a
+        .pairing
+        .invite(&a.endpoint, Duration::from_secs(1))
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let res = join(&stranger.endpoint, &short.ticket, "age1s").await;
     assert_eq!(res.unwrap_err(), PairError::Expired);
@@ -424,6 +465,43 @@ async fn pairing_invite_join_reuse_expiry() {
     assert!(PairError::from(err).to_string().contains("copying"));
 
     for n in [a, j, stranger] {
+        n.shutdown().await;
+    }
+}
+
+/// Guessing is rate-limited per remote: after its failures a device is refused even with a
+/// valid ticket, which stays usable by anybody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_proofs_are_rate_limited_per_remote() {
+    use cairn_net::limiter::MAX_FAILURES_PER_REMOTE;
+    let secret = VaultSecret::generate();
+    let ka = DeviceKey::generate();
+    let a = Node::spawn(&secret, &[ka.device_id()], ka).await;
+    let guesser = Node::spawn(&VaultSecret::generate(), &[], DeviceKey::generate()).await;
+    let good = a
+        .pairing
+        .invite(&a.endpoint, Duration::from_secs(600))
+        .unwrap();
+    for i in 0..MAX_FAILURES_PER_REMOTE {
+        let guess = Ticket {
+            token: [i as u8; 32],
+            ..good.ticket.clone()
+        };
+        let res = within("guess", join(&guesser.endpoint, &guess, "age1g")).await;
+        assert_eq!(res.unwrap_err(), PairError::UnknownToken, "guess {i}");
+    }
+    let res = within("locked out", join(&guesser.endpoint, &good.ticket, "age1g")).await;
+    match res {
+        Err(PairError::TooManyAttempts(m)) => assert!(m.contains("retry in"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!a.members.contains(&guesser.id()));
+    let honest = Node::spawn(&VaultSecret::generate(), &[], DeviceKey::generate()).await;
+    within("honest", join(&honest.endpoint, &good.ticket, "age1h"))
+        .await
+        .unwrap();
+    assert!(a.members.contains(&honest.id()));
+    for n in [a, guesser, honest] {
         n.shutdown().await;
     }
 }

@@ -78,9 +78,23 @@ enum Command {
     /// Print a one-time ticket that lets another device join this vault (the daemon must
     /// be running: `cairn mount` or `cairn sync`).
     Invite {
-        /// How long the ticket stays valid.
-        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        /// How long the ticket stays valid (at most 7 days).
+        #[arg(long, default_value = "10m", value_parser = invitation_ttl)]
         ttl: std::time::Duration,
+        /// Withdraw every pending invitation of this device instead.
+        #[arg(long, conflicts_with = "ttl")]
+        cancel: bool,
+    },
+    /// Let a device recover with the recovery phrase (`cairn recover --from` this device)
+    /// for a while. Outside such a window this device refuses the phrase, so a copy of it (or
+    /// of a removed device's vault.secret) admits nobody. The daemon must be running.
+    AllowRecovery {
+        /// How long the window stays open (at most 1 day).
+        #[arg(long = "for", value_name = "DURATION", default_value = "10m", value_parser = recovery_window)]
+        duration: std::time::Duration,
+        /// Close the window now instead.
+        #[arg(long, conflicts_with = "duration")]
+        close: bool,
     },
     /// Join a vault with a ticket from `cairn invite`, then mount it at MOUNTPOINT (or only
     /// sync it with --no-mount, for an always-on replica).
@@ -315,7 +329,13 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Unmount { mountpoint } => daemon::unmount(&data_dir, &mountpoint)?,
-        Command::Invite { ttl } => {
+        Command::Invite { cancel: true, .. } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let reply =
+                daemon::control_request(&state.dir, "invite cancel")?.ok_or_else(no_daemon)?;
+            println!("withdrew {} pending invitation(s)", reply.trim());
+        }
+        Command::Invite { ttl, .. } => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
             let reply = daemon::control_request(&state.dir, &format!("invite {}", ttl.as_secs()))?
                 .ok_or_else(no_daemon)?;
@@ -324,6 +344,43 @@ fn run(cli: Cli) -> Result<()> {
                 "cairn: on the new device run `cairn join TICKET DIR` within {}; the ticket works once",
                 humantime::format_duration(ttl)
             );
+        }
+        Command::AllowRecovery { close: true, .. } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let reply = daemon::control_request(&state.dir, "allow-recovery close")?
+                .ok_or_else(no_daemon)?;
+            match reply.trim() {
+                "closed" => println!(
+                    "recovery window closed: this device refuses the recovery phrase again"
+                ),
+                _ => println!(
+                    "no recovery window was open: this device already refuses the recovery phrase"
+                ),
+            }
+        }
+        Command::AllowRecovery { duration, .. } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let reply = daemon::control_request(
+                &state.dir,
+                &format!("allow-recovery {}", duration.as_secs()),
+            )?
+            .ok_or_else(no_daemon)?;
+            let until_ms: u64 = reply.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "the daemon's reply {:?} is unreadable; is it the same cairn version?",
+                    reply.trim()
+                )
+            })?;
+            println!(
+                "recovery window open until {} (for {})",
+                daemon::format_time(until_ms),
+                humantime::format_duration(duration)
+            );
+            let me = state.device.device_id();
+            eprintln!(
+                "cairn: on the device to recover, run `cairn recover --from {me}@ADDRESS DIR` and type the recovery phrase; ADDRESS is one of this device's addresses (`cairn peers`)"
+            );
+            eprintln!("cairn: close it early with `cairn allow-recovery --close`");
         }
         Command::Join {
             ticket,
@@ -490,6 +547,42 @@ fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// `--ttl` of `cairn invite`.
+fn invitation_ttl(text: &str) -> Result<std::time::Duration, String> {
+    lifetime(text, daemon::MAX_INVITATION_TTL, "an invitation")
+}
+
+/// `--for` of `cairn allow-recovery`.
+fn recovery_window(text: &str) -> Result<std::time::Duration, String> {
+    lifetime(text, daemon::MAX_RECOVERY_WINDOW, "a recovery window")
+}
+
+/// A duration between one second and `max`. The daemon checks the same bounds; checking here
+/// too names the limit before anything is sent, even for numbers too large to parse.
+fn lifetime(
+    text: &str,
+    max: std::time::Duration,
+    what: &str,
+) -> Result<std::time::Duration, String> {
+    let too_long = || {
+        format!(
+            "{what} can last at most {}",
+            humantime::format_duration(max)
+        )
+    };
+    let d = humantime::parse_duration(text).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => too_long(),
+        e => format!("{e}: give a duration such as 10m, 2h or 3days"),
+    })?;
+    if d > max {
+        return Err(too_long());
+    }
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{what} must last at least one second"));
+    }
+    Ok(d)
 }
 
 fn no_daemon() -> anyhow::Error {

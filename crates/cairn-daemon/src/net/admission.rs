@@ -72,6 +72,9 @@ impl NetNode {
         if let Err(e) = vault.settle_epochs() {
             tracing::error!(error = %format!("{e:#}"), "cannot bring the vault's key epochs up to date");
         }
+        // Only the current epoch's recovery phrase admits anyone (inside a window).
+        self.pairing
+            .set_recovery_token(vault.keys.current().secret.recovery_token());
         if let Ok(info) = roster_info(vault) {
             self.pairing.set_roster(info);
         }
