@@ -360,7 +360,8 @@ mod tests {
         let reg = Registry::open_in_memory().unwrap();
         reg.add_member(&v, &a.id).unwrap();
         reg.merge_roster(&v, &base).unwrap();
-        reg.merge_roster(&v, std::slice::from_ref(&a_drops_b)).unwrap();
+        reg.merge_roster(&v, std::slice::from_ref(&a_drops_b))
+            .unwrap();
         let revenge = MemberRecord::remove(&b.key, v, c.id, 12);
         let ch = reg.merge_roster(&v, &[revenge]).unwrap();
         assert_eq!(ch.refused.len(), 1);
