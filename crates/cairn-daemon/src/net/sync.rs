@@ -320,6 +320,15 @@ mod tests {
             cairn_registry::Revision(honest.revision.0 + 1),
             Payload::from(id),
         );
+        // B received it. A's own registry moves past that revision (with its honest head
+        // again), so A's next publish is newer than what B holds.
+        let skip = cairn_registry::RegistryEntry::sign(
+            &pair.a.key,
+            pair.a.vault_id,
+            forged.revision,
+            honest.payload,
+        );
+        pair.a.registry.put(&pair.a.vault_id, &skip).unwrap();
         pair.deliver_to_b(&forged);
         let (mut w, changes) = worker(&pair);
         let p = w.pass(&go());
