@@ -183,19 +183,6 @@ mod tests {
         use proptest::prelude::*;
         use std::sync::OnceLock;
 
-        /// Cases per fuzz test unless PROPTEST_CASES is set (`scripts/bench/fuzz.sh` sets
-        /// it); fewer than elsewhere because every case runs an X25519 unwrap.
-        fn fuzz_config() -> ProptestConfig {
-            let cases = match std::env::var_os("PROPTEST_CASES") {
-                Some(_) => ProptestConfig::default().cases,
-                None => 256,
-            };
-            ProptestConfig {
-                cases,
-                ..ProptestConfig::default()
-            }
-        }
-
         /// One identity for every case: generating one per case would dominate the run.
         fn identity() -> &'static AgeIdentity {
             static ID: OnceLock<AgeIdentity> = OnceLock::new();
@@ -214,7 +201,8 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(fuzz_config())]
+            // Fewer cases than elsewhere: every case runs an X25519 unwrap.
+            #![proptest_config(cairn_fuzzkit::config_with(256))]
 
             /// Snapshot headers arrive as age files from peers: random bytes, with or
             /// without the age magic line, are refused with a worded error.

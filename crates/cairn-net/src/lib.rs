@@ -103,42 +103,8 @@ pub(crate) mod test_alloc {
     }
 }
 
-/// The budget of the decoder fuzz tests (every test named `fuzz_*`).
+/// The budget and mutations of the decoder fuzz tests (every test named `fuzz_*`).
 #[cfg(test)]
 pub(crate) mod fuzz {
-    /// Cases per fuzz test when `PROPTEST_CASES` is not set: small enough that every fuzz test
-    /// of the workspace together adds well under a minute to the suite; `scripts/bench/fuzz.sh`
-    /// sets `PROPTEST_CASES` for longer runs.
-    pub(crate) const CASES: u32 = 512;
-
-    pub(crate) fn config() -> proptest::test_runner::Config {
-        // `Config::default()` reads PROPTEST_CASES; only its absence gets the fixed budget.
-        let cases = match std::env::var_os("PROPTEST_CASES") {
-            Some(_) => proptest::test_runner::Config::default().cases,
-            None => CASES,
-        };
-        proptest::test_runner::Config {
-            cases,
-            ..proptest::test_runner::Config::default()
-        }
-    }
-
-    /// One random edit of an encoding: flip a byte, overwrite it, insert one, delete one, or
-    /// truncate there. Shared by the fuzz tests of this crate.
-    pub(crate) fn mutate(b: &mut Vec<u8>, op: u8, at: proptest::sample::Index, x: u8) {
-        if b.is_empty() {
-            b.push(x);
-            return;
-        }
-        let i = at.index(b.len());
-        match op {
-            0 => b[i] ^= x.max(1),
-            1 => b[i] = x,
-            2 => b.insert(i, x),
-            3 => {
-                b.remove(i);
-            }
-            _ => b.truncate(i),
-        }
-    }
+    pub(crate) use cairn_fuzzkit::{config, mutate};
 }

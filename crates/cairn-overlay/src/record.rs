@@ -123,19 +123,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Cases per fuzz test unless PROPTEST_CASES is set (`scripts/bench/fuzz.sh` sets it):
-    /// keeps every fuzz test of the workspace together well under a minute.
-    fn fuzz_config() -> ProptestConfig {
-        let cases = match std::env::var_os("PROPTEST_CASES") {
-            Some(_) => ProptestConfig::default().cases,
-            None => 512,
-        };
-        ProptestConfig {
-            cases,
-            ..ProptestConfig::default()
-        }
-    }
-
     fn xattrs() -> impl Strategy<Value = BTreeMap<Vec<u8>, Vec<u8>>> {
         prop::collection::btree_map(
             prop::collection::vec(any::<u8>(), 0..12),
@@ -157,7 +144,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(fuzz_config())]
+        #![proptest_config(cairn_fuzzkit::config())]
 
         #[test]
         fn fuzz_xattrs_round_trip(m in xattrs()) {

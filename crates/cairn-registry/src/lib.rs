@@ -29,37 +29,5 @@ pub use cairn_crypto::{DeviceId, DeviceKey, Signature, VaultId};
 /// Budget and helpers of the decoder fuzz tests (every test named `fuzz_*`).
 #[cfg(test)]
 pub(crate) mod fuzz {
-    use proptest::prelude::*;
-
-    /// Cases per fuzz test unless PROPTEST_CASES says otherwise (see
-    /// `scripts/bench/fuzz.sh`): keeps every fuzz test of the workspace well under a
-    /// minute together.
-    pub(crate) fn config() -> ProptestConfig {
-        let cases = match std::env::var_os("PROPTEST_CASES") {
-            Some(_) => ProptestConfig::default().cases,
-            None => 512,
-        };
-        ProptestConfig {
-            cases,
-            ..ProptestConfig::default()
-        }
-    }
-
-    /// One random edit: flip, overwrite, insert, delete, or truncate at `at`.
-    pub(crate) fn mutate(b: &mut Vec<u8>, op: u8, at: prop::sample::Index, x: u8) {
-        if b.is_empty() {
-            b.push(x);
-            return;
-        }
-        let i = at.index(b.len());
-        match op {
-            0 => b[i] ^= x.max(1),
-            1 => b[i] = x,
-            2 => b.insert(i, x),
-            3 => {
-                b.remove(i);
-            }
-            _ => b.truncate(i),
-        }
-    }
+    pub(crate) use cairn_fuzzkit::{config, mutate};
 }

@@ -11,41 +11,6 @@ use cairn_store::{
 };
 use proptest::prelude::*;
 
-/// Cases per fuzz test unless PROPTEST_CASES is set: keeps every fuzz test of the workspace
-/// together well under a minute.
-fn fuzz_config() -> ProptestConfig {
-    let cases = match std::env::var_os("PROPTEST_CASES") {
-        Some(_) => ProptestConfig::default().cases,
-        None => 512,
-    };
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
-}
-
-/// One random edit: flip, overwrite, insert, delete, or truncate at `at`.
-fn mutate(b: &mut Vec<u8>, op: u8, at: prop::sample::Index, x: u8) {
-    if b.is_empty() {
-        b.push(x);
-        return;
-    }
-    let i = at.index(b.len());
-    match op {
-        0 => b[i] ^= x.max(1),
-        1 => b[i] = x,
-        2 => b.insert(i, x),
-        3 => {
-            b.remove(i);
-        }
-        _ => b.truncate(i),
-    }
-}
-
-fn edits() -> impl Strategy<Value = Vec<(u8, prop::sample::Index, u8)>> {
-    prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4)
-}
-
 fn manifest() -> impl Strategy<Value = FileManifest> {
     prop::collection::vec(
         (
@@ -90,7 +55,7 @@ fn check_manifest(b: &[u8]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(fuzz_config())]
+    #![proptest_config(cairn_fuzzkit::config())]
 
     #[test]
     fn fuzz_manifest_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
@@ -101,11 +66,11 @@ proptest! {
     }
 
     #[test]
-    fn fuzz_manifest_mutations(m in manifest(), edits in edits()) {
+    fn fuzz_manifest_mutations(m in manifest(), edits in cairn_fuzzkit::edits()) {
         let mut b = m.encode();
         prop_assert_eq!(FileManifest::decode(&b).unwrap(), m);
         for (op, at, x) in edits {
-            mutate(&mut b, op, at, x);
+            cairn_fuzzkit::mutate(&mut b, op, at, x);
         }
         check_manifest(&b)?;
     }
@@ -122,12 +87,12 @@ proptest! {
 
     /// Any edit of a sealed chunk or structural blob is refused with a worded error.
     #[test]
-    fn fuzz_sealed_frame_mutations(plain in prop::collection::vec(any::<u8>(), 0..300), edits in edits()) {
+    fn fuzz_sealed_frame_mutations(plain in prop::collection::vec(any::<u8>(), 0..300), edits in cairn_fuzzkit::edits()) {
         let key = ContentKey::from_bytes([7; 32]);
         let chunk = ChunkSealer::new(&key).seal(&plain);
         let mut b = chunk.bytes.clone();
         for (op, at, x) in &edits {
-            mutate(&mut b, *op, *at, *x);
+            cairn_fuzzkit::mutate(&mut b, *op, *at, *x);
         }
         if b != chunk.bytes {
             let e = open_chunk(chunk.id, &chunk.key, &b).unwrap_err();
@@ -137,7 +102,7 @@ proptest! {
         let sealed = meta.seal(&plain);
         let mut b = sealed.clone();
         for (op, at, x) in &edits {
-            mutate(&mut b, *op, *at, *x);
+            cairn_fuzzkit::mutate(&mut b, *op, *at, *x);
         }
         if b != sealed {
             let e = meta.open(&b).unwrap_err();

@@ -90,21 +90,8 @@ proptest! {
     }
 }
 
-/// Cases per fuzz test unless PROPTEST_CASES is set (`scripts/bench/fuzz.sh` sets it): keeps
-/// every fuzz test of the workspace together well under a minute.
-fn fuzz_config() -> ProptestConfig {
-    let cases = match std::env::var_os("PROPTEST_CASES") {
-        Some(_) => ProptestConfig::default().cases,
-        None => 512,
-    };
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(fuzz_config())]
+    #![proptest_config(cairn_fuzzkit::config())]
 
     /// Several edits of a valid node (flip, overwrite, insert, delete, truncate): an error
     /// that says something, or a node in canonical form (it re-encodes to the same bytes).

@@ -209,41 +209,6 @@ fn invalid_entries_are_refused() {
 // ---------------------------------------------------------------------------------------
 // Fuzzing (tests named `fuzz_*`; `scripts/bench/fuzz.sh` runs them with a larger budget).
 
-/// Cases per fuzz test unless PROPTEST_CASES is set: keeps every fuzz test of the workspace
-/// together well under a minute.
-fn fuzz_config() -> ProptestConfig {
-    let cases = match std::env::var_os("PROPTEST_CASES") {
-        Some(_) => ProptestConfig::default().cases,
-        None => 512,
-    };
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
-}
-
-/// One random edit: flip, overwrite, insert, delete, or truncate at `at`.
-fn mutate(b: &mut Vec<u8>, op: u8, at: prop::sample::Index, x: u8) {
-    if b.is_empty() {
-        b.push(x);
-        return;
-    }
-    let i = at.index(b.len());
-    match op {
-        0 => b[i] ^= x.max(1),
-        1 => b[i] = x,
-        2 => b.insert(i, x),
-        3 => {
-            b.remove(i);
-        }
-        _ => b.truncate(i),
-    }
-}
-
-fn edits() -> impl Strategy<Value = Vec<(u8, prop::sample::Index, u8)>> {
-    prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4)
-}
-
 /// A decode error says what was wrong in words, not an empty or debug-only string.
 fn assert_worded(e: &cairn_vault::DecodeError) -> Result<(), TestCaseError> {
     let text = e.to_string();
@@ -264,13 +229,13 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 proptest! {
-    #![proptest_config(fuzz_config())]
+    #![proptest_config(cairn_fuzzkit::config())]
 
     #[test]
-    fn fuzz_entry_mutations(e in entry(), edits in edits()) {
+    fn fuzz_entry_mutations(e in entry(), edits in cairn_fuzzkit::edits()) {
         let mut b = e.encode();
         for (op, at, x) in edits {
-            mutate(&mut b, op, at, x);
+            cairn_fuzzkit::mutate(&mut b, op, at, x);
         }
         match Entry::decode(&b) {
             Ok(d) => {
@@ -282,10 +247,10 @@ proptest! {
     }
 
     #[test]
-    fn fuzz_header_mutations(h in header(), edits in edits()) {
+    fn fuzz_header_mutations(h in header(), edits in cairn_fuzzkit::edits()) {
         let mut b = h.encode();
         for (op, at, x) in edits {
-            mutate(&mut b, op, at, x);
+            cairn_fuzzkit::mutate(&mut b, op, at, x);
         }
         match SnapshotHeader::decode(&b) {
             Ok(d) => prop_assert_eq!(d.encode(), b),
