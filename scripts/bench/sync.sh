@@ -136,6 +136,38 @@ stop_pair() {
     return 0
 }
 
+# fill_files MNT N: N small files in directories of 1,000, written through a mount.
+fill_files() {
+    python3 - "$1" "$2" <<'PY'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for d in range(n // 1000 + 1):
+    os.makedirs(os.path.join(root, f"d{d:03}"), exist_ok=True)
+for i in range(n):
+    with open(os.path.join(root, f"d{i // 1000:03}", f"f{i:06}"), "wb") as f:
+        f.write(b"%d\n" % i)
+PY
+}
+# wait_files BASE N LABEL: until devices b and c under BASE show all N files (an hour at most).
+wait_files() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import os, sys, time
+base, n, label = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+t0 = time.monotonic()
+for x in "bc":
+    root = os.path.join(base, x, "mnt")
+    while True:
+        try:
+            c = sum(len(os.listdir(os.path.join(root, d))) for d in os.listdir(root))
+        except OSError:
+            c = -1
+        if c == n: break
+        if time.monotonic() - t0 > 3600: sys.exit(f"{x}: {c} of {n} files after an hour")
+        time.sleep(2)
+    print(f"{label} device {x.upper()} shows all {n} files {time.monotonic() - t0:.0f} s after creation ended")
+PY
+}
+
 echo "cairn sync benchmarks — $(date -u +%FT%TZ), $(nproc) cores, work dir $WORK"
 
 # latency_trials A_MNT B_MNT TRIALS LABEL: 4 KiB write+close on A until readable on B.
@@ -431,34 +463,11 @@ if want idle; then
     pair idle 500 3
     D="$WORK/idle"
     t0=$(date +%s.%N)
-    python3 - "$D/a/mnt" "$IDLE_FILES" <<'PY'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for d in range(n // 1000 + 1):
-    os.makedirs(os.path.join(root, f"d{d:03}"), exist_ok=True)
-for i in range(n):
-    with open(os.path.join(root, f"d{i // 1000:03}", f"f{i:06}"), "wb") as f:
-        f.write(b"%d\n" % i)
-PY
+    fill_files "$D/a/mnt" "$IDLE_FILES"
     t1=$(date +%s.%N)
     echo "(d) created $IDLE_FILES files through A's mount in $(awk "BEGIN{printf \"%.0f\", $t1 - $t0}") s"
     # Wait until B and C show every file (sync settles), then let things calm down.
-    python3 - "$D" "$IDLE_FILES" <<'PY'
-import os, sys, time
-base, n = sys.argv[1], int(sys.argv[2])
-t0 = time.monotonic()
-for x in "bc":
-    root = os.path.join(base, x, "mnt")
-    while True:
-        try:
-            c = sum(len(os.listdir(os.path.join(root, d))) for d in os.listdir(root))
-        except OSError:
-            c = -1
-        if c == n: break
-        if time.monotonic() - t0 > 3600: sys.exit(f"{x}: {c} of {n} files after an hour")
-        time.sleep(2)
-    print(f"(d) device {x.upper()} shows all {n} files {time.monotonic() - t0:.0f} s after creation ended")
-PY
+    wait_files "$D" "$IDLE_FILES" "(d)"
     sleep 10
     python3 - "$D" <<'PY'
 import os, sys, time
@@ -536,31 +545,8 @@ fi
 if want rotate; then
     pair rot 500 3
     D="$WORK/rot"
-    python3 - "$D/a/mnt" "$ROT_FILES" <<'PY'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for d in range(n // 1000 + 1):
-    os.makedirs(os.path.join(root, f"d{d:03}"), exist_ok=True)
-for i in range(n):
-    with open(os.path.join(root, f"d{i // 1000:03}", f"f{i:06}"), "wb") as f:
-        f.write(b"%d\n" % i)
-PY
-    python3 - "$D" "$ROT_FILES" <<'PY'
-import os, sys, time
-base, n = sys.argv[1], int(sys.argv[2])
-t0 = time.monotonic()
-for x in "bc":
-    root = os.path.join(base, x, "mnt")
-    while True:
-        try:
-            c = sum(len(os.listdir(os.path.join(root, d))) for d in os.listdir(root))
-        except OSError:
-            c = -1
-        if c == n: break
-        if time.monotonic() - t0 > 3600: sys.exit(f"{x}: {c} of {n} files after an hour")
-        time.sleep(2)
-print(f"(rotate) B and C show all {n} files")
-PY
+    fill_files "$D/a/mnt" "$ROT_FILES"
+    wait_files "$D" "$ROT_FILES" "(rotate)"
     sleep 5
     times=()
     for run in $(seq "$RUNS"); do
