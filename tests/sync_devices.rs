@@ -2261,3 +2261,172 @@ fn a_hostile_member_cannot_break_the_other_members_mount() {
         "`cairn status` on V does not name M ({m_id}):\n{human}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// living with a synced folder: the mass-delete guard, ignore rules, conflicts
+// ---------------------------------------------------------------------------------------
+
+impl Device {
+    /// `cairn held --json`: the files count of each held deletion.
+    fn held_files(&self) -> Vec<u64> {
+        let out = self.run_ok(&["held", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("[{}] `cairn held --json`: {e}: {out}", self.name));
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|h| h["files"].as_u64().expect("files"))
+            .collect()
+    }
+
+    fn root_status(&self) -> String {
+        String::from_utf8_lossy(
+            &common::getxattr(&self.dir.mnt, "user.cairn.status").unwrap_or_default(),
+        )
+        .into_owned()
+    }
+}
+
+/// `dirs` directories of `per` small files under `top`, written through the mount.
+fn make_tree(d: &Device, top: &str, dirs: usize, per: usize) {
+    for i in 0..dirs {
+        let dir = d.path(&format!("{top}/d{i:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for j in 0..per {
+            fs::write(dir.join(format!("f{j:03}.txt")), format!("{top} {i} {j}\n")).unwrap();
+        }
+    }
+}
+
+/// Every file of [`make_tree`] readable with its content, and nothing else in `top`.
+fn tree_intact(d: &Device, top: &str, dirs: usize, per: usize, why: &mut String) -> bool {
+    for i in 0..dirs {
+        let dir = d.path(&format!("{top}/d{i:02}"));
+        let n = fs::read_dir(&dir).map(|r| r.count()).unwrap_or(0);
+        if n != per {
+            *why = format!(
+                "{}: {} holds {n} entries, want {per}",
+                d.name,
+                dir.display()
+            );
+            return false;
+        }
+        for j in [0, per / 2, per - 1] {
+            let want = format!("{top} {i} {j}\n");
+            if !content_is(&dir.join(format!("f{j:03}.txt")), want.as_bytes()) {
+                *why = format!("{}: {top}/d{i:02}/f{j:03}.txt unreadable or wrong", d.name);
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// An `rm -rf` of 3,000 files is held on the deleting device and on its peer, with every
+/// file still readable on both; other writes keep syncing meanwhile; `reject` (on the peer)
+/// brings the files back everywhere, the deleting device included. A second `rm -rf` is held
+/// again, survives a restart of both daemons, and `approve` deletes it everywhere.
+#[test]
+fn a_mass_delete_is_held_everywhere_until_approved_or_rejected() {
+    let (dirs, per) = (30, 100);
+    let total = (dirs * per) as u64;
+    let mut a = Device::init("A", Some(300));
+    let mut b = Device::join("B", &a, Some(300));
+    let a_short = a.device_id()[..8].to_string();
+    make_tree(&a, "big", dirs, per);
+    fs::write(a.path("keep.txt"), b"keep\n").unwrap();
+    let both = [&a, &b];
+    wait_until(&both, "the tree reaches B", BIG_DEADLINE, |why| {
+        b.path("keep.txt").exists() && tree_intact(&b, "big", dirs, per, why)
+    });
+
+    // A too-large deletion (an `rm -rf` that ran into its own hold may stop with ENOTEMPTY:
+    // the files it deleted first came back).
+    let _ = fs::remove_dir_all(a.path("big"));
+    for d in both {
+        wait_until(&both, "the deletion is held", SYNC_DEADLINE, |why| {
+            let held = d.held_files();
+            *why = format!("{} holds {held:?}", d.name);
+            held.iter().sum::<u64>() == total
+        });
+    }
+    for d in both {
+        wait_until(&both, "held files stay readable", SYNC_DEADLINE, |why| {
+            tree_intact(d, "big", dirs, per, why)
+        });
+        let note = d.root_status();
+        assert!(
+            note.starts_with("held") && note.contains(&a_short),
+            "[{}] root status {note:?} does not name the held deletion by {a_short}",
+            d.name
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(&d.run_ok(&["status", "--json"])).unwrap();
+        let files: u64 = status["held"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["files"].as_u64().unwrap())
+            .sum();
+        assert_eq!(files, total, "[{}] status --json: {status}", d.name);
+    }
+    fs::write(a.path("during.txt"), b"written while held\n").unwrap();
+    wait_until(
+        &both,
+        "writes keep syncing while held",
+        SYNC_DEADLINE,
+        |_| content_is(&b.path("during.txt"), b"written while held\n"),
+    );
+
+    // Rejected on the peer: back everywhere, no longer held anywhere.
+    b.run_ok(&["reject"]);
+    wait_until(&both, "reject restores everywhere", SYNC_DEADLINE, |why| {
+        both.iter().all(|d| d.held_files().is_empty())
+            && tree_intact(&a, "big", dirs, per, why)
+            && all_equal(&both, why)
+    });
+    assert_eq!(a.root_status(), "synced");
+
+    // Deleted again: held again, and still held after both daemons restart.
+    let _ = fs::remove_dir_all(a.path("big"));
+    for d in both {
+        wait_until(&both, "the second deletion is held", SYNC_DEADLINE, |why| {
+            let held = d.held_files();
+            *why = format!("{} holds {held:?}", d.name);
+            held.iter().sum::<u64>() == total
+        });
+    }
+    a.stop();
+    b.stop();
+    a.start();
+    b.start();
+    let both = [&a, &b];
+    for d in both {
+        assert_eq!(d.held_files().iter().sum::<u64>(), total, "[{}]", d.name);
+        wait_until(
+            &both,
+            "held files readable after a restart",
+            SYNC_DEADLINE,
+            |why| tree_intact(d, "big", dirs, per, why),
+        );
+    }
+
+    // Approved on the deleting device: gone everywhere, the rest untouched.
+    a.run_ok(&["approve"]);
+    wait_until(&both, "approve deletes everywhere", SYNC_DEADLINE, |why| {
+        let gone = both
+            .iter()
+            .all(|d| !d.path("big").exists() && d.held_files().is_empty());
+        gone && all_equal(&both, why)
+    });
+    for d in both {
+        assert_eq!(fs::read(d.path("keep.txt")).unwrap(), b"keep\n");
+        assert_eq!(d.root_status(), "synced");
+    }
+    assert_never(
+        &both,
+        "approved files come back",
+        Duration::from_secs(5),
+        || both.iter().any(|d| d.path("big").exists()),
+    );
+}

@@ -44,6 +44,8 @@ pub struct VaultBase {
     /// Where content that contradicts itself is reported (the live mount's; history and
     /// restore views only fail the read).
     faults: Option<Arc<PeerFaults>>,
+    /// What the vault root's `user.cairn.status` says beyond the usual (held deletions).
+    note: RwLock<Option<String>>,
 }
 
 fn vault_err(e: cairn_vault::VaultError) -> BaseError {
@@ -108,6 +110,7 @@ impl VaultBase {
             )),
             remote: None,
             faults: None,
+            note: RwLock::new(None),
         }
     }
 
@@ -142,6 +145,10 @@ impl VaultBase {
 
     pub fn set_view(&self, view: MergedView) {
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    pub fn set_note(&self, note: Option<String>) {
+        *self.note.write().unwrap_or_else(|e| e.into_inner()) = note;
     }
 
     fn current(&self) -> MergedView {
@@ -288,6 +295,10 @@ pub fn entry_of(content: &ContentRef) -> Result<Entry, BaseError> {
 }
 
 impl BaseLayer for VaultBase {
+    fn root_note(&self) -> Option<String> {
+        self.note.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn get(&self, p: &str) -> Result<Option<BaseEntry>, BaseError> {
         let view = self.current();
         Ok(view

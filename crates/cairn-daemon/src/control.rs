@@ -5,7 +5,8 @@
 //! ticket), `invite cancel` (withdraws every pending invitation, answers how many),
 //! `allow-recovery SECONDS` (opens the recovery window, answers when it closes in Unix
 //! milliseconds), `allow-recovery close` (answers `closed` or `none`), `peers`,
-//! `remove DEVICE_HEX`, `rotate`. Replies start with `ok` or `err`; `peers` answers `ok` and a
+//! `remove DEVICE_HEX`, `rotate`, `held` (a JSON list of held deletions), `approve [ID]`
+//! and `reject [ID]` (decide one held deletion, or all; answer how many paths). Replies start with `ok` or `err`; `peers` answers `ok` and a
 //! JSON [`PeersReply`] (this device's addresses, then every member with its connection state,
 //! path, round-trip time and bytes); `remove` and `rotate` answer with the new key epoch:
 //! `ok [DEVICE] EPOCH` and, on the next line, its recovery phrase (the socket is the owner's
@@ -172,6 +173,23 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
             },
             Err(e) => format!("err {e:#}\n"),
         },
+        (Some("held"), None) => format!(
+            "ok\n{}\n",
+            serde_json::to_string(&net.publisher.guard.summaries())?
+        ),
+        (Some(word @ ("approve" | "reject")), id) => {
+            let id = match id.map(str::parse::<u64>) {
+                None => Ok(None),
+                Some(Ok(n)) => Ok(Some(n)),
+                Some(Err(_)) => Err(anyhow::anyhow!(
+                    "a held deletion is named by its number; see `cairn held`"
+                )),
+            };
+            match id.and_then(|id| net.publisher.decide(id, word == "approve")) {
+                Ok(n) => format!("ok {n}\n"),
+                Err(e) => format!("err {e:#}\n"),
+            }
+        }
         (Some("rotate"), None) => match net.rotate_keys() {
             Ok(epoch) => format!("ok {}\n{}\n", epoch.number, epoch.secret.to_phrase()),
             Err(e) => format!("err {e:#}\n"),

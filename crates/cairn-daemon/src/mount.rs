@@ -26,6 +26,7 @@ use crate::instance::{self, InstanceLock, running_daemon};
 use crate::open_vault::OpenVault;
 use crate::publisher::Publisher;
 use crate::state::VaultState;
+use cairn_vault::GuardPolicy;
 
 /// Memory budgets of a mount's caches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,11 +178,16 @@ impl Networking {
 
 /// Runs the network side only (an always-on replica, `cairn sync` / `cairn join --no-mount`)
 /// until a stop signal.
-pub fn sync_only(state: &VaultState, settings: NetSettings) -> Result<()> {
+pub fn sync_only(state: &VaultState, settings: NetSettings, guard: GuardPolicy) -> Result<()> {
     let sigset = block_stop_signals();
     let _lock = instance::lock_vault(&state.dir, &state.name, None)?;
     let device = Arc::new(OpenVault::open(state)?);
-    let publisher = Arc::new(Publisher::new(device, None));
+    let publisher = Arc::new(Publisher::with_policy(device, None, guard));
+    {
+        // Paths decided or restored while the daemon was down are no longer held.
+        let engine = publisher.vault.engine();
+        publisher.guard_after(&engine, engine.root());
+    }
     let mut networking = Networking::start(state, &publisher, Some(settings), None)?;
     eprintln!(
         "cairn: syncing vault {:?} (no mount); stop with Ctrl-C or SIGTERM",
@@ -255,6 +261,7 @@ pub fn mount(
     opts: MountOptions,
     cache: &CacheBudget,
     net: Option<NetSettings>,
+    guard: GuardPolicy,
 ) -> Result<()> {
     let sigset = block_stop_signals();
     let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
@@ -274,7 +281,17 @@ pub fn mount(
             .with_remote(device.remote_blobs.clone())
             .with_faults(device.faults.clone()),
     );
-    let publisher = Arc::new(Publisher::new(device.clone(), Some(base.clone())));
+    let publisher = Arc::new(Publisher::with_policy(
+        device.clone(),
+        Some(base.clone()),
+        guard,
+    ));
+    {
+        // Held deletions survive restarts: show them from the first lookup on.
+        let engine = device.engine();
+        publisher.guard_after(&engine, engine.root());
+        publisher.show(&engine, None);
+    }
     let sink = Arc::new(VaultSink {
         publisher: publisher.clone(),
     });

@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use cairn_fuse::Invalidator;
 use cairn_registry::RegistryEntry;
 use cairn_tree::{DiffEntry, NodeId};
-use cairn_vault::{EntryKey, PublishReport, Vault};
+use cairn_vault::guard::{GuardPolicy, HeldEntry, approve_changes, reject_changes};
+use cairn_vault::{Change, EntryKey, PublishReport, Vault, VaultPath};
 
 use super::base::VaultBase;
-use super::sink::view_of;
-use crate::open_vault::OpenVault;
+use super::sink::view_with_held;
+use crate::guard::Guard;
+use crate::open_vault::{OpenVault, now_ms};
 
 /// Beyond this many changed paths one "drop everything" is cheaper than one notification
 /// per path.
@@ -30,6 +32,8 @@ pub struct Publisher {
     /// them: those edits were made on top of the content the peer replaced, so the flush
     /// keeps them as conflict copies instead of silently overwriting the peer's version.
     peer_touched: Mutex<HashSet<String>>,
+    /// Mass deletions held on this device (shown in the mount until decided).
+    pub guard: Guard,
 }
 
 /// Beyond this many remembered peer changes the set is dropped (memory stays bounded; the
@@ -37,14 +41,71 @@ pub struct Publisher {
 const PEER_TOUCHED_MAX: usize = 100_000;
 
 impl Publisher {
+    #[cfg(test)]
     pub fn new(vault: Arc<OpenVault>, base: Option<Arc<VaultBase>>) -> Self {
+        Self::with_policy(vault, base, GuardPolicy::default())
+    }
+
+    /// A publisher whose mass-delete guard holds deletions beyond `policy`.
+    pub fn with_policy(
+        vault: Arc<OpenVault>,
+        base: Option<Arc<VaultBase>>,
+        policy: GuardPolicy,
+    ) -> Self {
+        let guard = Guard::open(&vault.dir, policy);
         Self {
             vault,
             base,
             invalidator: Mutex::new(None),
             announce: RwLock::new(None),
             peer_touched: Mutex::new(HashSet::new()),
+            guard,
         }
+    }
+
+    /// Runs the mass-delete guard over a change of the engine's state from `before` (see
+    /// [`Guard::observe`]); returns the paths it newly holds, which the caller invalidates in
+    /// the kernel once the mount shows them again. Called before the change is published, so
+    /// a hold is on disk before any device can see the deletion.
+    pub fn guard_after(&self, vault: &Vault, before: NodeId) -> Vec<String> {
+        match self.guard.observe(vault, before, now_ms()) {
+            Ok(o) => o.held,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "mass-delete guard failed; nothing new is held");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Approves (deletes everywhere) or rejects (restores everywhere) held deletion `id`, or
+    /// every held deletion. Returns the number of paths decided.
+    pub fn decide(&self, id: Option<u64>, approve: bool) -> anyhow::Result<usize> {
+        let mut engine = self.vault.engine();
+        let before = engine.root();
+        // Paths restored or decided elsewhere meanwhile are not decided again.
+        self.guard.observe(&engine, before, now_ms())?;
+        let records = self.guard.records(id)?;
+        let entries: Vec<HeldEntry> = records.into_iter().flat_map(|r| r.entries).collect();
+        let changes = if approve {
+            approve_changes(&entries)
+        } else {
+            reject_changes(&entries)
+        };
+        let n = changes.len();
+        let now = now_ms();
+        if engine.commit(changes.clone(), now).is_err() {
+            // One refused path (say, a live file now inside a held directory) must not keep
+            // the others undecided: each goes alone, and what is refused stays held.
+            for (p, c) in changes {
+                commit_alone(&mut engine, p, c, now);
+            }
+        }
+        self.guard_after(&engine, before);
+        if engine.root() != before {
+            self.publish(&mut engine, now)?;
+        }
+        self.show(&engine, Some(before));
+        Ok(n)
     }
 
     pub fn set_invalidator(&self, inv: Option<Invalidator>) {
@@ -104,7 +165,8 @@ impl Publisher {
         let Some(base) = &self.base else {
             return;
         };
-        base.set_view(view_of(vault.source()));
+        base.set_view(view_with_held(vault.source(), self.guard.overrides()));
+        base.set_note(self.guard.note());
         let Some(old) = changed_from else {
             return;
         };
@@ -152,6 +214,12 @@ impl Publisher {
         } else {
             inv.base_changed(&paths);
         }
+    }
+}
+
+fn commit_alone(engine: &mut Vault, p: VaultPath, c: Change, now: u64) {
+    if let Err(e) = engine.commit([(p.clone(), c)], now) {
+        tracing::warn!(path = %p.as_str(), error = %e, "held path not decided; it stays held");
     }
 }
 

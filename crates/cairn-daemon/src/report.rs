@@ -35,6 +35,8 @@ pub struct Report {
     pub pending_uploads: Pending,
     pub last_snapshot: Option<SnapshotInfo>,
     pub conflicts: Vec<String>,
+    /// Mass deletions held by the guard, waiting for `cairn approve` / `cairn reject`.
+    pub held: Vec<crate::HeldSummary>,
     pub peers: Vec<PeerStatus>,
     pub downloads: Downloads,
     pub last_flush_ms: Option<u64>,
@@ -145,6 +147,7 @@ pub fn report(state: &VaultState) -> Result<Report> {
         pending_uploads: pending,
         last_snapshot,
         conflicts,
+        held: crate::held_summaries(&state.dir)?,
         peers: ds.peers,
         downloads: ds.downloads,
         last_flush_ms: ds.last_flush_ms,

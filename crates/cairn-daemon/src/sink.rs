@@ -110,6 +110,18 @@ pub fn view_of(source: TreeSource) -> MergedView {
     MergedView::new(vec![("own".to_string(), Arc::new(source))])
 }
 
+/// [`view_of`] with held deletions shown again (see [`crate::guard`]).
+pub fn view_with_held(
+    source: TreeSource,
+    held: Arc<std::collections::BTreeMap<Vec<u8>, cairn_vault::Entry>>,
+) -> MergedView {
+    if held.is_empty() {
+        return view_of(source);
+    }
+    let layer = cairn_vault::HeldSource::new(Arc::new(source), held);
+    MergedView::new(vec![("own".to_string(), Arc::new(layer))])
+}
+
 fn rejected(e: impl std::fmt::Display) -> FlushError {
     FlushError::Rejected(e.to_string())
 }
@@ -198,6 +210,7 @@ impl FlushSink for VaultSink {
         let _g = span.enter();
         let device = self.publisher.vault.clone();
         let mut vault = device.engine();
+        let before = vault.root();
         let now = now_ms();
         let mut out = Outcome::default();
         let mut diverted: Vec<String> = Vec::new();
@@ -285,6 +298,7 @@ impl FlushSink for VaultSink {
         }
         group.commit(&mut vault, now, &mut out);
         let Outcome { refused, unsaved } = out;
+        let held = self.publisher.guard_after(&vault, before);
         // Nodes and chunks were written without per-file fsyncs; the publisher makes them durable
         // before a snapshot that references them is announced.
         let report = self.publisher.publish(&mut vault, now).map_err(rejected)?;
@@ -295,6 +309,11 @@ impl FlushSink for VaultSink {
             "published snapshot"
         );
         self.publisher.show(&vault, None);
+        if !held.is_empty() {
+            // Deleted through the mount a moment ago, shown again now: the kernel may still
+            // remember them as gone.
+            self.publisher.invalidate(&held);
+        }
         if !diverted.is_empty() {
             // The mount showed the local edit at these paths; they now hold the peer's.
             self.publisher.invalidate(&diverted);

@@ -81,6 +81,11 @@ pub trait BaseLayer: Send + Sync {
     /// Reads file content at `offset`; may be slow (fetching from peers). Returns the number
     /// of bytes read, 0 at or past the end.
     fn read(&self, entry: &BaseEntry, offset: u64, buf: &mut [u8]) -> Result<usize, BaseError>;
+    /// What the mount root's `user.cairn.status` says instead of `synced`, if anything (for
+    /// instance, deletions held by the mass-delete guard).
+    fn root_note(&self) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Default)]

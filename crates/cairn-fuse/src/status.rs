@@ -29,7 +29,12 @@ fn is_conflict_copy_of(sibling: &str, name: &str) -> bool {
 impl CairnFs {
     /// `conflict` when the path is a conflict copy or has one beside it, `pending` when it
     /// has a local change not yet in a snapshot, else `synced`.
-    pub(crate) fn sync_status(&self, ino: u64) -> FsResult<&'static str> {
+    /// The vault root says what the base has to say about the whole vault (held deletions).
+    pub(crate) fn sync_status(&self, ino: u64) -> FsResult<String> {
+        self.path_status(ino).map(|s| s.to_string())
+    }
+
+    fn path_status(&self, ino: u64) -> FsResult<std::borrow::Cow<'static, str>> {
         let (path, inflight) = {
             let ns = self.core.ns();
             let path = ns.path(ino)?.to_string();
@@ -37,7 +42,11 @@ impl CairnFs {
             (path, inflight)
         };
         if path.is_empty() {
-            return Ok("synced");
+            return Ok(self
+                .core
+                .base
+                .root_note()
+                .map_or("synced".into(), Into::into));
         }
         if self.core.resolve(&path)?.is_none() {
             return Err(Errno::ENOENT);
@@ -50,7 +59,7 @@ impl CairnFs {
                 .iter()
                 .any(|(sibling, _)| is_conflict_copy_of(sibling, name))
         {
-            return Ok("conflict");
+            return Ok("conflict".into());
         }
         // A record being flushed right now stays in the overlay until the flush succeeds.
         if inflight
@@ -61,9 +70,9 @@ impl CairnFs {
                 .map_err(overlay_errno)?
                 .is_some()
         {
-            return Ok("pending");
+            return Ok("pending".into());
         }
-        Ok("synced")
+        Ok("synced".into())
     }
 }
 

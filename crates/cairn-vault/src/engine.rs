@@ -59,6 +59,12 @@ pub enum Change {
     Rename {
         to: VaultPath,
     },
+    /// Deletes again what is already deleted: a new tombstone whose version dominates the
+    /// one there, so every device that holds this deletion sees it confirmed (the mass-delete
+    /// guard's approval, see [`crate::guard`]). `dir` selects the directory key.
+    Redelete {
+        dir: bool,
+    },
 }
 
 impl Change {
@@ -528,6 +534,18 @@ impl Tx<'_> {
                 Ok(())
             }
             Change::Rename { to } => self.rename(path, &to, clock, now),
+            Change::Redelete { dir } => {
+                let key = if dir { dk } else { fk };
+                if !self.get(&key)?.is_some_and(|e| e.is_tombstone()) {
+                    return Err(VaultError::rejected(path, "is not deleted"));
+                }
+                if dir && !self.live_descendants(path)?.is_empty() {
+                    return Err(VaultError::rejected(path, "directory not empty"));
+                }
+                let v = self.next_version(&key, clock, now)?;
+                self.put(key, Entry::tombstone(v));
+                Ok(())
+            }
         }
     }
 

@@ -17,6 +17,7 @@ mod content;
 mod engine;
 mod entry;
 mod error;
+pub mod guard;
 pub mod merge;
 mod path;
 mod snapshot;
@@ -34,6 +35,7 @@ pub use content::{content_from_manifest, manifest_of};
 pub use engine::{Attrs, Change, CommitReport, PublishReport, Vault};
 pub use entry::{Content, ENTRY_FORMAT_V1, Entry, EntryKind, INLINE_MAX, MAX_INLINE_CHUNKS};
 pub use error::{DecodeError, PathError, Result, VaultError};
+pub use guard::{GuardPolicy, HeldEntry, HeldRecord, HeldSet, HeldSource};
 pub use merge::{Conflict, MergeReport};
 pub use path::{EntryKey, MAX_NAME_LEN, MAX_PATH_LEN, VaultPath};
 pub use snapshot::{

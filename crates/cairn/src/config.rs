@@ -13,12 +13,43 @@ use anyhow::{Context, Result, bail};
 use cairn_daemon::{PeerAddr, RelayUrl, Relays};
 use serde::Deserialize;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub net: NetSettings,
     pub mount: MountSettings,
     pub cache: CacheSettings,
+    pub guard: GuardSettings,
+}
+
+/// `[guard]`: when a deletion (made here or received from a peer) is held instead of
+/// applied: it must remove more than `max_delete_share` of the vault's files *and* more than
+/// `max_delete_files` files.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardSettings {
+    /// Share of the vault's files, 0.0 to 1.0.
+    pub max_delete_share: f64,
+    pub max_delete_files: u64,
+}
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        let p = cairn_daemon::GuardPolicy::default();
+        Self {
+            max_delete_share: p.max_delete_share,
+            max_delete_files: p.max_delete_files,
+        }
+    }
+}
+
+impl GuardSettings {
+    pub fn policy(&self) -> cairn_daemon::GuardPolicy {
+        cairn_daemon::GuardPolicy {
+            max_delete_share: self.max_delete_share,
+            max_delete_files: self.max_delete_files,
+        }
+    }
 }
 
 /// `net.relay`: which relays carry traffic between devices that cannot reach each other
@@ -236,7 +267,7 @@ impl Config {
 
     /// Parses a whole file; errors name the file and line, then say how to find valid keys.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        toml::from_str(text).map_err(|e| {
+        let config: Config = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
@@ -248,7 +279,15 @@ impl Config {
             anyhow::anyhow!(
                 "{place}: {reason}; every valid key and its default is listed in docs/config.example.toml (or delete the file to use the defaults)"
             )
-        })
+        })?;
+        let share = config.guard.max_delete_share;
+        if !(0.0..=1.0).contains(&share) {
+            bail!(
+                "{}: guard.max_delete_share = {share} is not a share of the vault; give a number from 0.0 to 1.0 (0.2 = 20 %)",
+                path.display()
+            );
+        }
+        Ok(config)
     }
 }
 
@@ -273,6 +312,20 @@ mod tests {
         assert_eq!(c.mount.debounce_ms, 150);
         assert_eq!(c.cache.chunk_cache_mib, 8);
         assert_eq!(c.cache.node_cache_mib, 32);
+    }
+
+    #[test]
+    fn the_guard_share_must_be_a_share() {
+        let c = Config::parse(
+            "[guard]\nmax_delete_share = 0.5\nmax_delete_files = 10\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.guard.policy().max_delete_files, 10);
+        let err = Config::parse("[guard]\nmax_delete_share = 20\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0.0 to 1.0"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! messages for people. Everything with logic lives in the library crates.
 
 mod config;
+mod held;
 mod logging;
 mod relay;
 mod service;
@@ -146,6 +147,18 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// List deletions held by the mass-delete guard (too many files deleted at once, here or
+    /// on another device): the files stay visible until approved or rejected.
+    Held {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a held deletion on this device and every other (all held ones without ID).
+    Approve { id: Option<u64> },
+    /// Undo a held deletion: the files come back on every device, the deleting one too (all
+    /// held ones without ID).
+    Reject { id: Option<u64> },
     /// Stop the daemon serving MOUNTPOINT, waiting until all changes are flushed.
     Unmount { mountpoint: PathBuf },
     /// Bring back a deleted or older version of one file or directory tree, touching nothing
@@ -307,6 +320,7 @@ fn run(cli: Cli) -> Result<()> {
                     opts,
                     &cache_budget(&config),
                     Some(net_settings(&config)),
+                    config.guard.policy(),
                 )?,
             }
         }
@@ -327,6 +341,13 @@ fn run(cli: Cli) -> Result<()> {
                     h.parents.len()
                 );
             }
+        }
+        Command::Held { json } => held::list(&VaultState::load(&data_dir, &cli.vault)?.dir, json)?,
+        Command::Approve { id } => {
+            held::decide(&VaultState::load(&data_dir, &cli.vault)?.dir, id, true)?
+        }
+        Command::Reject { id } => {
+            held::decide(&VaultState::load(&data_dir, &cli.vault)?.dir, id, false)?
         }
         Command::Unmount { mountpoint } => daemon::unmount(&data_dir, &mountpoint)?,
         Command::Invite { cancel: true, .. } => {
@@ -420,7 +441,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sync => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
-            daemon::sync_only(&state, net_settings(&config))?;
+            daemon::sync_only(&state, net_settings(&config), config.guard.policy())?;
         }
         Command::Peers { json } => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
@@ -530,9 +551,16 @@ fn serve_new_member(
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
                 ..Default::default()
             };
-            daemon::mount(state, &mp, opts, &cache_budget(config), Some(settings))
+            daemon::mount(
+                state,
+                &mp,
+                opts,
+                &cache_budget(config),
+                Some(settings),
+                config.guard.policy(),
+            )
         }
-        _ => daemon::sync_only(state, settings),
+        _ => daemon::sync_only(state, settings, config.guard.policy()),
     }
 }
 

@@ -69,6 +69,15 @@ pub fn print_human(r: &Report) {
             println!("           {c}");
         }
     }
+    for h in &r.held {
+        println!(
+            "held:      #{} {} files deleted by {} at {}, still visible (`cairn held`, `cairn approve`, `cairn reject`)",
+            h.id,
+            h.files,
+            &h.device[..8.min(h.device.len())],
+            cairn_daemon::format_time(h.created_ms)
+        );
+    }
     if r.mount.is_some() {
         let connected = r.peers.iter().filter(|p| p.connected).count();
         println!(

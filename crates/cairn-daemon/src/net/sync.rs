@@ -175,6 +175,7 @@ impl SyncWorker {
         };
         if engine.root() != before {
             tracing::info!(snapshot = %id, conflicts = report.conflicts.len(), "merged a peer snapshot");
+            self.publisher.guard_after(&engine, before);
             self.publisher
                 .publish(&mut engine, now_ms())
                 .context("publishing the merged state")?;
