@@ -2430,3 +2430,81 @@ fn a_mass_delete_is_held_everywhere_until_approved_or_rejected() {
         || both.iter().any(|d| d.path("big").exists()),
     );
 }
+
+fn status_of(d: &Device, p: &str) -> String {
+    String::from_utf8_lossy(&common::getxattr(&d.path(p), "user.cairn.status").unwrap_or_default())
+        .into_owned()
+}
+
+/// `.cairnignore` with `target/` and `*.o`: such files never reach the peer, stay readable
+/// and writable where they were made, and say `ignored`. Changing the rules applies to the
+/// files already there: unignored ones are published, newly ignored ones stop syncing but
+/// are not deleted on the peer.
+#[test]
+fn ignored_paths_stay_on_their_device_and_rule_changes_apply_to_existing_files() {
+    let a = Device::init("A", Some(50));
+    let b = Device::join("B", &a, Some(50));
+    let both = [&a, &b];
+    fs::write(a.path("notes.txt"), b"v1\n").unwrap();
+    wait_until(&both, "notes.txt on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("notes.txt"), b"v1\n")
+    });
+    fs::write(a.path(".cairnignore"), b"target/\n*.o\n").unwrap();
+    fs::create_dir_all(a.path("target/debug")).unwrap();
+    fs::write(a.path("target/debug/app"), b"binary\n").unwrap();
+    fs::write(a.path("main.o"), b"object\n").unwrap();
+    fs::write(a.path("main.c"), b"int main;\n").unwrap();
+    wait_until(&both, "the rules and main.c on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("main.c"), b"int main;\n")
+            && content_is(&b.path(".cairnignore"), b"target/\n*.o\n")
+    });
+    assert_never(
+        &both,
+        "an ignored path reaches B",
+        Duration::from_secs(4),
+        || b.path("target").exists() || b.path("main.o").exists(),
+    );
+    // Usable on A, and said to be local.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(a.path("main.o"))
+        .unwrap()
+        .write_all(b"more\n")
+        .unwrap();
+    assert_eq!(fs::read(a.path("main.o")).unwrap(), b"object\nmore\n");
+    assert_eq!(fs::read(a.path("target/debug/app")).unwrap(), b"binary\n");
+    for p in ["main.o", "target", "target/debug/app"] {
+        assert_eq!(status_of(&a, p), "ignored", "{p}");
+    }
+    wait_until(
+        &both,
+        "A counts its ignored paths and is synced",
+        SYNC_DEADLINE,
+        |why| {
+            let s: serde_json::Value =
+                serde_json::from_str(&a.run_ok(&["status", "--json"])).unwrap();
+            *why = format!("status: {s}");
+            s["state"] == "synced" && s["ignored"]["files"].as_u64() == Some(4)
+        },
+    );
+    assert_eq!(status_of(&a, "main.c"), "synced");
+
+    // New rules: `*.o` is published now, notes.txt stops syncing.
+    fs::write(a.path(".cairnignore"), b"target/\nnotes.txt\n").unwrap();
+    wait_until(
+        &both,
+        "an unignored file is published",
+        SYNC_DEADLINE,
+        |_| content_is(&b.path("main.o"), b"object\nmore\n"),
+    );
+    fs::write(a.path("notes.txt"), b"v2, local\n").unwrap();
+    assert_never(
+        &both,
+        "a newly ignored file syncs",
+        Duration::from_secs(4),
+        || !content_is(&b.path("notes.txt"), b"v1\n"),
+    );
+    assert_eq!(fs::read(a.path("notes.txt")).unwrap(), b"v2, local\n");
+    assert_eq!(status_of(&a, "notes.txt"), "ignored");
+    assert!(!b.path("target").exists());
+}

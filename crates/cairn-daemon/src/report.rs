@@ -33,6 +33,8 @@ pub struct Report {
     pub state: &'static str,
     pub mount: Option<MountInfo>,
     pub pending_uploads: Pending,
+    /// Local changes the ignore rules (`.cairnignore`) keep on this device.
+    pub ignored: Ignored,
     pub last_snapshot: Option<SnapshotInfo>,
     pub conflicts: Vec<String>,
     /// Mass deletions held by the guard, waiting for `cairn approve` / `cairn reject`.
@@ -62,6 +64,12 @@ pub struct Pending {
 }
 
 #[derive(Serialize)]
+pub struct Ignored {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize)]
 pub struct SnapshotInfo {
     pub revision: u64,
     pub id: String,
@@ -76,6 +84,24 @@ pub fn report(state: &VaultState) -> Result<Report> {
         DaemonStatus::read(&state.dir).filter(|s| i64::from(s.pid) == i64::from(m.pid))
     });
     let pending_paths = cairn_overlay::read_pending(&state.dir.join("overlay"))?;
+    let device = OpenVault::open(state)?;
+    let vault_id = state.secret.vault_id();
+    // Paths the ignore rules keep on this device are not pending: they never leave it.
+    let (pending_paths, ignored_paths): (Vec<_>, Vec<_>) = {
+        let vault = device.engine();
+        let base = crate::base::VaultBase::new(device.stores.clone(), view_of(vault.source()));
+        let mut rules = cairn_fuse::IgnoreRules::new(|p: &str| {
+            let e = cairn_fuse::BaseLayer::get(&base, p).ok()??;
+            cairn_fuse::read_base_file(&base, &e)
+        });
+        pending_paths
+            .into_iter()
+            .partition(|p| !(rules.is_ignored(&p.path, false) || rules.is_ignored(&p.path, true)))
+    };
+    let ignored = Ignored {
+        files: ignored_paths.len() as u64,
+        bytes: ignored_paths.iter().map(|p| p.bytes).sum(),
+    };
     let pending = Pending {
         files: pending_paths.len() as u64,
         bytes: pending_paths.iter().map(|p| p.bytes).sum(),
@@ -91,8 +117,6 @@ pub fn report(state: &VaultState) -> Result<Report> {
             .collect(),
     };
 
-    let device = OpenVault::open(state)?;
-    let vault_id = state.secret.vault_id();
     let head = device.registry.get(&vault_id, &state.device.device_id())?;
     let (last_snapshot, conflicts) = {
         let vault = device.engine();
@@ -145,6 +169,7 @@ pub fn report(state: &VaultState) -> Result<Report> {
             started_ms: (ds.pid != 0).then_some(ds.started_ms),
         }),
         pending_uploads: pending,
+        ignored,
         last_snapshot,
         conflicts,
         held: crate::held_summaries(&state.dir)?,

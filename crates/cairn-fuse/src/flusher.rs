@@ -157,7 +157,7 @@ impl Core {
         let cap = staged_per_batch();
         let (batch, keys, capped) = {
             let mut ns = self.ns();
-            let mut dirty = self.overlay.dirty().map_err(to_flush_err)?;
+            let mut dirty = self.publishable(self.overlay.dirty().map_err(to_flush_err)?);
             if dirty.is_empty() {
                 return Ok(Flushed::Clean);
             }
@@ -191,13 +191,39 @@ impl Core {
         result?;
         let released = self.overlay.retire(&keys).map_err(to_flush_err)?;
         self.drop_released(&ns, released);
-        let left = !self.overlay.is_empty().map_err(to_flush_err)?;
+        // Ignored records stay in the overlay for good; only the others are left to do.
+        let left = !self.overlay.is_empty().map_err(to_flush_err)?
+            && !self
+                .publishable(self.overlay.dirty().map_err(to_flush_err)?)
+                .is_empty();
         tracing::debug!(records = n, left, capped, "flushed overlay");
         Ok(match (left, capped) {
             (false, _) => Flushed::Clean,
             (true, true) => Flushed::Capped,
             (true, false) => Flushed::ChangedMeanwhile,
         })
+    }
+
+    /// The dirty records that may leave this device: everything but what the ignore rules
+    /// (`.cairnignore`) keep local. A deletion is judged by the kind of what it deletes.
+    fn publishable(&self, dirty: Vec<(String, Record)>) -> Vec<(String, Record)> {
+        let mut rules = self.ignore_rules();
+        dirty
+            .into_iter()
+            .filter(|(path, r)| {
+                let is_dir = match r.kind {
+                    cairn_overlay::Kind::Dir => true,
+                    cairn_overlay::Kind::Whiteout => self
+                        .base
+                        .get(path)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|e| e.kind == crate::base::EntryKind::Dir),
+                    _ => false,
+                };
+                !rules.is_ignored(path, is_dir)
+            })
+            .collect()
     }
 
     /// Flushes until the overlay is empty (used at unmount, when nothing changes any more).

@@ -18,6 +18,7 @@ mod core;
 mod errno;
 mod flusher;
 mod fs;
+mod ignore;
 mod mount;
 mod namespace;
 mod ops;
@@ -27,6 +28,7 @@ mod status;
 
 pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
 pub use fs::CairnFs;
+pub use ignore::{IGNORE_FILE, IgnoreRules, MAX_RULES_BYTES, read_base_file};
 pub use mount::{
     Invalidator, MountError, MountHandle, MountOptions, is_mounted, lazy_unmount, mount,
 };

@@ -1,5 +1,5 @@
-//! The `user.cairn.status` xattr: a path's sync state (`synced`, `pending`, `conflict`),
-//! computed on each read.
+//! The `user.cairn.status` xattr: a path's sync state (`synced`, `pending`, `conflict`,
+//! `ignored`; the root may say what is held), computed on each read.
 
 use cairn_overlay::path::{name_of, parent_of};
 use fuser::Errno;
@@ -48,8 +48,12 @@ impl CairnFs {
                 .root_note()
                 .map_or("synced".into(), Into::into));
         }
-        if self.core.resolve(&path)?.is_none() {
+        let Some(node) = self.core.resolve(&path)? else {
             return Err(Errno::ENOENT);
+        };
+        let is_dir = node.kind() == crate::base::EntryKind::Dir;
+        if self.core.ignore_rules().is_ignored(&path, is_dir) {
+            return Ok("ignored".into());
         }
         let name = name_of(&path);
         if name.contains(CONFLICT_MARK)

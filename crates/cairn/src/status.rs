@@ -48,6 +48,13 @@ pub fn print_human(r: &Report) {
             r.pending_uploads.paths.len() - SHOW
         );
     }
+    if r.ignored.files > 0 {
+        println!(
+            "ignored:   {} path(s), {}, kept on this device by .cairnignore",
+            r.ignored.files,
+            bytes(r.ignored.bytes)
+        );
+    }
     match &r.last_snapshot {
         Some(s) => println!(
             "snapshot:  revision {} from {}, {} entries ({})",
