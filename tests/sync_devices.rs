@@ -2508,3 +2508,84 @@ fn ignored_paths_stay_on_their_device_and_rule_changes_apply_to_existing_files()
     assert_eq!(status_of(&a, "notes.txt"), "ignored");
     assert!(!b.path("target").exists());
 }
+
+/// `cairn conflicts --json` on a device: (path, copy, copy's device, current's device).
+fn conflicts_of(d: &Device) -> Vec<(String, String, String, String)> {
+    let out = d.run_ok(&["conflicts", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap().to_string(),
+                c["copy"].as_str().unwrap().to_string(),
+                c["copy_side"]["device"].as_str().unwrap().to_string(),
+                c["current"]["device"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Two devices edit one file while apart: the conflict shows in `cairn conflicts` on both
+/// (both sides' device, time and size), and `resolve --keep theirs` leaves one file,
+/// identical everywhere.
+#[test]
+fn a_conflict_is_listed_on_both_devices_and_resolved_everywhere() {
+    let mut a = Device::init("A", Some(50));
+    let mut b = Device::join("B", &a, Some(50));
+    let (a_id, b_id) = (a.device_id(), b.device_id());
+    fs::write(a.path("plan.txt"), b"base\n").unwrap();
+    wait_until(&[&a, &b], "plan.txt on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("plan.txt"), b"base\n")
+    });
+
+    // Apart: B edits while A is down, then A edits while B is down.
+    a.unmount();
+    fs::write(b.path("plan.txt"), b"B's plan, longer\n").unwrap();
+    b.unmount();
+    a.start();
+    let revs = a.revisions();
+    fs::write(a.path("plan.txt"), b"A's plan\n").unwrap();
+    wait_until(&[&a], "A publishes its edit", SYNC_DEADLINE, |_| {
+        a.revisions() > revs
+    });
+    b.start();
+    let both = [&a, &b];
+    wait_until(
+        &both,
+        "the conflict is listed on both",
+        SYNC_DEADLINE,
+        |why| {
+            let lists: Vec<_> = both.iter().map(|d| conflicts_of(d)).collect();
+            *why = format!("{lists:?}");
+            lists.iter().all(|l| {
+                l.len() == 1
+                    && l[0].0 == "plan.txt"
+                    && [&l[0].2, &l[0].3].iter().any(|d| **d == a_id)
+                    && [&l[0].2, &l[0].3].iter().any(|d| **d == b_id)
+            }) && lists[0] == lists[1]
+        },
+    );
+    let human = a.run_ok(&["conflicts"]);
+    assert!(
+        human.contains("plan.txt") && human.contains(&b_id[..8]) && human.contains("bytes"),
+        "{human}"
+    );
+
+    // A keeps B's version.
+    let out = a.run_ok(&["resolve", "plan.txt", "--keep", "theirs"]);
+    assert!(out.contains("resolved plan.txt"), "{out}");
+    wait_until(
+        &both,
+        "one file, identical everywhere",
+        SYNC_DEADLINE,
+        |why| {
+            both.iter().all(|d| {
+                content_is(&d.path("plan.txt"), b"B's plan, longer\n")
+                    && fs::read_dir(d.path("")).unwrap().count() == 1
+                    && conflicts_of(d).is_empty()
+            }) && all_equal(&both, why)
+        },
+    );
+}

@@ -9,6 +9,7 @@
 //! context meant to be shown to the user as they are.
 
 mod base;
+mod conflicts;
 mod control;
 mod epochs;
 mod faults;
@@ -29,6 +30,7 @@ mod stores;
 
 pub use cairn_net::{MAX_INVITATION_TTL, MAX_RECOVERY_WINDOW, PeerAddr, RelayUrl, Relays};
 pub use cairn_vault::GuardPolicy;
+pub use conflicts::{ConflictInfo, ConflictSide, Keep, Resolved, conflicts, resolve};
 pub use control::PeersReply;
 pub use control::request as control_request;
 pub use faults::{FaultKind, PeerFault, PeerFaults};

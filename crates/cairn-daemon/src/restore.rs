@@ -34,7 +34,7 @@ struct Item {
 
 /// Turns what the user typed into a vault path: relative to the vault root, or an absolute
 /// path inside the live mount.
-fn vault_path(arg: &str, mountpoint: Option<&Path>, what: &str) -> Result<VaultPath> {
+pub(crate) fn vault_path(arg: &str, mountpoint: Option<&Path>, what: &str) -> Result<VaultPath> {
     let mut s = arg;
     if Path::new(arg).is_absolute() {
         let inside = mountpoint.and_then(|m| Path::new(arg).strip_prefix(m).ok());

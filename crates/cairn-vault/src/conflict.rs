@@ -56,6 +56,56 @@ pub fn is_conflict_name(name: &str) -> bool {
     name.contains(MARKER)
 }
 
+/// What a conflict copy's name says: the name it lost, and the short id of the device whose
+/// version it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyName {
+    pub original: String,
+    pub device_short: String,
+}
+
+/// Parses a name made by [`conflict_path`]: `stem.sync-conflict-YYYYMMDD-HHMMSS-dev[-k].ext`.
+/// `None` for any other name (and for a copy whose stem was shortened to fit, whose original
+/// name cannot be known).
+pub fn parse_copy_name(name: &str) -> Option<CopyName> {
+    let at = name.rfind(MARKER)?;
+    let (stem, rest) = (&name[..at], &name[at + MARKER.len()..]);
+    // YYYYMMDD-HHMMSS-xxxxxxxx
+    let stamp = rest.get(..15)?;
+    let ok_stamp = stamp
+        .char_indices()
+        .all(|(i, c)| if i == 8 { c == '-' } else { c.is_ascii_digit() });
+    let dev = rest.get(16..24)?;
+    if !ok_stamp
+        || rest.as_bytes().get(15) != Some(&b'-')
+        || !dev.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return None;
+    }
+    let mut tail = &rest[24..];
+    if let Some(after) = tail.strip_prefix('-') {
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        tail = &after[digits..];
+    }
+    if !(tail.is_empty() || tail.starts_with('.')) || stem.is_empty() {
+        return None;
+    }
+    Some(CopyName {
+        original: format!("{stem}{tail}"),
+        device_short: dev.to_string(),
+    })
+}
+
+/// Where `keep both` moves a conflict copy: its original name with the device that wrote it,
+/// `report (8be8d81b).txt`, so it no longer looks like an open conflict.
+pub fn kept_copy_name(original: &str, device_short: &str) -> String {
+    let (stem, ext) = split_extension(original);
+    format!("{stem} ({device_short}){ext}")
+}
+
 /// Splits off the final extension; a leading dot (`.bashrc`) is not an extension.
 fn split_extension(name: &str) -> (&str, &str) {
     match name.rfind('.') {
@@ -133,5 +183,47 @@ mod tests {
         let c = conflict_path(&long, &v(t), 9);
         assert!(c.name().len() <= MAX_NAME_LEN);
         assert!(is_conflict_name(c.name()));
+    }
+
+    #[test]
+    fn copy_names_parse_back_to_their_original() {
+        let t = 1_709_212_455_000;
+        for (orig, attempt) in [
+            ("docs/report.txt", 0),
+            ("docs/report.txt", 3),
+            (".bashrc", 0),
+            ("archive.tar.gz", 1),
+            ("Makefile", 0),
+        ] {
+            let p = VaultPath::new(orig).unwrap();
+            let c = conflict_path(&p, &v(t), attempt);
+            let parsed = parse_copy_name(c.name()).unwrap_or_else(|| panic!("{c:?}"));
+            assert_eq!(parsed.original, p.name(), "{c:?}");
+            assert_eq!(parsed.device_short, "abababab");
+        }
+        for bad in [
+            "report.txt",
+            "report.sync-conflict-2024-131415-abababab.txt",
+            "report.sync-conflict-20240229-131415-abab.txt",
+            "report.sync-conflict-20240229-131415-abababab-.txt",
+            "report.sync-conflict-20240229-131415-ababababx",
+            ".sync-conflict-20240229-131415-abababab",
+        ] {
+            assert_eq!(parse_copy_name(bad), None, "{bad}");
+        }
+        assert_eq!(kept_copy_name("a.txt", "abababab"), "a (abababab).txt");
+        assert_eq!(kept_copy_name(".bashrc", "ab"), ".bashrc (ab)");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics_and_inverts_naming(name in "[a-z.é]{1,20}", ms in 0u64..4_000_000_000_000, k in 0u32..20) {
+            let _ = parse_copy_name(&name);
+            if let Ok(p) = VaultPath::new(&name) {
+                let c = conflict_path(&p, &v(ms), k);
+                let parsed = parse_copy_name(c.name());
+                proptest::prop_assert_eq!(parsed.map(|x| x.original), Some(name.clone()));
+            }
+        }
     }
 }

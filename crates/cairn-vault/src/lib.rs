@@ -30,7 +30,9 @@ mod view;
 pub mod sim;
 
 pub use clock::Hlc;
-pub use conflict::{conflict_path_for, is_conflict_name};
+pub use conflict::{
+    CopyName, conflict_path_for, is_conflict_name, kept_copy_name, parse_copy_name,
+};
 pub use content::{content_from_manifest, manifest_of};
 pub use engine::{Attrs, Change, CommitReport, PublishReport, Vault};
 pub use entry::{Content, ENTRY_FORMAT_V1, Entry, EntryKind, INLINE_MAX, MAX_INLINE_CHUNKS};

@@ -1,4 +1,5 @@
-//! `cairn held`, `cairn approve`, `cairn reject`: the mass-delete guard's decisions.
+//! `cairn held`, `cairn approve`, `cairn reject` (the mass-delete guard's decisions) and
+//! `cairn conflicts`: the things in a vault that wait for a person.
 
 use std::path::Path;
 
@@ -64,6 +65,50 @@ pub fn decide(vault_dir: &Path, id: Option<u64>, approve: bool) -> Result<()> {
         println!("deleted {n} held path(s) on this device; every member follows");
     } else {
         println!("restored {n} held path(s); every member gets them back");
+    }
+    Ok(())
+}
+
+/// `cairn conflicts`: every conflict copy with both sides' author, time and size.
+pub fn conflicts(state: &daemon::VaultState, json: bool) -> Result<()> {
+    let list = daemon::conflicts(state)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no conflicts");
+    }
+    let me = state.device.device_id().to_string();
+    let who = |d: &str| {
+        if d == me {
+            format!("{} (this device)", &d[..8])
+        } else {
+            d[..8.min(d.len())].to_string()
+        }
+    };
+    for c in &list {
+        println!("{}", c.path);
+        match &c.current {
+            Some(s) => println!(
+                "  kept name: {} at {}, {} bytes",
+                who(&s.device),
+                daemon::format_time(s.modified_ms),
+                s.size
+            ),
+            None => println!("  kept name: deleted since"),
+        }
+        let s = &c.copy_side;
+        println!(
+            "  copy:      {} at {}, {} bytes  ->  {}",
+            who(&s.device),
+            daemon::format_time(s.modified_ms),
+            s.size,
+            c.copy
+        );
+    }
+    if !list.is_empty() {
+        println!("resolve with `cairn resolve PATH --keep mine|theirs|both|NAME`");
     }
     Ok(())
 }

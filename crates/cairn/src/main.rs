@@ -159,6 +159,22 @@ enum Command {
     /// Undo a held deletion: the files come back on every device, the deleting one too (all
     /// held ones without ID).
     Reject { id: Option<u64> },
+    /// List conflict copies (`name.sync-conflict-…`): the name, the copy, and for both
+    /// versions who wrote it, when, and its size.
+    Conflicts {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve one conflict through the mount; the result syncs everywhere. PATH is the
+    /// conflict copy, or the name it lost (if it has one copy).
+    Resolve {
+        path: String,
+        /// `mine` (the version this device wrote), `theirs`, `both` (the copy becomes
+        /// `name (device).ext`), or the name of the version to keep.
+        #[arg(long, value_name = "mine|theirs|both|NAME")]
+        keep: String,
+    },
     /// Stop the daemon serving MOUNTPOINT, waiting until all changes are flushed.
     Unmount { mountpoint: PathBuf },
     /// Bring back a deleted or older version of one file or directory tree, touching nothing
@@ -341,6 +357,14 @@ fn run(cli: Cli) -> Result<()> {
                     h.parents.len()
                 );
             }
+        }
+        Command::Conflicts { json } => {
+            held::conflicts(&VaultState::load(&data_dir, &cli.vault)?, json)?
+        }
+        Command::Resolve { path, keep } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let r = daemon::resolve(&state, &path, &daemon::Keep::parse(&keep))?;
+            println!("resolved {}: kept {}", r.path, r.kept);
         }
         Command::Held { json } => held::list(&VaultState::load(&data_dir, &cli.vault)?.dir, json)?,
         Command::Approve { id } => {
