@@ -2325,7 +2325,8 @@ fn tree_intact(d: &Device, top: &str, dirs: usize, per: usize, why: &mut String)
 /// An `rm -rf` of 3,000 files is held on the deleting device and on its peer, with every
 /// file still readable on both; other writes keep syncing meanwhile; `reject` (on the peer)
 /// brings the files back everywhere, the deleting device included. A second `rm -rf` is held
-/// again, survives a restart of both daemons, and `approve` deletes it everywhere.
+/// again, survives a restart of both daemons, and `approve` deletes it everywhere but for a
+/// file written into the held tree meanwhile (an edit wins over a deletion).
 #[test]
 fn a_mass_delete_is_held_everywhere_until_approved_or_rejected() {
     let (dirs, per) = (30, 100);
@@ -2411,23 +2412,37 @@ fn a_mass_delete_is_held_everywhere_until_approved_or_rejected() {
         );
     }
 
+    // A file written into a held directory (on the peer) is an edit: it wins over the
+    // deletion, with the directories above it.
+    fs::write(b.path("big/d07/late.txt"), b"late\n").unwrap();
+    wait_until(
+        &both,
+        "a file made inside the hold syncs",
+        SYNC_DEADLINE,
+        |_| content_is(&a.path("big/d07/late.txt"), b"late\n"),
+    );
+
     // Approved on the deleting device: gone everywhere, the rest untouched.
     a.run_ok(&["approve"]);
     wait_until(&both, "approve deletes everywhere", SYNC_DEADLINE, |why| {
-        let gone = both
-            .iter()
-            .all(|d| !d.path("big").exists() && d.held_files().is_empty());
+        let gone = both.iter().all(|d| {
+            !d.path("big/d00").exists()
+                && !d.path("big/d07/f000.txt").exists()
+                && d.held_files().is_empty()
+        });
         gone && all_equal(&both, why)
     });
     for d in both {
         assert_eq!(fs::read(d.path("keep.txt")).unwrap(), b"keep\n");
+        assert_eq!(fs::read(d.path("big/d07/late.txt")).unwrap(), b"late\n");
+        assert_eq!(fs::read_dir(d.path("big")).unwrap().count(), 1);
         assert_eq!(d.root_status(), "synced");
     }
     assert_never(
         &both,
         "approved files come back",
         Duration::from_secs(5),
-        || both.iter().any(|d| d.path("big").exists()),
+        || both.iter().any(|d| d.path("big/d00").exists()),
     );
 }
 

@@ -77,6 +77,45 @@ impl Publisher {
         }
     }
 
+    /// Brings back the held directories above `p` that the engine has deleted, so a file
+    /// created or edited inside a held directory can be committed there (the edit wins over
+    /// the held deletion, as it does over any deletion). The directories then leave the hold.
+    pub fn revive_held_parents(&self, vault: &mut Vault, p: &VaultPath, now: u64) {
+        let held = self.guard.overrides();
+        if held.is_empty() {
+            return;
+        }
+        let mut missing: Vec<(VaultPath, cairn_vault::Entry)> = Vec::new();
+        let mut above: Vec<VaultPath> = p.ancestors().filter(|a| !a.is_root()).collect();
+        above.reverse();
+        for a in above {
+            if matches!(vault.lookup(&a), Ok(Some(_))) {
+                break;
+            }
+            match held.get(&a.dir_key()) {
+                Some(e) => missing.push((a.clone(), e.clone())),
+                None => return,
+            }
+        }
+        let changes: Vec<(VaultPath, Change)> = missing
+            .into_iter()
+            .rev()
+            .map(|(a, e)| {
+                let attrs = cairn_vault::Attrs {
+                    mode: e.mode,
+                    mtime_ns: e.mtime_ns,
+                    xattrs: e.xattrs,
+                };
+                (a, Change::Mkdir { attrs })
+            })
+            .collect();
+        if !changes.is_empty()
+            && let Err(e) = vault.commit(changes, now)
+        {
+            tracing::warn!(path = %p.as_str(), error = %e, "cannot bring back the held directories above a new file");
+        }
+    }
+
     /// Approves (deletes everywhere) or rejects (restores everywhere) held deletion `id`, or
     /// every held deletion. Returns the number of paths decided.
     pub fn decide(&self, id: Option<u64>, approve: bool) -> anyhow::Result<usize> {

@@ -238,6 +238,8 @@ impl FlushSink for VaultSink {
         }
         // Creations wait for every deletion: a directory may replace a removed file.
         group.commit(&mut vault, now, &mut out);
+        // Only while a deletion is held can a parent be missing for a reason to undo.
+        let holding = !self.publisher.guard.overrides().is_empty();
         // Creations and updates, parents first.
         for item in batch
             .items
@@ -247,6 +249,15 @@ impl FlushSink for VaultSink {
             let p = VaultPath::new(&item.path).map_err(rejected)?;
             if p.is_root() {
                 continue;
+            }
+            // Inside a held deletion: the directories above come back first (committed
+            // with what is queued, so the group sees them).
+            if holding
+                && p.parent()
+                    .is_some_and(|d| !d.is_root() && matches!(vault.lookup(&d), Ok(None)))
+            {
+                group.commit(&mut vault, now, &mut out);
+                self.publisher.revive_held_parents(&mut vault, &p, now);
             }
             let existing = vault.lookup(&p).map_err(rejected)?;
             let want_dir = item.record.kind == Kind::Dir;
