@@ -83,10 +83,9 @@ pub fn held_summaries(vault_dir: &Path) -> Result<Vec<HeldSummary>> {
 /// What a state change did to the held set.
 #[derive(Default)]
 pub struct Observed {
-    /// Paths held by this change (the mount must stop believing they are gone).
+    /// Paths held by this change (the mount must stop believing they are gone). Paths no
+    /// longer held need no telling: their entries changed, which the view's diff reports.
     pub held: Vec<String>,
-    /// Paths no longer held.
-    pub released: Vec<String>,
 }
 
 /// Deletions this close together count as one: `rm -rf` of a large tree through the mount
@@ -205,7 +204,6 @@ impl Guard {
         for r in &mut set.records {
             let gone = r.prune(&source as &dyn EntrySource)?;
             changed |= !gone.is_empty();
-            out.released.extend(gone.iter().filter_map(|k| key_path(k)));
         }
         set.records.retain(|r| !r.entries.is_empty());
         let dels = guard::deletions(vault.stores(), &before, &vault.root())?;

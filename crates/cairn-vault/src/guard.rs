@@ -142,7 +142,7 @@ impl HeldRecord {
     }
 
     /// Drops the paths whose current entry (per `current`) is no longer the tombstone the
-    /// hold was made for; returns how many were dropped.
+    /// hold was made for; returns their keys.
     pub fn prune(&mut self, current: &dyn EntrySource) -> Result<Vec<Vec<u8>>> {
         let mut gone = Vec::new();
         let mut kept = Vec::with_capacity(self.entries.len());
@@ -601,6 +601,133 @@ mod tests {
         ];
         assert_eq!(main_author(&e), Some(dev(4)));
         assert_eq!(main_author(&[]), None);
+    }
+
+    /// Two engines sharing stores, like two devices that have exchanged every blob.
+    fn two_devices() -> (crate::engine::Vault, crate::engine::Vault) {
+        use cairn_crypto::{AgeIdentity, DeviceKey, VaultSecret};
+        let identity = AgeIdentity::generate();
+        let keys = crate::snapshot::Keyring {
+            vault: VaultSecret::from_bytes([7; 32]).vault_id(),
+            recipients: vec![identity.recipient()],
+            identity,
+        };
+        let stores = VaultStores::new(
+            Arc::new(cairn_tree::MemoryNodeStore::new()),
+            Arc::new(crate::stores::MemoryBlobs::new()),
+        );
+        let a =
+            crate::engine::Vault::new(stores.clone(), keys.clone(), DeviceKey::from_bytes([1; 32]));
+        let b = crate::engine::Vault::new(stores, keys, DeviceKey::from_bytes([2; 32]));
+        (a, b)
+    }
+
+    fn vp(s: &str) -> VaultPath {
+        VaultPath::new(s).unwrap()
+    }
+
+    /// Deletes `d` with its files on `a`, hands the result to `b`; returns what each would hold.
+    fn delete_tree(
+        a: &mut crate::engine::Vault,
+        b: &mut crate::engine::Vault,
+        now: u64,
+    ) -> (Vec<HeldEntry>, Vec<HeldEntry>) {
+        let before = a.root();
+        let mut changes: Vec<(VaultPath, Change)> = (0..10)
+            .map(|i| (vp(&format!("d/f{i}")), Change::Remove))
+            .collect();
+        changes.push((vp("d"), Change::Rmdir));
+        a.commit(changes, now).unwrap();
+        let held_a = deletions(a.stores(), &before, &a.root()).unwrap();
+        let s = a.snapshot(now).unwrap();
+        let before = b.root();
+        b.receive(s.id).unwrap();
+        let held_b = deletions(b.stores(), &before, &b.root()).unwrap();
+        (held_a, held_b)
+    }
+
+    #[test]
+    fn decisions_reach_every_holder_through_ordinary_merges() {
+        let (mut a, mut b) = two_devices();
+        let mut setup = vec![(
+            vp("d"),
+            Change::Mkdir {
+                attrs: Attrs {
+                    mode: 0o755,
+                    ..Attrs::default()
+                },
+            },
+        )];
+        for i in 0..10 {
+            setup.push((
+                vp(&format!("d/f{i}")),
+                Change::write_inline(format!("file {i}").into_bytes(), 0o644, 1),
+            ));
+        }
+        setup.push((vp("keep"), Change::write_inline(b"keep".to_vec(), 0o644, 1)));
+        a.commit(setup, 10).unwrap();
+        let s = a.snapshot(10).unwrap();
+        b.receive(s.id).unwrap();
+        let policy = GuardPolicy {
+            max_delete_share: 0.5,
+            max_delete_files: 5,
+        };
+        assert_eq!(live_files(&b.source()).unwrap(), 11);
+
+        // Deleted on A: both devices see the same eleven deletions, too many for the policy.
+        let (held_a, held_b) = delete_tree(&mut a, &mut b, 20);
+        assert_eq!(held_a.len(), 11);
+        assert_eq!(held_a, held_b);
+        assert!(policy.holds(10, 11));
+        assert_eq!(main_author(&held_b), Some(a.device()));
+        let mut rec_a = HeldRecord {
+            id: 1,
+            origin: a.device(),
+            created_ms: 20,
+            entries: held_a,
+        };
+
+        // Rejected on B: the files come back on A through an ordinary merge, A's hold lets go,
+        // and nothing new looks deleted there.
+        b.commit(reject_changes(&held_b), 30).unwrap();
+        let s = b.snapshot(30).unwrap();
+        let before = a.root();
+        a.receive(s.id).unwrap();
+        assert_eq!(rec_a.prune(&a.source()).unwrap().len(), 11);
+        assert!(rec_a.entries.is_empty());
+        assert!(
+            deletions(a.stores(), &before, &a.root())
+                .unwrap()
+                .is_empty()
+        );
+        let (_, f3) = a.lookup(&vp("d/f3")).unwrap().unwrap();
+        assert_eq!(f3.content, Content::Inline(b"file 3".to_vec()));
+        assert_eq!(live_files(&a.source()).unwrap(), 11);
+
+        // Deleted again on A, approved on B: A's hold lets go and the files stay deleted.
+        let (held_a, held_b) = delete_tree(&mut a, &mut b, 40);
+        let mut rec_a = HeldRecord {
+            id: 2,
+            origin: a.device(),
+            created_ms: 40,
+            entries: held_a,
+        };
+        b.commit(approve_changes(&held_b), 50).unwrap();
+        let s = b.snapshot(50).unwrap();
+        let before = a.root();
+        a.receive(s.id).unwrap();
+        assert_eq!(rec_a.prune(&a.source()).unwrap().len(), 11);
+        assert!(
+            deletions(a.stores(), &before, &a.root())
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(a.lookup(&vp("d/f3")).unwrap(), None);
+        assert_eq!(live_files(&a.source()).unwrap(), 1);
+        // And the two devices agree.
+        let s = a.snapshot(60).unwrap();
+        b.receive(s.id).unwrap();
+        assert_eq!(a.root(), b.root());
     }
 
     #[test]
