@@ -28,7 +28,8 @@ mod status;
 pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
 pub use fs::CairnFs;
 pub use mount::{
-    Invalidator, MountError, MountHandle, MountOptions, is_mounted, lazy_unmount, mount,
+    Invalidator, MountError, MountHandle, MountOptionError, MountOptions, is_mounted, lazy_unmount,
+    mount,
 };
 pub use sink::{FlushBatch, FlushError, FlushItem, FlushSink, StagedFile};
 
