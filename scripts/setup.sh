@@ -15,8 +15,9 @@ fi
 
 # Debian packages: fuse3 (fusermount3 + /etc/fuse.conf), libfuse3-dev and pkg-config (the
 # mount links libfuse3 and its examples provide the benchmark passthrough baseline), gcc for
-# bundled SQLite; attr, rsync, git and tar are real programs the end-to-end tests run.
-PKGS=(fuse3 libfuse3-dev pkg-config gcc attr rsync git tar)
+# bundled SQLite; attr, rsync, git, tar, sqlite3, python3 and make are real programs the
+# end-to-end tests run; autoconf, automake, make and perl (prove) build and run pjdfstest.
+PKGS=(fuse3 libfuse3-dev pkg-config gcc attr rsync git tar sqlite3 python3 make autoconf automake perl)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -22,3 +22,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+
+# POSIX conformance against libfuse's passthrough_ll (a few minutes; skipped, saying why,
+# without ../shared/tools/run-pjdfstest.sh or without root).
+echo "== pjdfstest" >&2
+bash scripts/pjdfstest.sh

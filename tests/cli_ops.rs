@@ -582,3 +582,40 @@ fn verify_unit(home: &Home, unit_path: &Path, instance: Option<&str>) {
     }
     assert!(ours.is_empty(), "systemd-analyze verify:\n{text}");
 }
+
+#[test]
+fn mount_options_reach_the_kernel_and_the_attributes() {
+    use std::os::unix::fs::MetadataExt;
+    let home = Home::new();
+    home.ok(&["init"]);
+    let mnt = home.mnt();
+    let err = assert_one_line_error(
+        &home.run(&["mount", "-o", "allow_root", mnt.to_str().unwrap()]),
+        "allow_other",
+    );
+    assert!(err.contains("allow_root"), "{err}");
+    let mut d = Daemon::start(
+        &home,
+        &["-o", "allow_other,ro,uid=4242,gid=4343,noauto"],
+        None,
+    );
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", mnt.display())))
+        .expect("the mount is listed");
+    assert!(line.contains("allow_other"), "{line}");
+    assert!(
+        line.split_whitespace()
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "{line}"
+    );
+    let md = fs::metadata(&mnt).unwrap();
+    assert_eq!((md.uid(), md.gid()), (4242, 4343), "uid=/gid= own the root");
+    let e = fs::write(mnt.join("f"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    d.stop(&home);
+}

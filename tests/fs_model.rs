@@ -124,6 +124,13 @@ enum Op {
     SlotFstat {
         slot: usize,
     },
+    /// fallocate mode 0 (may grow the file) or KEEP_SIZE (never changes what is seen).
+    SlotFallocate {
+        slot: usize,
+        off: u64,
+        len: u64,
+        keep_size: bool,
+    },
     SlotFsync {
         slot: usize,
     },
@@ -347,13 +354,33 @@ impl Side {
             Op::SlotFstat { slot } => {
                 let f = self.slots[*slot].as_ref().expect("slot open");
                 let md = f.metadata().map_err(err)?;
-                // nlink of an fd whose name was unlinked is 0 natively; FUSE may lag: skip it.
+                // nlink is 0 once the name was unlinked or replaced (open-unlinked files).
                 Ok(format!(
-                    "{} mode={:o} size={}",
+                    "{} mode={:o} size={} nlink={}",
                     kind_of(&md),
                     md.mode() & 0o7777,
-                    md.len()
+                    md.len(),
+                    md.nlink()
                 ))
+            }
+            Op::SlotFallocate {
+                slot,
+                off,
+                len,
+                keep_size,
+            } => {
+                let f = self.slots[*slot].as_ref().expect("slot open");
+                let mode = if *keep_size {
+                    libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    0
+                };
+                let fd = std::os::fd::AsRawFd::as_raw_fd(f);
+                // SAFETY: fallocate on a descriptor the slot keeps open.
+                match unsafe { libc::fallocate(fd, mode, *off as i64, *len as i64) } {
+                    0 => Ok(format!("size={}", f.metadata().map_err(err)?.len())),
+                    _ => Err(err(io::Error::last_os_error())),
+                }
             }
             Op::SlotFsync { slot } => {
                 let f = self.slots[*slot].as_ref().expect("slot open");
@@ -602,7 +629,16 @@ impl Gen {
                     let Some(slot) = self.open_slot() else {
                         continue;
                     };
-                    Op::SlotFsync { slot }
+                    if self.rng.random_bool(0.5) {
+                        Op::SlotFsync { slot }
+                    } else {
+                        Op::SlotFallocate {
+                            slot,
+                            off: self.offset(),
+                            len: self.rng.random_range(1..64 * 1024),
+                            keep_size: self.rng.random_bool(0.5),
+                        }
+                    }
                 }
                 _ => {
                     let Some(slot) = self.open_slot() else {

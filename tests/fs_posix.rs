@@ -821,6 +821,11 @@ fn unlink_errors_and_open_file() {
         .unwrap();
     fs::remove_file(m.path("open")).unwrap();
     assert_errno(fs::metadata(m.path("open")), libc::ENOENT);
+    assert_eq!(
+        f.metadata().unwrap().nlink(),
+        0,
+        "fstat of an unlinked file"
+    );
     assert!(
         !fs::read_dir(m.root())
             .unwrap()
@@ -1631,4 +1636,334 @@ fn setgid_directory_is_inherited() {
     let file = fs::metadata(m.path("g/file")).unwrap();
     assert_eq!(file.mode() & 0o2000, 0, "files do not get the bit");
     assert_eq!(file.gid(), fs::metadata(m.path("g")).unwrap().gid());
+}
+
+// ---------------------------------------------------------------------------------------
+// special files, ownership, fallocate, SEEK_DATA/SEEK_HOLE, locks, shared mmap
+// ---------------------------------------------------------------------------------------
+
+fn cpath(p: &std::path::Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn fifos_sockets_and_device_nodes_work_locally_and_survive_a_remount() {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let mut m = TestMount::new();
+    // A FIFO carries bytes between a writer and a reader.
+    let fifo = m.path("fifo");
+    // SAFETY: a valid C string and a mode.
+    assert_eq!(
+        unsafe { libc::mkfifo(cpath(&fifo).as_ptr(), 0o640) },
+        0,
+        "mkfifo"
+    );
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::write(fifo, b"through the pipe").unwrap())
+    };
+    assert_eq!(fs::read(&fifo).unwrap(), b"through the pipe");
+    writer.join().unwrap();
+    // A unix socket bound inside the mount accepts a connection.
+    let sock = m.path("sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut client = UnixStream::connect(&sock).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    assert!(fs::metadata(&sock).unwrap().file_type().is_socket());
+    drop((client, server, listener));
+    // Device nodes need CAP_MKNOD; the mount is nodev, so they cannot be opened.
+    if is_root() {
+        let dev = m.path("null");
+        let rdev = libc::makedev(1, 3);
+        // SAFETY: a valid C string, a mode and a device number.
+        let r = unsafe { libc::mknod(cpath(&dev).as_ptr(), libc::S_IFCHR | 0o600, rdev) };
+        assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+        let md = fs::metadata(&dev).unwrap();
+        assert!(md.file_type().is_char_device());
+        assert_eq!(md.rdev(), rdev);
+    }
+    let kinds: BTreeSet<(String, bool)> = fs::read_dir(m.root())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                t.is_fifo() || t.is_socket() || t.is_char_device(),
+            )
+        })
+        .collect();
+    assert!(kinds.contains(&("fifo".into(), true)), "{kinds:?}");
+    assert!(kinds.contains(&("sock".into(), true)), "{kinds:?}");
+    if m.is_native() {
+        return;
+    }
+    // Kept in the local overlay across a remount (and a flush), never turned into files.
+    m.remount();
+    assert!(fs::metadata(m.path("fifo")).unwrap().file_type().is_fifo());
+    assert!(
+        fs::metadata(m.path("sock"))
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    assert_eq!(
+        fs::metadata(m.path("fifo")).unwrap().mode() & 0o777,
+        0o640 & !current_umask()
+    );
+    // Removing one is an ordinary unlink.
+    fs::remove_file(m.path("fifo")).unwrap();
+    assert_errno(fs::metadata(m.path("fifo")), libc::ENOENT);
+}
+
+#[test]
+fn chown_to_another_owner_is_kept_after_flush_and_remount() {
+    if !is_root() {
+        eprintln!("SKIPPED chown_to_another_owner_is_kept_after_flush_and_remount: needs root");
+        return;
+    }
+    let mut m = TestMount::new();
+    write(&m, "f", b"owned");
+    fs::create_dir(m.path("d")).unwrap();
+    std::os::unix::fs::chown(m.path("f"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::chown(m.path("d"), Some(4321), None).unwrap();
+    let md = fs::metadata(m.path("f")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    if m.is_native() {
+        return;
+    }
+    m.remount(); // flushes everything into a snapshot first
+    let md = fs::metadata(m.path("f")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678), "owner kept locally");
+    assert_eq!(fs::metadata(m.path("d")).unwrap().uid(), 4321);
+    assert_eq!(read(&m, "f"), b"owned");
+    // A later content change keeps the owner; a rename carries it.
+    write(&m, "f", b"changed");
+    fs::rename(m.path("f"), m.path("d/g")).unwrap();
+    m.remount();
+    let md = fs::metadata(m.path("d/g")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    assert_eq!(read(&m, "d/g"), b"changed");
+}
+
+#[test]
+fn fallocate_modes() {
+    let m = TestMount::new();
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("f"))
+        .unwrap();
+    let fd = f.as_raw_fd_for_test();
+    // SAFETY: fallocate on a descriptor this test owns.
+    let fa = |mode, off, len| unsafe { libc::fallocate(fd, mode, off, len) };
+    assert_eq!(fa(0, 0, 1 << 20), 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    assert!(
+        f.metadata().unwrap().blocks() * 512 >= 1 << 20,
+        "space is reserved"
+    );
+    assert_eq!(fa(libc::FALLOC_FL_KEEP_SIZE, 0, 2 << 20), 0);
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        1 << 20,
+        "KEEP_SIZE keeps the size"
+    );
+    f.write_all_at(&pattern(16384, 3), 0).unwrap();
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    assert_eq!(
+        fa(punch, 4096, 4096),
+        0,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    let mut back = vec![0u8; 16384];
+    f.read_exact_at(&mut back, 0).unwrap();
+    let mut want = pattern(16384, 3);
+    want[4096..8192].fill(0);
+    assert_eq!(back, want, "a punched hole reads as zeros");
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    drop(f);
+    assert_eq!(read(&m, "f")[..16384], want[..], "through a new open too");
+    if !m.is_native() {
+        let f = File::options().write(true).open(m.path("f")).unwrap();
+        let fd = f.as_raw_fd_for_test();
+        // SAFETY: as above.
+        let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096) };
+        assert_eq!(r, -1);
+        assert_eq!(errno_of(&std::io::Error::last_os_error()), libc::EOPNOTSUPP);
+    }
+}
+
+trait RawFdForTest {
+    fn as_raw_fd_for_test(&self) -> i32;
+}
+impl RawFdForTest for File {
+    fn as_raw_fd_for_test(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+#[test]
+fn seek_data_and_seek_hole() {
+    let m = TestMount::new();
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("sparse"))
+        .unwrap();
+    f.write_all_at(&[7u8; 4096], 0).unwrap();
+    f.write_all_at(&[9u8; 4096], 4 << 20).unwrap();
+    let size = (4 << 20) + 4096;
+    let fd = f.as_raw_fd_for_test();
+    // SAFETY: lseek on a descriptor this test owns.
+    let seek = |off, whence| unsafe { libc::lseek(fd, off, whence) };
+    assert_eq!(seek(0, libc::SEEK_DATA), 0);
+    let hole = seek(0, libc::SEEK_HOLE);
+    assert!((4096..size).contains(&hole), "first hole at {hole}");
+    let data = seek(hole, libc::SEEK_DATA);
+    assert!(data > hole && data <= 4 << 20, "data again at {data}");
+    assert_eq!(
+        seek(4 << 20, libc::SEEK_HOLE),
+        size,
+        "the end counts as a hole"
+    );
+    assert_eq!(seek(size, libc::SEEK_DATA), -1);
+    assert_eq!(errno_of(&std::io::Error::last_os_error()), libc::ENXIO);
+}
+
+#[test]
+fn flock_and_fcntl_locks_exclude_another_process() {
+    let m = TestMount::new();
+    write(&m, "lock", b"x");
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(m.path("lock"))
+        .unwrap();
+    let fd = f.as_raw_fd_for_test();
+    let other_can = |kind: &str| {
+        let code = format!(
+            "import fcntl,sys\nf=open(sys.argv[1],'r+')\ntry:\n fcntl.{}(f, fcntl.LOCK_EX|fcntl.LOCK_NB)\n sys.exit(0)\nexcept OSError:\n sys.exit(3)",
+            kind
+        );
+        let st = std::process::Command::new("python3")
+            .args(["-c", &code])
+            .arg(m.path("lock"))
+            .status()
+            .expect("python3 runs");
+        match st.code() {
+            Some(0) => true,
+            Some(3) => false,
+            other => panic!("lock helper exited with {other:?}"),
+        }
+    };
+    // flock: exclusive here, refused there; free again after unlock.
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(fd, libc::LOCK_EX) }, 0);
+    assert!(!other_can("flock"), "flock held by another process");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::flock(fd, libc::LOCK_UN) }, 0);
+    assert!(other_can("flock"));
+    // fcntl (POSIX) record lock: a write lock over the whole file.
+    // SAFETY: a zeroed flock struct is valid; fcntl only reads it.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &fl) }, 0);
+    assert!(!other_can("lockf"), "fcntl lock held by another process");
+    fl.l_type = libc::F_UNLCK as i16;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETLK, &fl) }, 0);
+    assert!(other_can("lockf"));
+}
+
+#[test]
+fn shared_writable_mmap_reaches_the_file() {
+    let mut m = TestMount::new();
+    write(&m, "map", &vec![0u8; 65536]);
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(m.path("map"))
+        .unwrap();
+    // SAFETY: mapping 64 KiB of a 64 KiB file this test owns; unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            65536,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd_for_test(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    let want = pattern(65536, 11);
+    // SAFETY: p points at 65536 writable bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(want.as_ptr(), p as *mut u8, want.len());
+        assert_eq!(libc::msync(p, 65536, libc::MS_SYNC), 0);
+        assert_eq!(libc::munmap(p, 65536), 0);
+    }
+    drop(f);
+    assert_eq!(read(&m, "map"), want, "written through the mapping");
+    if !m.is_native() {
+        m.remount();
+        assert_eq!(read(&m, "map"), want, "and kept across a remount");
+    }
+}
+
+#[test]
+fn copy_file_range_copies_or_reports_unsupported() {
+    let m = TestMount::new();
+    let data = pattern(300_000, 9);
+    write(&m, "src", &data);
+    let src = File::open(m.path("src")).unwrap();
+    let dst = File::create(m.path("dst")).unwrap();
+    let mut copied = 0usize;
+    while copied < data.len() {
+        // SAFETY: copy_file_range between two descriptors this test owns, no offsets.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd_for_test(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd_for_test(),
+                std::ptr::null_mut(),
+                data.len() - copied,
+                0,
+            )
+        };
+        if n < 0 {
+            // Kernels before 5.19 do not fall back to a copy inside one FUSE mount.
+            let e = errno_of(&std::io::Error::last_os_error());
+            assert!(
+                [libc::EXDEV, libc::EOPNOTSUPP, libc::ENOSYS].contains(&e),
+                "copy_file_range failed with {}",
+                errno_name(e)
+            );
+            eprintln!("copy_file_range unsupported here: {}", errno_name(e));
+            return;
+        }
+        assert!(n > 0, "copy_file_range made no progress at {copied}");
+        copied += n as usize;
+    }
+    drop(dst);
+    assert_eq!(read(&m, "dst"), data);
 }

@@ -420,3 +420,201 @@ fn crash_kill9_keeps_fsynced_files() {
         "the writers never got a file durably written"
     );
 }
+
+#[test]
+fn cp_p_and_rsync_t_keep_mtimes() {
+    let m = TestMount::new();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("old.txt");
+    fs::write(&src, b"old content").unwrap();
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    run(Command::new("cp").arg("-p").arg(&src).arg(m.path("cp.txt")));
+    let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+    assert_eq!(mtime(&m.path("cp.txt")), old, "cp -p keeps the mtime");
+    if have("rsync") {
+        run(Command::new("rsync")
+            .arg("-t")
+            .arg(&src)
+            .arg(m.path("rs.txt")));
+        assert_eq!(mtime(&m.path("rs.txt")), old, "rsync -t keeps the mtime");
+        // A second rsync -t sees equal size and mtime and leaves the file alone.
+        let out = run(Command::new("rsync")
+            .args(["-t", "-i"])
+            .arg(&src)
+            .arg(m.path("rs.txt")));
+        assert!(
+            out.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(fs::read(m.path("cp.txt")).unwrap(), b"old content");
+}
+
+#[test]
+fn git_clone_status_clean_and_gc() {
+    if !have("git") {
+        eprintln!("SKIPPED git_clone_status_clean_and_gc: `git` is not installed");
+        return;
+    }
+    let m = TestMount::new();
+    let home = tempfile::tempdir().unwrap();
+    let origin = home.path().join("origin");
+    fs::create_dir(&origin).unwrap();
+    git(&origin, home.path(), &["init", "-q"]);
+    for i in 0..30 {
+        fs::create_dir_all(origin.join(format!("d{}", i % 5))).unwrap();
+        fs::write(
+            origin.join(format!("d{}/f{i}.txt", i % 5)),
+            format!("{i}\n").repeat(i + 1),
+        )
+        .unwrap();
+        if i % 10 == 9 {
+            git(&origin, home.path(), &["add", "-A"]);
+            git(
+                &origin,
+                home.path(),
+                &["commit", "-q", "-m", &format!("c{i}")],
+            );
+        }
+    }
+    // A file:// URL makes git copy objects over its transport instead of hard-linking them.
+    let url = format!("file://{}", origin.display());
+    git(m.root(), home.path(), &["clone", "-q", &url, "clone"]);
+    let clone = m.path("clone");
+    let status = git(&clone, home.path(), &["status", "--porcelain"]);
+    assert!(
+        status.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    git(&clone, home.path(), &["gc", "-q", "--aggressive"]);
+    git(&clone, home.path(), &["fsck", "--strict"]);
+    let status = git(&clone, home.path(), &["status", "--porcelain"]);
+    assert!(status.stdout.is_empty(), "clean after gc");
+    let head = |d: &Path| git(d, home.path(), &["rev-parse", "HEAD"]).stdout;
+    assert_eq!(head(&clone), head(&origin));
+    assert_eq!(
+        fs::read(clone.join("d4/f29.txt")).unwrap(),
+        "29\n".repeat(30).as_bytes()
+    );
+}
+
+#[test]
+fn build_a_c_project_and_make_sees_mtimes() {
+    if !have("make") || !have("cc") {
+        eprintln!("SKIPPED build_a_c_project_and_make_sees_mtimes: needs make and cc");
+        return;
+    }
+    let m = TestMount::new();
+    let p = m.path("proj");
+    fs::create_dir(&p).unwrap();
+    fs::write(p.join("greet.h"), "const char *greet(void);\n").unwrap();
+    fs::write(
+        p.join("greet.c"),
+        "#include \"greet.h\"\nconst char *greet(void) { return \"hello\"; }\n",
+    )
+    .unwrap();
+    fs::write(
+        p.join("main.c"),
+        "#include <stdio.h>\n#include \"greet.h\"\nint main(void) { printf(\"%s from cairn\\n\", greet()); return 0; }\n",
+    )
+    .unwrap();
+    fs::write(
+        p.join("Makefile"),
+        "app: main.o greet.o\n\tcc -o app main.o greet.o\n%.o: %.c greet.h\n\tcc -O1 -c $<\n",
+    )
+    .unwrap();
+    let make = |args: &[&str]| {
+        let out = run(Command::new("make").current_dir(&p).args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    make(&[]);
+    let out = run(&mut Command::new(p.join("app")));
+    assert_eq!(out.stdout, b"hello from cairn\n");
+    let q = Command::new("make")
+        .current_dir(&p)
+        .arg("-q")
+        .status()
+        .unwrap();
+    assert!(q.success(), "everything up to date right after the build");
+    // A newer source makes exactly its object and the program stale again.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(
+        p.join("greet.c"),
+        "#include \"greet.h\"\nconst char *greet(void) { return \"hi\"; }\n",
+    )
+    .unwrap();
+    let q = Command::new("make")
+        .current_dir(&p)
+        .arg("-q")
+        .status()
+        .unwrap();
+    assert!(!q.success(), "make sees greet.c newer than greet.o");
+    let log = make(&[]);
+    assert!(log.contains("greet.c") && !log.contains("main.c"), "{log}");
+    let out = run(&mut Command::new(p.join("app")));
+    assert_eq!(out.stdout, b"hi from cairn\n");
+}
+
+/// A SQLite database in WAL mode written by two processes at once; one writer is killed
+/// with SIGKILL mid-transaction. The database must pass `PRAGMA integrity_check` and hold
+/// every row the survivor committed.
+#[test]
+fn sqlite_wal_two_writers_survive_kill9() {
+    let py = Command::new("python3")
+        .args(["-c", "import sqlite3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !py {
+        eprintln!("SKIPPED sqlite_wal_two_writers_survive_kill9: needs python3 with sqlite3");
+        return;
+    }
+    let m = TestMount::new();
+    let db = m.path("app.db");
+    let setup = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nassert c.execute('PRAGMA journal_mode=WAL').fetchone()[0]=='wal'\nc.execute('CREATE TABLE t(w TEXT, n INTEGER, pad BLOB)')\nc.commit()\n";
+    run(Command::new("python3").args(["-c", setup]).arg(&db));
+    // Writes rows forever (the victim) or N rows (the survivor), one transaction each.
+    let writer = "import sqlite3,sys,os\nc=sqlite3.connect(sys.argv[1],timeout=60)\nw=sys.argv[2];n=int(sys.argv[3])\ni=0\nwhile n<0 or i<n:\n  c.execute('INSERT INTO t VALUES(?,?,?)',(w,i,os.urandom(3000)))\n  c.commit();i+=1\n  if i==20: open(sys.argv[1]+'.'+w,'w').close()\n";
+    let mut victim = Command::new("python3")
+        .args(["-c", writer])
+        .arg(&db)
+        .args(["victim", "-1"])
+        .spawn()
+        .unwrap();
+    let survivor = Command::new("python3")
+        .args(["-c", writer])
+        .arg(&db)
+        .args(["survivor", "300"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !m.path("app.db.victim").exists() {
+        assert!(Instant::now() < deadline, "the victim never got 20 rows in");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    let out = survivor.wait_with_output().unwrap();
+    assert!(out.status.success(), "survivor failed");
+    let check = "import sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\nprint(c.execute('PRAGMA integrity_check').fetchone()[0])\nprint(c.execute(\"SELECT COUNT(*), COUNT(DISTINCT n) FROM t WHERE w='survivor'\").fetchone())\nprint(c.execute(\"SELECT COUNT(*) FROM t WHERE w='victim'\").fetchone()[0])\n";
+    let out = run(Command::new("python3").args(["-c", check]).arg(&db));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "ok", "integrity_check: {text}");
+    assert_eq!(
+        lines[1], "(300, 300)",
+        "every survivor row committed: {text}"
+    );
+    let victim_rows: u64 = lines[2].parse().unwrap();
+    assert!(
+        victim_rows >= 20,
+        "the victim's committed rows stay: {text}"
+    );
+}

@@ -168,6 +168,9 @@ impl VaultSink {
         };
         Ok(match (r.kind, &r.data) {
             (Kind::Whiteout, _) => None,
+            // Special files and local owners stay on this device (the overlay never hands
+            // them to a flush; this keeps a stray one from reaching a snapshot).
+            (Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev | Kind::Owner, _) => None,
             (Kind::Dir, _) if exists => Some(Change::SetAttrs { attrs }),
             (Kind::Dir, _) => Some(Change::Mkdir { attrs }),
             (Kind::Symlink, Data::Target(t)) => Some(Change::Symlink {
@@ -244,7 +247,7 @@ impl FlushSink for VaultSink {
         for item in batch
             .items
             .iter_mut()
-            .filter(|i| i.record.kind != Kind::Whiteout)
+            .filter(|i| i.record.kind != Kind::Whiteout && !i.record.kind.is_local())
         {
             let p = VaultPath::new(&item.path).map_err(rejected)?;
             if p.is_root() {

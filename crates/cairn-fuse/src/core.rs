@@ -18,7 +18,7 @@ use crate::errno::{FsResult, base_errno, io_errno, overlay_errno};
 use crate::flusher::FlushCtl;
 use crate::namespace::{FileCell, FileState, GoneSrc, Namespace, Node};
 use crate::sink::FlushSink;
-use crate::stat::{Stat, entry_kind};
+use crate::stat::{Stat, entry_kind, special_type};
 
 /// Copy-on-write and staging reads move data in blocks of this size, so a file of any size
 /// costs at most one block of memory.
@@ -104,6 +104,11 @@ impl Core {
     pub(crate) fn resolve(&self, path: &str) -> FsResult<Option<Node>> {
         match self.overlay.get(path).map_err(overlay_errno)? {
             Some(r) if r.kind == Kind::Whiteout => Ok(None),
+            Some(r) if r.kind == Kind::Owner => Ok(self
+                .base
+                .get(path)
+                .map_err(base_errno)?
+                .map(|b| self.owned(b, &r))),
             Some(r) => Ok(Some(Node::Rec(r))),
             None => Ok(self.base.get(path).map_err(base_errno)?.map(Node::Base)),
         }
@@ -135,42 +140,40 @@ impl Core {
                     _ => None,
                 };
                 Stat {
-                    kind: entry_kind(r.kind),
-                    perm: r.mode,
-                    uid: r.uid,
-                    gid: r.gid,
-                    size,
                     atime_ns: r.atime_ns.unwrap_or(r.mtime_ns),
                     mtime_ns: r.mtime_ns,
                     ctime_ns: r.ctime_ns,
                     blocks,
+                    special: special_type(r.kind),
+                    rdev: match r.data {
+                        // The kernel's dev_t is 32 bits wide on the wire (new_encode_dev).
+                        Data::Device(d) => d as u32,
+                        _ => 0,
+                    },
+                    ..Stat::new(entry_kind(r.kind), r.mode, r.uid, r.gid, size)
                 }
             }
             Node::Base(b) => Stat {
-                kind: b.kind,
-                perm: b.mode,
-                uid: self.opts.uid,
-                gid: self.opts.gid,
-                size: b.size,
                 atime_ns: b.mtime_ns,
                 mtime_ns: b.mtime_ns,
                 ctime_ns: b.mtime_ns,
-                blocks: None,
+                ..Stat::new(
+                    b.kind,
+                    b.mode & !self.opts.umask,
+                    self.opts.uid,
+                    self.opts.gid,
+                    b.size,
+                )
             },
         })
     }
 
     fn root_stat(&self) -> Stat {
         Stat {
-            kind: EntryKind::Dir,
-            perm: 0o755,
-            uid: self.opts.uid,
-            gid: self.opts.gid,
-            size: 0,
             atime_ns: self.root_mtime_ns.load(Ordering::Relaxed),
             mtime_ns: self.root_mtime_ns.load(Ordering::Relaxed),
             ctime_ns: self.root_ctime_ns.load(Ordering::Relaxed),
-            blocks: None,
+            ..Stat::new(EntryKind::Dir, 0o755, self.opts.uid, self.opts.gid, 0)
         }
     }
 
@@ -189,6 +192,15 @@ impl Core {
             Some(p) => self.stat_path(p),
             None => inode.detached.clone().ok_or(Errno::ENOENT),
         }
+    }
+
+    /// A base entry with this device's local owner (a [`Kind::Owner`] record) applied: a
+    /// record whose content stays the base's, so any change keeps the owner.
+    fn owned(&self, b: BaseEntry, owner: &Record) -> Node {
+        let mut r = self.materialize(Node::Base(b));
+        r.uid = owner.uid;
+        r.gid = owner.gid;
+        Node::Rec(r)
     }
 
     /// The record to modify for a metadata change on `path`, materialised from the base if
@@ -346,6 +358,9 @@ impl Core {
     pub(crate) fn dir_is_empty(&self, path: &str) -> FsResult<bool> {
         let mut hidden = HashSet::new();
         for (name, rec) in self.overlay.children(path).map_err(overlay_errno)? {
+            if rec.kind == Kind::Owner {
+                continue; // visible only if the base has the entry: the loop below decides
+            }
             if rec.kind != Kind::Whiteout {
                 return Ok(false);
             }
@@ -369,8 +384,9 @@ impl Core {
             .into_iter()
             .peekable();
         let mut out = Vec::new();
+        // Ownership records without a base entry under them show nothing.
         let emit = |out: &mut Vec<(String, Node)>, name: String, rec: Record| {
-            if rec.kind != Kind::Whiteout {
+            if rec.kind != Kind::Whiteout && rec.kind != Kind::Owner {
                 out.push((name, Node::Rec(rec)));
             }
         };
@@ -380,6 +396,9 @@ impl Core {
                 emit(&mut out, oname, rec);
             }
             match over.next_if(|(o, _)| *o == name) {
+                Some((oname, rec)) if rec.kind == Kind::Owner => {
+                    out.push((oname, self.owned(entry, &rec)));
+                }
                 Some((oname, rec)) => emit(&mut out, oname, rec),
                 None => out.push((name, Node::Base(entry))),
             }
@@ -643,6 +662,81 @@ impl Core {
         st.written = true;
         self.record_data_change(ino, &st, size, true)?;
         Ok(data.len() as u32)
+    }
+
+    /// `fallocate(2)` on the staging file: mode 0 and `KEEP_SIZE` reserve space,
+    /// `PUNCH_HOLE | KEEP_SIZE` and `ZERO_RANGE` zero a range (what the snapshot then stores
+    /// is exactly the zeros a read returns). Other modes (collapse, insert) are refused with
+    /// `EOPNOTSUPP`, what ext4 answers for the modes it lacks.
+    pub(crate) fn fallocate(
+        &self,
+        ino: u64,
+        cell: &FileCell,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    ) -> FsResult<()> {
+        let allowed =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !allowed != 0 {
+            return Err(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        let (off, n) = (
+            i64::try_from(offset).map_err(|_| Errno::from_i32(libc::EFBIG))?,
+            i64::try_from(len).map_err(|_| Errno::from_i32(libc::EFBIG))?,
+        );
+        let mut st = cell.lock();
+        self.ensure_staged(ino, &mut st, None)?;
+        let file = st.staging.as_ref().ok_or(Errno::EIO)?.1.clone();
+        let before = file.metadata().map_err(io_errno)?.len();
+        // SAFETY: fallocate only reads its integer arguments; the descriptor stays open
+        // for the call because `file` is borrowed.
+        if unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&*file), mode, off, n) } != 0 {
+            return Err(io_errno(std::io::Error::last_os_error()));
+        }
+        let size = file.metadata().map_err(io_errno)?.len();
+        let changed =
+            size != before || mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        st.written |= changed;
+        self.record_data_change(ino, &st, size, changed)?;
+        Ok(())
+    }
+
+    /// `lseek` with `SEEK_DATA` / `SEEK_HOLE` (the kernel does the other whences). A staged
+    /// file answers from its staging file, holes included; base content is all data.
+    pub(crate) fn seek_data(
+        &self,
+        ino: u64,
+        cell: &FileCell,
+        offset: i64,
+        whence: i32,
+    ) -> FsResult<i64> {
+        let (staged, base_size) = {
+            let mut st = cell.lock();
+            self.init_source(ino, &mut st)?;
+            (
+                st.staging.as_ref().map(|(_, f)| f.clone()),
+                st.base.as_ref().map_or(0, |b| b.size),
+            )
+        };
+        if let Some(f) = staged {
+            // SAFETY: lseek on a descriptor `f` keeps open; it moves only that open file
+            // description's offset, which nothing else uses (all I/O is positional).
+            let r = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&*f), offset, whence) };
+            return if r < 0 {
+                Err(io_errno(std::io::Error::last_os_error()))
+            } else {
+                Ok(r)
+            };
+        }
+        let size = i64::try_from(base_size).unwrap_or(i64::MAX);
+        match whence {
+            _ if offset < 0 => Err(Errno::EINVAL),
+            _ if offset >= size => Err(Errno::from_i32(libc::ENXIO)),
+            libc::SEEK_DATA => Ok(offset),
+            libc::SEEK_HOLE => Ok(size),
+            _ => Err(Errno::EINVAL),
+        }
     }
 
     pub(crate) fn read(

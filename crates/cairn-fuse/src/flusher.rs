@@ -189,7 +189,10 @@ impl Core {
         let mut ns = self.ns();
         ns.inflight.clear();
         result?;
-        let released = self.overlay.retire(&keys).map_err(to_flush_err)?;
+        let released = self
+            .overlay
+            .retire_keeping_owners(&keys, Some((self.opts.uid, self.opts.gid)))
+            .map_err(to_flush_err)?;
         self.drop_released(&ns, released);
         // Ignored records stay in the overlay for good; only the others are left to do.
         let left = !self.overlay.is_empty().map_err(to_flush_err)?

@@ -12,8 +12,8 @@ use cairn_overlay::{Data, Kind, Record};
 use fuser::{
     AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::base::EntryKind;
@@ -125,6 +125,9 @@ impl Filesystem for CairnFs {
         reply_result!(reply, r, |t| reply.data(&t));
     }
 
+    /// Regular files as by `creat`; FIFOs, sockets and device nodes become local records
+    /// that are never flushed (see [`Kind::is_local`]). The kernel already checked that
+    /// the caller may make device nodes (`CAP_MKNOD`); `nodev` keeps them from opening.
     fn mknod(
         &self,
         req: &Request,
@@ -132,12 +135,23 @@ impl Filesystem for CairnFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        // The vault stores regular files, directories and symlinks only.
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            return reply.error(Errno::EPERM);
+        let special = match mode & libc::S_IFMT {
+            0 | libc::S_IFREG => None,
+            libc::S_IFIFO => Some((Kind::Fifo, Data::None)),
+            libc::S_IFSOCK => Some((Kind::Socket, Data::None)),
+            libc::S_IFCHR => Some((Kind::CharDev, Data::Device(rdev.into()))),
+            libc::S_IFBLK => Some((Kind::BlockDev, Data::Device(rdev.into()))),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if let Some((kind, data)) = special {
+            let rec = self
+                .core
+                .new_record(kind, mode & !umask, req.uid(), req.gid(), data);
+            let r = self.create_node(parent, name, rec);
+            return reply_result!(reply, r, |v| reply.entry(&self.ttl(), &v.1.attr(v.0), GEN));
         }
         let r = (|| {
             let (id, _f) = self.core.overlay.create_staging().map_err(overlay_errno)?;
@@ -347,6 +361,55 @@ impl Filesystem for CairnFs {
             Ok(())
         })();
         reply_result!(reply, r, |_v| reply.ok());
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let h = self
+            .core
+            .handles()
+            .get(&fh.0)
+            .map(|h| (h.ino, h.cell.clone()));
+        let Some((ino, cell)) = h else {
+            return reply.error(Errno::EBADF);
+        };
+        reply_result!(
+            reply,
+            self.core.fallocate(ino, &cell, offset, length, mode),
+            |_v| reply.ok()
+        );
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let h = self
+            .core
+            .handles()
+            .get(&fh.0)
+            .map(|h| (h.ino, h.cell.clone()));
+        let Some((ino, cell)) = h else {
+            return reply.error(Errno::EBADF);
+        };
+        reply_result!(
+            reply,
+            self.core.seek_data(ino, &cell, offset, whence),
+            |o| { reply.offset(o) }
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

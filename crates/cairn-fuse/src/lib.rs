@@ -30,7 +30,8 @@ pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryK
 pub use fs::CairnFs;
 pub use ignore::{IGNORE_FILE, IgnoreRules, MAX_RULES_BYTES, read_base_file};
 pub use mount::{
-    Invalidator, MountError, MountHandle, MountOptions, is_mounted, lazy_unmount, mount,
+    Invalidator, MountError, MountHandle, MountOptionError, MountOptions, is_mounted, lazy_unmount,
+    mount,
 };
 pub use sink::{FlushBatch, FlushError, FlushItem, FlushSink, StagedFile};
 

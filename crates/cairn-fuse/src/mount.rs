@@ -35,6 +35,57 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Mount read-only (history views): the kernel answers every write with EROFS.
     pub read_only: bool,
+    /// Masks the permission bits of entries that came from the vault without a local
+    /// record (`umask=`); local changes show their own mode.
+    pub umask: u32,
+}
+
+/// A `-o` mount option cairn does not understand or cannot honour.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MountOptionError {
+    #[error(
+        "unknown mount option {0:?}; cairn understands allow_other, default_permissions, ro, \
+         rw, uid=N, gid=N and umask=OCTAL"
+    )]
+    Unknown(String),
+    #[error("mount option {0:?} needs a number (uid=/gid= decimal, umask= octal)")]
+    BadValue(String),
+}
+
+impl MountOptions {
+    /// Applies a comma-separated option list, as `mount -o` and fstab write it.
+    /// `default_permissions` is accepted but always on: cairn leaves permission checks to
+    /// the kernel and has none of its own to fall back on. Options that only concern
+    /// mount(8) itself (`defaults`, `noauto`, `user`, `_netdev`, `nofail`, `x-*`, ...) are
+    /// ignored so an fstab line can carry them.
+    pub fn apply_options(&mut self, list: &str) -> Result<(), MountOptionError> {
+        for opt in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            let number = |radix| {
+                value
+                    .and_then(|v| u32::from_str_radix(v, radix).ok())
+                    .ok_or_else(|| MountOptionError::BadValue(opt.to_string()))
+            };
+            match key {
+                "allow_other" => self.allow_other = true,
+                "default_permissions" => {}
+                "ro" => self.read_only = true,
+                "rw" => self.read_only = false,
+                "uid" => self.uid = number(10)?,
+                "gid" => self.gid = number(10)?,
+                "umask" => self.umask = number(8)? & 0o777,
+                "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "owner"
+                | "_netdev" | "nofail" | "exec" | "noexec" | "suid" | "nosuid" | "dev"
+                | "nodev" | "atime" | "noatime" | "relatime" => {}
+                k if k.starts_with("x-") || k.starts_with("comment") => {}
+                _ => return Err(MountOptionError::Unknown(opt.to_string())),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for MountOptions {
@@ -50,6 +101,7 @@ impl Default for MountOptions {
             gid,
             allow_other: false,
             read_only: false,
+            umask: 0,
         }
     }
 }
@@ -471,5 +523,36 @@ impl Drop for MountHandle {
         if let Err(e) = self.shutdown() {
             tracing::error!(error = %e, "unmount on drop failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::*;
+
+    #[test]
+    fn option_lists_set_what_they_name_and_refuse_the_rest() {
+        let mut o = MountOptions::default();
+        o.apply_options(
+            "allow_other,default_permissions,uid=1000,gid=100,umask=027,noauto,x-systemd.automount",
+        )
+        .unwrap();
+        assert!(o.allow_other);
+        assert!(!o.read_only);
+        assert_eq!((o.uid, o.gid, o.umask), (1000, 100, 0o027));
+        o.apply_options("ro").unwrap();
+        assert!(o.read_only);
+        assert_eq!(
+            o.apply_options("uid=me"),
+            Err(MountOptionError::BadValue("uid=me".into()))
+        );
+        assert_eq!(
+            o.apply_options("umask=9"),
+            Err(MountOptionError::BadValue("umask=9".into()))
+        );
+        assert_eq!(
+            o.apply_options("allow_root"),
+            Err(MountOptionError::Unknown("allow_root".into()))
+        );
     }
 }

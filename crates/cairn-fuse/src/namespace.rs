@@ -7,11 +7,11 @@ use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cairn_overlay::{Record, StagingId};
-use fuser::Errno;
+use fuser::{Errno, FileType};
 
 use crate::base::{BaseEntry, EntryKind};
 use crate::errno::FsResult;
-use crate::stat::{Stat, entry_kind};
+use crate::stat::{Stat, entry_kind, file_type, special_type};
 
 pub(crate) const ROOT: u64 = 1;
 pub(crate) const NAME_MAX: usize = 255;
@@ -43,6 +43,14 @@ impl Node {
         match self {
             Node::Rec(r) => entry_kind(r.kind),
             Node::Base(b) => b.kind,
+        }
+    }
+
+    /// The type readdir reports (special files included).
+    pub(crate) fn file_type(&self) -> FileType {
+        match self {
+            Node::Rec(r) => special_type(r.kind).unwrap_or(file_type(entry_kind(r.kind))),
+            Node::Base(b) => file_type(b.kind),
         }
     }
 
@@ -198,7 +206,10 @@ impl Namespace {
         if let Some(ino) = self.paths.remove(path) {
             if let Some(i) = self.inodes.get_mut(&ino) {
                 i.path = None;
-                i.detached = last;
+                i.detached = last.map(|mut s| {
+                    s.nlink = 0;
+                    s
+                });
                 i.gone = gone;
             } else if let Some(GoneSrc::Staged(id)) = gone {
                 self.unheld.push(id);

@@ -16,7 +16,7 @@ use crate::core::{DirHandle, Handle};
 use crate::errno::{FsResult, base_errno, overlay_errno};
 use crate::fs::CairnFs;
 use crate::namespace::{NAME_MAX, Namespace, Node, in_subtree, join};
-use crate::stat::{Stat, file_type, time_to_ns};
+use crate::stat::{Stat, time_to_ns};
 
 /// Set-group-ID on a directory: new entries take its group, new subdirectories the bit.
 const S_ISGID: u32 = 0o2000;
@@ -41,6 +41,21 @@ fn name_str(name: &OsStr) -> FsResult<&str> {
         return Err(Errno::EINVAL);
     }
     Ok(s)
+}
+
+/// Whether the calling process has `gid` as its group or one of its supplementary groups
+/// (FUSE passes only the primary one; the rest are in /proc).
+fn caller_in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
 }
 
 fn time_or_now(t: TimeOrNow) -> i64 {
@@ -161,14 +176,22 @@ impl CairnFs {
         {
             return Err(Errno::EPERM);
         }
+        // chown(2): the owner may change the group to one it belongs to, supplementary
+        // groups included (the kernel checks the same with default_permissions).
         if let Some(g) = gid
             && g != cur.gid
             && caller != 0
-            && (caller != cur.uid || g != req.gid())
+            && (caller != cur.uid || !caller_in_group(req, g))
         {
             return Err(Errno::EPERM);
         }
-        if mode.is_some() && caller != 0 && caller != cur.uid {
+        // Only the owner changes the mode, except that anyone's write or chown clears the
+        // set-user/group-ID bits (the kernel sends that as a mode change by the writer).
+        if let Some(m) = mode
+            && caller != 0
+            && caller != cur.uid
+            && !(m & 0o7777 & !cur.perm == 0 && (cur.perm & !m) & !0o6000 == 0)
+        {
             return Err(Errno::EPERM);
         }
         if mode.is_none()
@@ -517,7 +540,7 @@ impl CairnFs {
             ("..".to_string(), FileType::Directory),
         ];
         for (name, node) in self.core.merged_children(&path)? {
-            entries.push((name, file_type(node.kind())));
+            entries.push((name, node.file_type()));
         }
         drop(ns);
         let fh = self.core.new_fh();

@@ -37,6 +37,33 @@ pub(crate) struct Stat {
     /// Allocated 512-byte blocks when known (staged files: the staging file's allocation);
     /// otherwise derived from the size.
     pub blocks: Option<u64>,
+    /// 0 for an inode unlinked while the kernel still holds it (`fstat` after `unlink`).
+    pub nlink: u32,
+    /// The file type of a special file (FIFO, socket, device node), which `kind` calls a
+    /// file; `None` for everything else.
+    pub special: Option<FileType>,
+    /// Device number of a device node.
+    pub rdev: u32,
+}
+
+impl Stat {
+    /// Plain attributes: linked, not special.
+    pub(crate) fn new(kind: EntryKind, perm: u32, uid: u32, gid: u32, size: u64) -> Stat {
+        Stat {
+            kind,
+            perm,
+            uid,
+            gid,
+            size,
+            atime_ns: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            blocks: None,
+            nlink: 1,
+            special: None,
+            rdev: 0,
+        }
+    }
 }
 
 impl Stat {
@@ -49,14 +76,14 @@ impl Stat {
             mtime: ns_to_time(self.mtime_ns),
             ctime: ns_to_time(self.ctime_ns),
             crtime: ns_to_time(self.mtime_ns),
-            kind: file_type(self.kind),
+            kind: self.special.unwrap_or(file_type(self.kind)),
             perm: (self.perm & 0o7777) as u16,
             // Directories report 1 like btrfs: counting subdirectories would make every stat
             // of a directory a listing of it; find and friends treat 1 as "unknown".
-            nlink: 1,
+            nlink: self.nlink,
             uid: self.uid,
             gid: self.gid,
-            rdev: 0,
+            rdev: self.rdev,
             blksize: 4096,
             flags: 0,
         }
@@ -68,6 +95,17 @@ pub(crate) fn file_type(k: EntryKind) -> FileType {
         EntryKind::File => FileType::RegularFile,
         EntryKind::Dir => FileType::Directory,
         EntryKind::Symlink => FileType::Symlink,
+    }
+}
+
+/// The file type of a [`Kind::is_local`] special file.
+pub(crate) fn special_type(k: Kind) -> Option<FileType> {
+    match k {
+        Kind::Fifo => Some(FileType::NamedPipe),
+        Kind::Socket => Some(FileType::Socket),
+        Kind::CharDev => Some(FileType::CharDevice),
+        Kind::BlockDev => Some(FileType::BlockDevice),
+        _ => None,
     }
 }
 

@@ -248,7 +248,11 @@ impl Overlay {
             );
         }
         let records: i64 = conn
-            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+            .query_row(
+                &format!("SELECT COUNT(*) FROM records WHERE kind < {LOCAL_KIND_MIN}"),
+                [],
+                |r| r.get(0),
+            )
             .map_err(jerr)?;
         if records > 0 {
             tracing::info!(records, dir = %dir.display(), "overlay replayed unflushed changes");
@@ -372,7 +376,9 @@ impl Overlay {
             .map_err(|e| self.jerr(e))?;
         let mut stmt = inner
             .conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM records ORDER BY path"))
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM records WHERE kind < {LOCAL_KIND_MIN} ORDER BY path"
+            ))
             .map_err(|e| self.jerr(e))?;
         let rows = stmt
             .query_map([], row_to_record)
@@ -388,7 +394,11 @@ impl Overlay {
         let inner = self.lock();
         let n: i64 = inner
             .conn
-            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+            .query_row(
+                &format!("SELECT COUNT(*) FROM records WHERE kind < {LOCAL_KIND_MIN}"),
+                [],
+                |r| r.get(0),
+            )
             .map_err(|e| self.jerr(e))?;
         Ok(n == 0)
     }
@@ -497,20 +507,46 @@ impl Overlay {
     /// the flush saw: anything changed meanwhile stays dirty for the next flush. Returns the
     /// staging files that became unreferenced (see [`Change`] for who deletes them).
     pub fn retire(&self, committed: &[(String, u64)]) -> Result<Vec<StagingId>, OverlayError> {
+        self.retire_keeping_owners(committed, None)
+    }
+
+    /// [`Overlay::retire`], except that a committed record whose owner differs from
+    /// `default_owner` (uid, gid) becomes a [`Kind::Owner`] record instead of going: the
+    /// snapshot has no owners, so this device keeps the `chown` locally.
+    pub fn retire_keeping_owners(
+        &self,
+        committed: &[(String, u64)],
+        default_owner: Option<(u32, u32)>,
+    ) -> Result<Vec<StagingId>, OverlayError> {
         let mut inner = self.lock();
         let result = (|| {
             self.shared.commit_group(&mut inner)?;
             let tx = Transaction::new(&mut inner.conn, TransactionBehavior::Immediate)?;
             let mut released = Vec::new();
             for (path, generation) in committed {
-                let staging: Option<Option<i64>> = tx
+                let row: Option<(i64, u32, u32, Option<i64>)> = tx
                     .query_row(
-                        "DELETE FROM records WHERE path = ?1 AND generation = ?2 RETURNING staging",
+                        "SELECT kind, uid, gid, staging FROM records \
+                         WHERE path = ?1 AND generation = ?2",
                         params![path, *generation as i64],
-                        |r| r.get(0),
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                     )
                     .optional()?;
-                if let Some(Some(id)) = staging {
+                let Some((kind, uid, gid, staging)) = row else {
+                    continue;
+                };
+                let keep = kind != kind_code(Kind::Whiteout)
+                    && default_owner.is_some_and(|d| d != (uid, gid));
+                if keep {
+                    tx.execute(
+                        "UPDATE records SET kind = ?2, size = 0, xattrs = x'', data_kind = 0, \
+                         data_blob = NULL, staging = NULL WHERE path = ?1",
+                        params![path, kind_code(Kind::Owner)],
+                    )?;
+                } else {
+                    tx.execute("DELETE FROM records WHERE path = ?1", [path])?;
+                }
+                if let Some(id) = staging {
                     release_if_orphaned(&tx, Some(StagingId(id as u64)), &mut released)?;
                 }
             }
@@ -865,12 +901,17 @@ fn get_in(conn: &Connection, path: &str) -> Result<Option<Record>, MutateError> 
 }
 
 fn upsert(conn: &Connection, path: &str, r: &Record) -> Result<(), rusqlite::Error> {
+    let dev_bytes = match r.data {
+        Data::Device(d) => d.to_le_bytes(),
+        _ => [0; 8],
+    };
     let (data_kind, blob, staging): (i64, Option<&[u8]>, Option<i64>) = match &r.data {
         Data::None => (0, None, None),
         Data::Base => (1, None, None),
         Data::Staged(id) => (2, None, Some(id.0 as i64)),
         Data::Target(t) => (3, Some(t.as_slice()), None),
         Data::Content(c) => (4, Some(c.as_slice()), None),
+        Data::Device(_) => (5, Some(&dev_bytes[..]), None),
     };
     let mut stmt = conn.prepare_cached(
         "INSERT OR REPLACE INTO records (path, parent, name, kind, mode, uid, gid, mtime_ns, \
@@ -904,8 +945,17 @@ fn kind_code(k: Kind) -> i64 {
         Kind::Dir => 1,
         Kind::Symlink => 2,
         Kind::Whiteout => 3,
+        Kind::Fifo => LOCAL_KIND_MIN,
+        Kind::Socket => 5,
+        Kind::CharDev => 6,
+        Kind::BlockDev => 7,
+        Kind::Owner => 8,
     }
 }
+
+/// Kind codes from here on are [`Kind::is_local`]: `dirty`, `is_empty` and the pending
+/// listing skip them with `kind < LOCAL_KIND_MIN`.
+pub(crate) const LOCAL_KIND_MIN: i64 = 4;
 
 type RowResult = Result<(String, Record), OverlayError>;
 
@@ -922,6 +972,11 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> Result<RowResult, rusqlite::Error> 
         1 => Kind::Dir,
         2 => Kind::Symlink,
         3 => Kind::Whiteout,
+        4 => Kind::Fifo,
+        5 => Kind::Socket,
+        6 => Kind::CharDev,
+        7 => Kind::BlockDev,
+        8 => Kind::Owner,
         k => return corrupt(format!("unknown kind {k}")),
     };
     let blob: Option<Vec<u8>> = row.get(11)?;
@@ -932,6 +987,10 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> Result<RowResult, rusqlite::Error> 
         (2, _, Some(id)) => Data::Staged(StagingId(id as u64)),
         (3, Some(t), _) => Data::Target(t),
         (4, Some(c), _) => Data::Content(c),
+        (5, Some(d), _) => match <[u8; 8]>::try_from(d.as_slice()) {
+            Ok(b) => Data::Device(u64::from_le_bytes(b)),
+            Err(_) => return corrupt(format!("device number of {} bytes", d.len())),
+        },
         (k, _, _) => return corrupt(format!("data kind {k} without its payload")),
     };
     let xattrs_raw: Vec<u8> = row.get(9)?;

@@ -38,12 +38,14 @@ pub fn read_pending(dir: &Path) -> Result<Vec<PendingPath>, OverlayError> {
     .map_err(jerr)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(jerr)?;
-    // kind 3 = whiteout, data_kind 2 = staged content (see journal.rs).
+    // kind 3 = whiteout, data_kind 2 = staged content, kinds from LOCAL_KIND_MIN on are
+    // never uploaded (see journal.rs).
     let mut stmt = conn
-        .prepare(
+        .prepare(&format!(
             "SELECT path, kind, CASE WHEN data_kind = 2 THEN size ELSE 0 END \
-             FROM records WHERE path != '' ORDER BY path",
-        )
+                 FROM records WHERE path != '' AND kind < {} ORDER BY path",
+            crate::journal::LOCAL_KIND_MIN
+        ))
         .map_err(jerr)?;
     let rows = stmt
         .query_map([], |r| {

@@ -29,6 +29,26 @@ pub enum Kind {
     Symlink,
     /// Hides the base layer's entry at this path: a local deletion not yet flushed.
     Whiteout,
+    /// Special files: local to this device, never flushed (a FIFO, socket or device node
+    /// means nothing on another machine). They stay in the overlay until deleted.
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+    /// Local ownership of the base entry at this path: the vault stores no owners, so a
+    /// `chown` outlives its flush as this record (uid and gid only; everything else is the
+    /// base's). Never flushed; meaningless, and ignored, where the base has no entry.
+    Owner,
+}
+
+impl Kind {
+    /// Kinds kept on this device only: never dirty, never handed to a flush.
+    pub fn is_local(self) -> bool {
+        matches!(
+            self,
+            Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev | Kind::Owner
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +63,9 @@ pub enum Data {
     /// base file uses this so that moving it never copies (or fetches) its bytes, and so that
     /// it keeps meaning the same bytes whatever happens to the base at its old path.
     Content(Vec<u8>),
-    /// Directories and whiteouts.
+    /// Device number of a character or block device node.
+    Device(u64),
+    /// Directories, whiteouts, FIFOs, sockets and ownership records.
     None,
 }
 

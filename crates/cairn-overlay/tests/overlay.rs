@@ -598,3 +598,64 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn special_files_and_owners_are_local_never_dirty_never_pending() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let ov = Overlay::open(tmp.path()).unwrap();
+        let special = |kind, data| Record {
+            kind,
+            data,
+            ..file(0, Data::None)
+        };
+        ov.put("fifo", special(Kind::Fifo, Data::None)).unwrap();
+        ov.put("sock", special(Kind::Socket, Data::None)).unwrap();
+        ov.put("null", special(Kind::CharDev, Data::Device(0x103)))
+            .unwrap();
+        ov.put("sda", special(Kind::BlockDev, Data::Device(u64::MAX)))
+            .unwrap();
+        assert!(ov.dirty().unwrap().is_empty(), "nothing to flush");
+        assert!(ov.is_empty().unwrap());
+        // A published file whose owner differs from the mount's stays as an owner record.
+        let (id, _f) = ov.create_staging().unwrap();
+        ov.put("mine", file(0, Data::Staged(id))).unwrap(); // uid/gid 1000
+        ov.put("theirs", file(0, Data::Base)).unwrap();
+        ov.whiteout("gone").unwrap();
+        let keys: Vec<(String, u64)> = ov
+            .dirty()
+            .unwrap()
+            .into_iter()
+            .map(|(p, r)| (p, r.generation))
+            .collect();
+        assert_eq!(keys.len(), 3);
+        let mut theirs = file(0, Data::Base);
+        theirs.uid = 0;
+        // "theirs" changes during the flush: it stays dirty, untouched by retire.
+        ov.put("theirs", theirs.clone()).unwrap();
+        let released = ov.retire_keeping_owners(&keys, Some((0, 0))).unwrap();
+        assert_eq!(released, vec![id], "the owner record drops its content");
+        let mine = ov.get("mine").unwrap().unwrap();
+        assert_eq!((mine.kind, mine.uid, mine.gid), (Kind::Owner, 1000, 1000));
+        assert_eq!(mine.data, Data::None);
+        assert!(ov.get("gone").unwrap().is_none());
+        assert_eq!(strip(ov.get("theirs").unwrap().unwrap()), theirs);
+        let dirty: Vec<String> = ov.dirty().unwrap().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(dirty, ["theirs"]);
+        ov.commit().unwrap();
+    }
+    let pending = cairn_overlay::read_pending(tmp.path()).unwrap();
+    let paths: Vec<&str> = pending.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["theirs"], "local records are never pending uploads");
+    let ov = Overlay::open(tmp.path()).unwrap();
+    assert_eq!(ov.get("null").unwrap().unwrap().data, Data::Device(0x103));
+    assert_eq!(ov.get("sda").unwrap().unwrap().data, Data::Device(u64::MAX));
+    assert_eq!(ov.get("sock").unwrap().unwrap().kind, Kind::Socket);
+    let names: Vec<String> = ov
+        .children("")
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["fifo", "mine", "null", "sda", "sock", "theirs"]);
+}

@@ -155,13 +155,19 @@ impl Default for NetSettings {
 pub struct MountSettings {
     /// Idle time after the last write before a flush.
     pub debounce_ms: u64,
+    /// Mount options as `mount -o` takes them (`allow_other,uid=1000`); `cairn mount -o`
+    /// adds to them.
+    pub options: String,
 }
 
 impl Default for MountSettings {
     fn default() -> Self {
         // Short enough that a saved file reaches peers well within a second, long enough
         // that a burst of writes becomes one snapshot.
-        Self { debounce_ms: 150 }
+        Self {
+            debounce_ms: 150,
+            options: String::new(),
+        }
     }
 }
 
@@ -367,6 +373,12 @@ node_cache_mib = 64
     fn a_partial_file_keeps_the_other_defaults() {
         let c = Config::parse("[mount]\ndebounce_ms = 10\n", Path::new("c.toml")).unwrap();
         assert_eq!(c.mount.debounce_ms, 10);
+        let c = Config::parse(
+            "[mount]\noptions = \"allow_other,umask=022\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.mount.options, "allow_other,umask=022");
         assert_eq!(c.cache, CacheSettings::default());
         assert_eq!(c.net, NetSettings::default());
     }

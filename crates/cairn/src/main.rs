@@ -73,6 +73,10 @@ enum Command {
         /// `"2026-11-23 10:00:00"` (UTC) or an age such as `90m` or `2days`.
         #[arg(long, value_name = "TIME", conflicts_with = "init")]
         at: Option<String>,
+        /// Mount options, comma-separated: allow_other, default_permissions (always on),
+        /// ro, uid=N, gid=N, umask=OCTAL (added to `[mount] options` of the configuration).
+        #[arg(short = 'o', long = "options", value_name = "OPTS")]
+        options: Option<String>,
     },
     /// List the snapshots this device published, newest first.
     Log,
@@ -304,6 +308,7 @@ fn run(cli: Cli) -> Result<()> {
             debounce_ms,
             init,
             at,
+            options,
         } => {
             let state = if init
                 && !daemon::vault_dir(&data_dir, &cli.vault)
@@ -321,10 +326,16 @@ fn run(cli: Cli) -> Result<()> {
                 tracing::warn!(error = %format!("{e:#}"), "logging to stderr only");
             }
             let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
-            let opts = cairn_fuse::MountOptions {
+            let mut opts = cairn_fuse::MountOptions {
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
                 ..Default::default()
             };
+            for list in [Some(&config.mount.options), options.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                opts.apply_options(list)?;
+            }
             match at {
                 Some(t) => {
                     let at_ms = daemon::parse_time(&t, daemon::now_ms())?;
@@ -571,10 +582,11 @@ fn serve_new_member(
     match mountpoint {
         Some(mp) if !no_mount => {
             let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
-            let opts = cairn_fuse::MountOptions {
+            let mut opts = cairn_fuse::MountOptions {
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
                 ..Default::default()
             };
+            opts.apply_options(&config.mount.options)?;
             daemon::mount(
                 state,
                 &mp,
