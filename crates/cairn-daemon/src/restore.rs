@@ -379,7 +379,11 @@ fn through_engine(
     let mut changes = Vec::new();
     for item in items {
         let p = join(dest, &item.rel)?;
-        if overlay.get(p.as_str())?.is_some() {
+        // An ownership record is no pending change: it outlives every flush by design.
+        if overlay
+            .get(p.as_str())?
+            .is_some_and(|r| r.kind != cairn_fuse::Kind::Owner)
+        {
             bail!(
                 "{:?} has local changes that are not in a snapshot yet; mount the vault so they are flushed, then restore again (or use --to)",
                 p.as_str()

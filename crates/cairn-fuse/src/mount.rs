@@ -387,7 +387,8 @@ impl Invalidator {
     pub fn dirty(&self, paths: &[String]) -> Vec<String> {
         paths
             .iter()
-            .filter(|p| matches!(self.core.overlay.get(p), Ok(Some(r)) if r.kind != cairn_overlay::Kind::Whiteout))
+            // Local-only records (special files, owners) never flush: nothing to reconcile.
+            .filter(|p| matches!(self.core.overlay.get(p), Ok(Some(r)) if r.kind != cairn_overlay::Kind::Whiteout && !r.kind.is_local()))
             .cloned()
             .collect()
     }
