@@ -211,7 +211,7 @@ fn assert_one_line_error(out: &Output, hint: &str) -> String {
 }
 
 fn revisions(home: &Home) -> usize {
-    count_revisions(&home.ok(&["log"]))
+    count_revisions(&home.ok(OWN_LOG))
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
