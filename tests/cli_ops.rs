@@ -315,7 +315,7 @@ fn write_status_log_delete_restore_and_the_error_paths() {
     let revs = revisions(&home);
     assert_one_line_error(
         &home.run(&["restore", "notes/never.txt"]),
-        "in none of this device's",
+        "in none of the vault's",
     );
     assert_one_line_error(
         &home.run(&["restore", "--at", "@1000", "notes/today.txt"]),
