@@ -318,7 +318,7 @@ fn encode_parents(parents: &[SnapshotId]) -> Vec<u8> {
 
 /// Parent ids stored back to back; `None` unless whole 32-byte ids, at most [`MAX_PARENTS`].
 fn decode_parents(b: &[u8]) -> Option<Vec<SnapshotId>> {
-    if b.len() % 32 != 0 || b.len() / 32 > MAX_PARENTS {
+    if !b.len().is_multiple_of(32) || b.len() / 32 > MAX_PARENTS {
         return None;
     }
     Some(

@@ -281,11 +281,15 @@ mod tests {
         let later = n(&a, "desk", 9);
         let earlier = n(&a, "laptop", 2);
         assert_eq!(
-            reg.merge_names(&v, &[later.clone()]).unwrap(),
+            reg.merge_names(&v, std::slice::from_ref(&later)).unwrap(),
             vec![a.device_id()]
         );
         assert!(reg.merge_names(&v, &[earlier]).unwrap().is_empty());
-        assert!(reg.merge_names(&v, &[later.clone()]).unwrap().is_empty());
+        assert!(
+            reg.merge_names(&v, std::slice::from_ref(&later))
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(reg.names(&v).unwrap(), vec![later]);
         // A record signed by someone else than the named device never counts.
         let mut forged = n(&b, "evil", 20);
