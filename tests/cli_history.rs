@@ -13,7 +13,7 @@ fn cli(m: &TestMount, args: &[&str]) -> Output {
 }
 
 fn revisions(m: &TestMount) -> usize {
-    let out = cli(m, &["log"]);
+    let out = cli(m, OWN_LOG);
     assert!(
         out.status.success(),
         "cairn log failed: {}",

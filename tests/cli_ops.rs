@@ -211,7 +211,7 @@ fn assert_one_line_error(out: &Output, hint: &str) -> String {
 }
 
 fn revisions(home: &Home) -> usize {
-    count_revisions(&home.ok(&["log"]))
+    count_revisions(&home.ok(OWN_LOG))
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -315,7 +315,7 @@ fn write_status_log_delete_restore_and_the_error_paths() {
     let revs = revisions(&home);
     assert_one_line_error(
         &home.run(&["restore", "notes/never.txt"]),
-        "in none of this device's",
+        "in none of the vault's",
     );
     assert_one_line_error(
         &home.run(&["restore", "--at", "@1000", "notes/today.txt"]),
@@ -338,12 +338,25 @@ fn write_status_log_delete_restore_and_the_error_paths() {
     let again = home.ok(&["restore", "notes/today.txt"]);
     assert!(again.contains("nothing to restore"), "{again}");
 
-    // An edited file is never overwritten; --to puts the old version beside it.
+    // An edited file is never overwritten; --to puts the old version beside it. (`--at` a
+    // time before the edit: the edit itself may be in a snapshot by the time restore looks.)
+    let before_edit = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::thread::sleep(Duration::from_millis(1100));
     fs::write(mnt.join("notes/small.txt"), b"edited").unwrap();
     let err = assert_one_line_error(&home.run(&["restore", "notes/small.txt"]), "--to");
     assert!(err.contains("exists and differs"), "{err}");
     assert_eq!(fs::read(mnt.join("notes/small.txt")).unwrap(), b"edited");
-    home.ok(&["restore", "notes/small.txt", "--to", "notes/small.old.txt"]);
+    home.ok(&[
+        "restore",
+        "notes/small.txt",
+        "--at",
+        &format!("@{before_edit}"),
+        "--to",
+        "notes/small.old.txt",
+    ]);
     assert_eq!(fs::read(mnt.join("notes/small.old.txt")).unwrap(), b"small");
     home.wait_synced(&mut daemon);
     daemon.stop(&home);

@@ -19,12 +19,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    DaemonDir, SnapEntry, cairn_bin, check_fuse_available, count_revisions, diff_snapshots,
-    hash_file, is_fuse_mounted, kill_and_detach, poll, reap, try_snapshot, wait_deadline,
-    wait_mounted,
+    DaemonDir, OWN_LOG, SnapEntry, cairn_bin, check_fuse_available, count_revisions,
+    diff_snapshots, hash_file, is_fuse_mounted, kill_and_detach, poll, reap, try_snapshot,
+    wait_deadline, wait_mounted,
 };
 
 /// How long a daemon may take from spawn until its mount answers.
@@ -317,7 +317,7 @@ impl Device {
 
     /// Revisions this device has published (`cairn log`).
     fn revisions(&self) -> usize {
-        let out = self.run(&["log"], Duration::from_secs(60));
+        let out = self.run(OWN_LOG, Duration::from_secs(60));
         if !out.ok() {
             return 0;
         }
@@ -2603,4 +2603,151 @@ fn a_conflict_is_listed_on_both_devices_and_resolved_everywhere() {
             }) && all_equal(&both, why)
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Vault-wide history and device names.
+
+/// History A made before B existed is listed (with A's name), shown per file and restorable
+/// on B, and on C, recovered from the phrase: headers are sealed to the key epoch's shared
+/// history identity, and the daemon fetches what the device lacks.
+#[test]
+fn history_made_on_one_device_is_listed_and_restorable_on_others() {
+    let mut a = Device::new("A", Some(50));
+    let init = a.run_ok(&["init", "--show-phrase", "--name", "alpha"]);
+    let phrase = init
+        .lines()
+        .find_map(|l| l.strip_prefix("recovery phrase: "))
+        .expect("init prints the phrase")
+        .to_string();
+    a.start();
+    fs::write(a.path("doc.txt"), b"version one\n").unwrap();
+    fs::write(a.path("gone.txt"), b"deleted later\n").unwrap();
+    wait_until(&[&a], "A publishes", SYNC_DEADLINE, |_| a.revisions() >= 1);
+    std::thread::sleep(Duration::from_millis(1100));
+    let between = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(a.path("doc.txt"), b"version two\n").unwrap();
+    fs::remove_file(a.path("gone.txt")).unwrap();
+    wait_until(&[&a], "A publishes again", SYNC_DEADLINE, |_| {
+        a.revisions() >= 2
+    });
+    let a_revs = a.revisions();
+
+    // B joins afterwards, under its own name.
+    let ticket = a.invite("10m");
+    let mut b = Device::new("B", Some(50));
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt, "--name", "bravo"]);
+    wait_until(&[&a, &b], "A's files on B", SYNC_DEADLINE, |_| {
+        content_is(&b.path("doc.txt"), b"version two\n")
+    });
+    wait_until(&[&a, &b], "A's history on B", SYNC_DEADLINE, |why| {
+        let out = b.run(
+            &["log", "--device", "alpha", "--limit", "1000"],
+            SYNC_DEADLINE,
+        );
+        *why = format!("{}{}", out.stdout, out.stderr);
+        out.ok() && count_revisions(&out.stdout) >= a_revs
+    });
+    let log = b.run_ok(&["log", "--stat"]);
+    assert!(log.contains("alpha ("), "{log}");
+    assert!(log.contains("gone.txt"), "{log}");
+    let versions = b.run_ok(&["log", "doc.txt"]);
+    assert_eq!(count_revisions(&versions), 2, "{versions}");
+    assert!(versions.contains("alpha ("), "{versions}");
+    // Names travel both ways.
+    wait_until(&[&a, &b], "names in peers", SYNC_DEADLINE, |why| {
+        let (pa, pb) = (a.peers().join("\n"), b.peers().join("\n"));
+        *why = format!("A: {pa}\nB: {pb}");
+        pa.contains("bravo: ") && pb.contains("alpha: ")
+    });
+    b.run_ok(&["rename-device", "bravo-2"]);
+    wait_until(&[&a, &b], "the new name on A", SYNC_DEADLINE, |why| {
+        let pa = a.peers().join("\n");
+        *why = pa.clone();
+        pa.contains("bravo-2: ")
+    });
+    let other = b.run(&["rename-device", &a.device_id()[..12], "x"], SYNC_DEADLINE);
+    assert!(
+        !other.ok() && other.stderr.contains("only name itself"),
+        "{}",
+        other.stderr
+    );
+
+    // B restores what A deleted before B existed, and an old version beside the current.
+    b.run_ok(&["restore", "gone.txt"]);
+    b.run_ok(&[
+        "restore",
+        "doc.txt",
+        "--at",
+        &format!("@{between}"),
+        "--to",
+        "doc-v1.txt",
+    ]);
+    wait_until(&[&a, &b], "B's restores on A", SYNC_DEADLINE, |_| {
+        content_is(&a.path("gone.txt"), b"deleted later\n")
+            && content_is(&a.path("doc-v1.txt"), b"version one\n")
+    });
+
+    // C, recovered from the phrase, sees and restores the same history.
+    a.run_ok(&["allow-recovery", "--for", "10m"]);
+    let from = recover_from(&a);
+    let mut c = Device::new("C", Some(50));
+    let mnt = c.dir.mnt_str();
+    let before = c.ready_count();
+    let mut child = c
+        .dir
+        .logged(&["recover", "--from", &from, &mnt, "--name", "charlie"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{phrase}\n").as_bytes())
+        .unwrap();
+    c.adopt(child, before, "recover");
+    wait_until(&[&a, &c], "A's history on C", SYNC_DEADLINE, |why| {
+        let out = c.run(
+            &["log", "--device", "alpha", "--limit", "1000"],
+            SYNC_DEADLINE,
+        );
+        *why = format!("{}{}", out.stdout, out.stderr);
+        out.ok() && count_revisions(&out.stdout) >= a_revs
+    });
+    c.run_ok(&[
+        "restore",
+        "doc.txt",
+        "--at",
+        &format!("@{between}"),
+        "--to",
+        "doc-c.txt",
+    ]);
+    assert_eq!(fs::read(c.path("doc-c.txt")).unwrap(), b"version one\n");
+    let hist = c.dir.base.join("past");
+    fs::create_dir_all(&hist).unwrap();
+    let hist_s = hist.to_str().unwrap().to_string();
+    let mut view = c
+        .dir
+        .command(&["mount", "--at", &format!("@{between}"), &hist_s])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    if let Err(e) = wait_mounted(&mut view, &hist, START_DEADLINE, || true) {
+        panic!(
+            "history mount on C did not appear: {e}\n{}",
+            c.log_tail(100)
+        );
+    }
+    let past = fs::read(hist.join("gone.txt"));
+    let un = c.run(&["unmount", &hist_s], STOP_DEADLINE);
+    let _ = reap(&mut view, &hist, STOP_DEADLINE);
+    assert_eq!(past.unwrap(), b"deleted later\n");
+    assert!(un.ok(), "{}", un.stderr);
 }

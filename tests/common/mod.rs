@@ -237,8 +237,12 @@ impl Drop for TestMount {
 
 /// The number of snapshots `cairn log` printed (one `revision …` line each).
 pub fn count_revisions(log_stdout: &str) -> usize {
+    // One line per snapshot, starting with its time (`2026-12-01T10:00:00Z  …`).
     log_stdout
         .lines()
-        .filter(|l| l.starts_with("revision"))
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
         .count()
 }
+
+/// `cairn log` arguments listing every snapshot this device published.
+pub const OWN_LOG: &[&str] = &["log", "--device", "me", "--limit", "1000000"];

@@ -30,6 +30,7 @@ const CTX_EPOCH_ID: &str = "cairn key epoch id v1";
 /// the key every vault used before epochs existed.
 const CTX_CONTENT_KEY: &str = "cairn content key v1";
 const CTX_RECOVERY_TOKEN: &str = "cairn pairing recovery token v1";
+const CTX_HISTORY_IDENTITY: &str = "cairn snapshot history identity v1";
 
 /// Short public tag of one epoch's secret; safe to log and to put in frames.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,6 +79,14 @@ impl EpochSecret {
 
     pub fn content_key(&self) -> ContentKey {
         ContentKey::from_bytes(blake3::derive_key(CTX_CONTENT_KEY, &self.0))
+    }
+
+    /// The age identity every holder of this epoch shares. Snapshot headers are sealed to it
+    /// besides the members' own recipients, so a device that joins or recovers later (and
+    /// receives the epoch) can still read the history written under it; a device removed
+    /// before the epoch began never holds it.
+    pub fn history_identity(&self) -> crate::AgeIdentity {
+        crate::AgeIdentity::from_seed(blake3::derive_key(CTX_HISTORY_IDENTITY, &self.0))
     }
 
     /// What a device proves knowledge of when it rejoins with this epoch's recovery phrase.

@@ -16,4 +16,4 @@ pub use device::{DeviceId, DeviceKey, Signature};
 pub use epoch::{Epoch, EpochId, EpochSecret, KeyEpochs};
 pub use error::CryptoError;
 pub use keyfile::{is_exposed, read_secret_file, write_secret_file};
-pub use seal::{AgeIdentity, AgeRecipient, open_sealed, seal_to};
+pub use seal::{AgeIdentity, AgeRecipient, open_sealed, open_sealed_any, seal_to};

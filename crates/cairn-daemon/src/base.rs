@@ -408,6 +408,7 @@ mod tests {
         let keys = Keyring {
             vault: secret.vault_id(),
             recipients: vec![identity.recipient()],
+            history: Vec::new(),
             identity,
         };
         let blobs = Arc::new(MemoryBlobs::new());

@@ -6,7 +6,11 @@
 //! `allow-recovery SECONDS` (opens the recovery window, answers when it closes in Unix
 //! milliseconds), `allow-recovery close` (answers `closed` or `none`), `peers`,
 //! `remove DEVICE_HEX`, `rotate`, `held` (a JSON list of held deletions), `approve [ID]`
-//! and `reject [ID]` (decide one held deletion, or all; answer how many paths). Replies start with `ok` or `err`; `peers` answers `ok` and a
+//! and `reject [ID]` (decide one held deletion, or all; answer how many paths), `names`
+//! (re-sends the roster: a device name changed), `history` (indexes the members' snapshots,
+//! answers `ok ADDED GAPS`), `prefetch ROOT_HEX [PATH]` (fetches the content of a past tree,
+//! answers `ok CHUNKS`), `nodes ROOT_HEX PATH` and `diff OLD_HEX NEW_HEX` (fetch the tree
+//! nodes a history listing reads). Replies start with `ok` or `err`; `peers` answers `ok` and a
 //! JSON [`PeersReply`] (this device's addresses, then every member with its connection state,
 //! path, round-trip time and bytes); `remove` and `rotate` answer with the new key epoch:
 //! `ok [DEVICE] EPOCH` and, on the next line, its recovery phrase (the socket is the owner's
@@ -190,6 +194,51 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
                 Err(e) => format!("err {e:#}\n"),
             }
         }
+        // `cairn log` and friends: index the members' snapshots, fetching headers we lack.
+        (Some("history"), None) => {
+            let vault = &net.publisher.vault;
+            match crate::timeline::Timeline::open(&vault.dir)
+                .and_then(|t| crate::history::refresh(vault, &t))
+            {
+                Ok(r) => format!("ok {} {}\n", r.added, r.gaps),
+                Err(e) => format!("err {e:#}\n"),
+            }
+        }
+        // `cairn restore` / `mount --at`: make a past tree's content local.
+        (Some("prefetch"), Some(root)) => {
+            let path = words.next();
+            match prefetch(net, root, path) {
+                Ok(n) => format!("ok {n}\n"),
+                Err(e) => format!("err {e:#}\n"),
+            }
+        }
+        // `cairn log`: the tree nodes of another member's old snapshot.
+        (Some("nodes"), Some(root)) => {
+            let path = words.next().unwrap_or("");
+            let done = parse_root(root).and_then(|root| {
+                let p = cairn_vault::VaultPath::new(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                crate::history::fetch_nodes(&net.publisher.vault, root, &p)
+            });
+            match done {
+                Ok(()) => "ok\n".to_string(),
+                Err(e) => format!("err {e:#}\n"),
+            }
+        }
+        (Some("diff"), Some(old)) => {
+            let done = parse_root(old).and_then(|old| {
+                let new = parse_root(words.next().unwrap_or(""))?;
+                crate::history::fetch_diff(&net.publisher.vault, old, new)
+            });
+            match done {
+                Ok(n) => format!("ok {n}\n"),
+                Err(e) => format!("err {e:#}\n"),
+            }
+        }
+        // `cairn rename-device` stored a new name record: pass it on now.
+        (Some("names"), None) => {
+            net.roster_changed.notify_waiters();
+            "ok\n".to_string()
+        }
         (Some("rotate"), None) => match net.rotate_keys() {
             Ok(epoch) => format!("ok {}\n{}\n", epoch.number, epoch.secret.to_phrase()),
             Err(e) => format!("err {e:#}\n"),
@@ -202,6 +251,29 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
 
 /// A lifetime sent as whole seconds. Text that is not a number is an error rather than a
 /// default: a typo must not open pairing for longer than asked.
+fn parse_root(text: &str) -> Result<cairn_tree::NodeId> {
+    let bytes: Vec<u8> = (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<_>>()
+        .context("the tree root is not hex")?;
+    Ok(cairn_tree::NodeId(bytes.try_into().map_err(|_| {
+        anyhow::anyhow!("the tree root is not 32 bytes")
+    })?))
+}
+
+fn prefetch(net: &NetNode, root: &str, path: Option<&str>) -> Result<usize> {
+    let root = parse_root(root)?;
+    let path = path
+        .map(cairn_vault::VaultPath::new)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("prefetch: {e}"))?;
+    crate::history::fetch_tree(&net.publisher.vault, root, path.as_ref())
+}
+
 fn seconds(text: &str) -> Result<Duration> {
     text.parse::<u64>().map(Duration::from_secs).map_err(|_| {
         anyhow::anyhow!("{text:?} is not a number of seconds (is the cairn command the same version as the daemon?)")
@@ -229,12 +301,17 @@ fn resolve_among(members: &[DeviceId], text: &str) -> Result<DeviceId> {
 
 /// Sends one request to the daemon of `vault_dir`; `Ok(None)` if no daemon runs.
 pub fn request(vault_dir: &Path, line: &str) -> Result<Option<String>> {
+    request_within(vault_dir, line, Duration::from_secs(30))
+}
+
+/// [`request`] for work that may fetch a lot from peers.
+pub fn request_within(vault_dir: &Path, line: &str, wait: Duration) -> Result<Option<String>> {
     let path = socket_path(vault_dir);
     let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
         Err(_) => return Ok(None),
     };
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(wait))?;
     (&stream).write_all(format!("{line}\n").as_bytes())?;
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut reply = String::new();

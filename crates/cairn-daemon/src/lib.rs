@@ -18,6 +18,7 @@ mod history;
 mod instance;
 mod join;
 mod mount;
+mod names;
 mod net;
 mod open_vault;
 mod publisher;
@@ -27,6 +28,7 @@ mod sink;
 mod state;
 mod status;
 mod stores;
+mod timeline;
 
 pub use cairn_net::{MAX_INVITATION_TTL, MAX_RECOVERY_WINDOW, PeerAddr, RelayUrl, Relays};
 pub use cairn_vault::GuardPolicy;
@@ -35,11 +37,15 @@ pub use control::PeersReply;
 pub use control::request as control_request;
 pub use faults::{FaultKind, PeerFault, PeerFaults};
 pub use guard::{HeldSummary, held_summaries, load_held};
-pub use history::{format_time, log, mount_at, parse_time};
+pub use history::{
+    Changes, FileVersion, History, LogLine, LogQuery, diff_changes, format_time, history, mount_at,
+    parse_time, timeline,
+};
 pub use instance::{DaemonInfo, running_daemon};
 pub use join::{join_vault, recover_vault};
 pub use mount::LiveMount;
 pub use mount::{CacheBudget, mount, sync_only, unmount, writable_mount};
+pub use names::{Labels, ensure_own_name, parse_name, set_own_name};
 pub use net::NetSettings;
 pub use open_vault::{OpenVault, now_ms};
 pub use report::{CONFLICT_MARK, Report, report};
@@ -47,3 +53,4 @@ pub use restore::restore;
 pub use sink::view_of;
 pub use state::{VaultState, default_data_dir, vault_dir};
 pub use status::{DaemonStatus, Downloads, PeerStatus};
+pub use timeline::{Query, SnapInfo, Timeline};

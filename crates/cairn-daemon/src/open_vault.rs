@@ -86,14 +86,15 @@ impl OpenVault {
         let keys = Keyring {
             vault: vault_id,
             identity: state.age.clone(),
-            recipients: recipients(&registry, &vault_id, state.age.recipient())?,
+            recipients: recipients(&registry, &vault_id, state.age.recipient(), &epochs)?,
+            history: history_identities(&epochs),
         };
         let vault = match registry.get(&vault_id, &device_id)? {
             Some(head) => Vault::open(stores.clone(), keys, state.device.clone(), SnapshotId::from(head.payload))
                 .context("loading this device's last snapshot (the store may be damaged; run `cairn verify`)")?,
             None => Vault::new(stores.clone(), keys, state.device.clone()),
         };
-        Ok(Self {
+        let me = Self {
             blobs,
             remote_blobs,
             registry,
@@ -105,7 +106,12 @@ impl OpenVault {
             dir: state.dir.clone(),
             faults: Arc::default(),
             vault: Mutex::new(vault),
-        })
+        };
+        // Names are cosmetic: a registry that cannot store one still opens.
+        if let Err(e) = crate::names::ensure_own_name(&me) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot give this device its default name");
+        }
+        Ok(me)
     }
 
     /// The engine. One writer at a time: flushes are serialized through this lock, readers
@@ -115,14 +121,26 @@ impl OpenVault {
     }
 }
 
+/// The shared history identities of every key epoch this device holds.
+pub fn history_identities(epochs: &KeyEpochs) -> Vec<cairn_crypto::AgeIdentity> {
+    epochs
+        .all()
+        .iter()
+        .map(|e| e.secret.history_identity())
+        .collect()
+}
+
 /// Everyone a snapshot header must be readable by: the current members' recipients from the
 /// signed roster, and this device's own (always, even before its record arrives).
 pub fn recipients(
     registry: &Registry,
     vault: &VaultId,
     own: AgeRecipient,
+    epochs: &KeyEpochs,
 ) -> Result<Vec<AgeRecipient>> {
-    let mut out = vec![own];
+    // The current epoch's shared history recipient: members who join later (or a device
+    // recovered from the phrase) receive the epoch and can read this history too.
+    let mut out = vec![own, epochs.current().secret.history_identity().recipient()];
     for r in registry.roster(vault)? {
         if r.removed {
             continue;

@@ -20,11 +20,12 @@ use cairn_fuse::{BaseEntry, BaseLayer, Overlay, OverlayError};
 use cairn_vault::{Attrs, Change, Content, Entry, EntryKind, MergedView, VaultPath};
 
 use super::base::VaultBase;
-use super::history::{LogEntry, format_time, log, parse_time, snapshot_at};
+use super::history::{format_time, parse_time, prefetch, snapshot_at, timeline};
 use super::mount::writable_mount;
 use super::sink::{publish, view_of};
 use crate::open_vault::{OpenVault, now_ms};
 use crate::state::VaultState;
+use crate::timeline::{Query, SnapInfo, Timeline};
 
 /// One entry of the tree being restored, relative to the restored root ("" is the root).
 struct Item {
@@ -105,12 +106,15 @@ pub fn restore(state: &VaultState, path: &str, at: Option<&str>, to: Option<&str
         bail!("--to {dest:?} is inside {src:?}; pick a destination outside the restored tree");
     }
     let device = OpenVault::open(state)?;
-    let (from, view, root) = find_version(&device, &src, at)?;
+    let t = timeline(&device)?;
+    let (from, view, root) = find_version(&device, &t, &src, at)?;
+    // The version may be another member's that this device never fetched.
+    prefetch(&device, from.root, Some(&src))?;
     let items = collect(&view, &src, root)?;
     let when = format!(
-        "revision {} from {}",
-        from.revision,
-        format_time(from.snapshot.header.created_ms)
+        "the snapshot of {} from {}",
+        crate::names::Labels::load(&device).label(&from.device),
+        format_time(from.created_ms)
     );
     let base = VaultBase::new(device.stores.clone(), view.clone());
     let written = match &live {
@@ -136,42 +140,75 @@ pub fn restore(state: &VaultState, path: &str, at: Option<&str>, to: Option<&str
     Ok(())
 }
 
-/// The snapshot to restore from and the live entry of `src` in it.
+/// The snapshot (of any member) to restore from and the live entry of `src` in it.
 fn find_version(
     device: &OpenVault,
+    t: &Timeline,
     src: &VaultPath,
     at: Option<&str>,
-) -> Result<(LogEntry, MergedView, Entry)> {
-    let source_of = |e: &LogEntry| view_of(device.stores.source(e.snapshot.header.root));
-    if let Some(t) = at {
-        let at_ms = parse_time(t, now_ms())?;
-        let entry = snapshot_at(device, at_ms)?;
+) -> Result<(SnapInfo, MergedView, Entry)> {
+    let source_of = |e: &SnapInfo| view_of(device.stores.source(e.root));
+    if let Some(at_text) = at {
+        let at_ms = parse_time(at_text, now_ms())?;
+        let entry = snapshot_at(device, t, at_ms)?;
         let view = source_of(&entry);
-        let Some(found) = lookup_live(&view, src)? else {
+        let Some(found) = lookup_fetching(device, &entry, &view, src)? else {
             bail!(
-                "{:?} did not exist at {} (revision {}); drop --at to restore its newest version, or see `cairn log`",
+                "{:?} did not exist at {}; drop --at to restore its newest version, or see `cairn log {}`",
                 src.as_str(),
                 format_time(at_ms),
-                entry.revision
+                src.as_str()
             );
         };
         return Ok((entry, view, found));
     }
-    let entries = log(device)?;
-    if entries.is_empty() {
-        bail!("this device has published no snapshot yet, so there is nothing to restore");
-    }
-    let n = entries.len();
-    for entry in entries {
-        let view = source_of(&entry);
-        if let Some(found) = lookup_live(&view, src)? {
-            return Ok((entry, view, found));
+    // Newest first, a page at a time: most restores find the path in the first pages.
+    let mut before = None;
+    let mut n = 0;
+    loop {
+        let page = t.page(&Query {
+            before_ms: before,
+            device: None,
+            limit: 256,
+        })?;
+        let Some(last) = page.last() else { break };
+        before = Some(last.created_ms);
+        let exhausted = page.len() < 256;
+        for entry in page {
+            n += 1;
+            let view = source_of(&entry);
+            if let Ok(Some(found)) = lookup_fetching(device, &entry, &view, src) {
+                return Ok((entry, view, found));
+            }
+        }
+        if exhausted {
+            break;
         }
     }
+    if n == 0 {
+        bail!("the vault has no snapshot this device can read yet, so there is nothing to restore");
+    }
     bail!(
-        "{:?} is in none of this device's {n} snapshots; check the spelling (paths are relative to the vault root) and `cairn log`",
+        "{:?} is in none of the vault's {n} snapshots readable here; check the spelling (paths are relative to the vault root) and `cairn log`",
         src.as_str()
     )
+}
+
+/// [`lookup_live`]; tree nodes this device lacks (another member's old snapshot) are fetched
+/// through the running daemon first.
+fn lookup_fetching(
+    device: &OpenVault,
+    snap: &SnapInfo,
+    view: &MergedView,
+    p: &VaultPath,
+) -> Result<Option<Entry>> {
+    match lookup_live(view, p) {
+        Ok(found) => Ok(found),
+        Err(_) => {
+            prefetch(device, snap.root, Some(p))?;
+            lookup_live(view, p)
+        }
+    }
 }
 
 fn differs_hint(dest: &VaultPath) -> anyhow::Error {

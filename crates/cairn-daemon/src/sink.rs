@@ -397,6 +397,7 @@ mod tests {
         let keys = Keyring {
             vault: VaultSecret::from_bytes([3; 32]).vault_id(),
             recipients: vec![identity.recipient()],
+            history: Vec::new(),
             identity,
         };
         let stores = VaultStores::new(

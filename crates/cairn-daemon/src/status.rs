@@ -36,6 +36,9 @@ pub struct Downloads {
 pub struct PeerStatus {
     /// The peer's device id.
     pub device: String,
+    /// The name the peer gave itself (`cairn rename-device`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub connected: bool,
     pub last_contact_ms: Option<u64>,
     /// Where this device knows the peer can be reached: `IP:PORT` and relay URLs.
@@ -268,6 +271,7 @@ mod tests {
         let writer = board.spawn_writer().unwrap();
         board.set_peers(vec![PeerStatus {
             device: "abc".into(),
+            name: Some("desk".into()),
             connected: true,
             last_contact_ms: Some(5),
             addrs: vec!["1.2.3.4:5".into(), "http://127.0.0.1:3340/".into()],

@@ -38,8 +38,9 @@ use cairn_crypto::{DeviceId, VaultId};
 use std::sync::RwLock;
 
 use cairn_registry::{
-    ENTRY_LEN, EpochRecord, MemberRecord, Offered, Outcome, Registry, RegistryEntry, RegistryError,
-    Revision, RosterChange, decode_epochs, decode_roster, encode_epochs, encode_roster,
+    ENTRY_LEN, EpochRecord, MemberRecord, NameRecord, Offered, Outcome, Registry, RegistryEntry,
+    RegistryError, Revision, RosterChange, decode_epochs, decode_names, decode_roster,
+    encode_epochs, encode_names, encode_roster,
 };
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 use iroh::protocol::{AcceptError, ProtocolHandler};
@@ -219,6 +220,8 @@ pub struct RosterMessage {
     pub addrs: Vec<(DeviceId, Vec<PeerAddr>)>,
     /// Signed key-epoch records (each member's copy of an epoch secret, sealed to it).
     pub epochs: Vec<EpochRecord>,
+    /// Each member's signed name for itself (see `cairn_registry::names`).
+    pub names: Vec<NameRecord>,
 }
 
 impl RosterMessage {
@@ -245,6 +248,10 @@ impl RosterMessage {
         let epochs = encode_epochs(&self.epochs);
         v.extend_from_slice(&(epochs.len() as u32).to_be_bytes());
         v.extend_from_slice(&epochs);
+        // Names came later still: a message from an older cairn simply ends before them.
+        let names = encode_names(&self.names);
+        v.extend_from_slice(&(names.len() as u32).to_be_bytes());
+        v.extend_from_slice(&names);
         v
     }
 
@@ -281,11 +288,18 @@ impl RosterMessage {
         }
         let n = r.u32_be().map_err(cut)? as usize;
         let epochs = decode_epochs(r.take(n).map_err(cut)?).map_err(|e| bad(&e.to_string()))?;
+        let names = if r.remaining() == 0 {
+            Vec::new()
+        } else {
+            let n = r.u32_be().map_err(cut)? as usize;
+            decode_names(r.take(n).map_err(cut)?).map_err(|e| bad(&e.to_string()))?
+        };
         r.finish().map_err(cut)?;
         Ok(Self {
             records,
             addrs,
             epochs,
+            names,
         })
     }
 }
@@ -342,10 +356,12 @@ impl RegistryProtocol {
                 }
             }
             let epochs = registry.epochs(&vault)?;
+            let names = registry.names(&vault)?;
             Ok(RosterMessage {
                 records,
                 addrs,
                 epochs,
+                names,
             })
         })
         .await
@@ -373,6 +389,8 @@ impl RegistryProtocol {
             let mut change = registry.merge_roster(&vault, &msg.records)?;
             // After the roster: an epoch signed by a member added in this very message counts.
             change.epochs = registry.merge_epochs(&vault, &msg.epochs)?;
+            // After the roster too: a name counts once its device is a member.
+            change.renamed = registry.merge_names(&vault, &msg.names)?;
             let known: std::collections::HashSet<DeviceId> = registry
                 .addrs(&vault)?
                 .into_iter()
@@ -869,10 +887,24 @@ mod tests {
                 )
                 .unwrap(),
             ],
+            names: vec![NameRecord::sign(
+                &k,
+                v,
+                cairn_registry::DeviceName::new("laptop").unwrap(),
+                4,
+            )],
         };
         let b = msg.encode();
         assert_eq!(RosterMessage::decode(&b).unwrap(), msg);
-        for n in 0..b.len() {
+        // A message from a cairn that predates names ends right before them.
+        let names_len = 4 + msg.names[0].encode().len();
+        let old = b.len() - names_len;
+        let without = RosterMessage {
+            names: Vec::new(),
+            ..msg.clone()
+        };
+        assert_eq!(RosterMessage::decode(&b[..old]).unwrap(), without);
+        for n in (0..b.len()).filter(|n| *n != old) {
             assert!(RosterMessage::decode(&b[..n]).is_err());
         }
     }
@@ -1074,12 +1106,27 @@ mod tests {
                 0..4,
             ),
             prop::collection::vec(epoch_record(), 0..3),
+            prop::collection::vec(name_record(), 0..3),
         )
-            .prop_map(|(records, addrs, epochs)| RosterMessage {
+            .prop_map(|(records, addrs, epochs, names)| RosterMessage {
                 records,
                 addrs,
                 epochs,
+                names,
             })
+    }
+
+    fn name_record() -> impl Strategy<Value = NameRecord> {
+        (any::<[u8; 32]>(), "[a-z][a-z0-9 ]{0,20}[a-z]", any::<u64>()).prop_map(
+            |(seed, name, at)| {
+                NameRecord::sign(
+                    &cairn_crypto::DeviceKey::from_bytes(seed),
+                    VaultId([1; 16]),
+                    cairn_registry::DeviceName::new(&name).expect("valid by construction"),
+                    at,
+                )
+            },
+        )
     }
 
     fn epoch_record() -> impl Strategy<Value = EpochRecord> {
@@ -1124,6 +1171,11 @@ mod tests {
                 for e in &m.epochs {
                     if e.verify().is_ok() {
                         prop_assert!(original.epochs.contains(e), "forged epoch record verifies");
+                    }
+                }
+                for n in &m.names {
+                    if n.verify().is_ok() {
+                        prop_assert!(original.names.contains(n), "forged name record verifies");
                     }
                 }
                 prop_assert_eq!(RosterMessage::decode(&m.encode()).unwrap(), m);

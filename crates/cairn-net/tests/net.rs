@@ -752,6 +752,7 @@ async fn roster_exchange_spreads_members_and_addresses() {
             (new_dev, vec![somewhere.clone()]),
         ],
         epochs: vec![],
+        names: vec![],
     };
     let c_to_a = RegistryClient::connect(&c.endpoint, a.addr())
         .await

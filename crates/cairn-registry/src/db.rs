@@ -25,10 +25,11 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::accept::{Outcome, check_authentic, check_cas};
 use crate::epoch::EpochRecord;
+use crate::names::{DeviceName, NameRecord};
 use crate::roster::{MemberRecord, RosterChange};
 use crate::{Payload, RegistryEntry, RegistryError, Revision};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Revisions per device kept as equivocation evidence: one pair already proves the device
 /// signed two states under one number, so more only costs space a hostile device controls.
 const MAX_EVIDENCE_PER_DEVICE: i64 = 16;
@@ -90,6 +91,13 @@ CREATE TABLE IF NOT EXISTS equivocations (
     high        BLOB NOT NULL,
     detected_at INTEGER NOT NULL,
     PRIMARY KEY (vault, device, revision)
+) WITHOUT ROWID;
+-- v4: each device's signed name for itself (see names.rs).
+CREATE TABLE IF NOT EXISTS names (
+    vault  BLOB NOT NULL CHECK (length(vault) = 16),
+    device BLOB NOT NULL CHECK (length(device) = 32),
+    record BLOB NOT NULL,
+    PRIMARY KEY (vault, device)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS members (
     vault    BLOB NOT NULL CHECK (length(vault) = 16),
@@ -556,6 +564,76 @@ impl Registry {
         }
         tx.commit()?;
         Ok(change)
+    }
+
+    /// Stores the name records that are valid (signed by the device they name, of this
+    /// vault, the device a member) and newer than the one held; returns the devices whose
+    /// name changed. Invalid records are skipped: names are cosmetic, a bad one must not
+    /// stop the roster exchange that carried it.
+    pub fn merge_names(
+        &self,
+        vault: &VaultId,
+        records: &[NameRecord],
+    ) -> Result<Vec<DeviceId>, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut changed = Vec::new();
+        for r in records {
+            if r.vault != *vault || r.verify().is_err() || !member_in(&tx, vault, &r.device)? {
+                tracing::debug!(device = %r.device.short(), "refused a device name record");
+                continue;
+            }
+            let held: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT record FROM names WHERE vault = ?1 AND device = ?2")?
+                .query_row(params![&vault.0[..], &r.device.0[..]], |row| row.get(0))
+                .optional()?;
+            if let Some(h) = held {
+                let (h, _) = NameRecord::decode_prefix(&h)
+                    .map_err(|e| RegistryError::Corrupt(format!("stored device name: {e}")))?;
+                if !r.supersedes(&h) {
+                    continue;
+                }
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO names (vault, device, record) VALUES (?1, ?2, ?3)",
+                params![&vault.0[..], &r.device.0[..], r.encode()],
+            )?;
+            if !changed.contains(&r.device) {
+                changed.push(r.device);
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// The name records held for the members of `vault`, ordered by device.
+    pub fn names(&self, vault: &VaultId) -> Result<Vec<NameRecord>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT record FROM names WHERE vault = ?1
+               AND device IN (SELECT device FROM members WHERE vault = ?1)
+             ORDER BY device",
+        )?;
+        let rows = stmt.query_map(params![&vault.0[..]], |row| row.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (r, _) = NameRecord::decode_prefix(&row?)
+                .map_err(|e| RegistryError::Corrupt(format!("stored device name: {e}")))?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Every named member's name, for printing.
+    pub fn name_map(
+        &self,
+        vault: &VaultId,
+    ) -> Result<std::collections::HashMap<DeviceId, DeviceName>, RegistryError> {
+        Ok(self
+            .names(vault)?
+            .into_iter()
+            .map(|r| (r.device, r.name))
+            .collect())
     }
 
     /// Whether `device` was removed from `vault` (a removal record is held).

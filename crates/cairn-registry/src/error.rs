@@ -56,6 +56,9 @@ pub enum RegistryError {
     NotEvidence,
     #[error("malformed member record: {0}")]
     BadRoster(String),
+    /// A device name that breaks the rules, or a malformed name record.
+    #[error("{0}")]
+    BadName(String),
     #[error("malformed key epoch record: {0}")]
     BadEpoch(String),
     #[error(

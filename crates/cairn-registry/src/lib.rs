@@ -13,6 +13,7 @@ mod db;
 mod entry;
 pub mod epoch;
 mod error;
+pub mod names;
 mod publish;
 pub mod roster;
 
@@ -21,6 +22,7 @@ pub use db::{Equivocated, Equivocation, Offered, Registry};
 pub use entry::{ENTRY_LEN, FORMAT_V1, Payload, RegistryEntry, Revision, SIGNING_DOMAIN};
 pub use epoch::{EpochRecord, decode_epochs, encode_epochs};
 pub use error::RegistryError;
+pub use names::{DeviceName, NameRecord, decode_names, encode_names};
 pub use publish::{PublishError, PublishPolicy, Published, publish};
 pub use roster::{MemberRecord, RosterChange, decode_roster, encode_roster};
 

@@ -207,11 +207,16 @@ pub struct RosterChange {
     pub refused: Vec<(DeviceId, String)>,
     /// Key-epoch records newly stored (see [`crate::epoch`]).
     pub epochs: Vec<crate::EpochRecord>,
+    /// Devices whose name changed (see [`crate::names`]).
+    pub renamed: Vec<DeviceId>,
 }
 
 impl RosterChange {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.epochs.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.epochs.is_empty()
+            && self.renamed.is_empty()
     }
 }
 

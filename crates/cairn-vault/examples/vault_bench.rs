@@ -85,6 +85,7 @@ fn keyring() -> (Keyring, DeviceKey) {
         Keyring {
             vault: VaultSecret::generate().vault_id(),
             recipients: vec![id.recipient()],
+            history: Vec::new(),
             identity: id,
         },
         DeviceKey::generate(),

@@ -175,6 +175,11 @@ impl Vault {
         self.keys.recipients = recipients;
     }
 
+    /// Opens headers with these key-epoch identities too (after new epochs arrived).
+    pub fn set_history_identities(&mut self, history: Vec<cairn_crypto::AgeIdentity>) {
+        self.keys.history = history;
+    }
+
     pub fn keys(&self) -> &Keyring {
         &self.keys
     }

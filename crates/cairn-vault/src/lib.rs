@@ -41,8 +41,8 @@ pub use guard::{GuardPolicy, HeldEntry, HeldRecord, HeldSet, HeldSource};
 pub use merge::{Conflict, MergeReport};
 pub use path::{EntryKey, MAX_NAME_LEN, MAX_PATH_LEN, VaultPath};
 pub use snapshot::{
-    HEADER_FORMAT_V1, Keyring, Snapshot, SnapshotHeader, SnapshotId, load_announced, load_snapshot,
-    verify_history, write_snapshot,
+    HEADER_FORMAT_V1, Keyring, Snapshot, SnapshotHeader, SnapshotId, load_announced, load_header,
+    load_snapshot, verify_history, write_snapshot,
 };
 pub use source::{EntryIter, EntrySource, MemorySource, decode_value};
 pub use stores::{Blobs, MemoryBlobs, MergeOutcome, NodeTree, TreeSource, VaultStores};

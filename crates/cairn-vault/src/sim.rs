@@ -138,6 +138,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimStats, SimFailure> {
                 vault: vault_id,
                 identity: ids[i].clone(),
                 recipients: recipients.clone(),
+                history: Vec::new(),
             },
             keys[i].clone(),
         );

@@ -13,7 +13,9 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 
-use cairn_crypto::{AgeIdentity, AgeRecipient, DeviceId, VaultId, open_sealed, seal_to};
+use cairn_crypto::{
+    AgeIdentity, AgeRecipient, DeviceId, VaultId, open_sealed, open_sealed_any, seal_to,
+};
 use cairn_registry::Payload;
 use cairn_store::ChunkId;
 use cairn_tree::NodeId;
@@ -142,8 +144,12 @@ pub struct Snapshot {
 pub struct Keyring {
     pub vault: VaultId,
     pub identity: AgeIdentity,
-    /// Every member's recipient, this device's included.
+    /// Every member's recipient, this device's included (and the current key epoch's
+    /// shared history recipient, see `EpochSecret::history_identity`).
     pub recipients: Vec<AgeRecipient>,
+    /// Shared identities of the key epochs this device holds: they open headers sealed
+    /// before this device became a member.
+    pub history: Vec<AgeIdentity>,
 }
 
 impl fmt::Debug for Keyring {
@@ -173,14 +179,24 @@ pub fn load_snapshot(stores: &VaultStores, keys: &Keyring, id: SnapshotId) -> Re
     check_root(stores, id, header)
 }
 
+/// The header of snapshot `id` (present, intact, openable by this device, of this vault),
+/// without requiring its tree: what a history listing needs.
+pub fn load_header(stores: &VaultStores, keys: &Keyring, id: SnapshotId) -> Result<SnapshotHeader> {
+    open_header(stores, keys, id)
+}
+
 /// The header of snapshot `id`: present, intact, openable by this device, of this vault.
 fn open_header(stores: &VaultStores, keys: &Keyring, id: SnapshotId) -> Result<SnapshotHeader> {
     let sealed = stores
         .blobs
         .get(&id.0)?
         .ok_or(VaultError::MissingSnapshot { id })?;
-    let plain = open_sealed(&keys.identity, &sealed)
-        .map_err(|source| VaultError::Unreadable { id, source })?;
+    let plain = match open_sealed(&keys.identity, &sealed) {
+        Ok(p) => p,
+        Err(_) if !keys.history.is_empty() => open_sealed_any(&keys.history, &sealed)
+            .map_err(|source| VaultError::Unreadable { id, source })?,
+        Err(source) => return Err(VaultError::Unreadable { id, source }),
+    };
     let header =
         SnapshotHeader::decode(&plain).map_err(|source| VaultError::Header { id, source })?;
     if header.vault != keys.vault {

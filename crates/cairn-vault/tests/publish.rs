@@ -29,6 +29,7 @@ impl Setup {
         let keys = Keyring {
             vault: secret.vault_id(),
             recipients: vec![id.recipient()],
+            history: Vec::new(),
             identity: id,
         };
         let reg = Registry::open(dir.path().join("registry.sqlite")).unwrap();

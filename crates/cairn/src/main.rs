@@ -3,6 +3,7 @@
 
 mod config;
 mod held;
+mod log;
 mod logging;
 mod relay;
 mod service;
@@ -47,6 +48,9 @@ enum Command {
         /// every device is lost).
         #[arg(long)]
         show_phrase: bool,
+        /// This device's name, shown to every member (default: the host name).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Create the vault if there is none, then show it (idempotent).
     Ensure,
@@ -78,8 +82,32 @@ enum Command {
         #[arg(short = 'o', long = "options", value_name = "OPTS")]
         options: Option<String>,
     },
-    /// List the snapshots this device published, newest first.
-    Log,
+    /// The vault's history across every member, newest first: who, when, which paths
+    /// changed. With PATH: the versions of that file (who, when, size), or the snapshots
+    /// that changed something below that directory.
+    Log {
+        /// A file or directory, relative to the vault root.
+        path: Option<String>,
+        /// Counts and bytes per snapshot, and every changed path.
+        #[arg(long)]
+        stat: bool,
+        /// Entries per page.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: usize,
+        /// Only snapshots older than TIME (next page: what the previous one printed).
+        #[arg(long, value_name = "TIME")]
+        before: Option<String>,
+        /// Only this device's snapshots: a name, an id prefix, or `me`.
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<String>,
+    },
+    /// Give this device a name (shown by every member instead of a bare id). A device can
+    /// only name itself: run it there. ID, if given, must be this device's.
+    RenameDevice {
+        /// [ID] NAME
+        #[arg(num_args = 1..=2, required = true, value_name = "[ID] NAME")]
+        args: Vec<String>,
+    },
     /// Print a one-time ticket that lets another device join this vault (the daemon must
     /// be running: `cairn mount` or `cairn sync`).
     Invite {
@@ -114,6 +142,9 @@ enum Command {
         /// Idle time after the last write before a flush (default: the configuration's).
         #[arg(long, value_name = "MS")]
         debounce_ms: Option<u64>,
+        /// This device's name, shown to every member (default: the host name).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Rebuild this device from the vault's recovery phrase (read from stdin) and one
     /// reachable member, then mount at MOUNTPOINT (or only sync with --no-mount).
@@ -125,6 +156,9 @@ enum Command {
         mountpoint: Option<PathBuf>,
         #[arg(long)]
         no_mount: bool,
+        /// This device's name, shown to every member (default: the host name).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Run the sync daemon without mounting (an always-on replica).
     Sync,
@@ -268,9 +302,13 @@ fn run(cli: Cli) -> Result<()> {
         None => default_data_dir()?,
     };
     match cli.command {
-        Command::Init { show_phrase } => {
+        Command::Init { show_phrase, name } => {
+            let name = name.as_deref().map(daemon::parse_name).transpose()?;
             let s = VaultState::create(&data_dir, &cli.vault)?;
             println!("created vault {:?}", s.name);
+            if let Some(name) = name {
+                daemon::set_own_name(&daemon::OpenVault::open(&s)?, name)?;
+            }
             print_identity(&s);
             if show_phrase {
                 println!(
@@ -351,23 +389,52 @@ fn run(cli: Cli) -> Result<()> {
                 )?,
             }
         }
-        Command::Log => {
+        Command::Log {
+            path,
+            stat,
+            limit,
+            before,
+            device,
+        } => log::run(
+            &VaultState::load(&data_dir, &cli.vault)?,
+            log::LogArgs {
+                path,
+                stat,
+                limit,
+                before,
+                device,
+            },
+        )?,
+        Command::RenameDevice { args } => {
             let state = VaultState::load(&data_dir, &cli.vault)?;
-            let device = daemon::OpenVault::open(&state)?;
-            let entries = daemon::log(&device)?;
-            if entries.is_empty() {
-                println!("no snapshots yet: mount the vault and write something");
-            }
-            for e in entries {
-                let h = &e.snapshot.header;
-                println!(
-                    "revision {:>5}  {}  snapshot {}  parents {}",
-                    e.revision,
-                    daemon::format_time(h.created_ms),
-                    &e.snapshot.id.0.to_string()[..16],
-                    h.parents.len()
+            let vault = daemon::OpenVault::open(&state)?;
+            let (id, name) = match args.as_slice() {
+                [name] => (None, name),
+                [id, name] => (Some(id), name),
+                _ => unreachable!("clap takes one or two"),
+            };
+            let me = vault.device_id.to_string();
+            if let Some(id) = id
+                && !me.starts_with(&id.to_ascii_lowercase())
+            {
+                bail!(
+                    "{id:?} is not this device ({}); a device can only name itself: run `cairn rename-device NAME` on that device",
+                    vault.device_id.short()
                 );
             }
+            let name = daemon::parse_name(name)?;
+            daemon::set_own_name(&vault, name.clone())?;
+            // A running daemon passes it on now; otherwise at the next start.
+            let live = daemon::control_request(&state.dir, "names")?.is_some();
+            println!(
+                "this device is now {}{}",
+                cairn_registry::names::label(&vault.device_id, Some(&name)),
+                if live {
+                    ""
+                } else {
+                    "; the members learn it when the daemon next runs"
+                }
+            );
         }
         Command::Conflicts { json } => {
             held::conflicts(&VaultState::load(&data_dir, &cli.vault)?, json)?
@@ -443,9 +510,14 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
             no_mount,
             debounce_ms,
+            name,
         } => {
+            let name = name.as_deref().map(daemon::parse_name).transpose()?;
             let settings = net_settings(&config);
             let state = daemon::join_vault(&data_dir, &cli.vault, &ticket, settings)?;
+            if let Some(name) = name {
+                daemon::set_own_name(&daemon::OpenVault::open(&state)?, name)?;
+            }
             eprintln!(
                 "cairn: joined vault {} as device {}",
                 state.secret.vault_id(),
@@ -457,7 +529,9 @@ fn run(cli: Cli) -> Result<()> {
             from,
             mountpoint,
             no_mount,
+            name,
         } => {
+            let name = name.as_deref().map(daemon::parse_name).transpose()?;
             let settings = net_settings(&config);
             if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
                 eprintln!("cairn: type the 24-word recovery phrase, then Enter:");
@@ -467,6 +541,9 @@ fn run(cli: Cli) -> Result<()> {
                 .read_line(&mut phrase)
                 .map_err(|e| anyhow::anyhow!("cannot read the recovery phrase from stdin: {e}"))?;
             let state = daemon::recover_vault(&data_dir, &cli.vault, &phrase, &from, settings)?;
+            if let Some(name) = name {
+                daemon::set_own_name(&daemon::OpenVault::open(&state)?, name)?;
+            }
             eprintln!(
                 "cairn: recovered vault {} as new device {}; its data now syncs from the members",
                 state.secret.vault_id(),
@@ -488,15 +565,22 @@ fn run(cli: Cli) -> Result<()> {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&reply)?);
                     } else {
-                        print_peers(&me.to_string(), &reply);
+                        let own = daemon::OpenVault::open(&state)
+                            .map(|v| daemon::Labels::load(&v))
+                            .unwrap_or_default();
+                        print_peers(&me.to_string(), own.name(&me), &reply);
                     }
                 }
                 None => {
                     let device = daemon::OpenVault::open(&state)?;
-                    println!("{me}  this device (daemon not running: connection state unknown)");
+                    let labels = daemon::Labels::load(&device);
+                    println!(
+                        "{me}  {}this device (daemon not running: connection state unknown)",
+                        named(labels.name(&me))
+                    );
                     for d in device.registry.members(&device.vault_id)? {
                         if d != me {
-                            println!("{d}  member");
+                            println!("{d}  {}member", named(labels.name(&d)));
                         }
                     }
                 }
@@ -665,13 +749,19 @@ fn net_settings(config: &config::Config) -> daemon::NetSettings {
     }
 }
 
-fn print_peers(me: &str, reply: &daemon::PeersReply) {
+/// `laptop: ` for a named device, nothing otherwise (lines start with the full id, which
+/// `remove-device` and `recover --from` take).
+fn named(name: Option<&cairn_registry::DeviceName>) -> String {
+    name.map(|n| format!("{n}: ")).unwrap_or_default()
+}
+
+fn print_peers(me: &str, my_name: Option<&cairn_registry::DeviceName>, reply: &daemon::PeersReply) {
     let own = if reply.addrs.is_empty() {
         "-".to_string()
     } else {
         reply.addrs.join(",")
     };
-    println!("{me}  this device, listening on {own}");
+    println!("{me}  {}this device, listening on {own}", named(my_name));
     for p in &reply.peers {
         let mut parts = vec![
             if p.connected {
@@ -704,7 +794,12 @@ fn print_peers(me: &str, reply: &daemon::PeersReply) {
             p.addrs.join(",")
         };
         parts.push(format!("addresses {addrs}"));
-        println!("{}  {}", p.device, parts.join(", "));
+        let name = p
+            .name
+            .as_ref()
+            .map(|n| format!("{n}: "))
+            .unwrap_or_default();
+        println!("{}  {name}{}", p.device, parts.join(", "));
     }
 }
 

@@ -103,7 +103,11 @@ pub fn print_human(r: &Report) {
                     None => "never seen".to_string(),
                 }
             };
-            println!("           {} {state}", p.device);
+            let who = match &p.name {
+                Some(n) => format!("{n} ({})", &p.device[..p.device.len().min(8)]),
+                None => p.device.clone(),
+            };
+            println!("           {who} {state}");
         }
         if r.downloads.chunks > 0 {
             println!(

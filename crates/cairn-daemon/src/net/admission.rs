@@ -79,9 +79,10 @@ impl NetNode {
             self.pairing.set_roster(info);
         }
         let own = vault.engine().keys().identity.recipient();
-        match recipients(&vault.registry, &self.vault, own) {
+        match recipients(&vault.registry, &self.vault, own, &vault.keys) {
             Ok(r) => {
                 let mut engine = vault.engine();
+                engine.set_history_identities(crate::open_vault::history_identities(&vault.keys));
                 if engine.keys().recipients != r {
                     engine.set_recipients(r);
                     // Our current head was sealed to the old member list: a new member could

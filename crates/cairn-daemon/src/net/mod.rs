@@ -134,7 +134,7 @@ pub(crate) struct NetNode {
     sync_wake: SyncSender<()>,
     replicate_wake: SyncSender<()>,
     /// Woken when the roster changed: sessions re-exchange it, idle dialers retry.
-    roster_changed: Notify,
+    pub(crate) roster_changed: Notify,
     stop: Arc<AtomicBool>,
     stop_notify: Notify,
 }
@@ -439,6 +439,12 @@ impl NetNode {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        let names = self
+            .publisher
+            .vault
+            .registry
+            .name_map(&self.vault)
+            .unwrap_or_default();
         let mut out: Vec<(DeviceId, PeerStatus)> = self
             .peers()
             .iter()
@@ -456,6 +462,7 @@ impl NetNode {
                 }
                 let status = PeerStatus {
                     device: d.to_string(),
+                    name: names.get(d).map(ToString::to_string),
                     connected: p.connected,
                     last_contact_ms: p.last_contact_ms,
                     addrs: addrs.get(d).cloned().unwrap_or_default(),

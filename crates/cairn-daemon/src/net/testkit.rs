@@ -54,7 +54,7 @@ impl Pair {
         }
         let b = Arc::new(OpenVault::open(&sb).unwrap());
         for (v, s) in [(&a, &sa), (&b, &sb)] {
-            let r = recipients(&v.registry, &vid, s.age.recipient()).unwrap();
+            let r = recipients(&v.registry, &vid, s.age.recipient(), &v.keys).unwrap();
             v.engine().set_recipients(r);
         }
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -41,6 +41,7 @@ impl Fixture {
             vault: self.secret.vault_id(),
             identity: self.ids[i].clone(),
             recipients: self.recipients.clone(),
+            history: Vec::new(),
         }
     }
 
