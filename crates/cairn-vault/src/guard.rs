@@ -610,6 +610,7 @@ mod tests {
         let keys = crate::snapshot::Keyring {
             vault: VaultSecret::from_bytes([7; 32]).vault_id(),
             recipients: vec![identity.recipient()],
+            history: Vec::new(),
             identity,
         };
         let stores = VaultStores::new(
