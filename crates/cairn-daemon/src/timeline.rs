@@ -227,7 +227,10 @@ impl Timeline {
         Ok((n.max(0) as u64, g.max(0) as u64))
     }
 
-    /// A page of the timeline, newest first (ties: by device, then id).
+    /// A page of the timeline, newest first (ties: by device, then id). A page never ends
+    /// inside a millisecond: when the last row shares its time with older ones, they are
+    /// added too (the page may exceed `limit`), because the next page starts strictly
+    /// before that time and would otherwise skip them.
     pub fn page(&self, q: &Query) -> Result<Vec<SnapInfo>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
@@ -238,8 +241,27 @@ impl Timeline {
         let before = q.before_ms.map_or(i64::MAX, to_sql);
         let device = q.device.map(|d| d.0.to_vec());
         let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
-        let rows = stmt.query_map(params![before, device, limit], row_bytes)?;
-        rows.map(|r| decode_row(r?)).collect()
+        let rows = stmt.query_map(params![before, &device, limit], row_bytes)?;
+        let mut page = rows.map(|r| decode_row(r?)).collect::<Result<Vec<_>>>()?;
+        let Some(last_ms) = page.last().map(|s| s.created_ms) else {
+            return Ok(page);
+        };
+        if page.len() < q.limit {
+            return Ok(page);
+        }
+        let mut same = conn.prepare_cached(
+            "SELECT id, device, created_ms, seq, root, parents FROM snapshots
+             WHERE created_ms = ?1 AND (?2 IS NULL OR device = ?2)
+             ORDER BY device, id",
+        )?;
+        let shown = page.iter().filter(|s| s.created_ms == last_ms).count();
+        let rest = same
+            .query_map(params![to_sql(last_ms), &device], row_bytes)?
+            .skip(shown)
+            .map(|r| decode_row(r?))
+            .collect::<Result<Vec<_>>>()?;
+        page.extend(rest);
+        Ok(page)
     }
 
     /// The newest snapshot created at or before `at_ms`, of any member.
@@ -251,7 +273,8 @@ impl Timeline {
                 device: None,
                 limit: 1,
             })?
-            .pop())
+            .into_iter()
+            .next())
     }
 
     /// The oldest snapshot's time.
@@ -384,6 +407,10 @@ mod tests {
         };
         assert_eq!(ids(t.page(&q(None, None, 10)).unwrap()), vec![3, 4, 2, 1]);
         assert_eq!(ids(t.page(&q(None, None, 2)).unwrap()), vec![3, 4]);
+        // A page cut inside a millisecond takes the rest of it: the next page starts
+        // strictly before 300 and would never show 4.
+        assert_eq!(ids(t.page(&q(None, None, 1)).unwrap()), vec![3, 4]);
+        assert_eq!(ids(t.page(&q(None, Some(1), 1)).unwrap()), vec![3]);
         assert_eq!(ids(t.page(&q(Some(300), None, 10)).unwrap()), vec![2, 1]);
         assert_eq!(ids(t.page(&q(None, Some(2), 10)).unwrap()), vec![4, 2]);
         assert_eq!(t.at_or_before(250).unwrap().unwrap().id.0.0[0], 2);
