@@ -24,6 +24,7 @@ use crate::stat::{Stat, entry_kind, special_type};
 /// costs at most one block of memory.
 pub(crate) const COPY_BLOCK: usize = 1 << 20;
 
+#[derive(Clone)]
 pub(crate) struct Handle {
     pub ino: u64,
     pub cell: Arc<FileCell>,
@@ -86,6 +87,12 @@ impl Core {
 
     pub(crate) fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle>> {
         lock(&self.handles)
+    }
+
+    /// A copy of an open file's handle, so the table's lock is not held across the call
+    /// that uses it.
+    pub(crate) fn handle(&self, fh: u64) -> Option<Handle> {
+        self.handles().get(&fh).cloned()
     }
 
     pub(crate) fn dirs(&self) -> MutexGuard<'_, HashMap<u64, DirHandle>> {

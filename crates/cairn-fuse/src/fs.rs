@@ -262,12 +262,7 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let h = self
-            .core
-            .handles()
-            .get(&fh.0)
-            .map(|h| (h.ino, h.cell.clone()));
-        let Some((ino, cell)) = h else {
+        let Some(crate::core::Handle { ino, cell, .. }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
         reply_result!(reply, self.core.read(ino, &cell, offset, size), |d| reply
@@ -286,12 +281,7 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let h = self
-            .core
-            .handles()
-            .get(&fh.0)
-            .map(|h| (h.ino, h.cell.clone(), h.append));
-        let Some((ino, cell, append)) = h else {
+        let Some(crate::core::Handle { ino, cell, append }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
         reply_result!(
@@ -340,12 +330,7 @@ impl Filesystem for CairnFs {
         reply: ReplyEmpty,
     ) {
         let r = (|| {
-            let cell = self
-                .core
-                .handles()
-                .get(&fh.0)
-                .map(|h| h.cell.clone())
-                .ok_or(Errno::EBADF)?;
+            let cell = self.core.handle(fh.0).ok_or(Errno::EBADF)?.cell;
             let file = cell.lock().staging.as_ref().map(|(_, f)| f.clone());
             if let Some(f) = file {
                 if datasync {
@@ -373,12 +358,7 @@ impl Filesystem for CairnFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let h = self
-            .core
-            .handles()
-            .get(&fh.0)
-            .map(|h| (h.ino, h.cell.clone()));
-        let Some((ino, cell)) = h else {
+        let Some(crate::core::Handle { ino, cell, .. }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
         reply_result!(
@@ -397,12 +377,7 @@ impl Filesystem for CairnFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let h = self
-            .core
-            .handles()
-            .get(&fh.0)
-            .map(|h| (h.ino, h.cell.clone()));
-        let Some((ino, cell)) = h else {
+        let Some(crate::core::Handle { ino, cell, .. }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
         reply_result!(
