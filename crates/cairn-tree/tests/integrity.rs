@@ -98,21 +98,11 @@ proptest! {
     #[test]
     fn fuzz_node_mutations(
         node in arb_node(),
-        edits in prop::collection::vec((0u8..5, any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        edits in cairn_fuzzkit::edits(),
     ) {
         let mut b = node.encode();
         for (op, at, x) in edits {
-            let i = at.index(b.len().max(1));
-            match op {
-                _ if b.is_empty() => b.push(x),
-                0 => b[i] ^= x.max(1),
-                1 => b[i] = x,
-                2 => b.insert(i, x),
-                3 => {
-                    b.remove(i);
-                }
-                _ => b.truncate(i),
-            }
+            cairn_fuzzkit::mutate(&mut b, op, at, x);
         }
         match Node::decode(&b) {
             Ok(n) => prop_assert_eq!(n.encode(), b),
