@@ -112,30 +112,21 @@ pub fn history(device: &OpenVault, t: &Timeline, q: &LogQuery) -> Result<History
     }
     let prefix = q.path.as_ref().map(|p| format!("{}/", p.as_str()));
     let mut out = Vec::new();
-    let mut before = q.before_ms;
-    // With a directory filter, snapshots that did not touch it are skipped: read on in
-    // pages until the page is full or history ends.
-    'pages: loop {
-        let page = t.page(&Query {
-            before_ms: before,
-            device: q.device,
-            limit: q.limit.max(1),
-        })?;
-        let Some(last) = page.last() else { break };
-        before = Some(last.created_ms);
-        let exhausted = page.len() < q.limit.max(1);
-        for snap in page {
-            let changes = changes(device, &stores, t, &snap, prefix.as_deref())?;
-            if prefix.is_some() && changes.own.is_empty() && changes.merged == 0 && !changes.unknown
-            {
-                continue;
-            }
-            out.push(LogLine { snap, changes });
-            if out.len() >= q.limit {
-                break 'pages;
-            }
+    // With a directory filter, snapshots that did not touch it are skipped: read on, a page
+    // at a time, until the page is full or history ends.
+    let snaps = t.newest_first(Query {
+        before_ms: q.before_ms,
+        device: q.device,
+        limit: q.limit,
+    });
+    for snap in snaps {
+        let snap = snap?;
+        let changes = changes(device, &stores, t, &snap, prefix.as_deref())?;
+        if prefix.is_some() && changes.own.is_empty() && changes.merged == 0 && !changes.unknown {
+            continue;
         }
-        if exhausted || prefix.is_none() {
+        out.push(LogLine { snap, changes });
+        if out.len() >= q.limit {
             break;
         }
     }
@@ -287,44 +278,36 @@ fn file_versions(
     let key = EntryKey::file(p.clone()).to_bytes();
     let mut out: Vec<FileVersion> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let mut before = q.before_ms;
     let mut last_root = None;
-    loop {
-        let page = t.page(&Query {
-            before_ms: before,
-            device: None,
-            limit: 256,
-        })?;
-        let Some(last) = page.last() else { break };
-        before = Some(last.created_ms);
-        let exhausted = page.len() < 256;
-        for snap in page {
-            if last_root == Some(snap.root) {
-                continue;
-            }
-            last_root = Some(snap.root);
-            let Some(e) = get_fetching(device, stores, snap.root, &key, p) else {
-                continue;
-            };
-            let v = &e.version;
-            if !seen.insert((v.device, v.hlc.wall_ms, v.hlc.counter, e.kind)) {
-                continue;
-            }
-            if q.device.is_some_and(|d| d != v.device) {
-                continue;
-            }
-            out.push(FileVersion {
-                author: v.device,
-                written_ms: v.hlc.wall_ms,
-                size: if e.is_live() { e.size } else { 0 },
-                kind: e.kind,
-                snap,
-            });
-            if out.len() >= q.limit {
-                return Ok(out);
-            }
+    let snaps = t.newest_first(Query {
+        before_ms: q.before_ms,
+        device: None,
+        limit: 256,
+    });
+    for snap in snaps {
+        let snap = snap?;
+        if last_root == Some(snap.root) {
+            continue;
         }
-        if exhausted {
+        last_root = Some(snap.root);
+        let Some(e) = get_fetching(device, stores, snap.root, &key, p) else {
+            continue;
+        };
+        let v = &e.version;
+        if !seen.insert((v.device, v.hlc.wall_ms, v.hlc.counter, e.kind)) {
+            continue;
+        }
+        if q.device.is_some_and(|d| d != v.device) {
+            continue;
+        }
+        out.push(FileVersion {
+            author: v.device,
+            written_ms: v.hlc.wall_ms,
+            size: if e.is_live() { e.size } else { 0 },
+            kind: e.kind,
+            snap,
+        });
+        if out.len() >= q.limit {
             break;
         }
     }

@@ -163,26 +163,18 @@ fn find_version(
         return Ok((entry, view, found));
     }
     // Newest first, a page at a time: most restores find the path in the first pages.
-    let mut before = None;
     let mut n = 0;
-    loop {
-        let page = t.page(&Query {
-            before_ms: before,
-            device: None,
-            limit: 256,
-        })?;
-        let Some(last) = page.last() else { break };
-        before = Some(last.created_ms);
-        let exhausted = page.len() < 256;
-        for entry in page {
-            n += 1;
-            let view = source_of(&entry);
-            if let Ok(Some(found)) = lookup_fetching(device, &entry, &view, src) {
-                return Ok((entry, view, found));
-            }
-        }
-        if exhausted {
-            break;
+    let snaps = t.newest_first(Query {
+        before_ms: None,
+        device: None,
+        limit: 256,
+    });
+    for entry in snaps {
+        let entry = entry?;
+        n += 1;
+        let view = source_of(&entry);
+        if let Ok(Some(found)) = lookup_fetching(device, &entry, &view, src) {
+            return Ok((entry, view, found));
         }
     }
     if n == 0 {

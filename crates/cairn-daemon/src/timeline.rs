@@ -81,6 +81,39 @@ pub struct Query {
     pub limit: usize,
 }
 
+/// [`Timeline::newest_first`]: the pages of [`Timeline::page`] as one sequence. Pages never end
+/// inside a millisecond, so "strictly before the last row's time" continues without a gap.
+pub struct NewestFirst<'a> {
+    timeline: &'a Timeline,
+    query: Query,
+    page: std::collections::VecDeque<SnapInfo>,
+    done: bool,
+}
+
+impl Iterator for NewestFirst<'_> {
+    type Item = Result<SnapInfo>;
+
+    fn next(&mut self) -> Option<Result<SnapInfo>> {
+        if self.page.is_empty() && !self.done {
+            match self.timeline.page(&self.query) {
+                Ok(page) => {
+                    // A short page (an empty one too) is the end of history.
+                    self.done = page.len() < self.query.limit;
+                    if let Some(last) = page.last() {
+                        self.query.before_ms = Some(last.created_ms);
+                    }
+                    self.page = page.into();
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.page.pop_front().map(Ok)
+    }
+}
+
 /// What a refresh found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Refreshed {
@@ -264,6 +297,20 @@ impl Timeline {
         Ok(page)
     }
 
+    /// Every snapshot older than `q.before_ms` (of `q.device`, if set), newest first, read
+    /// lazily `q.limit` rows at a time: a caller that stops early reads no further page.
+    pub fn newest_first(&self, q: Query) -> NewestFirst<'_> {
+        NewestFirst {
+            timeline: self,
+            query: Query {
+                limit: q.limit.max(1),
+                ..q
+            },
+            page: std::collections::VecDeque::new(),
+            done: false,
+        }
+    }
+
     /// The newest snapshot created at or before `at_ms`, of any member.
     pub fn at_or_before(&self, at_ms: u64) -> Result<Option<SnapInfo>> {
         let next = at_ms.saturating_add(1);
@@ -411,6 +458,10 @@ mod tests {
         // strictly before 300 and would never show 4.
         assert_eq!(ids(t.page(&q(None, None, 1)).unwrap()), vec![3, 4]);
         assert_eq!(ids(t.page(&q(None, Some(1), 1)).unwrap()), vec![3]);
+        let all_of = |query| ids(t.newest_first(query).collect::<Result<Vec<_>>>().unwrap());
+        assert_eq!(all_of(q(None, None, 1)), vec![3, 4, 2, 1]);
+        assert_eq!(all_of(q(Some(300), None, 1)), vec![2, 1]);
+        assert_eq!(all_of(q(None, Some(2), 1)), vec![4, 2]);
         assert_eq!(ids(t.page(&q(Some(300), None, 10)).unwrap()), vec![2, 1]);
         assert_eq!(ids(t.page(&q(None, Some(2), 10)).unwrap()), vec![4, 2]);
         assert_eq!(t.at_or_before(250).unwrap().unwrap().id.0.0[0], 2);
