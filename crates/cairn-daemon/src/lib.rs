@@ -15,6 +15,7 @@ mod epochs;
 mod faults;
 mod guard;
 mod history;
+mod history_folder;
 mod instance;
 mod join;
 mod mount;

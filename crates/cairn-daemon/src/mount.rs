@@ -19,6 +19,7 @@ use cairn_fuse::{
 
 use super::base::VaultBase;
 use super::control::ControlServer;
+use super::history_folder::HistorySnapshots;
 use super::net::{Net, NetSettings};
 use super::sink::{VaultSink, view_of};
 use super::status::{StatusBoard, StatusSink};
@@ -295,6 +296,13 @@ pub fn mount(
     let sink = Arc::new(VaultSink {
         publisher: publisher.clone(),
     });
+    // The `.cairn/history/` folder of past snapshots, read from the same stores.
+    let opts = MountOptions {
+        history: Some(cairn_fuse::HistoryFolder(Arc::new(HistorySnapshots::open(
+            device.clone(),
+        )?))),
+        ..opts
+    };
     let board = StatusBoard::new(&state.dir, &shown);
     board.set_faults(device.faults.clone());
     serve(

@@ -18,6 +18,8 @@ mod core;
 mod errno;
 mod flusher;
 mod fs;
+mod history;
+mod history_fs;
 mod ignore;
 mod mount;
 mod namespace;
@@ -28,6 +30,7 @@ mod status;
 
 pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryKind, MemBase};
 pub use fs::CairnFs;
+pub use history::{HISTORY_ROOT, HistoryFolder, HistorySource, PastSnapshot};
 pub use ignore::{IGNORE_FILE, IgnoreRules, MAX_RULES_BYTES, read_base_file};
 pub use mount::{
     Invalidator, MountError, MountHandle, MountOptionError, MountOptions, is_mounted, lazy_unmount,

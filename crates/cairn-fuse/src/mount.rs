@@ -16,6 +16,8 @@ use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, SessionAC
 use crate::base::BaseLayer;
 use crate::core::Core;
 use crate::fs::CairnFs;
+use crate::history::{HistoryDir, HistoryFolder};
+use crate::history_fs::WithHistory;
 use crate::sink::{FlushError, FlushSink};
 
 #[derive(Clone, Debug)]
@@ -38,6 +40,9 @@ pub struct MountOptions {
     /// Masks the permission bits of entries that came from the vault without a local
     /// record (`umask=`); local changes show their own mode.
     pub umask: u32,
+    /// The `.cairn/history/` folder's source of past snapshots; `None` shows no `.cairn`
+    /// (history views themselves, tests).
+    pub history: Option<HistoryFolder>,
 }
 
 /// A `-o` mount option cairn does not understand or cannot honour.
@@ -102,6 +107,7 @@ impl Default for MountOptions {
             allow_other: false,
             read_only: false,
             umask: 0,
+            history: None,
         }
     }
 }
@@ -291,6 +297,10 @@ pub fn mount(
     let threads = opts.threads.clamp(1, 16);
     let allow_other = opts.allow_other;
     let read_only = opts.read_only;
+    let history = opts
+        .history
+        .clone()
+        .map(|h| Arc::new(HistoryDir::new(h.0, opts.uid, opts.gid, opts.umask)));
     let core = Arc::new(Core::new(base, sink, overlay, opts));
     let mut config = Config::default();
     config.mount_options = vec![
@@ -310,7 +320,10 @@ pub fn mount(
     };
     config.n_threads = Some(threads);
     config.clone_fd = true;
-    let fs = CairnFs { core: core.clone() };
+    let fs = WithHistory {
+        inner: CairnFs { core: core.clone() },
+        history,
+    };
     let mount_err = |source| MountError::Mount {
         path: mountpoint.clone(),
         source,
