@@ -22,9 +22,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    DaemonDir, OWN_LOG, SnapEntry, cairn_bin, check_fuse_available, count_revisions,
-    diff_snapshots, hash_file, is_fuse_mounted, kill_and_detach, poll, reap, try_snapshot,
-    wait_deadline, wait_mounted,
+    DaemonDir, OWN_LOG, SnapEntry, assert_errno, cairn_bin, check_fuse_available, count_revisions,
+    diff_snapshots, hash_file, is_fuse_mounted, kill_and_detach, open_raw, poll, readdir_raw, reap,
+    removexattr, setxattr, try_snapshot, wait_deadline, wait_mounted,
 };
 
 /// How long a daemon may take from spawn until its mount answers.
@@ -2608,6 +2608,94 @@ fn a_conflict_is_listed_on_both_devices_and_resolved_everywhere() {
 // ---------------------------------------------------------------------------------------
 // Vault-wide history and device names.
 
+/// The snapshot directories of `.cairn/history/` (not the `latest-*` links).
+fn history_folder(d: &Device) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(d.path(".cairn/history")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("latest-"))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits until some snapshot directory in `d`'s `.cairn/history/` holds `rel` with content
+/// `want`, and returns that directory.
+fn wait_for_folder_version(devs: &[&Device], d: &Device, rel: &str, want: &[u8]) -> PathBuf {
+    let mut found = None;
+    wait_until(
+        devs,
+        "the version in .cairn/history",
+        SYNC_DEADLINE,
+        |why| {
+            let dirs = history_folder(d);
+            *why = format!("{dirs:?}");
+            found = dirs.into_iter().find(|s| content_is(&s.join(rel), want));
+            found.is_some()
+        },
+    );
+    found.unwrap()
+}
+
+/// Neither the mount root's listing nor `ls -a` show `.cairn`, yet it opens by name.
+fn assert_folder_hidden(d: &Device) {
+    let names = readdir_raw(&d.dir.mnt).unwrap();
+    assert!(
+        !names.iter().any(|n| n == ".cairn"),
+        "{names:?} on {}",
+        d.name
+    );
+    let ls = std::process::Command::new("ls")
+        .arg("-a")
+        .arg(&d.dir.mnt)
+        .output()
+        .unwrap();
+    assert!(ls.status.success());
+    assert!(
+        !String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .any(|l| l == ".cairn"),
+        "ls -a on {}",
+        d.name
+    );
+    assert!(fs::metadata(d.path(".cairn/history")).unwrap().is_dir());
+}
+
+/// Every kind of write inside a snapshot of `.cairn/history/` fails with EROFS.
+fn assert_history_folder_is_read_only(d: &Device, snap: &Path) {
+    let file = snap.join("doc.txt");
+    let rofs = libc::EROFS;
+    assert_errno(open_raw(&file, libc::O_WRONLY, 0), rofs);
+    assert_errno(open_raw(&file, libc::O_RDWR, 0), rofs);
+    assert_errno(open_raw(&file, libc::O_RDONLY | libc::O_TRUNC, 0), rofs);
+    assert_errno(
+        open_raw(&snap.join("new"), libc::O_WRONLY | libc::O_CREAT, 0o644),
+        rofs,
+    );
+    assert_errno(fs::create_dir(snap.join("dir")), rofs);
+    assert_errno(fs::create_dir(d.path(".cairn/history/dir")), rofs);
+    assert_errno(fs::remove_file(&file), rofs);
+    assert_errno(fs::remove_dir(snap), rofs);
+    assert_errno(fs::rename(&file, snap.join("moved")), rofs);
+    assert_errno(fs::rename(&file, d.path("out.txt")), rofs);
+    assert_errno(fs::rename(d.path("doc.txt"), snap.join("in.txt")), rofs);
+    assert_errno(fs::rename(d.path(".cairn"), d.path("cairn")), rofs);
+    assert_errno(
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)),
+        rofs,
+    );
+    assert_errno(common::utimensat(&file, (0, 0), (0, 0), 0), rofs);
+    assert_errno(setxattr(&file, "user.x", b"1", 0), rofs);
+    assert_errno(removexattr(&file, "user.x"), rofs);
+    assert_errno(symlink("doc.txt", snap.join("ln")), rofs);
+    assert_errno(fs::hard_link(&file, d.path("linked.txt")), rofs);
+    assert_errno(fs::hard_link(d.path("doc.txt"), snap.join("ln2")), rofs);
+    assert_eq!(fs::read(&file).unwrap(), b"version one\n");
+}
+
 /// History A made before B existed is listed (with A's name), shown per file and restorable
 /// on B, and on C, recovered from the phrase: headers are sealed to the key epoch's shared
 /// history identity, and the daemon fetches what the device lacks.
@@ -2678,6 +2766,29 @@ fn history_made_on_one_device_is_listed_and_restorable_on_others() {
         other.stderr
     );
 
+    // The same history as a folder inside B's mount: browsable, copyable, read-only.
+    let v1 = wait_for_folder_version(&[&a, &b], &b, "doc.txt", b"version one\n");
+    assert!(
+        fs::read_link(b.path(".cairn/history/latest-alpha"))
+            .is_ok_and(|t| !t.to_string_lossy().contains('/')),
+        "latest-alpha is a link to a snapshot beside it"
+    );
+    assert_eq!(
+        fs::read(b.path(".cairn/history/latest-alpha/doc.txt")).unwrap(),
+        b"version two\n"
+    );
+    assert_eq!(
+        fs::read(b.path(".cairn/history/latest-alpha/gone.txt")).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::NotFound)
+    );
+    fs::copy(v1.join("doc.txt"), b.path("doc-from-folder.txt")).unwrap();
+    assert_eq!(
+        fs::read(b.path("doc-from-folder.txt")).unwrap(),
+        b"version one\n"
+    );
+    assert_history_folder_is_read_only(&b, &v1);
+    assert_folder_hidden(&b);
+
     // B restores what A deleted before B existed, and an old version beside the current.
     b.run_ok(&["restore", "gone.txt"]);
     b.run_ok(&[
@@ -2691,7 +2802,18 @@ fn history_made_on_one_device_is_listed_and_restorable_on_others() {
     wait_until(&[&a, &b], "B's restores on A", SYNC_DEADLINE, |_| {
         content_is(&a.path("gone.txt"), b"deleted later\n")
             && content_is(&a.path("doc-v1.txt"), b"version one\n")
+            && content_is(&a.path("doc-from-folder.txt"), b"version one\n")
     });
+    // The folder never travels: A's tree and the vault's history know no .cairn.
+    assert_folder_hidden(&a);
+    let everything = a.run_ok(&["log", "--stat", "--limit", "1000"]);
+    assert!(
+        !everything
+            .lines()
+            .map(str::trim)
+            .any(|l| l == ".cairn" || l.starts_with(".cairn/")),
+        "{everything}"
+    );
 
     // C, recovered from the phrase, sees and restores the same history.
     a.run_ok(&["allow-recovery", "--for", "10m"]);
@@ -2729,6 +2851,10 @@ fn history_made_on_one_device_is_listed_and_restorable_on_others() {
         "doc-c.txt",
     ]);
     assert_eq!(fs::read(c.path("doc-c.txt")).unwrap(), b"version one\n");
+    let past_on_c = wait_for_folder_version(&[&a, &c], &c, "gone.txt", b"deleted later\n");
+    fs::copy(past_on_c.join("doc.txt"), c.path("doc-c2.txt")).unwrap();
+    assert_eq!(fs::read(c.path("doc-c2.txt")).unwrap(), b"version one\n");
+    assert_folder_hidden(&c);
     let hist = c.dir.base.join("past");
     fs::create_dir_all(&hist).unwrap();
     let hist_s = hist.to_str().unwrap().to_string();
