@@ -38,6 +38,8 @@ const LAST_INO: u64 = (1 << 63) - 1;
 /// `d_ino` of entries `readdir` lists before anyone looked them up: only userspace sees
 /// these (the kernel never asks about them), so they just need to be non-zero.
 const COSMETIC_INO: u64 = 1 << 63;
+/// Entries prepared per readdir call: more than a kernel reply buffer can take.
+const REPLY_BATCH: usize = 1024;
 
 pub(crate) fn is_history_ino(ino: u64) -> bool {
     (FIRST_INO..=LAST_INO).contains(&ino)
@@ -561,24 +563,30 @@ impl HistoryDir {
         lock(&self.dirs).remove(&fh);
     }
 
-    /// The entries of a listing from `offset` on, as `(ino, next offset, type, name)`,
-    /// with "." and ".." first. Inode numbers of names nobody looked up are cosmetic.
+    /// Up to [`REPLY_BATCH`] entries of a listing from `offset` on, as `(ino, next offset,
+    /// type, name)`, with "." and ".." first. Inode numbers of names nobody looked up are cosmetic.
     pub(crate) fn plain_entries(
         &self,
         d: &DirList,
         offset: u64,
     ) -> Vec<(u64, u64, FileType, String)> {
         let t = lock(&self.table);
-        let mut out = Vec::new();
-        let dots = [
-            (d.ino, FileType::Directory, ".".to_string()),
-            (d.parent, FileType::Directory, "..".to_string()),
-        ];
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+        let dots = [(d.ino, "."), (d.parent, "..")];
+        let mut out: Vec<(u64, u64, FileType, String)> = dots
+            .into_iter()
+            .enumerate()
+            .skip(offset)
+            .map(|(i, (ino, n))| (ino, i as u64 + 1, FileType::Directory, n.to_string()))
+            .collect();
         let dir_key = t.slots.get(&d.ino).and_then(|s| match &s.node {
             HNode::Snap { key, path, .. } => Some((key.clone(), path.clone())),
             _ => None,
         });
-        let rest = d.entries.iter().enumerate().map(|(i, (name, item))| {
+        // One reply holds a few hundred names at most: preparing only those keeps listing
+        // thousands of snapshots linear, not quadratic, in their number.
+        let first = offset.saturating_sub(2);
+        for (i, (name, item)) in d.entries.iter().enumerate().skip(first).take(REPLY_BATCH) {
             let key = match (item, &dir_key) {
                 (DirItem::Snap(_), Some((k, p))) => Some(NodeKey::Snap(k.clone(), join(p, name))),
                 (DirItem::Listed(Listed::Latest(target)), _) => {
@@ -592,13 +600,7 @@ impl HistoryDir {
                 key.and_then(|k| t.by_key.get(&k).copied())
                     .unwrap_or(COSMETIC_INO + i as u64 + 1)
             };
-            (ino, item.file_type(), name.clone())
-        });
-        for (i, (ino, kind, name)) in dots.into_iter().chain(rest).enumerate() {
-            if (i as u64) < offset {
-                continue;
-            }
-            out.push((ino, i as u64 + 1, kind, name));
+            out.push((ino, i as u64 + 3, item.file_type(), name.clone()));
         }
         out
     }

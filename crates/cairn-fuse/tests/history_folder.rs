@@ -298,3 +298,50 @@ fn a_real_cairn_entry_at_the_root_wins_until_renamed() {
         b"old vault data"
     );
 }
+
+/// Many snapshots of one device, one second apart, all with the same tree.
+struct Many(usize, Arc<MemBase>);
+
+impl HistorySource for Many {
+    fn snapshots(&self) -> Result<Vec<PastSnapshot>, BaseError> {
+        Ok((0..self.0)
+            .map(|i| PastSnapshot {
+                key: (i as u32).to_le_bytes().to_vec(),
+                created_ms: T1 + i as u64 * 1000,
+                device: vec![7; 32],
+                device_name: "laptop".into(),
+            })
+            .collect())
+    }
+
+    fn open(&self, _key: &[u8]) -> Result<Arc<dyn BaseLayer>, BaseError> {
+        Ok(self.1.clone())
+    }
+}
+
+#[test]
+fn a_listing_of_thousands_of_snapshots_takes_many_replies_and_misses_none() {
+    let past = MemBase::new();
+    past.insert_file("f", b"x", 0o644);
+    let base = Arc::new(MemBase::new());
+    let o = MountOptions {
+        history: Some(HistoryFolder(Arc::new(Many(3000, Arc::new(past))))),
+        ..opts()
+    };
+    let m = Mounted::with_sink(base.clone(), base, o);
+    let listed = names(&m.p(".cairn/history"));
+    assert_eq!(listed.len(), 3001);
+    assert_eq!(listed[0], "2026-12-01T10-00-00Z");
+    assert_eq!(listed[2999], "2026-12-01T10-49-59Z");
+    assert_eq!(listed[3000], "latest-laptop");
+    // With attributes (readdirplus), every one is a directory and the link resolves.
+    let dirs = fs::read_dir(m.p(".cairn/history"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+        .count();
+    assert_eq!(dirs, 3000);
+    assert_eq!(
+        fs::read(m.p(".cairn/history/latest-laptop/f")).unwrap(),
+        b"x"
+    );
+}
