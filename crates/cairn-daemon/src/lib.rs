@@ -49,7 +49,10 @@ pub use mount::{CacheBudget, mount, sync_only, unmount, writable_mount};
 pub use names::{Labels, ensure_own_name, parse_name, set_own_name};
 pub use net::NetSettings;
 pub use open_vault::{OpenVault, now_ms};
-pub use prune::{PruneOptions, PruneReport, Step as PruneStep, prune};
+pub use prune::{
+    AutoPrune, PruneOptions, PruneReport, PrunedBy, Step as PruneStep, prune, prune_vault,
+    record_prune,
+};
 pub use report::{CONFLICT_MARK, Report, report};
 pub use restore::restore;
 pub use sink::view_of;

@@ -27,6 +27,7 @@
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cairn_store::{ChunkId, SweepProgress};
@@ -275,6 +276,242 @@ impl Marker {
         }
         Ok(())
     }
+}
+
+/// Who ran a [`prune_vault`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrunedBy {
+    /// The daemon serving the vault (so its concurrent writes are accounted for).
+    Daemon,
+    /// This process, holding the vault's daemon lock so no daemon starts meanwhile.
+    ThisProcess,
+}
+
+/// `cairn prune`: through the running daemon if there is one, else here, with a progress bar
+/// on a terminal. Refused while a history view (`cairn mount --at`) is mounted: it may be
+/// showing a snapshot about to be pruned.
+pub fn prune_vault(
+    state: &crate::state::VaultState,
+    opts: &PruneOptions,
+) -> Result<(PruneReport, PrunedBy)> {
+    if let Some(view) = crate::instance::live_daemons(&state.dir)
+        .into_iter()
+        .find(|d| d.read_only)
+    {
+        anyhow::bail!(
+            "a history view is mounted ({}); it may show a snapshot this prune would remove. Unmount it first (`cairn unmount DIR`)",
+            view.describe()
+        );
+    }
+    if crate::instance::running_daemon(&state.dir).is_some() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(if opts.dry_run {
+            "the daemon is working out what a prune would free"
+        } else {
+            "the daemon is pruning"
+        });
+        bar.enable_steady_tick(Duration::from_millis(200));
+        let reply = crate::control::request_within(
+            &state.dir,
+            &request_line(opts),
+            Duration::from_secs(24 * 3600),
+        );
+        bar.finish_and_clear();
+        if let Some(json) = reply? {
+            let report = serde_json::from_str(json.trim())
+                .context("reading the daemon's prune report (is the cairn command the same version as the daemon?)")?;
+            return Ok((report, PrunedBy::Daemon));
+        }
+        // The daemon stopped meanwhile: prune here.
+    }
+    let _lock = crate::instance::lock_vault(&state.dir, &state.name, None)?;
+    let device = OpenVault::open(state)?;
+    let bar = indicatif::ProgressBar::with_draw_target(
+        None,
+        indicatif::ProgressDrawTarget::stderr_with_hz(4),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} blobs checked, {elapsed}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message("marking what history keeps");
+    let report = prune(&device, opts, |step| {
+        match step {
+            Step::Marked { live, .. } => {
+                bar.set_message(format!("{live} blobs live; sweeping"));
+            }
+            Step::Forgotten => {}
+            Step::Swept(p) => {
+                bar.set_position(p.examined);
+                if p.removed > 0 {
+                    bar.set_message(format!(
+                        "removed {} blobs ({} MiB);",
+                        p.removed,
+                        p.removed_bytes >> 20
+                    ));
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if !opts.dry_run {
+        record_prune(&device);
+    }
+    Ok((report, PrunedBy::ThisProcess))
+}
+
+/// The daemon's automatic prune (`[history]` in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoPrune {
+    pub policy: RetentionPolicy,
+    /// Prune when the last prune is at least this old (`None`: never on a timer).
+    pub every: Option<Duration>,
+    /// Prune when the store holds more than this many bytes (`None`: no size trigger).
+    pub above_bytes: Option<u64>,
+    /// How often the triggers are checked (the store size costs a directory walk).
+    pub check_every: Duration,
+}
+
+/// The control request line for `opts` (see `crate::control`).
+pub fn request_line(opts: &PruneOptions) -> String {
+    let p = &opts.policy;
+    format!(
+        "prune {} {} {} {} {} {}",
+        if opts.dry_run { "dry" } else { "run" },
+        p.keep_within_ms,
+        p.keep_hourly,
+        p.keep_daily,
+        p.keep_weekly,
+        p.keep_monthly
+    )
+}
+
+/// Parses what [`request_line`] wrote (after the `prune` word).
+pub(crate) fn request_options(mode: &str, rest: &[&str]) -> Result<PruneOptions> {
+    let dry_run = match mode {
+        "dry" => true,
+        "run" => false,
+        other => anyhow::bail!(
+            "prune mode {other:?} is not dry or run (is the cairn command the same version as the daemon?)"
+        ),
+    };
+    let [within, h, d, w, m] = rest else {
+        anyhow::bail!(
+            "prune needs five numbers (is the cairn command the same version as the daemon?)"
+        );
+    };
+    let n = |t: &str| -> Result<u32> { t.parse().with_context(|| format!("{t:?} is not a count")) };
+    Ok(PruneOptions {
+        policy: RetentionPolicy {
+            keep_within_ms: within
+                .parse()
+                .with_context(|| format!("{within:?} is not milliseconds"))?,
+            keep_hourly: n(h)?,
+            keep_daily: n(d)?,
+            keep_weekly: n(w)?,
+            keep_monthly: n(m)?,
+        },
+        dry_run,
+    })
+}
+
+/// Touched after every finished prune; its mtime is when the vault was last pruned (so the
+/// daily prune survives restarts without a file format to parse).
+const STAMP: &str = "prune.stamp";
+
+/// Whether the automatic prune should run now. `last` is when the last prune finished (its
+/// age), `store` the store's size now, `after_last` its size right after the last prune in
+/// this process: a store whose *live* data is above the limit would otherwise be pruned at
+/// every check for nothing, so the size trigger waits for 10 % growth past that.
+fn due(a: &AutoPrune, since_last: Option<Duration>, store: u64, after_last: Option<u64>) -> bool {
+    let by_time = a
+        .every
+        .is_some_and(|every| since_last.is_none_or(|s| s >= every));
+    let by_size = a.above_bytes.is_some_and(|limit| {
+        store > limit && after_last.is_none_or(|prev| store > prev.saturating_add(prev / 10))
+    });
+    by_time || by_size
+}
+
+/// Runs the automatic prune on its own thread until `stop` is set; the first check comes one
+/// `check_every` after start, so it never competes with the initial sync.
+pub(crate) fn spawn_auto(
+    device: Arc<OpenVault>,
+    auto: AutoPrune,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new()
+        .name("cairn-prune".into())
+        .spawn(move || {
+            let stamp = device.dir.join(STAMP);
+            let mut after_last = None;
+            let mut next = std::time::Instant::now() + auto.check_every;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                if std::time::Instant::now() < next {
+                    continue;
+                }
+                next = std::time::Instant::now() + auto.check_every;
+                let since_last = std::fs::metadata(&stamp)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .map(|t| t.elapsed().unwrap_or_default());
+                let size = if auto.above_bytes.is_some() {
+                    match device.blobs.usage() {
+                        Ok((_, b)) => b,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "automatic prune: cannot measure the store");
+                            continue;
+                        }
+                    }
+                } else {
+                    0
+                };
+                if !due(&auto, since_last, size, after_last) {
+                    continue;
+                }
+                let opts = PruneOptions {
+                    policy: auto.policy,
+                    dry_run: false,
+                };
+                let r = prune(&device, &opts, |_| {
+                    if stop.load(Ordering::SeqCst) {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                });
+                match r {
+                    Ok(r) => {
+                        tracing::info!(
+                            pruned = r.pruned,
+                            removed_blobs = r.removed_blobs,
+                            removed_bytes = r.removed_bytes,
+                            "automatic prune"
+                        );
+                        touch(&stamp);
+                        after_last = device.blobs.usage().ok().map(|(_, b)| b);
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "automatic prune failed; retrying at the next check"),
+                }
+            }
+        })
+}
+
+/// Records that a prune finished now (see [`STAMP`]).
+pub(crate) fn touch(stamp: &std::path::Path) {
+    if let Err(e) = std::fs::write(stamp, b"") {
+        tracing::warn!(error = %e, path = %stamp.display(), "cannot record the prune time");
+    }
+}
+
+/// After a prune run by hand (`cairn prune`), so the timer starts over.
+pub fn record_prune(device: &OpenVault) {
+    touch(&device.dir.join(STAMP));
 }
 
 #[cfg(test)]
@@ -554,5 +791,29 @@ mod tests {
         prune(&device, &newest_only(false), |_| ControlFlow::Continue(())).unwrap();
         let head = device.engine().head().unwrap().header.root;
         assert_eq!(read_all(&device, head), files);
+    }
+
+    #[test]
+    fn automatic_prune_is_due_daily_or_past_the_size_limit() {
+        let day = Duration::from_secs(86_400);
+        let a = AutoPrune {
+            policy: RetentionPolicy::default(),
+            every: Some(day),
+            above_bytes: Some(1000),
+            check_every: Duration::from_secs(600),
+        };
+        assert!(due(&a, None, 0, None), "never pruned");
+        assert!(!due(&a, Some(day / 2), 10, None));
+        assert!(due(&a, Some(day), 10, None));
+        assert!(due(&a, Some(day / 2), 1001, None), "past the limit");
+        // Live data alone is past the limit: wait for growth.
+        assert!(!due(&a, Some(day / 2), 1500, Some(1400)));
+        assert!(due(&a, Some(day / 2), 1600, Some(1400)));
+        let off = AutoPrune {
+            every: None,
+            above_bytes: None,
+            ..a
+        };
+        assert!(!due(&off, None, u64::MAX, None));
     }
 }
