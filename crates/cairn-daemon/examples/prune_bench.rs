@@ -45,7 +45,7 @@ fn fill(seed: u64, buf: &mut [u8]) {
 
 fn change(device: &OpenVault, i: usize, version: u64) -> (VaultPath, Change) {
     let path = VaultPath::new(&format!("d{:04}/f{:06}.bin", i / 100, i)).unwrap();
-    let big = i % 10 == 0;
+    let big = i.is_multiple_of(10);
     let mut bytes = vec![0u8; if big { 16 << 10 } else { 1 << 10 }];
     fill((i as u64) << 20 | version, &mut bytes);
     if !big {
