@@ -43,19 +43,20 @@ fn wait_for_revisions(m: &TestMount, n: usize) {
     );
 }
 
-/// Bytes of every blob in the vault's store.
+/// Bytes of every blob in the vault's store. The daemon may be writing meanwhile: a temp file
+/// can vanish between the listing and its stat.
 fn store_bytes(m: &TestMount) -> u64 {
     fn walk(dir: &Path) -> u64 {
         fs::read_dir(dir)
             .unwrap()
             .flatten()
-            .map(|e| {
-                let meta = e.metadata().unwrap();
-                if meta.is_dir() {
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some(if meta.is_dir() {
                     walk(&e.path())
                 } else {
                     meta.len()
-                }
+                })
             })
             .sum()
     }
