@@ -325,6 +325,16 @@ pub fn prune_vault(
         // The daemon stopped meanwhile: prune here.
     }
     let _lock = crate::instance::lock_vault(&state.dir, &state.name, None)?;
+    // A restore without a daemon writes blobs through its own store handle, which this sweep
+    // would not see: it holds the overlay's lock for as long as it writes, so take it too.
+    let _overlay =
+        cairn_overlay::Overlay::open(state.dir.join("overlay")).map_err(|e| match e {
+            cairn_overlay::OverlayError::Locked { .. } => anyhow::anyhow!(
+                "another cairn command (a restore) is writing to vault {:?}; run the prune again when it is done",
+                state.name
+            ),
+            e => anyhow::Error::new(e).context("opening the local overlay"),
+        })?;
     let device = OpenVault::open(state)?;
     let bar = indicatif::ProgressBar::with_draw_target(
         None,
@@ -791,6 +801,32 @@ mod tests {
         prune(&device, &newest_only(false), |_| ControlFlow::Continue(())).unwrap();
         let head = device.engine().head().unwrap().header.root;
         assert_eq!(read_all(&device, head), files);
+    }
+
+    /// `cairn prune` without a daemon: prunes here, and waits for a restore that holds the
+    /// overlay (it writes blobs this sweep would not see).
+    #[test]
+    fn prune_without_a_daemon_runs_here_and_not_beside_a_restore() {
+        let d = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let newest = churned(d.path(), &mut rng, 3);
+        let state = VaultState::load(d.path(), "v").unwrap();
+        let restore = cairn_overlay::Overlay::open(state.dir.join("overlay")).unwrap();
+        let err = prune_vault(&state, &newest_only(false))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("restore"), "{err}");
+        drop(restore);
+        let (r, by) = prune_vault(&state, &newest_only(false)).unwrap();
+        assert_eq!(by, PrunedBy::ThisProcess);
+        assert_eq!((r.kept, r.pruned), (1, 3));
+        assert!(r.removed_bytes > 0);
+        let device = OpenVault::open(&state).unwrap();
+        assert_eq!(read_all(&device, listed(&device)[0].root), newest);
+        assert!(
+            device.dir.join(STAMP).exists(),
+            "the prune time is recorded"
+        );
     }
 
     #[test]
