@@ -2877,3 +2877,95 @@ fn history_made_on_one_device_is_listed_and_restorable_on_others() {
     assert_eq!(past.unwrap(), b"deleted later\n");
     assert!(un.ok(), "{}", un.stderr);
 }
+
+/// Blob ids (file names under `store/`) of `dev` with at least `min` bytes, and their sizes.
+fn large_blobs(dev: &Device, min: u64) -> BTreeMap<String, u64> {
+    let store = dev.vault_dir().join("store");
+    let mut out = BTreeMap::new();
+    for fan in fs::read_dir(&store).unwrap().flatten() {
+        if !fan.path().is_dir() {
+            continue;
+        }
+        for e in fs::read_dir(fan.path()).unwrap().flatten() {
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            let name = e.file_name().to_string_lossy().into_owned();
+            if len >= min && !name.starts_with('.') {
+                out.insert(format!("{}/{name}", fan.file_name().to_string_lossy()), len);
+            }
+        }
+    }
+    out
+}
+
+/// The multi-device prune rule: a device never prunes what another member's newest snapshot
+/// references, even when that member is offline and lacks it, so the member can still get it
+/// from here; once the member's newest snapshot moved on, the next prune frees it.
+#[test]
+fn prune_keeps_what_another_members_newest_snapshot_needs() {
+    let a = Device::init("A", Some(50));
+    let mut b = Device::join("B", &a, Some(50));
+    let both = [&a, &b];
+    // A's `cairn prune` keeps only each member's newest snapshot.
+    let config = a.dir.data.parent().unwrap().join("config").join("cairn");
+    fs::create_dir_all(&config).unwrap();
+    fs::write(
+        config.join("config.toml"),
+        "[history]\nkeep_within = \"0s\"\nkeep_hourly = 0\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\n",
+    )
+    .unwrap();
+
+    let v1 = write_random(&a.path("f.bin"), 2 << 20, 1);
+    wait_for_big_file(&both, &b.path("f.bin"), 2 << 20, &v1, SYNC_DEADLINE);
+    // B's newest snapshot holds f.bin v1.
+    fs::write(b.path("b.txt"), b"from B\n").unwrap();
+    wait_until(&both, "b.txt on A", SYNC_DEADLINE, |_| {
+        content_is(&a.path("b.txt"), b"from B\n")
+    });
+    b.stop();
+    // B lacks v1's chunks from now on: whatever it needs of them must come from A.
+    let needed = large_blobs(&b, 16 << 10);
+    assert!(needed.len() >= 10, "v1's chunks on B: {needed:?}");
+    for id in needed.keys() {
+        fs::remove_file(b.vault_dir().join("store").join(id)).unwrap();
+    }
+
+    let v2 = write_random(&a.path("f.bin"), 2 << 20, 2);
+    wait_until(&[&a], "v2 in A's snapshot", SYNC_DEADLINE, |_| {
+        a.run_ok(&["status", "--json"])
+            .contains("\"state\": \"synced\"")
+    });
+    let out = a.run_ok(&["prune"]);
+    let on_a = large_blobs(&a, 16 << 10);
+    for id in needed.keys() {
+        assert!(
+            on_a.contains_key(id),
+            "A pruned {id}, which B's newest snapshot needs\n{out}"
+        );
+    }
+
+    // B comes back, fetches what it needs from A, and moves on to v2.
+    b.start();
+    let both = [&a, &b];
+    wait_for_big_file(&both, &b.path("f.bin"), 2 << 20, &v2, SYNC_DEADLINE);
+    fs::write(b.path("b2.txt"), b"B saw v2\n").unwrap();
+    wait_until(&both, "b2.txt on A", SYNC_DEADLINE, |_| {
+        content_is(&a.path("b2.txt"), b"B saw v2\n")
+    });
+    // Now no member's newest snapshot needs v1: A frees it.
+    let out = a.run_ok(&["prune"]);
+    let on_a = large_blobs(&a, 16 << 10);
+    let left: u64 = needed
+        .iter()
+        .filter(|(id, _)| on_a.contains_key(*id))
+        .map(|(_, n)| n)
+        .sum();
+    let total: u64 = needed.values().sum();
+    assert!(
+        left < total / 4,
+        "v1 still holds {left} of {total} bytes on A after B moved on\n{out}"
+    );
+    assert!(content_is(
+        &b.path("f.bin"),
+        &fs::read(a.path("f.bin")).unwrap()
+    ));
+}

@@ -10,7 +10,8 @@
 //! (re-sends the roster: a device name changed), `history` (indexes the members' snapshots,
 //! answers `ok ADDED GAPS`), `prefetch ROOT_HEX [PATH]` (fetches the content of a past tree,
 //! answers `ok CHUNKS`), `nodes ROOT_HEX PATH` and `diff OLD_HEX NEW_HEX` (fetch the tree
-//! nodes a history listing reads). Replies start with `ok` or `err`; `peers` answers `ok` and a
+//! nodes a history listing reads), `prune dry|run WITHIN_MS HOURLY DAILY WEEKLY MONTHLY`
+//! (answers a JSON `PruneReport`). Replies start with `ok` or `err`; `peers` answers `ok` and a
 //! JSON [`PeersReply`] (this device's addresses, then every member with its connection state,
 //! path, round-trip time and bytes); `remove` and `rotate` answer with the new key epoch:
 //! `ok [DEVICE] EPOCH` and, on the next line, its recovery phrase (the socket is the owner's
@@ -238,6 +239,25 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
         (Some("names"), None) => {
             net.roster_changed.notify_waiters();
             "ok\n".to_string()
+        }
+        // `cairn prune`: `prune dry|run WITHIN_MS HOURLY DAILY WEEKLY MONTHLY`, answers the
+        // JSON report. Runs here so the sweep sees this daemon's writes (see `crate::prune`).
+        (Some("prune"), Some(mode)) => {
+            let rest: Vec<&str> = words.collect();
+            match crate::prune::request_options(mode, &rest) {
+                Ok(opts) => match crate::prune::prune(&net.publisher.vault, &opts, |_| {
+                    std::ops::ControlFlow::Continue(())
+                }) {
+                    Ok(r) => {
+                        if !opts.dry_run {
+                            crate::prune::record_prune(&net.publisher.vault);
+                        }
+                        format!("ok {}\n", serde_json::to_string(&r).unwrap_or_default())
+                    }
+                    Err(e) => format!("err {e:#}\n"),
+                },
+                Err(e) => format!("err {e:#}\n"),
+            }
         }
         (Some("rotate"), None) => match net.rotate_keys() {
             Ok(epoch) => format!("ok {}\n{}\n", epoch.number, epoch.secret.to_phrase()),

@@ -334,7 +334,27 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64> {
 /// The newest snapshot of any member created at or before `at_ms`.
 pub fn snapshot_at(device: &OpenVault, t: &Timeline, at_ms: u64) -> Result<SnapInfo> {
     if let Some(s) = t.at_or_before(at_ms)? {
+        let pruned = t.pruned_between(s.created_ms.saturating_add(1), at_ms)?;
+        if pruned > 0 {
+            eprintln!(
+                "cairn: the vault's state at {} was pruned ({pruned} snapshot(s) after {} are gone, [history] retention policy); using the nearest kept snapshot, from {}",
+                format_time(at_ms),
+                format_time(s.created_ms),
+                format_time(s.created_ms)
+            );
+        }
         return Ok(s);
+    }
+    let pruned = t.pruned_between(0, at_ms)?;
+    if pruned > 0 {
+        bail!(
+            "the vault's state at {} was pruned: {pruned} snapshot(s) from then or before are gone ([history] retention policy){}",
+            format_time(at_ms),
+            match t.oldest_ms()? {
+                Some(o) => format!("; the oldest kept snapshot is from {}", format_time(o)),
+                None => String::new(),
+            }
+        );
     }
     match t.oldest_ms()? {
         Some(o) => bail!(

@@ -22,6 +22,7 @@ mod mount;
 mod names;
 mod net;
 mod open_vault;
+mod prune;
 mod publisher;
 mod report;
 mod restore;
@@ -49,6 +50,10 @@ pub use mount::{CacheBudget, mount, sync_only, unmount, writable_mount};
 pub use names::{Labels, ensure_own_name, parse_name, set_own_name};
 pub use net::NetSettings;
 pub use open_vault::{OpenVault, now_ms};
+pub use prune::{
+    AutoPrune, PruneOptions, PruneReport, PrunedBy, Step as PruneStep, prune, prune_vault,
+    record_prune,
+};
 pub use report::{CONFLICT_MARK, Report, report};
 pub use restore::restore;
 pub use sink::view_of;

@@ -99,6 +99,11 @@ fn notify_systemd(msg: &str) {
 struct Networking {
     control: Option<ControlServer>,
     net: Option<Net>,
+    /// The automatic prune (see `crate::prune::spawn_auto`).
+    pruner: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
     reporter: Option<(
         Arc<std::sync::atomic::AtomicBool>,
         std::thread::JoinHandle<()>,
@@ -116,6 +121,7 @@ impl Networking {
         Self {
             control: None,
             net: None,
+            pruner: None,
             reporter: None,
         }
     }
@@ -128,6 +134,14 @@ impl Networking {
     ) -> Result<Self> {
         let Some(settings) = settings else {
             return Ok(Self::none());
+        };
+        let pruner = match settings.prune {
+            Some(auto) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let t = crate::prune::spawn_auto(publisher.vault.clone(), auto, stop.clone())?;
+                Some((stop, t))
+            }
+            None => None,
         };
         let net = Net::start(state, publisher.clone(), settings)?;
         let control = ControlServer::start(&state.dir, net.node().clone())?;
@@ -161,11 +175,17 @@ impl Networking {
         Ok(Self {
             control: Some(control),
             net: Some(net),
+            pruner,
             reporter,
         })
     }
 
     fn stop(&mut self) {
+        // A prune stopped midway leaves only garbage behind (see `crate::prune`).
+        if let Some((stop, t)) = self.pruner.take() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = t.join();
+        }
         if let Some((stop, t)) = self.reporter.take() {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = t.join();

@@ -153,6 +153,16 @@ fn find_version(
         let entry = snapshot_at(device, t, at_ms)?;
         let view = source_of(&entry);
         let Some(found) = lookup_fetching(device, &entry, &view, src)? else {
+            let pruned = t.pruned_between(entry.created_ms.saturating_add(1), at_ms)?;
+            if pruned > 0 {
+                bail!(
+                    "{:?} is not in the nearest kept snapshot before {} (from {}); the {pruned} snapshot(s) in between were pruned ([history] retention policy). Drop --at to restore its newest kept version, or see `cairn log {}`",
+                    src.as_str(),
+                    format_time(at_ms),
+                    format_time(entry.created_ms),
+                    src.as_str()
+                );
+            }
             bail!(
                 "{:?} did not exist at {}; drop --at to restore its newest version, or see `cairn log {}`",
                 src.as_str(),
@@ -179,6 +189,13 @@ fn find_version(
     }
     if n == 0 {
         bail!("the vault has no snapshot this device can read yet, so there is nothing to restore");
+    }
+    let pruned = t.pruned_between(0, u64::MAX)?;
+    if pruned > 0 {
+        bail!(
+            "{:?} is in none of the vault's {n} kept snapshots: {pruned} older snapshot(s) were pruned ([history] retention policy), and a version only they held is gone. Check the spelling (paths are relative to the vault root) and `cairn log`",
+            src.as_str()
+        );
     }
     bail!(
         "{:?} is in none of the vault's {n} snapshots readable here; check the spelling (paths are relative to the vault root) and `cairn log`",

@@ -43,6 +43,11 @@ CREATE INDEX IF NOT EXISTS snapshots_by_time ON snapshots (created_ms DESC, devi
 CREATE TABLE IF NOT EXISTS gaps (
     id BLOB PRIMARY KEY CHECK (length(id) = 32)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pruned (
+    id         BLOB PRIMARY KEY CHECK (length(id) = 32),
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pruned_by_time ON pruned (created_ms);
 ";
 
 /// One snapshot of the timeline.
@@ -232,10 +237,66 @@ impl Timeline {
         })
     }
 
+    /// Indexed, or pruned: either way its parents were walked when it was first found.
     fn contains(&self, id: &SnapshotId) -> Result<bool> {
+        let conn = self.conn();
+        Ok(conn
+            .prepare_cached("SELECT 1 FROM snapshots WHERE id = ?1")?
+            .exists(params![&id.0.0[..]])?
+            || conn
+                .prepare_cached("SELECT 1 FROM pruned WHERE id = ?1")?
+                .exists(params![&id.0.0[..]])?)
+    }
+
+    /// Moves snapshots out of the timeline into the pruned list, in one transaction: listings
+    /// stop showing them, and readers can tell "pruned" from "never existed". Prune calls
+    /// this before it deletes any of their blobs.
+    pub fn mark_pruned(&self, snaps: &[SnapInfo]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for s in snaps {
+            tx.execute(
+                "INSERT OR IGNORE INTO pruned (id, created_ms) VALUES (?1, ?2)",
+                params![&s.id.0.0[..], to_sql(s.created_ms)],
+            )?;
+            tx.execute(
+                "DELETE FROM snapshots WHERE id = ?1",
+                params![&s.id.0.0[..]],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How many pruned snapshots were created in `[from_ms, to_ms]`.
+    pub fn pruned_between(&self, from_ms: u64, to_ms: u64) -> Result<u64> {
+        let n: i64 = self.conn().query_row(
+            "SELECT count(*) FROM pruned WHERE created_ms >= ?1 AND created_ms <= ?2",
+            params![to_sql(from_ms), to_sql(to_ms)],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Every pruned snapshot (their headers are kept; see `crate::prune`).
+    pub fn pruned_ids(&self) -> Result<Vec<SnapshotId>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT id FROM pruned")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Ok(id) = <[u8; 32]>::try_from(r?) {
+                out.push(SnapshotId(ChunkId(id)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `id` was pruned.
+    pub fn is_pruned(&self, id: &SnapshotId) -> Result<bool> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT 1 FROM snapshots WHERE id = ?1")?
+            .prepare_cached("SELECT 1 FROM pruned WHERE id = ?1")?
             .exists(params![&id.0.0[..]])?)
     }
 

@@ -23,6 +23,10 @@
 //! then tries the next peer. [`BlobService::fetch_many`] does the same for a batch of blobs
 //! in one request.
 //!
+//! **Pruning.** The serving index runs iroh-blobs' garbage collection hourly, protecting every
+//! blob the cairn store holds: entries of blobs `cairn prune` removed are dropped (see
+//! [`protect_stored`]).
+//!
 //! Authorization: the endpoint allowlist already refuses non-members on this ALPN; in
 //! addition every connection and every request is intercepted through iroh-blobs' event
 //! hooks and re-checked against the current [`Members`] (so a member removed mid-connection
@@ -46,6 +50,8 @@ use iroh_blobs::provider::events::{
     ThrottleMode,
 };
 use iroh_blobs::store::fs::FsStore;
+use iroh_blobs::store::fs::options::Options;
+use iroh_blobs::store::{GcConfig, ProtectCb, ProtectOutcome};
 use iroh_blobs::{BlobFormat, BlobsProtocol, Hash};
 
 use crate::endpoint::{Members, device_id_of};
@@ -63,6 +69,9 @@ pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 * 1024 * 1024;
 /// announced size is the peer's claim until the last group verifies, so a larger blob's buffer
 /// grows with bytes already verified against the requested hash instead.
 pub const MAX_CHUNK_BLOB: usize = cairn_store::MAX_CHUNK_SIZE + cairn_store::CHUNK_OVERHEAD;
+/// How often the serving index drops entries of blobs the cairn store no longer holds (after
+/// `cairn prune`); see [`protect_stored`].
+const INDEX_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Blobs [`BlobService::index_local`] imports into the serving index at once.
 const INDEX_AT_ONCE: usize = 8;
 /// Failed blobs in a row after which [`BlobService::fetch_many`] stops asking that peer.
@@ -108,7 +117,22 @@ impl BlobService {
         blobs: Arc<BlobStore>,
         members: Members,
     ) -> Result<Self, BlobError> {
-        let index = FsStore::load(index_dir)
+        Self::open_with_gc(index_dir, blobs, members, INDEX_GC_EVERY).await
+    }
+
+    /// [`open`](Self::open) with the serving index's cleanup every `gc_every` (tests).
+    async fn open_with_gc(
+        index_dir: &Path,
+        blobs: Arc<BlobStore>,
+        members: Members,
+        gc_every: std::time::Duration,
+    ) -> Result<Self, BlobError> {
+        let mut options = Options::new(index_dir);
+        options.gc = Some(GcConfig {
+            interval: gc_every,
+            add_protected: Some(protect_stored(blobs.clone())),
+        });
+        let index = FsStore::load_with_opts(index_dir.join("blobs.db"), options)
             .await
             .map_err(|e| BlobError::Open {
                 path: index_dir.display().to_string(),
@@ -572,6 +596,30 @@ async fn ensure_all_indexed(
     while set.join_next().await.is_some() {}
 }
 
+/// The serving index's garbage collection keeps exactly what the cairn store holds: every
+/// entry is only a reference to (or, for small blobs, a copy of) a cairn blob, so once a prune
+/// removed the blob its entry goes too. A blob pruned and fetched again between the listing
+/// and the index's sweep is merely re-imported on its next request. If the store cannot be
+/// listed, the run is skipped.
+fn protect_stored(blobs: Arc<BlobStore>) -> ProtectCb {
+    Arc::new(move |live| {
+        let blobs = blobs.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || blobs.list()).await {
+                Ok(Ok(ids)) => {
+                    live.extend(ids.into_iter().map(|id| Hash::from_bytes(id.0)));
+                    ProtectOutcome::Continue
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("serving index cleanup skipped: cannot list the store: {e}");
+                    ProtectOutcome::Abort
+                }
+                Err(_) => ProtectOutcome::Abort,
+            }
+        })
+    })
+}
+
 /// Makes sure the serving index can serve `hash` if the cairn store has it.
 async fn ensure_indexed(index: &FsStore, blobs: &BlobStore, hash: Hash) {
     if index.blobs().has(hash).await.unwrap_or(false) {
@@ -604,6 +652,50 @@ async fn ensure_indexed(index: &FsStore, blobs: &BlobStore, hash: Hash) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a prune removed a blob from the cairn store, the serving index drops it too; blobs
+    /// still stored stay servable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_serving_index_forgets_pruned_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path().join("store")).unwrap());
+        // Large enough to be referenced, not inlined, and one small (copied into the index).
+        let kept = store
+            .put(&vec![7u8; 40_000], Durability::Immediate)
+            .unwrap();
+        let pruned = store
+            .put(&vec![9u8; 40_000], Durability::Immediate)
+            .unwrap();
+        let small = store
+            .put(b"a small pruned node", Durability::Immediate)
+            .unwrap();
+        let service = BlobService::open_with_gc(
+            &dir.path().join("index"),
+            store.clone(),
+            Members::new([]),
+            std::time::Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+        service.index_local(&[kept, pruned, small]).await;
+        let has = |id: ChunkId| {
+            let index = service.index.clone();
+            async move { index.blobs().has(Hash::from_bytes(id.0)).await.unwrap() }
+        };
+        assert!(has(kept).await && has(pruned).await && has(small).await);
+        store.remove(&pruned).unwrap();
+        store.remove(&small).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while has(pruned).await || has(small).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the serving index still lists pruned blobs"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(has(kept).await);
+        service.shutdown().await;
+    }
 
     #[test]
     fn a_fetch_reserves_at_most_one_sealed_chunk() {

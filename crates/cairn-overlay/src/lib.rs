@@ -22,5 +22,5 @@ mod record;
 
 pub use error::OverlayError;
 pub use journal::{Change, DEFAULT_GROUP_WINDOW, Overlay};
-pub use pending::{PendingPath, read_pending};
+pub use pending::{PendingPath, read_content_refs, read_pending};
 pub use record::{Data, Kind, Record, StagingId};

@@ -59,6 +59,36 @@ pub fn read_pending(dir: &Path) -> Result<Vec<PendingPath>, OverlayError> {
     rows.collect::<Result<Vec<_>, _>>().map_err(jerr)
 }
 
+/// The base-content references (`Data::Content`) held by pending records of the overlay in
+/// `dir`: content that is not in any snapshot this device published yet (a renamed base file
+/// that the base may have dropped meanwhile), which garbage collection must keep. Read-only,
+/// like [`read_pending`].
+pub fn read_content_refs(dir: &Path) -> Result<Vec<Vec<u8>>, OverlayError> {
+    let journal = dir.join("journal.sqlite");
+    if !journal.exists() {
+        return Ok(Vec::new());
+    }
+    let jerr = |source| OverlayError::Journal {
+        path: journal.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        &journal,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(jerr)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(jerr)?;
+    // data_kind 4 = Data::Content (see journal.rs).
+    let mut stmt = conn
+        .prepare("SELECT data_blob FROM records WHERE data_kind = 4 AND data_blob IS NOT NULL")
+        .map_err(jerr)?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .map_err(jerr)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(jerr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -412,6 +412,37 @@ impl Registry {
         Ok(out)
     }
 
+    /// Drops log records of `device` whose payload is in `payloads` (snapshots that history
+    /// no longer keeps), never the record of the device's current head, which the
+    /// compare-and-swap rule and equivocation checks still compare against. Returns how many
+    /// went. Equivocation evidence (its own table) is never touched.
+    pub fn forget_logged(
+        &self,
+        vault: &VaultId,
+        device: &DeviceId,
+        payloads: &[Payload],
+    ) -> Result<u64, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let head: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT revision FROM entries WHERE vault = ?1 AND device = ?2",
+                params![&vault.0[..], &device.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut n = 0;
+        for p in payloads {
+            n += tx.execute(
+                "DELETE FROM entry_log WHERE vault = ?1 AND device = ?2 AND payload = ?3
+                 AND (?4 IS NULL OR revision != ?4)",
+                params![&vault.0[..], &device.0[..], &p.0[..], &head],
+            )? as u64;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
     /// Allow `device`'s entries for `vault`. Returns false if it already was a member.
     pub fn add_member(&self, vault: &VaultId, device: &DeviceId) -> Result<bool, RegistryError> {
         let mut conn = self.conn();

@@ -12,16 +12,18 @@
 //!
 //! Durability is chosen per write (see [`Durability`]).
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Result, StoreError};
 use crate::id::ChunkId;
 
-const TEMP_PREFIX: &str = ".tmp-";
+pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 
 /// When a write must be on stable storage.
 ///
@@ -43,6 +45,9 @@ pub struct BlobStore {
     root: PathBuf,
     /// Set when a batched write happened since the last `sync`, so `sync` is free otherwise.
     unsynced: AtomicBool,
+    /// While a sweep runs (see [`crate::sweep`]): every id written or found present since it
+    /// began, which the sweep must not remove. `None` otherwise, so writes cost nothing extra.
+    pub(crate) touched: Mutex<Option<HashSet<ChunkId>>>,
 }
 
 impl BlobStore {
@@ -68,6 +73,7 @@ impl BlobStore {
         Ok(Self {
             root,
             unsynced: AtomicBool::new(false),
+            touched: Mutex::new(None),
         })
     }
 
@@ -107,6 +113,9 @@ impl BlobStore {
         durability: Durability,
     ) -> Result<bool> {
         debug_assert_eq!(id, ChunkId::of(bytes));
+        // Before the presence check: a sweep that has not removed the blob yet will now keep
+        // it, and one that already did makes the check below fail, so it is written again.
+        self.note_written(id);
         let dest = self.path_of(&id);
         // The size check is a cheap guard against a truncated leftover being treated as
         // present; full verification is `verify`'s job.
@@ -150,6 +159,7 @@ impl BlobStore {
                 len += n as u64;
             }
             let id = ChunkId::from(hasher.finalize());
+            self.note_written(id);
             let dest = self.path_of(&id);
             if fs::metadata(&dest).is_ok_and(|m| m.len() == len) {
                 let _ = fs::remove_file(&temp);
@@ -164,6 +174,17 @@ impl BlobStore {
             let _ = fs::remove_file(&temp);
         }
         result
+    }
+
+    fn note_written(&self, id: ChunkId) {
+        if let Some(set) = self
+            .touched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            set.insert(id);
+        }
     }
 
     /// An existing blob may have been written in batch mode by another handle or process
@@ -485,11 +506,11 @@ impl Iterator for BlobIter {
     }
 }
 
-fn is_fanout_name(name: &str) -> bool {
+pub(crate) fn is_fanout_name(name: &str) -> bool {
     name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn read_dir(dir: &Path) -> Result<fs::ReadDir> {
+pub(crate) fn read_dir(dir: &Path) -> Result<fs::ReadDir> {
     fs::read_dir(dir).map_err(|e| StoreError::io("listing", dir, e))
 }
 

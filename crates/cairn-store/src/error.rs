@@ -22,6 +22,9 @@ pub enum StoreError {
     #[error("writing the output failed: {0}; make sure the destination is writable and retry")]
     Output(#[source] io::Error),
 
+    #[error("a garbage collection of this store is already running; wait for it to finish")]
+    SweepRunning,
+
     #[error("blob {id} is not in the local store; fetch it from a peer")]
     NotFound { id: ChunkId },
 

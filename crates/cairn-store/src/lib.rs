@@ -18,6 +18,7 @@ pub mod error;
 pub mod file;
 pub mod id;
 pub mod meta;
+pub mod sweep;
 
 pub use blobstore::{BlobIter, BlobReader, BlobStore, Durability};
 pub use chunk::{AVG_CHUNK_SIZE, Chunk, Chunker, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -31,3 +32,4 @@ pub use id::ChunkId;
 pub use meta::{
     EpochMetaSealer, META_EPOCH_OVERHEAD, META_OVERHEAD, MetaError, MetaSealer, sealed_epoch,
 };
+pub use sweep::{Sweep, SweepProgress, SweepReport};

@@ -20,6 +20,7 @@ mod error;
 pub mod guard;
 pub mod merge;
 mod path;
+pub mod retention;
 mod snapshot;
 mod source;
 mod stores;
@@ -40,6 +41,7 @@ pub use error::{DecodeError, PathError, Result, VaultError};
 pub use guard::{GuardPolicy, HeldEntry, HeldRecord, HeldSet, HeldSource};
 pub use merge::{Conflict, MergeReport};
 pub use path::{EntryKey, MAX_NAME_LEN, MAX_PATH_LEN, VaultPath};
+pub use retention::{RetentionPolicy, SnapTime, retained};
 pub use snapshot::{
     HEADER_FORMAT_V1, Keyring, Snapshot, SnapshotHeader, SnapshotId, load_announced, load_header,
     load_snapshot, verify_history, write_snapshot,

@@ -20,6 +20,82 @@ pub struct Config {
     pub mount: MountSettings,
     pub cache: CacheSettings,
     pub guard: GuardSettings,
+    pub history: HistorySettings,
+}
+
+/// `[history]`: which snapshots are kept (restic-style, over every member's snapshots) and
+/// when the daemon prunes by itself.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    /// Keep every snapshot this close to the newest one (`7days`, `36h`, `0s`).
+    #[serde(deserialize_with = "duration")]
+    pub keep_within: std::time::Duration,
+    /// Beyond that, the newest snapshot of each of this many most recent hours, days, weeks
+    /// (Monday to Sunday, UTC) and calendar months that hold one.
+    pub keep_hourly: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+    /// Whether the daemon prunes by itself.
+    pub auto_prune: bool,
+    /// ... this often (`1day`),
+    #[serde(deserialize_with = "duration")]
+    pub prune_every: std::time::Duration,
+    /// ... and whenever the local store passes this size (MiB; 0: no size trigger).
+    pub prune_above_mib: u64,
+    /// How often the daemon checks both (`10m`).
+    #[serde(deserialize_with = "duration")]
+    pub prune_check: std::time::Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        let p = cairn_vault::RetentionPolicy::default();
+        Self {
+            keep_within: std::time::Duration::from_millis(p.keep_within_ms),
+            keep_hourly: p.keep_hourly,
+            keep_daily: p.keep_daily,
+            keep_weekly: p.keep_weekly,
+            keep_monthly: p.keep_monthly,
+            auto_prune: true,
+            prune_every: std::time::Duration::from_secs(86_400),
+            prune_above_mib: 10 * 1024,
+            prune_check: std::time::Duration::from_secs(600),
+        }
+    }
+}
+
+impl HistorySettings {
+    pub fn policy(&self) -> cairn_vault::RetentionPolicy {
+        cairn_vault::RetentionPolicy {
+            keep_within_ms: u64::try_from(self.keep_within.as_millis()).unwrap_or(u64::MAX),
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+        }
+    }
+
+    /// The daemon's automatic prune; `None` when turned off.
+    pub fn auto(&self) -> Option<cairn_daemon::AutoPrune> {
+        self.auto_prune.then(|| cairn_daemon::AutoPrune {
+            policy: self.policy(),
+            every: Some(self.prune_every).filter(|d| !d.is_zero()),
+            above_bytes: Some(self.prune_above_mib.saturating_mul(1 << 20)).filter(|&b| b > 0),
+            check_every: self.prune_check.max(std::time::Duration::from_secs(1)),
+        })
+    }
+}
+
+/// A duration as humantime text (`7days`, `90m`, `0s`).
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration ({e}); write it as 7days, 36h, 90m or 0s"
+        ))
+    })
 }
 
 /// `[guard]`: when a deletion (made here or received from a peer) is held instead of
@@ -318,6 +394,27 @@ mod tests {
         assert_eq!(c.mount.debounce_ms, 150);
         assert_eq!(c.cache.chunk_cache_mib, 8);
         assert_eq!(c.cache.node_cache_mib, 32);
+        assert_eq!(c.history.policy(), cairn_vault::RetentionPolicy::default());
+        assert_eq!(c.history.keep_within.as_secs(), 7 * 86_400);
+        assert!(c.history.auto().is_some());
+    }
+
+    #[test]
+    fn history_durations_are_humantime_and_errors_say_how() {
+        let c = Config::parse(
+            "[history]\nkeep_within = \"0s\"\nkeep_hourly = 0\nkeep_daily = 0\nkeep_weekly = 0\nkeep_monthly = 0\nauto_prune = false\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.history.policy(),
+            cairn_vault::RetentionPolicy::newest_only()
+        );
+        assert!(c.history.auto().is_none());
+        let err = Config::parse("[history]\nkeep_within = \"a week\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("7days"), "{err}");
     }
 
     #[test]

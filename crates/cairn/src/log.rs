@@ -134,6 +134,14 @@ pub fn run(state: &VaultState, args: LogArgs) -> Result<()> {
             "cairn: more with `--before @{}` (or a larger --limit)",
             o.div_ceil(1000)
         );
+    } else {
+        // History ended here: say whether it ended because older snapshots were pruned.
+        let pruned = timeline.pruned_between(0, oldest.unwrap_or(u64::MAX))?;
+        if pruned > 0 {
+            println!(
+                "({pruned} older snapshot(s) were pruned by the [history] retention policy; versions only they held are gone)"
+            );
+        }
     }
     Ok(())
 }

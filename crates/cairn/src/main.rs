@@ -5,6 +5,7 @@ mod config;
 mod held;
 mod log;
 mod logging;
+mod prune;
 mod relay;
 mod service;
 mod status;
@@ -227,6 +228,13 @@ enum Command {
         /// Restore to this vault path instead of PATH (e.g. to keep the current version).
         #[arg(long, value_name = "DEST")]
         to: Option<String>,
+    },
+    /// Apply the `[history]` retention policy: forget the snapshots it does not keep and
+    /// free the storage only they used (on this device).
+    Prune {
+        /// Only say what would be freed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Run the mount as a systemd user service.
     Service {
@@ -638,6 +646,11 @@ fn run(cli: Cli) -> Result<()> {
             at.as_deref(),
             to.as_deref(),
         )?,
+        Command::Prune { dry_run } => prune::run(
+            &VaultState::load(&data_dir, &cli.vault)?,
+            config.history.policy(),
+            dry_run,
+        )?,
         Command::Service { action } => match action {
             ServiceAction::Install { dir } => service::install(
                 &dir,
@@ -746,6 +759,7 @@ fn net_settings(config: &config::Config) -> daemon::NetSettings {
         bind: config.net.bind,
         relays: config.net.relay.to_relays(),
         direct: config.net.direct,
+        prune: config.history.auto(),
     }
 }
 

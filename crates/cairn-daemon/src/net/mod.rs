@@ -77,6 +77,8 @@ pub struct NetSettings {
     pub relays: Relays,
     /// `false`: relay-only, this device's IP addresses are never announced to peers.
     pub direct: bool,
+    /// The automatic prune while the daemon serves the vault (`None`: off).
+    pub prune: Option<crate::prune::AutoPrune>,
 }
 
 /// How long after start an unreachable relay is reported (once) in the log.
