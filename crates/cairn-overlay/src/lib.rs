@@ -16,13 +16,12 @@
 
 mod error;
 mod journal;
-mod link;
 pub mod path;
 mod pending;
 mod record;
 
+pub use cairn_link::{LINK_XATTR, LinkGroup, LinkId, MAX_LINK_NAMES};
 pub use error::OverlayError;
 pub use journal::{Change, DEFAULT_GROUP_WINDOW, Overlay};
-pub use link::{LINK_XATTR, LinkGroup, LinkId, MAX_LINK_NAMES};
 pub use pending::{PendingPath, read_pending};
 pub use record::{Data, Kind, Record, StagingId};
