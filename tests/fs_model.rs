@@ -970,9 +970,20 @@ fn hard_links() {
     fs::rename(m.path("d2"), m.path("d3")).unwrap();
     let (ino2, n2) = id("d3/x");
     assert_eq!((id("d1/renamed"), n2), ((ino2, 2), 2));
-    // Directories cannot be linked.
+    // Directories and symlinks cannot be linked; FIFOs can (on this device).
     let e = fs::hard_link(m.path("d1"), m.path("dirlink")).unwrap_err();
     assert_eq!(errno_of(&e), libc::EPERM);
+    symlink("d1", m.path("sl")).unwrap();
+    let e = fs::hard_link(m.path("sl"), m.path("sl2")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EPERM);
+    let fifo = cpath(&m.path("fifo"));
+    // SAFETY: mkfifo reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    fs::hard_link(m.path("fifo"), m.path("d1/fifo2")).unwrap();
+    let (fino, fnl) = id("fifo");
+    assert_eq!((fnl, id("d1/fifo2")), (2, (fino, 2)));
+    fs::remove_file(m.path("fifo")).unwrap();
+    assert_eq!(id("d1/fifo2").1, 1);
 
     // Everything survives the flush into the snapshot and a remount.
     m.remount();

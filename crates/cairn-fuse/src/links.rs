@@ -17,10 +17,19 @@ use crate::fs::CairnFs;
 use crate::namespace::{NAME_MAX, Namespace, Node, join};
 use crate::stat::Stat;
 
-/// The link group of a node, if it is a regular file with several names.
+/// Record kinds that may have several names: regular files, and the special files that
+/// live on this device only (their groups never leave it either).
+fn linkable(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::File | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev
+    )
+}
+
+/// The link group of a node, if it is a regular or special file with several names.
 pub(crate) fn group_of(node: &Node) -> Option<LinkGroup> {
     let linkable = match node {
-        Node::Rec(r) => r.kind == Kind::File,
+        Node::Rec(r) => linkable(r.kind),
         Node::Base(b) => b.kind == crate::base::EntryKind::File,
     };
     if !linkable {
@@ -182,11 +191,10 @@ impl CairnFs {
         }
         let node = self.core.resolve(&src)?.ok_or(Errno::ENOENT)?;
         match &node {
-            Node::Rec(r) if r.kind == Kind::File => {}
+            Node::Rec(r) if linkable(r.kind) => {}
             Node::Base(b) if b.kind == crate::base::EntryKind::File => {}
-            // Directories cannot be linked (POSIX); special files live on this device only
-            // and have no content to share; a symlink's snapshot entry has no attributes to
-            // carry a group in, so its links would come apart at the next flush.
+            // Directories cannot be linked (POSIX); a symlink's snapshot entry has no
+            // attributes to carry a group in, so its links would come apart at the next flush.
             _ => return Err(Errno::EPERM),
         }
         if self.core.resolve(&dst)?.is_some() {
