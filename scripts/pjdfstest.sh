@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # POSIX conformance (issue 19): pjdfstest against a cairn mount and against libfuse's
 # passthrough_ll (-O2, from libfuse3-dev's examples) mounted with the same options, as root.
-# Prints both per-directory tables and how long each run took. cairn refuses hard links
-# (README, Conformance), so failures in test files that call link(2) are counted apart; the
-# script fails when cairn fails more of the other subtests than passthrough_ll does.
+# Prints both per-directory tables and how long each run took; fails when cairn fails more
+# subtests than passthrough_ll does.
 # Skips (exit 0, saying why) without the runner or without root.
 # Usage: scripts/pjdfstest.sh [TEST_SUBDIR...]   (runner: ../shared/tools/run-pjdfstest.sh)
 set -euo pipefail
@@ -36,23 +35,8 @@ cleanup() {
 trap cleanup EXIT
 mounted() { grep -q " $1 .* fuse" /proc/self/mountinfo; }
 
-BUILD="${PJDFSTEST_BUILD:-${TMPDIR:-/tmp}/pjdfstest-build}"
-# Failed subtests of the run whose full log is $1, split into "LINKED OTHER": LINKED counts
-# the failures in test files that use link(2) (they build on hard links).
-split_failures() {
-    local linked=0 other=0 file n
-    while read -r file n; do
-        if grep -q ' link \${' "$BUILD/tests/$file" 2>/dev/null; then
-            linked=$((linked + n))
-        else
-            other=$((other + n))
-        fi
-    done < <(sed -n 's|^.*/tests/\./\([^ ]*\.t\) .*Failed: \([0-9]*\))$|\1 \2|p' "$1")
-    echo "$linked $other"
-}
-
-run() { # NAME DIR: runs the suite, prints its table, sets FAILED, LINKED and OTHER
-    local start end out log
+run() { # NAME DIR: runs the suite, prints its table, sets FAILED
+    local start end out
     start=$(date +%s)
     out=$(bash "$RUNNER" "$2" "${@:3}" 2>&1) || true
     end=$(date +%s)
@@ -63,15 +47,12 @@ run() { # NAME DIR: runs the suite, prints its table, sets FAILED, LINKED and OT
         echo "pjdfstest: the run on $1 gave no summary line" >&2
         exit 1
     fi
-    log=$(echo "$out" | sed -n 's/^full output: //p')
-    read -r LINKED OTHER < <(split_failures "$log")
-    echo "   $1: $LINKED failed in tests that use link(2), $OTHER elsewhere"
 }
 
 "$PT" -o "source=$WORK/pt-src,$OPTS" "$WORK/pt"
 mounted "$WORK/pt" || { echo "pjdfstest: passthrough_ll did not mount" >&2; exit 1; }
 run passthrough_ll "$WORK/pt" "$@"
-PT_FAILED=$FAILED PT_OTHER=$OTHER
+PT_FAILED=$FAILED
 
 export XDG_CONFIG_HOME="$WORK/config" CAIRN_RELAY=disabled CAIRN_BIND=127.0.0.1:0
 "$BIN" --data-dir "$WORK/data" init >/dev/null
@@ -80,12 +61,10 @@ CAIRN_PID=$!
 for _ in $(seq 300); do mounted "$WORK/cairn" && break; sleep 0.1; done
 mounted "$WORK/cairn" || { tail -5 "$WORK/cairn.log" >&2; echo "pjdfstest: cairn did not mount" >&2; exit 1; }
 run cairn "$WORK/cairn" "$@"
-CAIRN_FAILED=$FAILED CAIRN_OTHER=$OTHER
+CAIRN_FAILED=$FAILED
 
-echo "pjdfstest: cairn failed $CAIRN_FAILED ($CAIRN_OTHER outside link tests)," \
-    "passthrough_ll failed $PT_FAILED ($PT_OTHER outside link tests), options $OPTS"
-if [ "$CAIRN_OTHER" -gt "$PT_OTHER" ]; then
-    echo "pjdfstest: cairn fails more subtests than passthrough_ll outside the link tests" \
-        "(see README, Conformance)" >&2
+echo "pjdfstest: cairn failed $CAIRN_FAILED, passthrough_ll failed $PT_FAILED, options $OPTS"
+if [ "$CAIRN_FAILED" -gt "$PT_FAILED" ]; then
+    echo "pjdfstest: cairn fails more subtests than passthrough_ll (see README, Conformance)" >&2
     exit 1
 fi

@@ -618,3 +618,177 @@ fn sqlite_wal_two_writers_survive_kill9() {
         "the victim's committed rows stay: {text}"
     );
 }
+
+/// The groups of names under `root` that are one inode (`st_nlink` > 1): each group's
+/// relative paths, sorted, and every name's `st_nlink` checked against the group's size.
+fn link_groups(root: &Path) -> Vec<Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut by_ino: std::collections::BTreeMap<u64, (u64, Vec<String>)> = Default::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() && md.nlink() > 1 {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                let g = by_ino.entry(md.ino()).or_insert((md.nlink(), Vec::new()));
+                assert_eq!(g.0, md.nlink(), "{rel}: st_nlink differs between names");
+                g.1.push(rel);
+            }
+        }
+    }
+    let mut groups: Vec<Vec<String>> = by_ino
+        .into_values()
+        .map(|(n, mut names)| {
+            names.sort();
+            assert_eq!(n as usize, names.len(), "st_nlink of {names:?}");
+            names
+        })
+        .collect();
+    groups.sort();
+    groups
+}
+
+/// tar, `cp -al`, `rsync -aH` and `git clone --local` with hard links: links stay links
+/// (one inode per group, `st_nlink` right) in the mount, back out of it, and after a
+/// remount.
+#[test]
+fn hard_links_through_tar_cp_al_rsync_h_and_git_clone_local() {
+    let mut m = TestMount::new();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for d in ["a", "b", "c/deep"] {
+        fs::create_dir_all(src.join(d)).unwrap();
+    }
+    fs::write(src.join("a/one"), b"one\n".repeat(100)).unwrap();
+    fs::write(src.join("a/two"), vec![7u8; 300_000]).unwrap();
+    fs::write(src.join("b/plain"), b"plain\n").unwrap();
+    fs::hard_link(src.join("a/one"), src.join("b/one-again")).unwrap();
+    fs::hard_link(src.join("a/two"), src.join("a/two-b")).unwrap();
+    fs::hard_link(src.join("a/two"), src.join("c/deep/two-c")).unwrap();
+    let want = link_groups(&src);
+    assert_eq!(want.len(), 2);
+
+    // tar x of an archive with hard links, diff -r, links in the mount.
+    let archive = work.path().join("links.tar");
+    run(Command::new("tar")
+        .arg("cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&src)
+        .arg("."));
+    let x = m.path("x");
+    fs::create_dir(&x).unwrap();
+    run(Command::new("tar")
+        .arg("xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&x));
+    run(Command::new("diff").arg("-r").arg(&src).arg(&x));
+    assert_eq!(link_groups(&x), want, "tar x into the mount");
+
+    // tar c from the mount records the links; extracted natively they are links again.
+    let again = work.path().join("again.tar");
+    run(Command::new("tar")
+        .arg("cf")
+        .arg(&again)
+        .arg("-C")
+        .arg(&x)
+        .arg("."));
+    let listing = run(Command::new("tar").arg("tvf").arg(&again)).stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&listing)
+            .matches(" link to ")
+            .count(),
+        3,
+        "tar c from the mount stores the hard links as links"
+    );
+    let y = work.path().join("y");
+    fs::create_dir(&y).unwrap();
+    run(Command::new("tar").arg("xf").arg(&again).arg("-C").arg(&y));
+    run(Command::new("diff").arg("-r").arg(&src).arg(&y));
+    assert_eq!(link_groups(&y), want, "tar c out of the mount");
+
+    // cp -al: a tree of links to the same inodes.
+    run(Command::new("cp").arg("-al").arg(&x).arg(m.path("cpal")));
+    run(Command::new("diff").arg("-r").arg(&src).arg(m.path("cpal")));
+    {
+        use std::os::unix::fs::MetadataExt;
+        for rel in ["a/one", "a/two", "b/plain", "c/deep/two-c"] {
+            let (p, q) = (
+                fs::metadata(x.join(rel)).unwrap(),
+                fs::metadata(m.path("cpal").join(rel)).unwrap(),
+            );
+            assert_eq!(p.ino(), q.ino(), "cp -al: {rel} is the same inode");
+        }
+        assert_eq!(fs::metadata(x.join("a/two")).unwrap().nlink(), 6);
+        assert_eq!(fs::metadata(x.join("b/plain")).unwrap().nlink(), 2);
+    }
+
+    // rsync -aH into the mount and back out.
+    if have("rsync") {
+        let mut src_arg = src.as_os_str().to_owned();
+        src_arg.push("/");
+        run(Command::new("rsync")
+            .arg("-aH")
+            .arg(&src_arg)
+            .arg(m.path("r")));
+        assert_eq!(link_groups(&m.path("r")), want, "rsync -aH into the mount");
+        let mut r_arg = m.path("r").into_os_string();
+        r_arg.push("/");
+        let back = work.path().join("back");
+        run(Command::new("rsync").arg("-aH").arg(&r_arg).arg(&back));
+        run(Command::new("diff").arg("-r").arg(&src).arg(&back));
+        assert_eq!(link_groups(&back), want, "rsync -aH out of the mount");
+    } else {
+        eprintln!("rsync -aH part SKIPPED: `rsync` is not installed");
+    }
+
+    // git clone --local inside the mount hard-links the object files.
+    if have("git") {
+        let home = tempfile::tempdir().unwrap();
+        let origin = m.path("origin");
+        fs::create_dir(&origin).unwrap();
+        git(&origin, home.path(), &["init", "-q"]);
+        for i in 0..5 {
+            fs::write(
+                origin.join(format!("f{i}.txt")),
+                format!("{i}\n").repeat(50),
+            )
+            .unwrap();
+        }
+        git(&origin, home.path(), &["add", "-A"]);
+        git(&origin, home.path(), &["commit", "-q", "-m", "first"]);
+        git(
+            m.root(),
+            home.path(),
+            &["clone", "-q", "--local", "origin", "clone"],
+        );
+        let clone = m.path("clone");
+        let status = git(&clone, home.path(), &["status", "--porcelain"]);
+        assert!(status.stdout.is_empty(), "clean clone");
+        git(&clone, home.path(), &["fsck", "--strict"]);
+        let linked: Vec<Vec<String>> = link_groups(m.root())
+            .into_iter()
+            .filter(|g| g.iter().any(|n| n.starts_with("clone/.git/objects/")))
+            .collect();
+        assert!(
+            !linked.is_empty(),
+            "git clone --local hard-links objects into the clone"
+        );
+        let head = |d: &Path| git(d, home.path(), &["rev-parse", "HEAD"]).stdout;
+        assert_eq!(head(&clone), head(&origin));
+    }
+
+    // Everything is still linked after the flush and a remount.
+    m.remount();
+    let all = link_groups(m.root());
+    let two: Vec<String> = ["cpal", "x"]
+        .iter()
+        .flat_map(|t| ["a/two", "a/two-b", "c/deep/two-c"].map(|n| format!("{t}/{n}")))
+        .collect();
+    assert!(all.contains(&two), "after remount: {all:?}");
+    run(Command::new("diff").arg("-r").arg(&src).arg(&x));
+}

@@ -2969,3 +2969,54 @@ fn prune_keeps_what_another_members_newest_snapshot_needs() {
         &fs::read(a.path("f.bin")).unwrap()
     ));
 }
+
+/// Hard links made on A are links on B (one inode for both names, `st_nlink` 2), and a
+/// write on B through one name shows on A through the other.
+#[test]
+fn hard_links_reach_a_peer_as_links() {
+    let a = Device::init("A", Some(50));
+    let b = Device::join("B", &a, Some(50));
+    let both = [&a, &b];
+    fs::create_dir(a.path("dir")).unwrap();
+    fs::write(a.path("one.txt"), b"shared by two names\n").unwrap();
+    fs::hard_link(a.path("one.txt"), a.path("dir/two.txt")).unwrap();
+    let linked = |d: &Device, why: &mut String| {
+        let (Ok(x), Ok(y)) = (
+            fs::metadata(d.path("one.txt")),
+            fs::metadata(d.path("dir/two.txt")),
+        ) else {
+            *why = format!("{}: a name is missing", d.name);
+            return false;
+        };
+        *why = format!(
+            "{}: ino {} / {}, nlink {} / {}",
+            d.name,
+            x.ino(),
+            y.ino(),
+            x.nlink(),
+            y.nlink()
+        );
+        x.ino() == y.ino() && x.nlink() == 2 && y.nlink() == 2
+    };
+    wait_until(&both, "the link on B", SYNC_DEADLINE, |why| {
+        linked(&b, why) && content_is(&b.path("dir/two.txt"), b"shared by two names\n")
+    });
+    fs::write(
+        b.path("dir/two.txt"),
+        b"written on B through the second name\n",
+    )
+    .unwrap();
+    wait_until(
+        &both,
+        "B's write on A through the first name",
+        SYNC_DEADLINE,
+        |why| {
+            content_is(
+                &a.path("one.txt"),
+                b"written on B through the second name\n",
+            ) && linked(&a, why)
+                && all_equal(&both, why)
+        },
+    );
+    assert!(linked(&b, &mut String::new()), "still one inode on B");
+}

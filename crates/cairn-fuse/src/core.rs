@@ -126,6 +126,15 @@ impl Core {
     }
 
     pub(crate) fn stat_node(&self, path: &str, node: &Node) -> FsResult<Stat> {
+        let mut st = self.stat_node_unlinked(path, node)?;
+        if let Some(g) = crate::links::group_of(node) {
+            st.nlink = g.nlink();
+            st.link = Some(g.id);
+        }
+        Ok(st)
+    }
+
+    fn stat_node_unlinked(&self, path: &str, node: &Node) -> FsResult<Stat> {
         Ok(match node {
             Node::Rec(r) => {
                 let size = if r.kind == Kind::File && r.data == Data::Base {
@@ -284,6 +293,9 @@ impl Core {
     /// its content (a lookup racing with the unlink may still open it). Call before the
     /// overlay change so a staging file is held before the change releases it.
     pub(crate) fn detach(&self, ns: &mut Namespace, path: &str, node: &Node) -> FsResult<()> {
+        if self.unlink_linked(ns, path, node)? {
+            return Ok(());
+        }
         let Some(&ino) = ns.paths.get(path) else {
             return Ok(());
         };
@@ -634,8 +646,7 @@ impl Core {
             rec.mtime_ns = now;
             rec.ctime_ns = now;
         }
-        let change = self.overlay.put(&path, rec).map_err(overlay_errno)?;
-        self.drop_released(&ns, change.released);
+        self.put_shared(&ns, &path, rec, &[])?;
         self.stat_path(&path)
     }
 

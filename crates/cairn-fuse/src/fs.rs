@@ -232,18 +232,17 @@ impl Filesystem for CairnFs {
         );
     }
 
-    /// Hard links are refused: the vault is keyed by path, so two names cannot share one
-    /// inode's content and metadata. Tools that try a link first (git, editors) fall back
-    /// to copying or renaming.
+    /// Hard links: see [`crate::links`].
     fn link(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply_result!(reply, self.do_link(ino.0, newparent, newname), |v| reply
+            .entry(&self.ttl(), &v.1.attr(v.0), GEN));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -452,7 +451,7 @@ impl Filesystem for CairnFs {
             let ino = if i == 1 && dir_path.is_empty() {
                 ROOT
             } else {
-                ns.ino_for(&path)
+                ns.ino_linked(&path, stat.link)
             };
             if reply.add(INodeNo(ino), i as u64 + 1, name, &ttl, &stat.attr(ino), GEN) {
                 break;
@@ -521,7 +520,7 @@ impl Filesystem for CairnFs {
         reply: ReplyEmpty,
     ) {
         let key = name.as_bytes();
-        if key == STATUS_XATTR {
+        if key == STATUS_XATTR || key == cairn_overlay::LINK_XATTR {
             return reply.error(Errno::EPERM);
         }
         // POSIX ACLs live in system.*; the vault has no ACL model, so do not pretend to store them.
@@ -567,7 +566,7 @@ impl Filesystem for CairnFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if name.as_bytes() == STATUS_XATTR {
+        if name.as_bytes() == STATUS_XATTR || name.as_bytes() == cairn_overlay::LINK_XATTR {
             return reply.error(Errno::EPERM);
         }
         let r = self.modify_xattrs(ino.0, |rec| {

@@ -6,8 +6,9 @@
 //! [`BaseLayer`] (the merged view to read from) and [`FlushSink`] (where dirty records go).
 //!
 //! Semantics worth knowing:
-//! - Paths are the identity. Hard links are refused with `EPERM`; inode numbers are stable
-//!   for as long as the kernel holds an inode, and follow renames.
+//! - Paths are the identity; a hard link is a set of paths that carry one link group (see
+//!   [`cairn_overlay::LinkGroup`]) and show as one inode. Inode numbers are stable for as
+//!   long as the kernel holds an inode, and follow renames.
 //! - Directories report `st_nlink == 1`.
 //! - Names must be UTF-8 (`EILSEQ` otherwise) and at most 255 bytes (`ENAMETOOLONG`).
 //! - An open file keeps the content it had when its data was last flushed or written, until
@@ -21,6 +22,7 @@ mod fs;
 mod history;
 mod history_fs;
 mod ignore;
+mod links;
 mod mount;
 mod namespace;
 mod ops;

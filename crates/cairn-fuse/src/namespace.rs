@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cairn_overlay::{Record, StagingId};
+use cairn_overlay::{LinkId, Record, StagingId};
 use fuser::{Errno, FileType};
 
 use crate::base::{BaseEntry, EntryKind};
@@ -104,6 +104,8 @@ pub(crate) struct Inode {
     pub detached: Option<Stat>,
     /// Content of an unlinked inode the kernel still knows.
     pub gone: Option<GoneSrc>,
+    /// The link group whose names all stand for this inode (`path` is one of them).
+    pub group: Option<LinkId>,
 }
 
 /// The inode table: which kernel inode number stands for which path, and what the kernel and
@@ -122,6 +124,8 @@ pub(crate) struct Namespace {
     /// Holds of dropped detached inodes, for
     /// [`Core::settle`](crate::core::Core::settle) to release.
     pub unheld: Vec<StagingId>,
+    /// The inode of each link group the kernel knows, so every name of it gets one number.
+    pub groups: HashMap<LinkId, u64>,
 }
 
 impl Namespace {
@@ -139,6 +143,7 @@ impl Namespace {
                 file_users: 0,
                 detached: None,
                 gone: None,
+                group: None,
             },
         );
         ns.paths.insert(String::new(), ROOT);
@@ -167,10 +172,52 @@ impl Namespace {
                 file_users: 0,
                 detached: None,
                 gone: None,
+                group: None,
             },
         );
         self.paths.insert(path.to_string(), ino);
         ino
+    }
+
+    /// The inode for `path`, which carries link group `link` (if any): every name of a
+    /// group maps to the group's one inode.
+    pub(crate) fn ino_linked(&mut self, path: &str, link: Option<LinkId>) -> u64 {
+        let Some(id) = link else {
+            return self.ino_for(path);
+        };
+        if let Some(&ino) = self.groups.get(&id)
+            && self.inodes.get(&ino).is_some_and(|i| i.path.is_some())
+        {
+            self.paths.insert(path.to_string(), ino);
+            return ino;
+        }
+        let ino = self.ino_for(path);
+        self.join_group(ino, id);
+        ino
+    }
+
+    /// Makes `ino` the inode of link group `id`.
+    pub(crate) fn join_group(&mut self, ino: u64, id: LinkId) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.group = Some(id);
+            self.groups.insert(id, ino);
+        }
+    }
+
+    /// Name `path` of a linked inode goes away while `rest` (not empty) remain: the inode
+    /// keeps living under one of them.
+    pub(crate) fn unlink_name(&mut self, path: &str, rest: &[String]) {
+        let Some(ino) = self.paths.remove(path) else {
+            return;
+        };
+        if let Some(i) = self.inodes.get_mut(&ino)
+            && i.path.as_deref() == Some(path)
+        {
+            i.path = rest.first().cloned();
+            if let Some(p) = &i.path {
+                self.paths.insert(p.clone(), ino);
+            }
+        }
     }
 
     pub(crate) fn maybe_drop(&mut self, ino: u64) {
@@ -185,6 +232,13 @@ impl Namespace {
                 && self.paths.get(p) == Some(&ino)
             {
                 self.paths.remove(p);
+            }
+            if let Some(id) = i.group {
+                // Every name of the group maps here; none may outlive the inode.
+                self.paths.retain(|_, v| *v != ino);
+                if self.groups.get(&id) == Some(&ino) {
+                    self.groups.remove(&id);
+                }
             }
             if let Some(i) = self.inodes.remove(&ino)
                 && let Some(GoneSrc::Staged(id)) = i.gone

@@ -110,7 +110,7 @@ impl CairnFs {
     /// Counts a kernel lookup of `path` and returns its inode and attributes.
     fn entry_for(&self, ns: &mut Namespace, path: &str) -> FsResult<(u64, Stat)> {
         let stat = self.core.stat_path(path)?;
-        let ino = ns.ino_for(path);
+        let ino = ns.ino_linked(path, stat.link);
         if let Some(i) = ns.inodes.get_mut(&ino) {
             i.nlookup += 1;
         }
@@ -243,8 +243,7 @@ impl CairnFs {
             rec.mtime_ns = time_or_now(t);
         }
         rec.ctime_ns = ctime.map(time_to_ns).unwrap_or(now);
-        let change = self.core.overlay.put(&path, rec).map_err(overlay_errno)?;
-        self.core.drop_released(&ns, change.released);
+        self.core.put_shared(&ns, &path, rec, &[])?;
         drop(ns);
         self.core.touched();
         self.core.stat_path(&path)
@@ -461,6 +460,15 @@ impl CairnFs {
         if from == to {
             return Ok(());
         }
+        let dst_pre = self.core.resolve(&to)?;
+        // Two names of one inode: rename(2) does nothing and succeeds.
+        if let (Some(a), Some(b)) = (
+            crate::links::group_of(&src),
+            dst_pre.as_ref().and_then(crate::links::group_of),
+        ) && a.id == b.id
+        {
+            return Ok(());
+        }
         if in_subtree(&to, &from) {
             return Err(Errno::EINVAL);
         }
@@ -484,6 +492,9 @@ impl CairnFs {
             self.core.drop_released(&ns, change.released);
             self.whiteout_vacated(&ns, &a_base, &a_paths)?;
             self.whiteout_vacated(&ns, &b_base, &b_paths)?;
+            let mut moved = crate::links::moved_pairs(&a_paths, &from, &to);
+            moved.extend(crate::links::moved_pairs(&b_paths, &to, &from));
+            self.core.relink_moved(&ns, &moved)?;
             let tmp = "/exchange";
             ns.move_paths(&from, tmp);
             ns.move_paths(&to, &from);
@@ -510,14 +521,15 @@ impl CairnFs {
                 .map_err(overlay_errno)?;
             self.core.drop_released(&ns, change.released);
             self.whiteout_vacated(&ns, &base_paths, &old_paths)?;
+            self.core
+                .relink_moved(&ns, &crate::links::moved_pairs(&old_paths, &from, &to))?;
             ns.move_paths(&from, &to);
         }
         // A moved file counts as a metadata change of the file itself (ctime), like ext4.
         let now = now_ns();
         if let Some(Node::Rec(mut r)) = self.core.resolve(&to)? {
             r.ctime_ns = now;
-            let change = self.core.overlay.put(&to, r).map_err(overlay_errno)?;
-            self.core.drop_released(&ns, change.released);
+            self.core.put_shared(&ns, &to, r, &[])?;
         }
         self.core.touch_dir(&ns, parent_of(&from), now)?;
         if parent_of(&to) != parent_of(&from) {
@@ -559,8 +571,7 @@ impl CairnFs {
         let mut rec = self.core.materialize(node);
         f(&mut rec)?;
         rec.ctime_ns = now_ns();
-        let change = self.core.overlay.put(&path, rec).map_err(overlay_errno)?;
-        self.core.drop_released(&ns, change.released);
+        self.core.put_shared(&ns, &path, rec, &[])?;
         drop(ns);
         self.core.touched();
         Ok(())
@@ -573,7 +584,11 @@ impl CairnFs {
         let ns = self.core.ns();
         let path = ns.path(ino)?.to_string();
         match self.core.resolve(&path)? {
-            Some(node) => Ok(node.xattrs().clone()),
+            Some(node) => {
+                let mut x = node.xattrs().clone();
+                x.remove(cairn_overlay::LINK_XATTR);
+                Ok(x)
+            }
             None if path.is_empty() => Ok(Default::default()),
             None => Err(Errno::ENOENT),
         }

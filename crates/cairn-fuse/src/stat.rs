@@ -44,6 +44,9 @@ pub(crate) struct Stat {
     pub special: Option<FileType>,
     /// Device number of a device node.
     pub rdev: u32,
+    /// The link group of a file or symlink with several names: every name with this id is
+    /// one inode.
+    pub link: Option<cairn_overlay::LinkId>,
 }
 
 impl Stat {
@@ -62,6 +65,7 @@ impl Stat {
             nlink: 1,
             special: None,
             rdev: 0,
+            link: None,
         }
     }
 }

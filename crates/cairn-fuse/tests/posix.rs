@@ -396,8 +396,21 @@ fn symlink_link_and_name_limits() {
             .file_type()
             .is_symlink()
     );
+    // A hard link of a base file is one inode with two names, in the mount and, after
+    // the flush, in the base: both entries carry the same link group.
+    fs::hard_link(m.p("hello.txt"), m.p("docs/hard")).unwrap();
+    let (a, b) = (
+        fs::metadata(m.p("hello.txt")).unwrap(),
+        fs::metadata(m.p("docs/hard")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    // Symlinks and directories are not linked.
     assert_eq!(
-        errno(fs::hard_link(m.p("hello.txt"), m.p("hard")).unwrap_err()),
+        errno(fs::hard_link(m.p("l2"), m.p("hard-l2")).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(fs::hard_link(m.p("docs"), m.p("hard-docs")).unwrap_err()),
         libc::EPERM
     );
     let long = "n".repeat(256);
@@ -412,6 +425,25 @@ fn symlink_link_and_name_limits() {
     File::create(m.p(&"n".repeat(255))).unwrap();
     m.flush();
     assert_eq!(m.base.entry("l2").unwrap().target, b"docs/a.md");
+    let group = |p: &str| cairn_overlay::LinkGroup::of(&m.base.entry(p).unwrap().xattrs);
+    let g = group("hello.txt").expect("the flushed name carries its link group");
+    assert_eq!(
+        g.names,
+        vec!["docs/hard".to_string(), "hello.txt".to_string()]
+    );
+    assert_eq!(group("docs/hard"), Some(g));
+    assert_eq!(
+        m.base.file_content("docs/hard"),
+        m.base.file_content("hello.txt")
+    );
+    // No program sees the reserved attribute.
+    let path =
+        std::ffi::CString::new(m.p("hello.txt").into_os_string().into_encoded_bytes()).unwrap();
+    let mut names = vec![0u8; 4096];
+    // SAFETY: listxattr writes at most `names.len()` bytes into the buffer.
+    let n = unsafe { libc::listxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0);
+    assert!(!names[..n as usize].windows(10).any(|w| w == b"cairn.link"));
 }
 
 #[test]

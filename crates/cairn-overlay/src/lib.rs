@@ -20,6 +20,7 @@ pub mod path;
 mod pending;
 mod record;
 
+pub use cairn_link::{LINK_XATTR, LinkGroup, LinkId, MAX_LINK_NAMES};
 pub use error::OverlayError;
 pub use journal::{Change, DEFAULT_GROUP_WINDOW, Overlay};
 pub use pending::{PendingPath, read_content_refs, read_pending};

@@ -27,6 +27,15 @@
 //! - a directory that ends up tombstoned while a live entry remains below it is resurrected;
 //! - a file and a directory with the same name: the file moves to a conflict name.
 //!
+//! Hard links (see [`cairn_link`]): every name of a linked file is its own key and is
+//! resolved by the rules above like any other. After that, a file whose link group is not
+//! coherent — a listed name is gone, holds other content, or lists other names — loses
+//! its group (a version invented by the merge) and is an ordinary file with its own
+//! content; names that listed it follow. So two devices writing through different names,
+//! a write racing an unlink of another name, or a name replaced while another device
+//! writes, never lose content: at worst the link is broken and the losing content sits in
+//! a conflict copy. Conflict copies never belong to a group.
+//!
 //! Versions the merge itself must invent (resurrections, the tombstone left where a file
 //! lost its name to a directory) are authored by [`MERGE_DEVICE`] and derived only from
 //! the entry they replace, so every device invents the identical version.
@@ -41,6 +50,7 @@ use crate::error::Result;
 use crate::path::{EntryKey, VaultPath, prefix_successor};
 use crate::source::EntrySource;
 use crate::version::{Causality, MERGE_DEVICE, Version, VersionVector};
+use cairn_link::{LINK_XATTR, LinkGroup};
 
 /// Default mode of a directory the merge has to create.
 pub const DEFAULT_DIR_MODE: u32 = 0o755;
@@ -209,6 +219,17 @@ fn copy_version(loser: &Version, copy: &VaultPath) -> Version {
     }
 }
 
+/// A conflict copy of `loser`: its content under its own version, outside any link group
+/// (it is a new file at a new name; the group's names do not include it).
+fn unlinked_copy(loser: &Entry, version: Version) -> Entry {
+    let mut e = Entry {
+        version,
+        ..loser.clone()
+    };
+    e.xattrs.remove(LINK_XATTR);
+    e
+}
+
 /// A version the merge invents in place of `replaced`: it dominates `replaced`, and is a
 /// function of it alone.
 fn invented(replaced: &Version) -> Version {
@@ -293,10 +314,7 @@ impl State<'_> {
         for attempt in 0..MAX_CONFLICT_ATTEMPTS {
             let copy = conflict_path(path, &loser.version, attempt);
             let key = EntryKey::file(copy.clone()).to_bytes();
-            let entry = Entry {
-                version: copy_version(&loser.version, &copy),
-                ..loser.clone()
-            };
+            let entry = unlinked_copy(loser, copy_version(&loser.version, &copy));
             match self.get(&key)? {
                 None => {
                     self.set(key, entry)?;
@@ -320,10 +338,7 @@ impl State<'_> {
             .unwrap_or_default()
             .join(&name)
             .unwrap_or_else(|_| path.clone());
-        let entry = Entry {
-            version: copy_version(&loser.version, &copy),
-            ..loser.clone()
-        };
+        let entry = unlinked_copy(loser, copy_version(&loser.version, &copy));
         self.set(EntryKey::file(copy.clone()).to_bytes(), entry)?;
         Ok(Some(copy))
     }
@@ -399,6 +414,7 @@ pub fn merge_rows(
     }
 
     post_pass(&mut st)?;
+    check_links(&mut st)?;
 
     let mut batch = Vec::new();
     for (k, e) in st.decided {
@@ -408,6 +424,63 @@ pub fn merge_rows(
     }
     st.report.written = batch.len();
     Ok((batch, st.report))
+}
+
+/// Whether file entry `e` at `key` stands in a coherent link group: every name of its
+/// group holds a live file with the same group (id and names) and the same content.
+fn link_coherent(st: &mut State<'_>, key: &[u8], e: &Entry, g: &LinkGroup) -> Result<bool> {
+    for name in &g.names {
+        let Ok(path) = VaultPath::new(name) else {
+            return Ok(false);
+        };
+        let k = path.file_key();
+        if k == key {
+            continue;
+        }
+        let ok = st.get(&k)?.is_some_and(|o| {
+            o.kind == EntryKind::File
+                && o.content == e.content
+                && o.size == e.size
+                && LinkGroup::of(&o.xattrs).as_ref() == Some(g)
+        });
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(g.names
+        .iter()
+        .any(|n| VaultPath::new(n).is_ok_and(|p| p.file_key() == key)))
+}
+
+/// Breaks incoherent link groups (see the module docs): a changed file whose group lists a
+/// name that is gone, carries other content or another group loses its group and becomes
+/// an ordinary file with its own content, and so, in turn, does every name that listed it.
+/// Only the link goes; every name keeps its content. The result is the largest set of
+/// coherent groups, whatever order the keys are visited in.
+fn check_links(st: &mut State<'_>) -> Result<()> {
+    let mut work: BTreeSet<Vec<u8>> = st.decided.keys().cloned().collect();
+    while let Some(key) = work.pop_first() {
+        let Some(e) = st.get(&key)? else { continue };
+        if e.kind != EntryKind::File {
+            continue;
+        }
+        let Some(g) = LinkGroup::of(&e.xattrs) else {
+            continue;
+        };
+        if link_coherent(st, &key, &e, &g)? {
+            continue;
+        }
+        let mut plain = e.clone();
+        plain.xattrs.remove(LINK_XATTR);
+        plain.version = invented(&e.version);
+        st.set(key.clone(), plain)?;
+        for name in &g.names {
+            if let Ok(p) = VaultPath::new(name) {
+                work.insert(p.file_key());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Restores directory invariants around every decided key (see the module docs).

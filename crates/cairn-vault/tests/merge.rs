@@ -282,3 +282,228 @@ proptest! {
         }
     }
 }
+
+// ---- hard links: every name carries the link group (see cairn_link) ----
+
+/// Writes `bytes` at every name in `names`, as the mount does for a write through any name
+/// of a linked file: `group` = the names and id every entry carries, or `None` for plain
+/// files.
+fn write_names(v: &mut Vault, names: &[&str], bytes: &str, group: Option<&[&str]>, now: u64) {
+    let mut xattrs = std::collections::BTreeMap::new();
+    if let Some(g) = group {
+        let g = cairn_link::LinkGroup {
+            id: [7; 16],
+            names: g.iter().map(|s| s.to_string()).collect(),
+        };
+        xattrs.insert(cairn_link::LINK_XATTR.to_vec(), g.encode());
+    }
+    let changes: Vec<_> = names
+        .iter()
+        .map(|n| {
+            (
+                p(n),
+                Change::Write {
+                    attrs: cairn_vault::Attrs {
+                        mode: 0o644,
+                        mtime_ns: 0,
+                        xattrs: xattrs.clone(),
+                    },
+                    size: bytes.len() as u64,
+                    content: cairn_vault::Content::Inline(bytes.as_bytes().to_vec()),
+                },
+            )
+        })
+        .collect();
+    v.commit(changes, now).unwrap();
+}
+
+/// Every live file that carries a link group stands in a coherent one: each listed name
+/// is a live file with the same group and content.
+fn assert_links_coherent(src: &dyn EntrySource) {
+    let files: std::collections::BTreeMap<String, cairn_vault::Entry> = src
+        .scan(b"", None)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .filter(|(_, e)| e.kind == cairn_vault::EntryKind::File)
+        .map(|(k, e)| (String::from_utf8(k).unwrap(), e))
+        .collect();
+    for (k, e) in &files {
+        let Some(g) = cairn_link::LinkGroup::of(&e.xattrs) else {
+            continue;
+        };
+        assert!(
+            g.names.contains(k),
+            "{k} is not among its own group's names"
+        );
+        for n in &g.names {
+            let o = files
+                .get(n)
+                .unwrap_or_else(|| panic!("{k} lists {n}, which is gone"));
+            assert_eq!(o.content, e.content, "{k} and {n} differ in content");
+            assert_eq!(cairn_link::LinkGroup::of(&o.xattrs), Some(g.clone()));
+        }
+    }
+}
+
+/// Three link races, each merged both ways: the result is coherent, symmetric, a fixpoint,
+/// and holds every content either side wrote.
+#[test]
+fn link_races_lose_no_content_and_leave_coherent_groups() {
+    type Side = fn(&mut Vault, u64);
+    let cases: [(&str, Side, Side, &[&str]); 3] = [
+        (
+            "two devices write through different names",
+            |v, t| write_names(v, &["x", "y"], "via x on a", Some(&["x", "y"]), t),
+            |v, t| write_names(v, &["x", "y"], "via y on b", Some(&["x", "y"]), t),
+            &["via x on a", "via y on b"],
+        ),
+        (
+            "one device unlinks a name while the other writes through it",
+            |v, t| {
+                v.commit([(p("y"), Change::Remove)], t).unwrap();
+                write_names(v, &["x"], "base", None, t + 1);
+            },
+            |v, t| write_names(v, &["x", "y"], "written via y", Some(&["x", "y"]), t),
+            &["written via y"],
+        ),
+        (
+            "one device writes a new file over a name while the other writes",
+            |v, t| {
+                write_names(v, &["y"], "a new file at y", None, t);
+                write_names(v, &["x"], "base", None, t + 1);
+            },
+            |v, t| write_names(v, &["x", "y"], "written via x", Some(&["x", "y"]), t),
+            &["a new file at y", "written via x"],
+        ),
+    ];
+    for (what, on_a, on_b, want) in cases {
+        for a_later in [false, true] {
+            let f = Fixture::new(2);
+            let (mut a, mut b) = (f.vault(0), f.vault(1));
+            write_names(&mut a, &["x", "y"], "base", Some(&["x", "y"]), 1_000);
+            let s = a.snapshot(1_000).unwrap();
+            b.receive(s.id).unwrap();
+            let (ta, tb) = if a_later {
+                (9_000, 5_000)
+            } else {
+                (5_000, 9_000)
+            };
+            on_a(&mut a, ta);
+            on_b(&mut b, tb);
+            let out = merged(&f.stores, &a, &b);
+            assert_eq!(
+                merged(&f.stores, &b, &a).root,
+                out.root,
+                "{what}: symmetric"
+            );
+            assert_eq!(
+                f.stores.merge(&out.root, &a.root()).unwrap().root,
+                out.root,
+                "{what}: merging again changes nothing"
+            );
+            let src = f.stores.source(out.root);
+            assert_links_coherent(&src);
+            let contents: Vec<String> = live(&src).into_iter().filter_map(|x| x.1).collect();
+            for w in want {
+                assert!(
+                    contents.iter().any(|c| c == w),
+                    "{what} (a later: {a_later}): lost {w:?}; have {contents:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The group `name` belongs to on `v`, if it is a linked file there.
+fn group_at(v: &Vault, name: &str) -> Option<cairn_link::LinkGroup> {
+    let (_, e) = v.lookup(&p(name)).unwrap()?;
+    if !e.is_live() {
+        return None;
+    }
+    cairn_link::LinkGroup::of(&e.xattrs)
+}
+
+/// What the mount does for one random operation on names `x`, `y`, `z`: write through a
+/// name (to every name of its group), unlink a name (the others lose it), or put a new
+/// plain file over a name.
+fn link_op(v: &mut Vault, sel: u8, val: u8, now: u64) {
+    let names = ["x", "y", "z"];
+    let n = names[(val as usize) % 3];
+    let text = format!("{sel}-{val}-{now}");
+    let group = group_at(v, n);
+    let others = |g: &cairn_link::LinkGroup| -> Vec<String> {
+        g.names.iter().filter(|m| *m != n).cloned().collect()
+    };
+    match sel % 3 {
+        0 => match &group {
+            Some(g) => {
+                let all: Vec<&str> = g.names.iter().map(String::as_str).collect();
+                write_names(v, &all, &text, Some(&all), now);
+            }
+            None => write_names(v, &[n], &text, None, now),
+        },
+        _ => {
+            let Some((_, e)) = v.lookup(&p(n)).unwrap() else {
+                return;
+            };
+            if !e.is_live() {
+                return;
+            }
+            let content = inline(&e).unwrap_or_default();
+            if let Some(g) = &group {
+                let rest = others(g);
+                let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+                let keep = (rest.len() > 1).then_some(&rest[..]);
+                write_names(v, &rest, &content, keep, now);
+            }
+            if sel % 3 == 1 {
+                v.commit([(p(n), Change::Remove)], now + 1).unwrap();
+            } else {
+                write_names(v, &[n], &text, None, now + 1);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Random link races from a base where x, y and z are one file: the merge is
+    /// symmetric and a fixpoint, leaves only coherent groups, and keeps every content a
+    /// side still had (unless the other side had seen and replaced it).
+    #[test]
+    fn link_races_merge_symmetric_coherent_and_lossless(
+        left in prop::collection::vec((any::<u8>(), any::<u8>()), 0..6),
+        right in prop::collection::vec((any::<u8>(), any::<u8>()), 0..6),
+    ) {
+        let f = Fixture::new(2);
+        let (mut a, mut b) = (f.vault(0), f.vault(1));
+        write_names(&mut a, &["x", "y", "z"], "base", Some(&["x", "y", "z"]), 1_000);
+        let s = a.snapshot(1_000).unwrap();
+        b.receive(s.id).unwrap();
+        for (i, &(s, x)) in left.iter().enumerate() {
+            link_op(&mut a, s, x, 10_000 + i as u64 * 400);
+        }
+        for (i, &(s, x)) in right.iter().enumerate() {
+            link_op(&mut b, s, x, 10_100 + i as u64 * 400);
+        }
+        let ab = f.stores.merge(&a.root(), &b.root()).unwrap().root;
+        prop_assert_eq!(f.stores.merge(&b.root(), &a.root()).unwrap().root, ab);
+        prop_assert_eq!(f.stores.merge(&a.root(), &ab).unwrap().root, ab);
+        prop_assert_eq!(f.stores.merge(&ab, &b.root()).unwrap().root, ab);
+        let src = f.stores.source(ab);
+        assert_links_coherent(&src);
+        let all: Vec<_> = live(&src).into_iter().filter_map(|x| x.1).collect();
+        for (side, other) in [(&a, &b), (&b, &a)] {
+            for (k, content) in live(&side.source()) {
+                let Some(content) = content else { continue };
+                let theirs = other.source().get(k.as_bytes()).unwrap();
+                let superseded = theirs.is_some_and(|t| {
+                    let mine = side.source().get(k.as_bytes()).unwrap().unwrap();
+                    mine.version.content_seen_by(&t.version) && mine != t
+                });
+                prop_assert!(superseded || all.contains(&content), "lost {k}: {content}");
+            }
+        }
+    }
+}
