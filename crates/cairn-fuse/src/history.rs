@@ -638,7 +638,11 @@ impl HistoryDir {
 
     pub(crate) fn xattrs(&self, ino: u64) -> FsResult<BTreeMap<Vec<u8>, Vec<u8>>> {
         match self.node(ino)? {
-            HNode::Snap { entry, .. } => Ok(entry.xattrs),
+            HNode::Snap { mut entry, .. } => {
+                // The link group is cairn's own bookkeeping, hidden in the live mount too.
+                entry.xattrs.remove(cairn_overlay::LINK_XATTR);
+                Ok(entry.xattrs)
+            }
             _ => Ok(BTreeMap::new()),
         }
     }
