@@ -12,35 +12,11 @@ fn cli(m: &TestMount, args: &[&str]) -> Output {
     m.cli(args).output().expect("run cairn")
 }
 
-fn revisions(m: &TestMount) -> usize {
-    let out = cli(m, OWN_LOG);
-    assert!(
-        out.status.success(),
-        "cairn log failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    count_revisions(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn wait_for_revisions(m: &TestMount, n: usize) {
-    wait_until(
-        &format!("revision {n}"),
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        |why| {
-            let got = revisions(m);
-            *why = format!("{got} revisions");
-            got >= n
-        },
-        || m.daemon_log(),
-    );
-}
-
 #[test]
 fn log_lists_snapshots_and_history_mount_shows_the_past_read_only() {
     let m = TestMount::with_target(Target::Cairn);
     fs::write(m.path("doc.txt"), "version one").unwrap();
-    wait_for_revisions(&m, 1);
+    m.wait_for_revisions(1);
     std::thread::sleep(Duration::from_millis(1100));
     let between = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -49,7 +25,7 @@ fn log_lists_snapshots_and_history_mount_shows_the_past_read_only() {
     std::thread::sleep(Duration::from_millis(1100));
     fs::write(m.path("doc.txt"), "version two").unwrap();
     fs::create_dir(m.path("later")).unwrap();
-    wait_for_revisions(&m, 2);
+    m.wait_for_revisions(2);
 
     let hist = tempfile::tempdir().unwrap();
     let hist_path = hist.path().canonicalize().unwrap();

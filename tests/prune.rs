@@ -6,7 +6,6 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 
 use common::*;
 use rand::{RngExt, SeedableRng};
@@ -21,26 +20,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn revisions(m: &TestMount) -> usize {
-    let out = cli(m, OWN_LOG);
-    assert!(out.status.success(), "cairn log failed: {}", text(&out));
-    count_revisions(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn wait_for_revisions(m: &TestMount, n: usize) {
-    wait_until(
-        &format!("revision {n}"),
-        Duration::from_secs(60),
-        Duration::from_millis(100),
-        |why| {
-            let got = revisions(m);
-            *why = format!("{got} revisions");
-            got >= n
-        },
-        || m.daemon_log(),
-    );
 }
 
 /// Bytes of every blob in the vault's store. The daemon may be writing meanwhile: a temp file
@@ -93,16 +72,16 @@ fn prune_after_churn_shrinks_the_store_to_the_live_data() {
     let keep = random(3 << 20);
     write_synced(&m.path("keep.bin"), &keep);
     let mut n = 1;
-    wait_for_revisions(&m, n);
+    m.wait_for_revisions(n);
     // Rewrite a file five times, then delete it: history holds six versions of it.
     for _ in 0..6 {
         write_synced(&m.path("churn.bin"), &random(4 << 20));
         n += 1;
-        wait_for_revisions(&m, n);
+        m.wait_for_revisions(n);
     }
     fs::remove_file(m.path("churn.bin")).unwrap();
     n += 1;
-    wait_for_revisions(&m, n);
+    m.wait_for_revisions(n);
     let before = store_bytes(&m);
     assert!(before > 20 << 20, "churn reached the store: {before} bytes");
 

@@ -122,6 +122,32 @@ impl TestMount {
         self.target
     }
 
+    /// How many snapshots this device published, by `cairn log`.
+    pub fn revisions(&self) -> usize {
+        let out = self.cli(OWN_LOG).output().expect("run cairn log");
+        assert!(
+            out.status.success(),
+            "cairn log failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        count_revisions(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Waits (up to a minute) until this device published at least `n` snapshots.
+    pub fn wait_for_revisions(&self, n: usize) {
+        wait_until(
+            &format!("revision {n}"),
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            |why| {
+                let got = self.revisions();
+                *why = format!("{got} revisions");
+                got >= n
+            },
+            || self.daemon_log(),
+        );
+    }
+
     pub fn is_native(&self) -> bool {
         self.target == Target::Native
     }

@@ -280,16 +280,7 @@ impl Timeline {
 
     /// Every pruned snapshot (their headers are kept; see `crate::prune`).
     pub fn pruned_ids(&self) -> Result<Vec<SnapshotId>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT id FROM pruned")?;
-        let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
-        for r in rows {
-            if let Ok(id) = <[u8; 32]>::try_from(r?) {
-                out.push(SnapshotId(ChunkId(id)));
-            }
-        }
-        Ok(out)
+        self.ids("SELECT id FROM pruned")
     }
 
     /// Whether `id` was pruned.
@@ -301,8 +292,14 @@ impl Timeline {
     }
 
     fn gaps(&self) -> Result<Vec<SnapshotId>> {
+        self.ids("SELECT id FROM gaps")
+    }
+
+    /// The snapshot ids a one-column query returns; rows that are not 32 bytes (a damaged
+    /// index) are skipped, the index is only a cache of the registry.
+    fn ids(&self, sql: &str) -> Result<Vec<SnapshotId>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT id FROM gaps")?;
+        let mut stmt = conn.prepare_cached(sql)?;
         let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for r in rows {

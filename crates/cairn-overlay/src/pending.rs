@@ -23,21 +23,9 @@ pub struct PendingPath {
 /// Every pending path of the overlay in `dir`, in path order. A directory without a journal
 /// (never mounted) has nothing pending.
 pub fn read_pending(dir: &Path) -> Result<Vec<PendingPath>, OverlayError> {
-    let journal = dir.join("journal.sqlite");
-    if !journal.exists() {
+    let Some((conn, jerr)) = open_read_only(dir)? else {
         return Ok(Vec::new());
-    }
-    let jerr = |source| OverlayError::Journal {
-        path: journal.clone(),
-        source,
     };
-    let conn = Connection::open_with_flags(
-        &journal,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(jerr)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(jerr)?;
     // kind 3 = whiteout, data_kind 2 = staged content, kinds from LOCAL_KIND_MIN on are
     // never uploaded (see journal.rs).
     let mut stmt = conn
@@ -46,7 +34,7 @@ pub fn read_pending(dir: &Path) -> Result<Vec<PendingPath>, OverlayError> {
                  FROM records WHERE path != '' AND kind < {} ORDER BY path",
             crate::journal::LOCAL_KIND_MIN
         ))
-        .map_err(jerr)?;
+        .map_err(&jerr)?;
     let rows = stmt
         .query_map([], |r| {
             Ok(PendingPath {
@@ -55,8 +43,8 @@ pub fn read_pending(dir: &Path) -> Result<Vec<PendingPath>, OverlayError> {
                 bytes: r.get::<_, i64>(2)?.max(0) as u64,
             })
         })
-        .map_err(jerr)?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(jerr)
+        .map_err(&jerr)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(&jerr)
 }
 
 /// The base-content references (`Data::Content`) held by pending records of the overlay in
@@ -64,29 +52,41 @@ pub fn read_pending(dir: &Path) -> Result<Vec<PendingPath>, OverlayError> {
 /// that the base may have dropped meanwhile), which garbage collection must keep. Read-only,
 /// like [`read_pending`].
 pub fn read_content_refs(dir: &Path) -> Result<Vec<Vec<u8>>, OverlayError> {
+    let Some((conn, jerr)) = open_read_only(dir)? else {
+        return Ok(Vec::new());
+    };
+    // data_kind 4 = Data::Content (see journal.rs).
+    let mut stmt = conn
+        .prepare("SELECT data_blob FROM records WHERE data_kind = 4 AND data_blob IS NOT NULL")
+        .map_err(&jerr)?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .map_err(&jerr)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(&jerr)
+}
+
+/// The journal of the overlay in `dir`, opened read-only beside a possibly running daemon,
+/// with the error mapping that names it; `None` when there is no journal (never mounted).
+#[allow(clippy::type_complexity)]
+fn open_read_only(
+    dir: &Path,
+) -> Result<Option<(Connection, impl Fn(rusqlite::Error) -> OverlayError)>, OverlayError> {
     let journal = dir.join("journal.sqlite");
     if !journal.exists() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
-    let jerr = |source| OverlayError::Journal {
+    let jerr = move |source| OverlayError::Journal {
         path: journal.clone(),
         source,
     };
     let conn = Connection::open_with_flags(
-        &journal,
+        dir.join("journal.sqlite"),
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(jerr)?;
+    .map_err(&jerr)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(jerr)?;
-    // data_kind 4 = Data::Content (see journal.rs).
-    let mut stmt = conn
-        .prepare("SELECT data_blob FROM records WHERE data_kind = 4 AND data_blob IS NOT NULL")
-        .map_err(jerr)?;
-    let rows = stmt
-        .query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .map_err(jerr)?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(jerr)
+        .map_err(&jerr)?;
+    Ok(Some((conn, jerr)))
 }
 
 #[cfg(test)]
