@@ -1950,3 +1950,30 @@ fn copy_file_range_copies_or_reports_unsupported() {
     drop(dst);
     assert_eq!(read(&m, "dst"), data);
 }
+
+/// `isatty()` (a `TCGETS` ioctl, which Python's `open()` makes on every file) gets `ENOTTY`,
+/// as on any disk filesystem, and the daemon does not log a warning for each one.
+#[test]
+fn terminal_ioctls_on_files_fail_with_enotty_quietly() {
+    use std::os::fd::AsRawFd;
+    let m = TestMount::new();
+    write(&m, "plain.txt", b"not a terminal\n");
+    for _ in 0..3 {
+        let f = File::open(m.path("plain.txt")).unwrap();
+        // SAFETY: TCGETS writes one termios into the zeroed value it is given.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, &mut t) };
+        assert_eq!(r, -1, "TCGETS on a regular file succeeded");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTTY)
+        );
+    }
+    if !m.is_native() {
+        let log = m.daemon_log();
+        assert!(
+            !log.contains("Not Implemented"),
+            "the daemon logged unimplemented calls:\n{log}"
+        );
+    }
+}
