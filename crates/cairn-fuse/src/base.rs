@@ -81,6 +81,24 @@ pub trait BaseLayer: Send + Sync {
     /// Reads file content at `offset`; may be slow (fetching from peers). Returns the number
     /// of bytes read, 0 at or past the end.
     fn read(&self, entry: &BaseEntry, offset: u64, buf: &mut [u8]) -> Result<usize, BaseError>;
+    /// Reads from `offset` until `buf` is full or the content ends (a layer may return short
+    /// reads, at a chunk boundary for instance). Returns the number of bytes read.
+    fn read_full(
+        &self,
+        entry: &BaseEntry,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, BaseError> {
+        let mut filled = 0usize;
+        while filled < buf.len() {
+            let n = self.read(entry, offset + filled as u64, &mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        Ok(filled)
+    }
     /// What the mount root's `user.cairn.status` says instead of `synced`, if anything (for
     /// instance, deletions held by the mass-delete guard).
     fn root_note(&self) -> Option<String> {

@@ -784,17 +784,11 @@ impl Core {
             }
         } else if let Some(entry) = base {
             let end = entry.size.min(offset.saturating_add(size as u64));
-            while offset + (filled as u64) < end {
-                let want = (end - offset) as usize;
-                let n = self
-                    .base
-                    .read(&entry, offset + filled as u64, &mut buf[filled..want])
-                    .map_err(base_errno)?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
+            let want = end.saturating_sub(offset) as usize;
+            filled = self
+                .base
+                .read_full(&entry, offset, &mut buf[..want])
+                .map_err(base_errno)?;
         }
         buf.truncate(filled);
         Ok(buf)

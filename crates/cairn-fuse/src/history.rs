@@ -677,16 +677,9 @@ impl HistoryDir {
         let base = self.source.open(&key).map_err(base_errno)?;
         let end = entry.size.min(offset.saturating_add(size as u64));
         let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
-        let mut filled = 0usize;
-        while filled < buf.len() {
-            let n = base
-                .read(&entry, offset + filled as u64, &mut buf[filled..])
-                .map_err(base_errno)?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
+        let filled = base
+            .read_full(&entry, offset, &mut buf)
+            .map_err(base_errno)?;
         buf.truncate(filled);
         Ok(buf)
     }
