@@ -472,7 +472,11 @@ fn check_links(st: &mut State<'_>) -> Result<()> {
         }
         let mut plain = e.clone();
         plain.xattrs.remove(LINK_XATTR);
+        // Only the link goes, the content stays the same write: keeping its dots lets a
+        // concurrent deletion that saw that content still win, so breaking a link on one
+        // device never resurrects a file another device deleted.
         plain.version = invented(&e.version);
+        plain.version.dots = e.version.dots.clone();
         st.set(key.clone(), plain)?;
         for name in &g.names {
             if let Ok(p) = VaultPath::new(name) {
