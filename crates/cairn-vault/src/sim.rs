@@ -15,6 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use cairn_crypto::{AgeIdentity, DeviceId, DeviceKey, VaultSecret};
+use cairn_link::LinkGroup;
 use cairn_registry::{PublishPolicy, Registry};
 use cairn_tree::{DiffEntry, MemoryNodeStore, NodeId};
 use rand::rngs::StdRng;
@@ -53,6 +54,8 @@ pub struct SimStats {
     pub dropped: usize,
     pub conflicts: usize,
     pub final_entries: usize,
+    /// Live names in the converged tree that belong to a link group.
+    pub final_linked: usize,
     pub exchange_rounds: usize,
 }
 
@@ -175,11 +178,16 @@ pub fn run(cfg: &SimConfig) -> Result<SimStats, SimFailure> {
         if roll < 55 {
             let d = rng.random_range(0..n);
             counter += 1;
-            let change = random_change(&mut rng, d, counter);
+            let changes = random_changes(&mut rng, &devices[d].vault, d, counter)
+                .map_err(|e| fail(format!("choosing a change on device {d}: {e}")))?;
+            if changes.is_empty() {
+                stats.ops_rejected += 1;
+                continue;
+            }
             let t = now(step, &devices[d]);
             let dev = &mut devices[d];
             let before = dev.vault.root();
-            match dev.vault.commit([change], t) {
+            match dev.vault.commit(changes, t) {
                 Ok(_) => {
                     stats.ops_applied += 1;
                     record(&stores, before, dev.vault.root(), &mut events)
@@ -281,39 +289,164 @@ pub fn run(cfg: &SimConfig) -> Result<SimStats, SimFailure> {
         )));
     }
     let root = devices[0].vault.root();
-    stats.final_entries = check(&stores, root, &events).map_err(fail)?;
+    (stats.final_entries, stats.final_linked) = check(&stores, root, &events).map_err(fail)?;
     Ok(stats)
 }
 
-fn random_change(rng: &mut StdRng, device: usize, counter: u64) -> (VaultPath, Change) {
+/// One local operation as the mount would commit it. Hard links follow the mount's rules
+/// (`cairn-fuse`'s links module): every name of a group carries the group and the same
+/// content, so a write, unlink or rename through one name rewrites the others in the same
+/// commit. Directory operations over linked names are left out (the mount rewrites every
+/// group then, which the simulation does not model); an empty list means "skipped".
+fn random_changes(
+    rng: &mut StdRng,
+    vault: &Vault,
+    device: usize,
+    counter: u64,
+) -> crate::Result<Vec<(VaultPath, Change)>> {
     let dir_attrs = Attrs {
         mode: 0o755,
         mtime_ns: 0,
         xattrs: BTreeMap::new(),
     };
-    match rng.random_range(0..100u32) {
-        0..45 => {
-            let path = p(FILES[rng.random_range(0..FILES.len())]);
+    let file = |rng: &mut StdRng| p(FILES[rng.random_range(0..FILES.len())]);
+    let dir = |rng: &mut StdRng| p(DIRS[rng.random_range(0..DIRS.len())]);
+    let live_file = |path: &VaultPath| -> crate::Result<Option<Entry>> {
+        Ok(vault
+            .entry(&EntryKey::file(path.clone()))?
+            .filter(|e| e.is_live() && e.kind == EntryKind::File))
+    };
+    let group_of = |path: &VaultPath| -> crate::Result<Option<(Entry, LinkGroup)>> {
+        Ok(live_file(path)?.and_then(|e| LinkGroup::of(&e.xattrs).map(|g| (e, g))))
+    };
+    Ok(match rng.random_range(0..100u32) {
+        0..42 => {
+            let path = file(rng);
             let bytes = format!("dev{device}-write{counter}").into_bytes();
-            (path, Change::write_inline(bytes, 0o644, counter as i64))
+            match group_of(&path)? {
+                Some((_, g)) => linked_writes(&g, bytes, counter as i64),
+                None => vec![(path, Change::write_inline(bytes, 0o644, counter as i64))],
+            }
         }
-        45..60 => (p(FILES[rng.random_range(0..FILES.len())]), Change::Remove),
-        60..75 => (
-            p(DIRS[rng.random_range(0..DIRS.len())]),
-            Change::Mkdir { attrs: dir_attrs },
-        ),
-        75..85 => (p(DIRS[rng.random_range(0..DIRS.len())]), Change::Rmdir),
-        85..95 => {
-            let from = p(FILES[rng.random_range(0..FILES.len())]);
-            let to = p(FILES[rng.random_range(0..FILES.len())]);
-            (from, Change::Rename { to })
+        42..56 => {
+            let path = file(rng);
+            let mut out = vec![(path.clone(), Change::Remove)];
+            if let Some((e, g)) = group_of(&path)? {
+                out.extend(regroup(&e, &g.without_name(path.as_str())));
+            }
+            out
+        }
+        56..70 => vec![(dir(rng), Change::Mkdir { attrs: dir_attrs })],
+        70..78 => {
+            let d = dir(rng);
+            if holds_links(vault, &d)? {
+                Vec::new()
+            } else {
+                vec![(d, Change::Rmdir)]
+            }
+        }
+        78..87 => {
+            let (from, to) = (file(rng), file(rng));
+            if group_of(&to)?.is_some() && from != to {
+                // Renaming over a linked name: the mount would shrink that group too.
+                return Ok(Vec::new());
+            }
+            let mut out = vec![(from.clone(), Change::Rename { to: to.clone() })];
+            if let Some((e, g)) = group_of(&from)?
+                && from != to
+            {
+                out.extend(regroup(
+                    &e,
+                    &g.without_name(from.as_str()).with_name(to.as_str()),
+                ));
+            }
+            out
+        }
+        87..92 => {
+            let (from, to) = (dir(rng), dir(rng));
+            if holds_links(vault, &from)? || holds_links(vault, &to)? {
+                Vec::new()
+            } else {
+                vec![(from, Change::Rename { to })]
+            }
         }
         _ => {
-            let from = p(DIRS[rng.random_range(0..DIRS.len())]);
-            let to = p(DIRS[rng.random_range(0..DIRS.len())]);
-            (from, Change::Rename { to })
+            // link(from, to): `to` must be a new name.
+            let (from, to) = (file(rng), file(rng));
+            let Some(e) = live_file(&from)? else {
+                return Ok(Vec::new());
+            };
+            if vault.lookup(&to)?.is_some() {
+                return Ok(Vec::new());
+            }
+            let g = match LinkGroup::of(&e.xattrs) {
+                Some(g) => g.with_name(to.as_str()),
+                None => LinkGroup {
+                    id: rng.random(),
+                    names: vec![from.as_str().to_string()],
+                }
+                .with_name(to.as_str()),
+            };
+            regroup(&e, &g)
+        }
+    })
+}
+
+/// A write through one name of group `g`: every name gets the bytes.
+fn linked_writes(g: &LinkGroup, bytes: Vec<u8>, mtime_ns: i64) -> Vec<(VaultPath, Change)> {
+    let mut xattrs = BTreeMap::new();
+    LinkGroup::store(Some(g), &mut xattrs);
+    g.names
+        .iter()
+        .filter_map(|n| VaultPath::new(n).ok())
+        .map(|path| {
+            let change = Change::Write {
+                attrs: Attrs {
+                    mode: 0o644,
+                    mtime_ns,
+                    xattrs: xattrs.clone(),
+                },
+                size: bytes.len() as u64,
+                content: Content::Inline(bytes.clone()),
+            };
+            (path, change)
+        })
+        .collect()
+}
+
+/// Every name of `g` rewritten to carry `g` (or no group, for a single name) and `e`'s content.
+fn regroup(e: &Entry, g: &LinkGroup) -> Vec<(VaultPath, Change)> {
+    let mut xattrs = e.xattrs.clone();
+    LinkGroup::store(Some(g), &mut xattrs);
+    g.names
+        .iter()
+        .filter_map(|n| VaultPath::new(n).ok())
+        .map(|path| {
+            let change = Change::Write {
+                attrs: Attrs {
+                    mode: e.mode,
+                    mtime_ns: e.mtime_ns,
+                    xattrs: xattrs.clone(),
+                },
+                size: e.size,
+                content: e.content.clone(),
+            };
+            (path, change)
+        })
+        .collect()
+}
+
+/// Whether any live file at or under directory `d` belongs to a link group.
+fn holds_links(vault: &Vault, d: &VaultPath) -> crate::Result<bool> {
+    let src = vault.source();
+    let prefix = d.child_prefix();
+    for item in src.scan(&prefix, crate::path::prefix_successor(&prefix).as_deref())? {
+        let (_, e) = item?;
+        if e.is_live() && LinkGroup::of(&e.xattrs).is_some() {
+            return Ok(true);
         }
     }
+    Ok(false)
 }
 
 /// Records every key a local commit changed as an oracle event.
@@ -348,12 +481,13 @@ fn record(
     Ok(())
 }
 
-/// Checks the converged tree against the oracle; returns the number of entries.
+/// Checks the converged tree against the oracle; returns the number of entries and of
+/// linked names.
 fn check(
     stores: &VaultStores,
     root: NodeId,
     events: &BTreeMap<Vec<u8>, Vec<Event>>,
-) -> Result<usize, String> {
+) -> Result<(usize, usize), String> {
     let src = stores.source(root);
     let all: Vec<(Vec<u8>, Entry)> = src
         .scan(b"", None)
@@ -380,6 +514,41 @@ fn check(
         }
         if !key.dir && live.contains_key(key.path.dir_key().as_slice()) {
             return Err(format!("{} is both a file and a directory", show(k)));
+        }
+    }
+
+    // Links: every live member of a link group is listed by it, and every name it lists is
+    // a live file with the same group and the same content.
+    let mut linked = 0;
+    for (k, e) in &live {
+        let Some(g) = LinkGroup::of(&e.xattrs) else {
+            continue;
+        };
+        linked += 1;
+        let key = EntryKey::from_bytes(k).map_err(|e| e.to_string())?;
+        if e.kind != EntryKind::File || !g.names.iter().any(|n| n == key.path.as_str()) {
+            return Err(format!(
+                "{} carries link group {:?} that does not list it",
+                show(k),
+                g.names
+            ));
+        }
+        for name in &g.names {
+            let other = VaultPath::new(name)
+                .ok()
+                .and_then(|p| live.get(p.file_key().as_slice()).copied());
+            let coherent = other.is_some_and(|o| {
+                o.content == e.content
+                    && o.size == e.size
+                    && LinkGroup::of(&o.xattrs).as_ref() == Some(&g)
+            });
+            if !coherent {
+                return Err(format!(
+                    "{} is linked to {name}, which is missing or differs: {:?}",
+                    show(k),
+                    other.map(|o| (&o.content, LinkGroup::of(&o.xattrs)))
+                ));
+            }
         }
     }
 
@@ -479,7 +648,7 @@ fn check(
             }
         }
     }
-    Ok(all.len())
+    Ok((all.len(), linked))
 }
 
 fn in_conflict_copy(live: &BTreeMap<&[u8], &Entry>, path: &VaultPath, bytes: &[u8]) -> bool {
