@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 
 use cairn_crypto::ContentKey;
@@ -190,12 +190,17 @@ pub fn write_file_with(
     // Two queued chunks per worker keep them busy while the reader blocks on I/O, and cap
     // memory at ~(3 × workers) × 256 KiB.
     let (tx, rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers * 2);
-    let rx = Mutex::new(rx);
+    // Only the workers own the receiver: once every one of them has quit (each after an
+    // error, e.g. a full disk), it is dropped and a blocked `send` fails instead of waiting
+    // forever on a full queue.
+    let rx = Arc::new(Mutex::new(rx));
 
     let (input_error, results) = thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                scope.spawn(|| -> Result<Vec<(usize, ChunkRef)>> {
+                let rx = Arc::clone(&rx);
+                let (sealer, failed) = (&sealer, &failed);
+                scope.spawn(move || -> Result<Vec<(usize, ChunkRef)>> {
                     let mut done = Vec::new();
                     loop {
                         let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
@@ -222,6 +227,7 @@ pub fn write_file_with(
                 })
             })
             .collect();
+        drop(rx);
 
         let mut input_error = None;
         for (index, chunk) in Chunker::new(reader).enumerate() {

@@ -401,3 +401,36 @@ fn random_files_round_trip() {
         )
         .unwrap();
 }
+
+/// A store that fails every write (as a full disk makes it) must fail the file write with
+/// that error on every worker count, never leave the reader blocked on a queue nobody drains.
+#[test]
+fn a_store_that_fails_every_write_fails_the_file_instead_of_hanging() {
+    let (dir, store) = store();
+    // A plain file where the store's directory was: every write fails.
+    fs::remove_dir_all(dir.path()).unwrap();
+    fs::write(dir.path(), b"not a directory").unwrap();
+    let store = std::sync::Arc::new(store);
+    // The hang needed the reader to be blocked on a full queue at the moment the last
+    // worker quit: a race, so try it many times.
+    for (round, workers) in [1, 2, 4].into_iter().cycle().take(90).enumerate() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let options = WriteOptions {
+                workers,
+                ..WriteOptions::default()
+            };
+            // Far more chunks than the queue holds, so the reader would block on it.
+            let r = write_file_with(&store, &key(1), generated(round as u64, 64 << 20), options);
+            let _ = done_tx.send(r.map(|_| ()));
+        });
+        let outcome = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("write_file_with hung with {workers} worker(s)"));
+        assert!(
+            outcome.is_err(),
+            "writing into a broken store succeeded with {workers} worker(s)"
+        );
+    }
+}
