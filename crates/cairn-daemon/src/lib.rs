@@ -54,7 +54,7 @@ pub use prune::{
     AutoPrune, PruneOptions, PruneReport, PrunedBy, Step as PruneStep, prune, prune_vault,
     record_prune,
 };
-pub use report::{CONFLICT_MARK, Report, report};
+pub use report::{CONFLICT_MARK, DiskInfo, Report, report};
 pub use restore::restore;
 pub use sink::view_of;
 pub use state::{VaultState, default_data_dir, vault_dir};

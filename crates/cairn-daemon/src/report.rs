@@ -47,6 +47,32 @@ pub struct Report {
     /// not a daemon runs), and what the running daemon saw (bad file content, snapshots
     /// naming another device).
     pub peer_faults: Vec<PeerFault>,
+    /// Space on the disk that holds the state directory; `None` if it could not be read.
+    pub disk: Option<DiskInfo>,
+}
+
+#[derive(Serialize)]
+pub struct DiskInfo {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    /// Below this much free space the mount refuses writes with ENOSPC.
+    pub reserve_bytes: u64,
+    /// Free space is below the reserve: writes fail until space is freed.
+    pub full: bool,
+}
+
+impl DiskInfo {
+    /// The state directory's disk, with the mount's reserve (`min_free`, as configured).
+    pub fn of(state_dir: &std::path::Path, min_free: Option<u64>) -> Option<DiskInfo> {
+        let d = cairn_fuse::disk_space(state_dir).ok()?;
+        let reserve = cairn_fuse::reserve_for(min_free, d.total);
+        Some(DiskInfo {
+            free_bytes: d.free,
+            total_bytes: d.total,
+            reserve_bytes: reserve,
+            full: d.free < reserve,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -78,13 +104,33 @@ pub struct SnapshotInfo {
     pub entries: u64,
 }
 
-pub fn report(state: &VaultState) -> Result<Report> {
+/// The report for `state`; `min_free` is the mount's configured disk reserve.
+pub fn report(state: &VaultState, min_free: Option<u64>) -> Result<Report> {
+    let disk = DiskInfo::of(&state.dir, min_free);
     let live = writable_mount(&state.dir);
     let daemon_status = live.as_ref().and_then(|m| {
         DaemonStatus::read(&state.dir).filter(|s| i64::from(s.pid) == i64::from(m.pid))
     });
     let pending_paths = cairn_overlay::read_pending(&state.dir.join("overlay"))?;
-    let device = OpenVault::open(state)?;
+    // On a full disk the databases may not even open (SQLite needs room to start a
+    // transaction); the report then says what it can without them instead of failing.
+    let device = match OpenVault::open(state) {
+        Ok(d) => Some(d),
+        Err(e) if disk.as_ref().is_some_and(|d| d.full) => {
+            tracing::debug!(error = %format!("{e:#}"), "status without the vault's databases");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let Some(device) = device else {
+        return Ok(disk_full_report(
+            state,
+            disk,
+            live,
+            daemon_status,
+            pending_paths,
+        ));
+    };
     let vault_id = state.secret.vault_id();
     // Paths the ignore rules keep on this device are not pending: they never leave it.
     let (pending_paths, ignored_paths): (Vec<_>, Vec<_>) = {
@@ -105,16 +151,7 @@ pub fn report(state: &VaultState) -> Result<Report> {
     let pending = Pending {
         files: pending_paths.len() as u64,
         bytes: pending_paths.iter().map(|p| p.bytes).sum(),
-        paths: pending_paths
-            .iter()
-            .map(|p| {
-                if p.deleted {
-                    format!("{} (deleted)", p.path)
-                } else {
-                    p.path.clone()
-                }
-            })
-            .collect(),
+        paths: pending_paths.iter().map(pending_label).collect(),
     };
 
     let head = device.registry.get(&vault_id, &state.device.device_id())?;
@@ -146,6 +183,7 @@ pub fn report(state: &VaultState) -> Result<Report> {
     };
 
     let state_name = match (&live, pending.files) {
+        (Some(_), _) if disk.as_ref().is_some_and(|d| d.full) => "disk full",
         (None, _) => "not mounted",
         (Some(_), 0) => "synced",
         (Some(_), _) => "pending",
@@ -178,7 +216,57 @@ pub fn report(state: &VaultState) -> Result<Report> {
         last_flush_ms: ds.last_flush_ms,
         last_error: ds.last_error,
         peer_faults,
+        disk,
     })
+}
+
+fn pending_label(p: &cairn_overlay::PendingPath) -> String {
+    if p.deleted {
+        format!("{} (deleted)", p.path)
+    } else {
+        p.path.clone()
+    }
+}
+
+/// What can be said without the vault's databases, which a full disk may keep closed.
+fn disk_full_report(
+    state: &VaultState,
+    disk: Option<DiskInfo>,
+    live: Option<crate::LiveMount>,
+    daemon_status: Option<DaemonStatus>,
+    pending_paths: Vec<cairn_overlay::PendingPath>,
+) -> Report {
+    let ds = daemon_status.unwrap_or_default();
+    let epoch = state.key_epochs().current();
+    Report {
+        vault: state.name.clone(),
+        vault_id: state.secret.vault_id().to_string(),
+        device_id: state.device.device_id().to_string(),
+        key_epoch: epoch.number,
+        key_epoch_id: epoch.id().to_string(),
+        state_dir: state.dir.clone(),
+        state: "disk full",
+        mount: live.map(|m| MountInfo {
+            pid: m.pid,
+            mountpoint: m.mountpoint,
+            started_ms: (ds.pid != 0).then_some(ds.started_ms),
+        }),
+        pending_uploads: Pending {
+            files: pending_paths.len() as u64,
+            bytes: pending_paths.iter().map(|p| p.bytes).sum(),
+            paths: pending_paths.iter().map(pending_label).collect(),
+        },
+        ignored: Ignored { files: 0, bytes: 0 },
+        last_snapshot: None,
+        conflicts: Vec::new(),
+        held: crate::held_summaries(&state.dir).unwrap_or_default(),
+        peers: ds.peers,
+        downloads: ds.downloads,
+        last_flush_ms: ds.last_flush_ms,
+        last_error: ds.last_error,
+        peer_faults: ds.peer_faults,
+        disk,
+    }
 }
 
 /// One fault per equivocating device, from the evidence in the registry.
@@ -220,7 +308,7 @@ mod tests {
     fn a_fresh_vault_is_not_mounted_and_has_nothing_pending() {
         let d = tempfile::tempdir().unwrap();
         let s = VaultState::create(d.path(), "v").unwrap();
-        let r = report(&s).unwrap();
+        let r = report(&s, None).unwrap();
         assert_eq!(r.state, "not mounted");
         assert_eq!(r.pending_uploads.files, 0);
         assert!(r.last_snapshot.is_none());

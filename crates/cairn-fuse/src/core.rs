@@ -18,6 +18,7 @@ use crate::errno::{FsResult, base_errno, io_errno, overlay_errno};
 use crate::flusher::FlushCtl;
 use crate::namespace::{FileCell, FileState, GoneSrc, Namespace, Node};
 use crate::sink::FlushSink;
+use crate::space::SpaceGuard;
 use crate::stat::{Stat, entry_kind, special_type};
 
 /// Copy-on-write and staging reads move data in blocks of this size, so a file of any size
@@ -48,6 +49,7 @@ pub(crate) struct Core {
     pub dirs: Mutex<HashMap<u64, DirHandle>>,
     pub next_fh: AtomicU64,
     pub flush: FlushCtl,
+    pub space: SpaceGuard,
     /// The root directory has no record; its times live here.
     pub root_mtime_ns: AtomicI64,
     pub root_ctime_ns: AtomicI64,
@@ -66,7 +68,9 @@ impl Core {
         overlay: Overlay,
         opts: MountOptions,
     ) -> Core {
+        let space = SpaceGuard::new(overlay.dir(), opts.min_free);
         Core {
+            space,
             overlay,
             base,
             sink,

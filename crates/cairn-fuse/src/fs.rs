@@ -283,6 +283,9 @@ impl Filesystem for CairnFs {
         let Some(crate::core::Handle { ino, cell, append }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        if let Err(e) = self.core.space.admit(data.len() as u64) {
+            return reply.error(e);
+        }
         reply_result!(
             reply,
             self.core.write(ino, &cell, offset, data, append),
@@ -360,6 +363,12 @@ impl Filesystem for CairnFs {
         let Some(crate::core::Handle { ino, cell, .. }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        // Punching a hole frees space; only reserving it can fill the disk.
+        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0
+            && let Err(e) = self.core.space.admit(length)
+        {
+            return reply.error(e);
+        }
         reply_result!(
             reply,
             self.core.fallocate(ino, &cell, offset, length, mode),
@@ -539,6 +548,9 @@ impl Filesystem for CairnFs {
         let key = name.as_bytes();
         if key == STATUS_XATTR || key == cairn_overlay::LINK_XATTR {
             return reply.error(Errno::EPERM);
+        }
+        if let Err(e) = self.core.space.admit(value.len() as u64) {
+            return reply.error(e);
         }
         // POSIX ACLs live in system.*; the vault has no ACL model, so do not pretend to store them.
         if key.starts_with(b"system.") {

@@ -27,6 +27,7 @@ mod mount;
 mod namespace;
 mod ops;
 mod sink;
+mod space;
 mod stat;
 mod status;
 
@@ -39,5 +40,6 @@ pub use mount::{
     mount,
 };
 pub use sink::{FlushBatch, FlushError, FlushItem, FlushSink, StagedFile};
+pub use space::{DEFAULT_MIN_FREE, DiskSpace, disk_space, reserve_for};
 
 pub use cairn_overlay::{Data, Kind, Overlay, OverlayError, Record, StagingId};

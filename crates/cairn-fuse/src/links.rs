@@ -178,6 +178,7 @@ impl CairnFs {
         newparent: INodeNo,
         newname: &OsStr,
     ) -> FsResult<(u64, Stat)> {
+        self.core.space.admit(0)?;
         if newname.len() > NAME_MAX {
             return Err(Errno::from_i32(libc::ENAMETOOLONG));
         }

@@ -43,6 +43,10 @@ pub struct MountOptions {
     /// The `.cairn/history/` folder's source of past snapshots; `None` shows no `.cairn`
     /// (history views themselves, tests).
     pub history: Option<HistoryFolder>,
+    /// Free space kept on the state directory's disk: below it, operations that add data
+    /// fail with ENOSPC (see [`crate::space`]). `None`: [`crate::DEFAULT_MIN_FREE`], at
+    /// most a twentieth of the disk.
+    pub min_free: Option<u64>,
 }
 
 /// A `-o` mount option cairn does not understand or cannot honour.
@@ -108,6 +112,7 @@ impl Default for MountOptions {
             read_only: false,
             umask: 0,
             history: None,
+            min_free: None,
         }
     }
 }

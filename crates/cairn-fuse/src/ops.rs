@@ -129,6 +129,7 @@ impl CairnFs {
         name: &OsStr,
         mut rec: Record,
     ) -> FsResult<(u64, Stat)> {
+        self.core.space.admit(0)?;
         let mut ns = self.core.ns();
         let path = self.child_path(&ns, parent, name)?;
         let pst = self.dir_stat(parent_of(&path))?;
@@ -286,6 +287,7 @@ impl CairnFs {
         umask: u32,
         flags: i32,
     ) -> FsResult<(u64, Stat, u64)> {
+        self.core.space.admit(0)?;
         let (ino, stat) = {
             let mut ns = self.core.ns();
             let path = self.child_path(&ns, parent, name)?;

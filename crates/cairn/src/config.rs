@@ -234,6 +234,17 @@ pub struct MountSettings {
     /// Mount options as `mount -o` takes them (`allow_other,uid=1000`); `cairn mount -o`
     /// adds to them.
     pub options: String,
+    /// Free space (MiB) kept on the state directory's disk: below it, writes into the
+    /// mount fail with ENOSPC so nothing already acknowledged is lost. Unset: 64 MiB, at
+    /// most a twentieth of the disk.
+    pub min_free_mib: Option<u64>,
+}
+
+impl MountSettings {
+    /// The reserve in bytes, as the mount takes it.
+    pub fn min_free_bytes(&self) -> Option<u64> {
+        self.min_free_mib.map(|m| m.saturating_mul(1 << 20))
+    }
 }
 
 impl Default for MountSettings {
@@ -243,6 +254,7 @@ impl Default for MountSettings {
         Self {
             debounce_ms: 150,
             options: String::new(),
+            min_free_mib: None,
         }
     }
 }

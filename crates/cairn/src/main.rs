@@ -58,7 +58,7 @@ enum Command {
     /// Show the vault: identity, whether it is mounted, changes not yet uploaded, the last
     /// snapshot, conflicts, peers.
     Status {
-        /// Machine-readable output (`"state": "synced" | "pending" | "not mounted"`).
+        /// Machine-readable output (`"state": "synced" | "pending" | "disk full" | "not mounted"`).
         #[arg(long)]
         json: bool,
     },
@@ -342,7 +342,10 @@ fn run(cli: Cli) -> Result<()> {
             print_identity(&s);
         }
         Command::Status { json } => {
-            let report = daemon::report(&VaultState::load(&data_dir, &cli.vault)?)?;
+            let report = daemon::report(
+                &VaultState::load(&data_dir, &cli.vault)?,
+                config.mount.min_free_bytes(),
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -374,6 +377,7 @@ fn run(cli: Cli) -> Result<()> {
             let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
             let mut opts = cairn_fuse::MountOptions {
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
+                min_free: config.mount.min_free_bytes(),
                 ..Default::default()
             };
             for list in [Some(&config.mount.options), options.as_ref()]
@@ -681,6 +685,7 @@ fn serve_new_member(
             let debounce_ms = debounce_ms.unwrap_or(config.mount.debounce_ms);
             let mut opts = cairn_fuse::MountOptions {
                 flush_debounce: std::time::Duration::from_millis(debounce_ms),
+                min_free: config.mount.min_free_bytes(),
                 ..Default::default()
             };
             opts.apply_options(&config.mount.options)?;

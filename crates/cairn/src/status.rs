@@ -26,6 +26,22 @@ pub fn print_human(r: &Report) {
     println!("device id: {}", r.device_id);
     println!("key epoch: {} ({})", r.key_epoch, r.key_epoch_id);
     println!("state dir: {}", r.state_dir.display());
+    if let Some(d) = &r.disk {
+        if d.full {
+            println!(
+                "disk:      FULL: {} free on the disk of {}, below the {} cairn keeps free; writes into the mount fail with \"No space left on device\" until you free space there (nothing already written is lost; syncing resumes by itself)",
+                bytes(d.free_bytes),
+                r.state_dir.display(),
+                bytes(d.reserve_bytes)
+            );
+        } else {
+            println!(
+                "disk:      {} free of {}",
+                bytes(d.free_bytes),
+                bytes(d.total_bytes)
+            );
+        }
+    }
     match &r.mount {
         Some(m) => println!(
             "mounted:   {} (daemon pid {})",
@@ -63,9 +79,16 @@ pub fn print_human(r: &Report) {
             s.entries,
             &s.id[..16.min(s.id.len())]
         ),
+        None if r.state == "disk full" => {
+            println!(
+                "snapshot:  unknown (the vault's databases cannot be read while the disk is full)"
+            )
+        }
         None => println!("snapshot:  none yet"),
     }
-    if r.conflicts.is_empty() {
+    if r.state == "disk full" && r.last_snapshot.is_none() {
+        // Conflicts come from the same databases: say nothing rather than "none".
+    } else if r.conflicts.is_empty() {
         println!("conflicts: none");
     } else {
         println!(
