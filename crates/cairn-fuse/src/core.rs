@@ -24,6 +24,10 @@ use crate::stat::{Stat, entry_kind, special_type};
 /// costs at most one block of memory.
 pub(crate) const COPY_BLOCK: usize = 1 << 20;
 
+/// Lost races (a namespace change while reading the base unlocked) before an operation
+/// takes the lock for its whole run; see [`Core::unlocked`].
+const OPTIMISTIC_TRIES: usize = 3;
+
 #[derive(Clone)]
 pub(crate) struct Handle {
     pub ino: u64,
@@ -81,8 +85,91 @@ impl Core {
         }
     }
 
+    /// The namespace, for a critical section that may change which paths exist or what
+    /// they are.
     pub(crate) fn ns(&self) -> MutexGuard<'_, Namespace> {
+        let mut ns = lock(&self.ns);
+        ns.generation = ns.generation.wrapping_add(1);
+        ns
+    }
+
+    /// The namespace, for a critical section that changes no path's existence, kind or link
+    /// group (it may count lookups, hand out inode numbers, or change a file's content and
+    /// times: a reply carrying attributes read just before such a change is one ordered
+    /// before it, and the kernel's attribute versioning handles it as such).
+    pub(crate) fn ns_view(&self) -> MutexGuard<'_, Namespace> {
         lock(&self.ns)
+    }
+
+    /// Runs an operation whose base reads may be slow (a tree node or directory a peer has
+    /// to send) without holding the namespace lock across them, so one slow peer stalls only
+    /// the operations that need what it has. `prepare` runs under the lock (resolving inode
+    /// numbers to paths), `read` without it, and `apply` under the lock again, but only if
+    /// no change to the namespace happened in between; otherwise the whole thing is
+    /// retried. After [`OPTIMISTIC_TRIES`] lost races (a burst of writes) it runs under the
+    /// lock from start to end, with whatever the earlier tries read already local.
+    pub(crate) fn unlocked<P, R, T>(
+        &self,
+        prepare: impl Fn(&Namespace) -> FsResult<P>,
+        read: impl Fn(&P) -> FsResult<R>,
+        apply: impl FnOnce(&mut Namespace, P, R) -> FsResult<T>,
+    ) -> FsResult<T> {
+        for _ in 0..OPTIMISTIC_TRIES {
+            let (generation, p) = {
+                let ns = self.ns_view();
+                (ns.generation, prepare(&ns)?)
+            };
+            let r = read(&p);
+            let mut ns = self.ns_view();
+            if ns.generation == generation {
+                return apply(&mut ns, p, r?);
+            }
+        }
+        let mut ns = self.ns_view();
+        let p = prepare(&ns)?;
+        let r = read(&p)?;
+        apply(&mut ns, p, r)
+    }
+
+    /// Reads `paths` in the merged view without the namespace lock, so that a change about
+    /// to take the lock finds them local: a slow fetch then holds up this caller only.
+    /// Errors are left for the locked pass to report.
+    pub(crate) fn warm(&self, paths: &[&str]) {
+        for p in paths {
+            // A record of unchanged content still reads the base entry (its size).
+            if let Ok(Some(Node::Rec(r))) = self.resolve(p)
+                && r.data == Data::Base
+            {
+                let _ = self.base.get(p);
+            }
+        }
+    }
+
+    /// [`Self::stat_ino`] without holding the namespace lock across the base reads.
+    pub(crate) fn stat_ino_unlocked(&self, ino: u64) -> FsResult<Stat> {
+        self.unlocked(
+            |ns| {
+                let inode = ns.inodes.get(&ino).ok_or(Errno::ENOENT)?;
+                Ok(match &inode.path {
+                    Some(p) => Ok(p.clone()),
+                    None => Err(inode.detached.clone().ok_or(Errno::ENOENT)?),
+                })
+            },
+            |p| match p {
+                Ok(path) => self.stat_path(path),
+                Err(detached) => Ok(detached.clone()),
+            },
+            |_, _, st| Ok(st),
+        )
+    }
+
+    /// The path of `ino` and what it resolves to, read without holding the namespace lock.
+    pub(crate) fn resolve_ino_unlocked(&self, ino: u64) -> FsResult<(String, Option<Node>)> {
+        self.unlocked(
+            |ns| Ok(ns.path(ino)?.to_string()),
+            |path| self.resolve(path),
+            |_, path, node| Ok((path, node)),
+        )
     }
 
     pub(crate) fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle>> {
@@ -283,7 +370,7 @@ impl Core {
     }
 
     pub(crate) fn forget(&self, ino: u64, n: u64) {
-        let mut ns = self.ns();
+        let mut ns = self.ns_view();
         ns.forget(ino, n);
         self.settle(&mut ns);
     }
@@ -432,7 +519,7 @@ impl Core {
 
     /// Gets (creating if needed) the file state of an inode and counts one more user.
     pub(crate) fn acquire_file(&self, ino: u64) -> FsResult<Arc<FileCell>> {
-        let mut ns = self.ns();
+        let mut ns = self.ns_view();
         let inode = ns.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         inode.file_users += 1;
         Ok(inode
@@ -453,7 +540,7 @@ impl Core {
     /// references it any more) and schedules a flush if anything was written.
     pub(crate) fn release_file(&self, ino: u64) {
         let cell = {
-            let mut ns = self.ns();
+            let mut ns = self.ns_view();
             let Some(inode) = ns.inodes.get_mut(&ino) else {
                 return;
             };
@@ -474,7 +561,7 @@ impl Core {
         };
         if let Some((id, file)) = staging {
             drop(file);
-            let mut ns = self.ns();
+            let mut ns = self.ns_view();
             // Someone may have re-acquired the inode between the two critical sections; the
             // new cell opens its own staging file, so the hold count is what matters.
             self.unhold(&mut ns, id);
@@ -518,7 +605,11 @@ impl Core {
         if st.staging.is_some() || st.base.is_some() {
             return Ok(());
         }
-        let mut ns = self.ns();
+        let path = self.ns_view().path(ino).map(str::to_string);
+        if let Ok(p) = path {
+            self.warm(&[&p]);
+        }
+        let mut ns = self.ns_view();
         let path = match ns.path(ino) {
             Ok(p) => p.to_string(),
             Err(e) => {
@@ -582,7 +673,7 @@ impl Core {
         }
         let src = st.base.clone().ok_or(Errno::EIO)?;
         let (id, file) = self.overlay.create_staging().map_err(overlay_errno)?;
-        self.hold(&mut self.ns(), id);
+        self.hold(&mut self.ns_view(), id);
         let want = limit.map_or(src.size, |l| l.min(src.size));
         let copied = (|| -> FsResult<u64> {
             let mut buf = vec![0u8; COPY_BLOCK.min(want as usize).max(1)];
@@ -604,7 +695,7 @@ impl Core {
         let copied = match copied {
             Ok(c) => c,
             Err(e) => {
-                let mut ns = self.ns();
+                let mut ns = self.ns_view();
                 self.unhold(&mut ns, id);
                 return Err(e);
             }
@@ -626,7 +717,10 @@ impl Core {
         touch_mtime: bool,
     ) -> FsResult<Stat> {
         let (id, _) = st.staging.as_ref().ok_or(Errno::EIO)?;
-        let mut ns = self.ns();
+        // New content and times for a path that exists already: no path's existence or
+        // inode changes, so no generation bump (writes would otherwise make every
+        // concurrent lookup retry).
+        let mut ns = self.ns_view();
         let now = now_ns();
         let inode = ns.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         let Some(path) = inode.path.clone() else {

@@ -29,6 +29,9 @@ pub struct CairnFs {
 }
 
 const GEN: Generation = Generation(0);
+/// Entries of a readdirplus reply whose attributes are read per round without the
+/// namespace lock: few enough that little is read for nothing when the reply fills up.
+const PLUS_BATCH: usize = 32;
 
 macro_rules! reply_result {
     ($reply:expr, $res:expr, |$v:ident| $ok:expr) => {
@@ -74,7 +77,7 @@ impl Filesystem for CairnFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let r = self.core.stat_ino(&self.core.ns(), ino.0);
+        let r = self.core.stat_ino_unlocked(ino.0);
         reply_result!(reply, r, |s| reply.attr(&self.ttl(), &s.attr(ino.0)));
     }
 
@@ -111,9 +114,8 @@ impl Filesystem for CairnFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = (|| {
-            let ns = self.core.ns();
-            let path = ns.path(ino.0)?.to_string();
-            match self.core.resolve(&path)?.ok_or(Errno::ENOENT)? {
+            let (_, node) = self.core.resolve_ino_unlocked(ino.0)?;
+            match node.ok_or(Errno::ENOENT)? {
                 Node::Rec(Record {
                     data: Data::Target(t),
                     ..
@@ -420,7 +422,8 @@ impl Filesystem for CairnFs {
         let Some(d) = dirs.get(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let mut ns = self.core.ns();
+        // Inode numbers only: nothing here reads the base.
+        let mut ns = self.core.ns_view();
         let dir_path = ns.path(d.ino).map(str::to_string).ok();
         for (i, (name, kind)) in d.entries.iter().enumerate().skip(offset as usize) {
             let ino = match (i, &dir_path) {
@@ -446,35 +449,78 @@ impl Filesystem for CairnFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let dirs = self.core.dirs();
-        let Some(d) = dirs.get(&fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let mut ns = self.core.ns();
-        let Ok(dir_path) = ns.path(d.ino).map(str::to_string) else {
-            return reply.ok();
+        // '.', '..' and the names from opendir; the kernel takes a lookup reference for the
+        // names only.
+        let entry_path = |dir: &str, i: usize, name: &str| match i {
+            0 => (dir.to_string(), false),
+            1 => (parent_of(dir).to_string(), false),
+            _ => (join(dir, name), true),
         };
         let ttl = self.ttl();
-        for (i, (name, _)) in d.entries.iter().enumerate().skip(offset as usize) {
-            // The kernel takes no lookup reference for '.' and '..'.
-            let (path, counted) = match i {
-                0 => (dir_path.clone(), false),
-                1 => (parent_of(&dir_path).to_string(), false),
-                _ => (join(&dir_path, name), true),
+        let mut next = offset as usize;
+        loop {
+            // Copied out so neither the handle table nor the namespace is locked while the
+            // attributes are read.
+            let (dir_ino, batch) = {
+                let dirs = self.core.dirs();
+                let Some(d) = dirs.get(&fh.0) else {
+                    return reply.error(Errno::EBADF);
+                };
+                let batch: Vec<String> = d
+                    .entries
+                    .iter()
+                    .skip(next)
+                    .take(PLUS_BATCH)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                (d.ino, batch)
             };
-            let Ok(stat) = self.core.stat_path(&path) else {
-                continue; // vanished since opendir
-            };
-            let ino = if i == 1 && dir_path.is_empty() {
-                ROOT
-            } else {
-                ns.ino_linked(&path, stat.link)
-            };
-            if reply.add(INodeNo(ino), i as u64 + 1, name, &ttl, &stat.attr(ino), GEN) {
+            if batch.is_empty() {
                 break;
             }
-            if counted && let Some(inode) = ns.inodes.get_mut(&ino) {
-                inode.nlookup += 1;
+            let full = self.core.unlocked(
+                |ns| Ok(ns.path(dir_ino).map(str::to_string).ok()),
+                |dir| {
+                    Ok(dir.as_ref().map(|dir| {
+                        batch
+                            .iter()
+                            .enumerate()
+                            .map(|(k, name)| {
+                                let (path, _) = entry_path(dir, next + k, name);
+                                self.core.stat_path(&path).ok()
+                            })
+                            .collect::<Vec<_>>()
+                    }))
+                },
+                |ns, dir, stats| {
+                    // The directory itself went away while listing: nothing more to say.
+                    let (Some(dir), Some(stats)) = (dir, stats) else {
+                        return Ok(true);
+                    };
+                    for (k, (name, stat)) in batch.iter().zip(stats).enumerate() {
+                        let i = next + k;
+                        let Some(stat) = stat else {
+                            continue; // vanished since opendir
+                        };
+                        let (path, counted) = entry_path(&dir, i, name);
+                        let ino = if i == 1 && dir.is_empty() {
+                            ROOT
+                        } else {
+                            ns.ino_linked(&path, stat.link)
+                        };
+                        if reply.add(INodeNo(ino), i as u64 + 1, name, &ttl, &stat.attr(ino), GEN) {
+                            return Ok(true);
+                        }
+                        if counted && let Some(inode) = ns.inodes.get_mut(&ino) {
+                            inode.nlookup += 1;
+                        }
+                    }
+                    Ok(false)
+                },
+            );
+            match full {
+                Ok(false) => next += batch.len(),
+                _ => break,
             }
         }
         reply.ok();
@@ -597,7 +643,7 @@ impl Filesystem for CairnFs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let r = (|| {
-            let s = self.core.stat_ino(&self.core.ns(), ino.0)?;
+            let s = self.core.stat_ino_unlocked(ino.0)?;
             let mask = mask.bits() as u32 & 0o7;
             if mask == 0 {
                 return Ok(());
