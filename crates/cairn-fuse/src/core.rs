@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cairn_overlay::path::now_ns;
@@ -23,6 +23,10 @@ use crate::stat::{Stat, entry_kind, special_type};
 /// Copy-on-write and staging reads move data in blocks of this size, so a file of any size
 /// costs at most one block of memory.
 pub(crate) const COPY_BLOCK: usize = 1 << 20;
+
+/// Reads that may wait on the network served at once on threads of their own; beyond that
+/// they run on the kernel request thread that received them.
+const SLOW_READS: usize = 32;
 
 /// Lost races (a namespace change while reading the base unlocked) before an operation
 /// takes the lock for its whole run; see [`Core::unlocked`].
@@ -55,6 +59,32 @@ pub(crate) struct Core {
     /// The root directory has no record; its times live here.
     pub root_mtime_ns: AtomicI64,
     pub root_ctime_ns: AtomicI64,
+    /// Reads running on threads of their own (see [`SlowRead`]).
+    slow_reads: AtomicUsize,
+}
+
+/// One of the [`SLOW_READS`] slots for a read that may wait on the network; freed on drop.
+pub(crate) struct SlowRead(Arc<Core>);
+
+impl SlowRead {
+    pub(crate) fn take(core: &Arc<Core>) -> Option<SlowRead> {
+        core.slow_reads
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < SLOW_READS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SlowRead(core.clone()))
+    }
+
+    pub(crate) fn core(&self) -> &Core {
+        &self.0
+    }
+}
+
+impl Drop for SlowRead {
+    fn drop(&mut self) {
+        self.0.slow_reads.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +112,7 @@ impl Core {
             flush: FlushCtl::new(),
             root_mtime_ns: AtomicI64::new(now_ns()),
             root_ctime_ns: AtomicI64::new(now_ns()),
+            slow_reads: AtomicUsize::new(0),
         }
     }
 
@@ -849,6 +880,19 @@ impl Core {
             libc::SEEK_HOLE => Ok(size),
             _ => Err(Errno::EINVAL),
         }
+    }
+
+    /// Whether a read of `size` bytes at `offset` may wait on the network (see
+    /// [`BaseLayer::may_wait`]); staged content never does.
+    pub(crate) fn read_may_wait(&self, ino: u64, cell: &FileCell, offset: u64, size: u32) -> bool {
+        let base = {
+            let mut st = cell.lock();
+            if self.init_source(ino, &mut st).is_err() || st.staging.is_some() {
+                return false;
+            }
+            st.base.clone()
+        };
+        base.is_some_and(|b| self.base.may_wait(&b, offset, size as usize))
     }
 
     pub(crate) fn read(

@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use crate::base::EntryKind;
-use crate::core::{COPY_BLOCK, Core};
+use crate::core::{COPY_BLOCK, Core, SlowRead};
 use crate::errno::overlay_errno;
 use crate::namespace::{NAME_MAX, Node, ROOT, join};
 use crate::ops::AttrChange;
@@ -29,6 +29,8 @@ pub struct CairnFs {
 }
 
 const GEN: Generation = Generation(0);
+/// Background requests (read-ahead) the kernel keeps outstanding; see `init`.
+const MAX_BACKGROUND: u16 = 64;
 /// Entries of a readdirplus reply whose attributes are read per round without the
 /// namespace lock: few enough that little is read for nothing when the reply fills up.
 const PLUS_BATCH: usize = 32;
@@ -57,6 +59,11 @@ impl Filesystem for CairnFs {
         if let Err(max) = config.set_max_write(COPY_BLOCK as u32) {
             let _ = config.set_max_write(max);
         }
+        // Read-ahead is queued as background requests, and once `max_background` of them
+        // are outstanding the kernel holds back every new one, local reads included: reads
+        // waiting on a peer that stopped answering (up to the fetch timeout) must not use up
+        // the default 12. The kernel clamps it for unprivileged mounts.
+        let _ = config.set_max_background(MAX_BACKGROUND);
         // Listing with attributes in one round trip; AUTO lets the kernel fall back to plain
         // readdir when it is not reading attributes anyway.
         let _ = config
@@ -266,6 +273,23 @@ impl Filesystem for CairnFs {
         let Some(crate::core::Handle { ino, cell, .. }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        // Content a peer has yet to send: waited for on a thread of its own, so readers of
+        // a peer that stops answering cannot occupy every kernel request thread.
+        if self.core.read_may_wait(ino, &cell, offset, size)
+            && let Some(slot) = SlowRead::take(&self.core)
+        {
+            let spawned = std::thread::Builder::new()
+                .name("cairn-read".into())
+                .spawn(move || {
+                    let r = slot.core().read(ino, &cell, offset, size);
+                    reply_result!(reply, r, |d| reply.data(&d));
+                });
+            if let Err(e) = spawned {
+                // The reply went down with the closure, which answers EIO.
+                tracing::warn!(error = %e, "could not start a thread for a read");
+            }
+            return;
+        }
         reply_result!(reply, self.core.read(ino, &cell, offset, size), |d| reply
             .data(&d));
     }

@@ -8,7 +8,7 @@
 //! (which peers to ask, and asking one); [`IrohPeers`] is the real one, and the tests below
 //! use peers in memory that serve good, corrupted or vanishing data.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -65,7 +65,14 @@ pub(crate) struct Fetcher<P> {
     /// Per peer and request: a peer that stops answering (a paused process, a dead link)
     /// costs a reader at most this much before the next peer is asked or the read fails.
     timeout: Duration,
+    /// Blobs whose on-demand fetch failed, and when: asked again only a timeout later. The
+    /// kernel retries a failed read-ahead at once, page by page, which would otherwise
+    /// multiply the wait on a peer that stopped answering.
+    failed: Mutex<HashMap<ChunkId, Instant>>,
 }
+
+/// Failed fetches remembered at most (older ones are dropped first).
+const FAILED_KEPT: usize = 4096;
 
 impl<P: BlobPeers> Fetcher<P> {
     pub fn new(peers: P, local: Arc<BlobStore>, stop: Arc<AtomicBool>) -> Self {
@@ -78,6 +85,7 @@ impl<P: BlobPeers> Fetcher<P> {
             active: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
             timeout: DEFAULT_FETCH_TIMEOUT,
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -148,6 +156,51 @@ impl<P: BlobPeers> Fetcher<P> {
     /// again right away would double the time a reader waits on a peer that stopped
     /// answering. The next read asks again.
     pub async fn fetch_deduped(&self, id: ChunkId) -> Result<(), String> {
+        let r = self.fetch_deduped_once(id).await;
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match &r {
+            Ok(()) => {
+                failed.remove(&id);
+            }
+            Err(_) => {
+                if failed.len() >= FAILED_KEPT {
+                    let timeout = self.timeout;
+                    failed.retain(|_, at| at.elapsed() < timeout);
+                    if failed.len() >= FAILED_KEPT {
+                        failed.clear();
+                    }
+                }
+                failed.entry(id).or_insert_with(Instant::now);
+            }
+        }
+        r
+    }
+
+    async fn fetch_deduped_once(&self, id: ChunkId) -> Result<(), String> {
+        let recent = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(Instant::elapsed);
+        match recent {
+            Some(ago) if ago < self.timeout => {
+                if self.local.has(&id).unwrap_or(false) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "blob {id}: no peer delivered it {ago:.0?} ago; asked again {:.0?} after that",
+                    self.timeout
+                ));
+            }
+            Some(_) => {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            }
+            None => {}
+        }
         if !self.claims().insert(id) {
             let deadline = Instant::now() + self.timeout;
             let mut ended = false;
@@ -755,8 +808,11 @@ mod tests {
         assert!(first.contains("timed out"), "{first}");
         let second = second.unwrap_err();
         assert!(second.contains("already under way"), "{second}");
+        // A retry right away (the kernel re-reading a failed read-ahead) fails at once.
+        let again = rt.block_on(f.fetch_deduped(ids[1])).unwrap_err();
+        assert!(again.contains("asked again"), "{again}");
         let asked = f.peers.peers[0].1.asked.load(Ordering::SeqCst);
-        assert_eq!(asked, 1, "the waiting reader asked the paused peer again");
+        assert_eq!(asked, 1, "the paused peer was asked again");
         assert!(!local2.has(&ids[1]).unwrap());
         assert!(f.claims().is_empty());
     }
