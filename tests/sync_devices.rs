@@ -3020,3 +3020,212 @@ fn hard_links_reach_a_peer_as_links() {
     );
     assert!(linked(&b, &mut String::new()), "still one inode on B");
 }
+
+/// The syscall the thread `tid` of this process is blocked in, if any
+/// (`/proc/self/task/TID/syscall` starts with its number; "running" otherwise).
+fn blocked_in(tid: i32) -> Option<i64> {
+    let s = fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Every path under `root` (not following symlinks, skipping the `.cairn` folder).
+fn walk_all(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("list {dir:?}: {e}")) {
+            let e = e.unwrap();
+            if e.file_name() == ".cairn" {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// Joins `h`, a thread working in `dev`'s mount, failing the test (with the log) if it does
+/// not finish within a generous deadline.
+#[track_caller]
+fn join_on<T>(dev: &Device, h: std::thread::JoinHandle<T>, what: &str) -> T {
+    let deadline = Instant::now() + SYNC_DEADLINE;
+    while !h.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "[{}] {what} hangs\n{}",
+            dev.name,
+            dev.log_tail(200)
+        );
+        sleep(Duration::from_millis(20));
+    }
+    h.join().unwrap()
+}
+
+/// A member that stops answering (SIGSTOP) stalls only reads of content only it has: on B, a
+/// read of a file whose chunks are not local fails with EIO after `[sync]
+/// fetch_timeout_secs` while A is still paused, and meanwhile `ls -lR`, a stat of every
+/// entry and reads of local files all finish. Once A answers again the same read returns
+/// the file byte-identical.
+#[test]
+fn a_paused_peer_stalls_only_reads_of_what_only_it_has() {
+    let mut a = Device::init("A", Some(50));
+    let ticket = a.invite("10m");
+    let mut b = Device::new("B", Some(50));
+    let config = b.dir.data.parent().unwrap().join("config").join("cairn");
+    fs::create_dir_all(&config).unwrap();
+    fs::write(
+        config.join("config.toml"),
+        "[sync]\nfetch_timeout_secs = 10\n",
+    )
+    .unwrap();
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt]);
+
+    make_tree(&a, "tree", 6, 30);
+    fs::write(a.path("local.txt"), b"local on B\n").unwrap();
+    wait_until(&[&a, &b], "the tree on B", SYNC_DEADLINE, |why| {
+        all_equal(&[&a, &b], why)
+    });
+
+    // cold.bin's chunks: the large blobs it adds to A's store (tree nodes stay far smaller).
+    const COLD: u64 = 2 << 20;
+    let min = 40 << 10;
+    let before: BTreeSet<String> = large_blobs(&a, min).into_keys().collect();
+    let hash = write_random(&a.path("cold.bin"), COLD as usize, 11);
+    let mut cold: Vec<String> = Vec::new();
+    wait_until(
+        &[&a, &b],
+        "cold.bin's chunks in B's store",
+        SYNC_DEADLINE,
+        |why| {
+            cold = large_blobs(&a, min)
+                .into_keys()
+                .filter(|k| !before.contains(k))
+                .collect();
+            let on_b = large_blobs(&b, min);
+            let missing = cold.iter().filter(|k| !on_b.contains_key(*k)).count();
+            // Metadata only: reading the file on B would put it in the mount's chunk cache.
+            let size = fs::metadata(b.path("cold.bin")).map(|m| m.len()).ok();
+            *why = format!(
+                "B lacks {missing} of {} chunks; size on B {size:?}",
+                cold.len()
+            );
+            cold.len() >= 10 && missing == 0 && size == Some(COLD)
+        },
+    );
+
+    // A stops answering, and B no longer holds cold.bin's content: only A has it.
+    a.pause();
+    for id in &cold {
+        fs::remove_file(b.vault_dir().join("store").join(id)).unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cold_path = b.path("cold.bin");
+    let reader = std::thread::spawn(move || {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let _ = tx.send(unsafe { libc::gettid() });
+        let started = Instant::now();
+        let r = fs::read(&cold_path);
+        eprintln!(
+            "the read of cold.bin returned after {:?}",
+            started.elapsed()
+        );
+        r
+    });
+    let tid = rx.recv().unwrap();
+    wait_until(
+        &[&a, &b],
+        "the read of cold.bin in progress",
+        SYNC_DEADLINE,
+        |why| {
+            let state = blocked_in(tid);
+            *why = format!("reader thread in syscall {state:?}");
+            state == Some(libc::SYS_read) || reader.is_finished()
+        },
+    );
+    assert!(
+        !reader.is_finished(),
+        "reading content only a paused peer has returned at once: {:?}",
+        reader.join().unwrap().map(|v| v.len())
+    );
+
+    // Meanwhile, in parallel: a listing, a stat of everything, reads of local files.
+    let root = b.dir.mnt.clone();
+    let listing = std::thread::spawn({
+        let root = root.clone();
+        move || {
+            std::process::Command::new("ls")
+                .arg("-lR")
+                .arg(&root)
+                .output()
+                .unwrap()
+        }
+    });
+    let stats = std::thread::spawn({
+        let root = root.clone();
+        move || {
+            walk_all(&root)
+                .into_iter()
+                .map(|p| {
+                    let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+                    (p, m.len())
+                })
+                .collect::<Vec<_>>()
+        }
+    });
+    let reads = std::thread::spawn({
+        move || {
+            for i in 0..6 {
+                for j in 0..30 {
+                    let p = root.join(format!("tree/d{i:02}/f{j:03}.txt"));
+                    let got = fs::read(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+                    assert_eq!(got, format!("tree {i} {j}\n").as_bytes(), "{p:?}");
+                }
+            }
+            fs::read(root.join("local.txt")).unwrap()
+        }
+    });
+    let listing = join_on(&b, listing, "ls -lR");
+    let stats = join_on(&b, stats, "a stat of every entry");
+    let local = join_on(&b, reads, "reads of local files");
+    let still_pending = !reader.is_finished();
+    assert!(listing.status.success(), "ls -lR: {listing:?}");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        text.contains("f029.txt") && text.contains("cold.bin"),
+        "{text}"
+    );
+    assert_eq!(stats.len(), 1 + 1 + 1 + 6 + 6 * 30, "{stats:?}");
+    assert!(stats.contains(&(b.path("cold.bin"), COLD)), "{stats:?}");
+    assert_eq!(local, b"local on B\n");
+    assert!(
+        still_pending,
+        "the read of cold.bin ended before the other work did; nothing ran alongside it"
+    );
+
+    // The read gives up while A is still paused: EIO, not a hang.
+    match join_on(&b, reader, "the read of content only paused A has") {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+        Ok(v) => panic!("read {} bytes of content no one could send", v.len()),
+    }
+
+    a.resume();
+    wait_until(
+        &[&a, &b],
+        "cold.bin readable on B again",
+        SYNC_DEADLINE,
+        |why| match hash_file(&b.path("cold.bin")) {
+            Ok(h) => {
+                *why = format!("blake3 {h}");
+                h == hash
+            }
+            Err(e) => {
+                *why = format!("read: {e}");
+                false
+            }
+        },
+    );
+}

@@ -299,6 +299,54 @@ impl BaseLayer for VaultBase {
         self.note.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    fn may_wait(&self, entry: &BaseEntry, offset: u64, len: usize) -> bool {
+        // Without a network (offline, history views) nothing waits on a peer.
+        let Some(remote) = &self.remote else {
+            return false;
+        };
+        if remote.remote().is_none() || offset >= entry.size || len == 0 {
+            return false;
+        }
+        let Ok(e) = entry_of(&entry.content) else {
+            return false; // fails at once
+        };
+        let not_local = |id: &ChunkId| !remote.local.has(id).unwrap_or(true);
+        let layout = match &e.content {
+            Content::Chunks(_) => self.layout(&entry.content, &e.content),
+            Content::ChunkList { blob, .. } => {
+                let cached = self
+                    .layouts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .peek(&blake3::hash(entry.content.as_bytes()))
+                    .cloned();
+                match cached {
+                    Some(l) => Ok(l),
+                    None if not_local(blob) => return true,
+                    None => self.layout(&entry.content, &e.content),
+                }
+            }
+            _ => return false,
+        };
+        let Ok(layout) = layout else {
+            return false;
+        };
+        let end = offset.saturating_add(len as u64).min(e.size);
+        let first = layout
+            .starts
+            .partition_point(|&s| s <= offset)
+            .saturating_sub(1);
+        let cache = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        layout
+            .manifest
+            .chunks()
+            .iter()
+            .zip(&layout.starts)
+            .skip(first)
+            .take_while(|&(_, &start)| start < end)
+            .any(|(c, _)| cache.lru.peek(&c.id).is_none() && not_local(&c.id))
+    }
+
     fn get(&self, p: &str) -> Result<Option<BaseEntry>, BaseError> {
         let view = self.current();
         Ok(view

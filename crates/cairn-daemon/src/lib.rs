@@ -48,7 +48,7 @@ pub use join::{join_vault, recover_vault};
 pub use mount::LiveMount;
 pub use mount::{CacheBudget, mount, sync_only, unmount, writable_mount};
 pub use names::{Labels, ensure_own_name, parse_name, set_own_name};
-pub use net::NetSettings;
+pub use net::{DEFAULT_FETCH_TIMEOUT, NetSettings};
 pub use open_vault::{OpenVault, now_ms};
 pub use prune::{
     AutoPrune, PruneOptions, PruneReport, PrunedBy, Step as PruneStep, prune, prune_vault,

@@ -99,6 +99,12 @@ pub trait BaseLayer: Send + Sync {
         }
         Ok(filled)
     }
+    /// Whether reading `len` bytes at `offset` may wait on the network (content this device
+    /// does not hold yet). Such reads are served off the kernel request threads, so a peer
+    /// that stops answering cannot tie them all up. Must itself answer from local state.
+    fn may_wait(&self, _entry: &BaseEntry, _offset: u64, _len: usize) -> bool {
+        false
+    }
     /// What the mount root's `user.cairn.status` says instead of `synced`, if anything (for
     /// instance, deletions held by the mass-delete guard).
     fn root_note(&self) -> Option<String> {

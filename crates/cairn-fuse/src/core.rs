@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cairn_overlay::path::now_ns;
@@ -24,6 +24,14 @@ use crate::stat::{Stat, entry_kind, special_type};
 /// Copy-on-write and staging reads move data in blocks of this size, so a file of any size
 /// costs at most one block of memory.
 pub(crate) const COPY_BLOCK: usize = 1 << 20;
+
+/// Reads that may wait on the network served at once on threads of their own; beyond that
+/// they run on the kernel request thread that received them.
+const SLOW_READS: usize = 32;
+
+/// Lost races (a namespace change while reading the base unlocked) before an operation
+/// takes the lock for its whole run; see [`Core::unlocked`].
+const OPTIMISTIC_TRIES: usize = 3;
 
 #[derive(Clone)]
 pub(crate) struct Handle {
@@ -53,6 +61,32 @@ pub(crate) struct Core {
     /// The root directory has no record; its times live here.
     pub root_mtime_ns: AtomicI64,
     pub root_ctime_ns: AtomicI64,
+    /// Reads running on threads of their own (see [`SlowRead`]).
+    slow_reads: AtomicUsize,
+}
+
+/// One of the [`SLOW_READS`] slots for a read that may wait on the network; freed on drop.
+pub(crate) struct SlowRead(Arc<Core>);
+
+impl SlowRead {
+    pub(crate) fn take(core: &Arc<Core>) -> Option<SlowRead> {
+        core.slow_reads
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < SLOW_READS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SlowRead(core.clone()))
+    }
+
+    pub(crate) fn core(&self) -> &Core {
+        &self.0
+    }
+}
+
+impl Drop for SlowRead {
+    fn drop(&mut self) {
+        self.0.slow_reads.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,11 +116,95 @@ impl Core {
             flush: FlushCtl::new(),
             root_mtime_ns: AtomicI64::new(now_ns()),
             root_ctime_ns: AtomicI64::new(now_ns()),
+            slow_reads: AtomicUsize::new(0),
         }
     }
 
+    /// The namespace, for a critical section that may change which paths exist or what
+    /// they are.
     pub(crate) fn ns(&self) -> MutexGuard<'_, Namespace> {
+        let mut ns = lock(&self.ns);
+        ns.generation = ns.generation.wrapping_add(1);
+        ns
+    }
+
+    /// The namespace, for a critical section that changes no path's existence, kind or link
+    /// group (it may count lookups, hand out inode numbers, or change a file's content and
+    /// times: a reply carrying attributes read just before such a change is one ordered
+    /// before it, and the kernel's attribute versioning handles it as such).
+    pub(crate) fn ns_view(&self) -> MutexGuard<'_, Namespace> {
         lock(&self.ns)
+    }
+
+    /// Runs an operation whose base reads may be slow (a tree node or directory a peer has
+    /// to send) without holding the namespace lock across them, so one slow peer stalls only
+    /// the operations that need what it has. `prepare` runs under the lock (resolving inode
+    /// numbers to paths), `read` without it, and `apply` under the lock again, but only if
+    /// no change to the namespace happened in between; otherwise the whole thing is
+    /// retried. After [`OPTIMISTIC_TRIES`] lost races (a burst of writes) it runs under the
+    /// lock from start to end, with whatever the earlier tries read already local.
+    pub(crate) fn unlocked<P, R, T>(
+        &self,
+        prepare: impl Fn(&Namespace) -> FsResult<P>,
+        read: impl Fn(&P) -> FsResult<R>,
+        apply: impl FnOnce(&mut Namespace, P, R) -> FsResult<T>,
+    ) -> FsResult<T> {
+        for _ in 0..OPTIMISTIC_TRIES {
+            let (generation, p) = {
+                let ns = self.ns_view();
+                (ns.generation, prepare(&ns)?)
+            };
+            let r = read(&p);
+            let mut ns = self.ns_view();
+            if ns.generation == generation {
+                return apply(&mut ns, p, r?);
+            }
+        }
+        let mut ns = self.ns_view();
+        let p = prepare(&ns)?;
+        let r = read(&p)?;
+        apply(&mut ns, p, r)
+    }
+
+    /// Reads `paths` in the merged view without the namespace lock, so that a change about
+    /// to take the lock finds them local: a slow fetch then holds up this caller only.
+    /// Errors are left for the locked pass to report.
+    pub(crate) fn warm(&self, paths: &[&str]) {
+        for p in paths {
+            // A record of unchanged content still reads the base entry (its size).
+            if let Ok(Some(Node::Rec(r))) = self.resolve(p)
+                && r.data == Data::Base
+            {
+                let _ = self.base.get(p);
+            }
+        }
+    }
+
+    /// [`Self::stat_ino`] without holding the namespace lock across the base reads.
+    pub(crate) fn stat_ino_unlocked(&self, ino: u64) -> FsResult<Stat> {
+        self.unlocked(
+            |ns| {
+                let inode = ns.inodes.get(&ino).ok_or(Errno::ENOENT)?;
+                Ok(match &inode.path {
+                    Some(p) => Ok(p.clone()),
+                    None => Err(inode.detached.clone().ok_or(Errno::ENOENT)?),
+                })
+            },
+            |p| match p {
+                Ok(path) => self.stat_path(path),
+                Err(detached) => Ok(detached.clone()),
+            },
+            |_, _, st| Ok(st),
+        )
+    }
+
+    /// The path of `ino` and what it resolves to, read without holding the namespace lock.
+    pub(crate) fn resolve_ino_unlocked(&self, ino: u64) -> FsResult<(String, Option<Node>)> {
+        self.unlocked(
+            |ns| Ok(ns.path(ino)?.to_string()),
+            |path| self.resolve(path),
+            |_, path, node| Ok((path, node)),
+        )
     }
 
     pub(crate) fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle>> {
@@ -287,7 +405,7 @@ impl Core {
     }
 
     pub(crate) fn forget(&self, ino: u64, n: u64) {
-        let mut ns = self.ns();
+        let mut ns = self.ns_view();
         ns.forget(ino, n);
         self.settle(&mut ns);
     }
@@ -436,7 +554,7 @@ impl Core {
 
     /// Gets (creating if needed) the file state of an inode and counts one more user.
     pub(crate) fn acquire_file(&self, ino: u64) -> FsResult<Arc<FileCell>> {
-        let mut ns = self.ns();
+        let mut ns = self.ns_view();
         let inode = ns.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         inode.file_users += 1;
         Ok(inode
@@ -457,7 +575,7 @@ impl Core {
     /// references it any more) and schedules a flush if anything was written.
     pub(crate) fn release_file(&self, ino: u64) {
         let cell = {
-            let mut ns = self.ns();
+            let mut ns = self.ns_view();
             let Some(inode) = ns.inodes.get_mut(&ino) else {
                 return;
             };
@@ -478,7 +596,7 @@ impl Core {
         };
         if let Some((id, file)) = staging {
             drop(file);
-            let mut ns = self.ns();
+            let mut ns = self.ns_view();
             // Someone may have re-acquired the inode between the two critical sections; the
             // new cell opens its own staging file, so the hold count is what matters.
             self.unhold(&mut ns, id);
@@ -522,7 +640,11 @@ impl Core {
         if st.staging.is_some() || st.base.is_some() {
             return Ok(());
         }
-        let mut ns = self.ns();
+        let path = self.ns_view().path(ino).map(str::to_string);
+        if let Ok(p) = path {
+            self.warm(&[&p]);
+        }
+        let mut ns = self.ns_view();
         let path = match ns.path(ino) {
             Ok(p) => p.to_string(),
             Err(e) => {
@@ -586,7 +708,7 @@ impl Core {
         }
         let src = st.base.clone().ok_or(Errno::EIO)?;
         let (id, file) = self.overlay.create_staging().map_err(overlay_errno)?;
-        self.hold(&mut self.ns(), id);
+        self.hold(&mut self.ns_view(), id);
         let want = limit.map_or(src.size, |l| l.min(src.size));
         let copied = (|| -> FsResult<u64> {
             let mut buf = vec![0u8; COPY_BLOCK.min(want as usize).max(1)];
@@ -608,7 +730,7 @@ impl Core {
         let copied = match copied {
             Ok(c) => c,
             Err(e) => {
-                let mut ns = self.ns();
+                let mut ns = self.ns_view();
                 self.unhold(&mut ns, id);
                 return Err(e);
             }
@@ -630,7 +752,10 @@ impl Core {
         touch_mtime: bool,
     ) -> FsResult<Stat> {
         let (id, _) = st.staging.as_ref().ok_or(Errno::EIO)?;
-        let mut ns = self.ns();
+        // New content and times for a path that exists already: no path's existence or
+        // inode changes, so no generation bump (writes would otherwise make every
+        // concurrent lookup retry).
+        let mut ns = self.ns_view();
         let now = now_ns();
         let inode = ns.inodes.get_mut(&ino).ok_or(Errno::ENOENT)?;
         let Some(path) = inode.path.clone() else {
@@ -759,6 +884,19 @@ impl Core {
             libc::SEEK_HOLE => Ok(size),
             _ => Err(Errno::EINVAL),
         }
+    }
+
+    /// Whether a read of `size` bytes at `offset` may wait on the network (see
+    /// [`BaseLayer::may_wait`]); staged content never does.
+    pub(crate) fn read_may_wait(&self, ino: u64, cell: &FileCell, offset: u64, size: u32) -> bool {
+        let base = {
+            let mut st = cell.lock();
+            if self.init_source(ino, &mut st).is_err() || st.staging.is_some() {
+                return false;
+            }
+            st.base.clone()
+        };
+        base.is_some_and(|b| self.base.may_wait(&b, offset, size as usize))
     }
 
     pub(crate) fn read(

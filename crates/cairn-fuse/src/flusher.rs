@@ -155,6 +155,11 @@ impl Core {
     pub(crate) fn flush_once(&self) -> Result<Flushed, FlushError> {
         let to_flush_err = |e: OverlayError| FlushError::Failed(e.to_string());
         let cap = staged_per_batch();
+        // The ignore rules read rules files, which may have to come from a peer: read them
+        // once without the namespace lock so the locked pass below finds them local.
+        if let Ok(dirty) = self.overlay.dirty() {
+            self.publishable(dirty);
+        }
         let (batch, keys, capped) = {
             let mut ns = self.ns();
             let mut dirty = self.publishable(self.overlay.dirty().map_err(to_flush_err)?);

@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use crate::base::EntryKind;
-use crate::core::{COPY_BLOCK, Core};
+use crate::core::{COPY_BLOCK, Core, SlowRead};
 use crate::errno::overlay_errno;
 use crate::namespace::{NAME_MAX, Node, ROOT, join};
 use crate::ops::AttrChange;
@@ -29,6 +29,11 @@ pub struct CairnFs {
 }
 
 const GEN: Generation = Generation(0);
+/// Background requests (read-ahead) the kernel keeps outstanding; see `init`.
+const MAX_BACKGROUND: u16 = 64;
+/// Entries of a readdirplus reply whose attributes are read per round without the
+/// namespace lock: few enough that little is read for nothing when the reply fills up.
+const PLUS_BATCH: usize = 32;
 
 macro_rules! reply_result {
     ($reply:expr, $res:expr, |$v:ident| $ok:expr) => {
@@ -54,6 +59,11 @@ impl Filesystem for CairnFs {
         if let Err(max) = config.set_max_write(COPY_BLOCK as u32) {
             let _ = config.set_max_write(max);
         }
+        // Read-ahead is queued as background requests, and once `max_background` of them
+        // are outstanding the kernel holds back every new one, local reads included: reads
+        // waiting on a peer that stopped answering (up to the fetch timeout) must not use up
+        // the default 12. The kernel clamps it for unprivileged mounts.
+        let _ = config.set_max_background(MAX_BACKGROUND);
         // Listing with attributes in one round trip; AUTO lets the kernel fall back to plain
         // readdir when it is not reading attributes anyway.
         let _ = config
@@ -74,7 +84,7 @@ impl Filesystem for CairnFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let r = self.core.stat_ino(&self.core.ns(), ino.0);
+        let r = self.core.stat_ino_unlocked(ino.0);
         reply_result!(reply, r, |s| reply.attr(&self.ttl(), &s.attr(ino.0)));
     }
 
@@ -111,9 +121,8 @@ impl Filesystem for CairnFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = (|| {
-            let ns = self.core.ns();
-            let path = ns.path(ino.0)?.to_string();
-            match self.core.resolve(&path)?.ok_or(Errno::ENOENT)? {
+            let (_, node) = self.core.resolve_ino_unlocked(ino.0)?;
+            match node.ok_or(Errno::ENOENT)? {
                 Node::Rec(Record {
                     data: Data::Target(t),
                     ..
@@ -264,6 +273,23 @@ impl Filesystem for CairnFs {
         let Some(crate::core::Handle { ino, cell, .. }) = self.core.handle(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        // Content a peer has yet to send: waited for on a thread of its own, so readers of
+        // a peer that stops answering cannot occupy every kernel request thread.
+        if self.core.read_may_wait(ino, &cell, offset, size)
+            && let Some(slot) = SlowRead::take(&self.core)
+        {
+            let spawned = std::thread::Builder::new()
+                .name("cairn-read".into())
+                .spawn(move || {
+                    let r = slot.core().read(ino, &cell, offset, size);
+                    reply_result!(reply, r, |d| reply.data(&d));
+                });
+            if let Err(e) = spawned {
+                // The reply went down with the closure, which answers EIO.
+                tracing::warn!(error = %e, "could not start a thread for a read");
+            }
+            return;
+        }
         reply_result!(reply, self.core.read(ino, &cell, offset, size), |d| reply
             .data(&d));
     }
@@ -429,7 +455,8 @@ impl Filesystem for CairnFs {
         let Some(d) = dirs.get(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let mut ns = self.core.ns();
+        // Inode numbers only: nothing here reads the base.
+        let mut ns = self.core.ns_view();
         let dir_path = ns.path(d.ino).map(str::to_string).ok();
         for (i, (name, kind)) in d.entries.iter().enumerate().skip(offset as usize) {
             let ino = match (i, &dir_path) {
@@ -455,35 +482,78 @@ impl Filesystem for CairnFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let dirs = self.core.dirs();
-        let Some(d) = dirs.get(&fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let mut ns = self.core.ns();
-        let Ok(dir_path) = ns.path(d.ino).map(str::to_string) else {
-            return reply.ok();
+        // '.', '..' and the names from opendir; the kernel takes a lookup reference for the
+        // names only.
+        let entry_path = |dir: &str, i: usize, name: &str| match i {
+            0 => (dir.to_string(), false),
+            1 => (parent_of(dir).to_string(), false),
+            _ => (join(dir, name), true),
         };
         let ttl = self.ttl();
-        for (i, (name, _)) in d.entries.iter().enumerate().skip(offset as usize) {
-            // The kernel takes no lookup reference for '.' and '..'.
-            let (path, counted) = match i {
-                0 => (dir_path.clone(), false),
-                1 => (parent_of(&dir_path).to_string(), false),
-                _ => (join(&dir_path, name), true),
+        let mut next = offset as usize;
+        loop {
+            // Copied out so neither the handle table nor the namespace is locked while the
+            // attributes are read.
+            let (dir_ino, batch) = {
+                let dirs = self.core.dirs();
+                let Some(d) = dirs.get(&fh.0) else {
+                    return reply.error(Errno::EBADF);
+                };
+                let batch: Vec<String> = d
+                    .entries
+                    .iter()
+                    .skip(next)
+                    .take(PLUS_BATCH)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                (d.ino, batch)
             };
-            let Ok(stat) = self.core.stat_path(&path) else {
-                continue; // vanished since opendir
-            };
-            let ino = if i == 1 && dir_path.is_empty() {
-                ROOT
-            } else {
-                ns.ino_linked(&path, stat.link)
-            };
-            if reply.add(INodeNo(ino), i as u64 + 1, name, &ttl, &stat.attr(ino), GEN) {
+            if batch.is_empty() {
                 break;
             }
-            if counted && let Some(inode) = ns.inodes.get_mut(&ino) {
-                inode.nlookup += 1;
+            let full = self.core.unlocked(
+                |ns| Ok(ns.path(dir_ino).map(str::to_string).ok()),
+                |dir| {
+                    Ok(dir.as_ref().map(|dir| {
+                        batch
+                            .iter()
+                            .enumerate()
+                            .map(|(k, name)| {
+                                let (path, _) = entry_path(dir, next + k, name);
+                                self.core.stat_path(&path).ok()
+                            })
+                            .collect::<Vec<_>>()
+                    }))
+                },
+                |ns, dir, stats| {
+                    // The directory itself went away while listing: nothing more to say.
+                    let (Some(dir), Some(stats)) = (dir, stats) else {
+                        return Ok(true);
+                    };
+                    for (k, (name, stat)) in batch.iter().zip(stats).enumerate() {
+                        let i = next + k;
+                        let Some(stat) = stat else {
+                            continue; // vanished since opendir
+                        };
+                        let (path, counted) = entry_path(&dir, i, name);
+                        let ino = if i == 1 && dir.is_empty() {
+                            ROOT
+                        } else {
+                            ns.ino_linked(&path, stat.link)
+                        };
+                        if reply.add(INodeNo(ino), i as u64 + 1, name, &ttl, &stat.attr(ino), GEN) {
+                            return Ok(true);
+                        }
+                        if counted && let Some(inode) = ns.inodes.get_mut(&ino) {
+                            inode.nlookup += 1;
+                        }
+                    }
+                    Ok(false)
+                },
+            );
+            match full {
+                Ok(false) => next += batch.len(),
+                _ => break,
             }
         }
         reply.ok();
@@ -609,7 +679,7 @@ impl Filesystem for CairnFs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let r = (|| {
-            let s = self.core.stat_ino(&self.core.ns(), ino.0)?;
+            let s = self.core.stat_ino_unlocked(ino.0)?;
             let mask = mask.bits() as u32 & 0o7;
             if mask == 0 {
                 return Ok(());

@@ -183,6 +183,13 @@ impl CairnFs {
             return Err(Errno::from_i32(libc::ENAMETOOLONG));
         }
         let name = newname.to_str().ok_or(Errno::from_i32(libc::EILSEQ))?;
+        let dir = self.core.ns_view().path(newparent.0).map(str::to_string);
+        if let Ok((src, _)) = self.core.resolve_ino_unlocked(ino)
+            && let Ok(dir) = dir
+        {
+            let dst = join(&dir, name);
+            self.core.warm(&[&src, &dir, &dst]);
+        }
         let mut ns = self.core.ns();
         let src = ns.path(ino)?.to_string();
         let dst = join(ns.path(newparent.0)?, name);

@@ -126,6 +126,11 @@ pub(crate) struct Namespace {
     pub unheld: Vec<StagingId>,
     /// The inode of each link group the kernel knows, so every name of it gets one number.
     pub groups: HashMap<LinkId, u64>,
+    /// Counts the critical sections that may have changed which paths exist or what they
+    /// are (see [`Core::ns`](crate::core::Core::ns)): an
+    /// operation that read the base without the lock checks it did not move meanwhile
+    /// (see [`Core::unlocked`](crate::core::Core::unlocked)).
+    pub generation: u64,
 }
 
 impl Namespace {

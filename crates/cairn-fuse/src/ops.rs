@@ -118,9 +118,25 @@ impl CairnFs {
     }
 
     pub(crate) fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> FsResult<(u64, Stat)> {
-        let mut ns = self.core.ns();
-        let path = self.child_path(&ns, parent, name)?;
-        self.entry_for(&mut ns, &path)
+        self.core.unlocked(
+            |ns| self.child_path(ns, parent, name),
+            |path| self.core.stat_path(path),
+            |ns, path, stat| {
+                let ino = ns.ino_linked(&path, stat.link);
+                if let Some(i) = ns.inodes.get_mut(&ino) {
+                    i.nlookup += 1;
+                }
+                Ok((ino, stat))
+            },
+        )
+    }
+
+    /// Reads `parent/name` and its parent into the base's caches before a change takes the
+    /// namespace lock (see [`crate::core::Core::warm`]); returns the path.
+    fn warm_child(&self, parent: INodeNo, name: &OsStr) -> Option<String> {
+        let path = self.child_path(&self.core.ns_view(), parent, name).ok()?;
+        self.core.warm(&[parent_of(&path), &path]);
+        Some(path)
     }
 
     pub(crate) fn create_node(
@@ -130,6 +146,7 @@ impl CairnFs {
         mut rec: Record,
     ) -> FsResult<(u64, Stat)> {
         self.core.space.admit(0)?;
+        self.warm_child(parent, name);
         let mut ns = self.core.ns();
         let path = self.child_path(&ns, parent, name)?;
         let pst = self.dir_stat(parent_of(&path))?;
@@ -157,7 +174,7 @@ impl CairnFs {
         if let Some(size) = size {
             let cell = self.core.acquire_file(ino)?;
             let r = {
-                let kind = self.core.stat_ino(&self.core.ns(), ino).map(|s| s.kind);
+                let kind = self.core.stat_ino_unlocked(ino).map(|s| s.kind);
                 match kind {
                     Ok(EntryKind::Dir) => Err(Errno::EISDIR),
                     Ok(EntryKind::Symlink) => Err(Errno::EINVAL),
@@ -168,6 +185,7 @@ impl CairnFs {
             self.core.release_file(ino);
             r?;
         }
+        let _ = self.core.stat_ino_unlocked(ino);
         let mut ns = self.core.ns();
         let cur = self.core.stat_ino(&ns, ino)?;
         let caller = req.uid();
@@ -288,6 +306,7 @@ impl CairnFs {
         flags: i32,
     ) -> FsResult<(u64, Stat, u64)> {
         self.core.space.admit(0)?;
+        self.warm_child(parent, name);
         let (ino, stat) = {
             let mut ns = self.core.ns();
             let path = self.child_path(&ns, parent, name)?;
@@ -303,7 +322,7 @@ impl CairnFs {
                 }
                 drop(ns);
                 let fh = self.do_open(ino, flags)?;
-                let stat = self.core.stat_ino(&self.core.ns(), ino)?;
+                let stat = self.core.stat_ino_unlocked(ino)?;
                 return Ok((ino, stat, fh));
             }
             let (id, _file) = self.core.overlay.create_staging().map_err(overlay_errno)?;
@@ -326,6 +345,11 @@ impl CairnFs {
     }
 
     pub(crate) fn do_unlink(&self, parent: INodeNo, name: &OsStr, dir: bool) -> FsResult<()> {
+        if let Some(path) = self.warm_child(parent, name)
+            && dir
+        {
+            let _ = self.core.dir_is_empty(&path);
+        }
         let mut ns = self.core.ns();
         let path = self.child_path(&ns, parent, name)?;
         let node = self.core.resolve(&path)?.ok_or(Errno::ENOENT)?;
@@ -454,6 +478,15 @@ impl CairnFs {
         if exchange && noreplace {
             return Err(Errno::EINVAL);
         }
+        if let (Some(from), Some(to)) = (
+            self.warm_child(parent, name),
+            self.warm_child(newparent, newname),
+        ) {
+            // Everything the locked pass lists or pins: the moved subtree and, if a
+            // directory is replaced, its (empty) listing.
+            let _ = self.subtree_paths(&from);
+            let _ = self.core.dir_is_empty(&to);
+        }
         let mut ns = self.core.ns();
         let from = self.child_path(&ns, parent, name)?;
         let to = self.child_path(&ns, newparent, newname)?;
@@ -543,20 +576,23 @@ impl CairnFs {
     }
 
     pub(crate) fn do_opendir(&self, ino: u64) -> FsResult<u64> {
-        let ns = self.core.ns();
-        let path = ns.path(ino)?.to_string();
-        let kind = self.core.stat_path(&path)?.kind;
-        if kind != EntryKind::Dir {
-            return Err(Errno::ENOTDIR);
-        }
-        let mut entries = vec![
-            (".".to_string(), FileType::Directory),
-            ("..".to_string(), FileType::Directory),
-        ];
-        for (name, node) in self.core.merged_children(&path)? {
-            entries.push((name, node.file_type()));
-        }
-        drop(ns);
+        let entries = self.core.unlocked(
+            |ns| Ok(ns.path(ino)?.to_string()),
+            |path| {
+                if self.core.stat_path(path)?.kind != EntryKind::Dir {
+                    return Err(Errno::ENOTDIR);
+                }
+                let mut entries = vec![
+                    (".".to_string(), FileType::Directory),
+                    ("..".to_string(), FileType::Directory),
+                ];
+                for (name, node) in self.core.merged_children(path)? {
+                    entries.push((name, node.file_type()));
+                }
+                Ok(entries)
+            },
+            |_, _, entries| Ok(entries),
+        )?;
         let fh = self.core.new_fh();
         self.core.dirs().insert(fh, DirHandle { ino, entries });
         Ok(fh)
@@ -567,6 +603,7 @@ impl CairnFs {
         ino: u64,
         f: impl FnOnce(&mut Record) -> FsResult<()>,
     ) -> FsResult<()> {
+        let _ = self.core.resolve_ino_unlocked(ino);
         let ns = self.core.ns();
         let path = ns.path(ino)?.to_string();
         let node = self.core.resolve(&path)?.ok_or(Errno::ENOENT)?;
@@ -583,9 +620,8 @@ impl CairnFs {
         &self,
         ino: u64,
     ) -> FsResult<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
-        let ns = self.core.ns();
-        let path = ns.path(ino)?.to_string();
-        match self.core.resolve(&path)? {
+        let (path, node) = self.core.resolve_ino_unlocked(ino)?;
+        match node {
             Some(node) => {
                 let mut x = node.xattrs().clone();
                 x.remove(cairn_overlay::LINK_XATTR);

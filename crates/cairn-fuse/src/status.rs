@@ -36,7 +36,7 @@ impl CairnFs {
 
     fn path_status(&self, ino: u64) -> FsResult<std::borrow::Cow<'static, str>> {
         let (path, inflight) = {
-            let ns = self.core.ns();
+            let ns = self.core.ns_view();
             let path = ns.path(ino)?.to_string();
             let inflight = ns.inflight.contains(&path);
             (path, inflight)

@@ -21,6 +21,32 @@ pub struct Config {
     pub cache: CacheSettings,
     pub guard: GuardSettings,
     pub history: HistorySettings,
+    pub sync: SyncSettings,
+}
+
+/// `[sync]`: how content missing locally is fetched from the other members.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSettings {
+    /// How long one member may take to deliver a chunk or tree node before it is given up
+    /// on: the next member is asked, and when none delivers, a read of that content fails
+    /// with EIO instead of hanging.
+    pub fetch_timeout_secs: u64,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            fetch_timeout_secs: cairn_daemon::DEFAULT_FETCH_TIMEOUT.as_secs(),
+        }
+    }
+}
+
+impl SyncSettings {
+    /// The timeout, at least one second (0 would fail every fetch).
+    pub fn fetch_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.fetch_timeout_secs.max(1))
+    }
 }
 
 /// `[history]`: which snapshots are kept (restic-style, over every member's snapshots) and
@@ -406,6 +432,7 @@ mod tests {
         assert_eq!(c.mount.debounce_ms, 150);
         assert_eq!(c.cache.chunk_cache_mib, 8);
         assert_eq!(c.cache.node_cache_mib, 32);
+        assert_eq!(c.sync.fetch_timeout(), std::time::Duration::from_secs(30));
         assert_eq!(c.history.policy(), cairn_vault::RetentionPolicy::default());
         assert_eq!(c.history.keep_within.as_secs(), 7 * 86_400);
         assert!(c.history.auto().is_some());
@@ -462,6 +489,8 @@ debounce_ms = 50
 [cache]
 chunk_cache_mib = 2
 node_cache_mib = 64
+[sync]
+fetch_timeout_secs = 5
 "#;
         let c = Config::parse(text, Path::new("config.toml")).unwrap();
         assert_eq!(
@@ -476,6 +505,7 @@ node_cache_mib = 64
         assert_eq!(c.mount.debounce_ms, 50);
         assert_eq!(c.cache.chunk_cache_bytes(), 2 << 20);
         assert_eq!(c.cache.node_cache_bytes(), 64 << 20);
+        assert_eq!(c.sync.fetch_timeout(), std::time::Duration::from_secs(5));
     }
 
     #[test]

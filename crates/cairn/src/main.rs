@@ -765,6 +765,7 @@ fn net_settings(config: &config::Config) -> daemon::NetSettings {
         relays: config.net.relay.to_relays(),
         direct: config.net.direct,
         prune: config.history.auto(),
+        fetch_timeout: config.sync.fetch_timeout(),
     }
 }
 

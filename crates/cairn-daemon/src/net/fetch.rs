@@ -8,7 +8,7 @@
 //! (which peers to ask, and asking one); [`IrohPeers`] is the real one, and the tests below
 //! use peers in memory that serve good, corrupted or vanishing data.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -21,8 +21,9 @@ use cairn_store::{BlobStore, ChunkId};
 use super::NetNode;
 use crate::stores::Remote;
 
-/// How long one blob (or one batch) may take to arrive before the fetch gives up on that peer.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one blob (or one batch) may take to arrive before the fetch gives up on that peer
+/// and asks the next, unless configured (`[sync] fetch_timeout_secs`).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunks asked for in one request (one stream): ~64–80 KiB chunks make ~5 MiB batches,
 /// enough to amortize a request's round trips, small enough to hold in memory.
 const FETCH_BATCH: usize = 64;
@@ -61,7 +62,17 @@ pub(crate) struct Fetcher<P> {
     prefetch_slots: Arc<tokio::sync::Semaphore>,
     active: AtomicU64,
     fetched_bytes: AtomicU64,
+    /// Per peer and request: a peer that stops answering (a paused process, a dead link)
+    /// costs a reader at most this much before the next peer is asked or the read fails.
+    timeout: Duration,
+    /// Blobs whose on-demand fetch failed, and when: asked again only a timeout later. The
+    /// kernel retries a failed read-ahead at once, page by page, which would otherwise
+    /// multiply the wait on a peer that stopped answering.
+    failed: Mutex<HashMap<ChunkId, Instant>>,
 }
+
+/// Failed fetches remembered at most (older ones are dropped first).
+const FAILED_KEPT: usize = 4096;
 
 impl<P: BlobPeers> Fetcher<P> {
     pub fn new(peers: P, local: Arc<BlobStore>, stop: Arc<AtomicBool>) -> Self {
@@ -73,7 +84,15 @@ impl<P: BlobPeers> Fetcher<P> {
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(PREFETCH_BURSTS)),
             active: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
+            timeout: DEFAULT_FETCH_TIMEOUT,
+            failed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Gives every peer `timeout` per request (at least a millisecond).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self
     }
 
     fn stopped(&self) -> bool {
@@ -113,7 +132,7 @@ impl<P: BlobPeers> Fetcher<P> {
         let mut errors = Vec::new();
         for d in self.peers.sources() {
             self.active.fetch_add(1, Ordering::Relaxed);
-            let r = tokio::time::timeout(FETCH_TIMEOUT, self.peers.fetch_one(d, id)).await;
+            let r = tokio::time::timeout(self.timeout, self.peers.fetch_one(d, id)).await;
             self.active.fetch_sub(1, Ordering::Relaxed);
             match r {
                 Ok(Ok(size)) => {
@@ -132,20 +151,77 @@ impl<P: BlobPeers> Fetcher<P> {
     }
 
     /// Like [`Self::fetch_one`], but a blob already being fetched by someone else is waited
-    /// for instead of fetched twice.
+    /// for instead of fetched twice. The wait is bounded by the timeout too, and when that
+    /// other fetch ends without the blob its failure is this one's: asking the same peers
+    /// again right away would double the time a reader waits on a peer that stopped
+    /// answering. The next read asks again.
     pub async fn fetch_deduped(&self, id: ChunkId) -> Result<(), String> {
+        let r = self.fetch_deduped_once(id).await;
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match &r {
+            Ok(()) => {
+                failed.remove(&id);
+            }
+            Err(_) => {
+                if failed.len() >= FAILED_KEPT {
+                    let timeout = self.timeout;
+                    failed.retain(|_, at| at.elapsed() < timeout);
+                    if failed.len() >= FAILED_KEPT {
+                        failed.clear();
+                    }
+                }
+                failed.entry(id).or_insert_with(Instant::now);
+            }
+        }
+        r
+    }
+
+    async fn fetch_deduped_once(&self, id: ChunkId) -> Result<(), String> {
+        let recent = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(Instant::elapsed);
+        match recent {
+            Some(ago) if ago < self.timeout => {
+                if self.local.has(&id).unwrap_or(false) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "blob {id}: no peer delivered it {ago:.0?} ago; asked again {:.0?} after that",
+                    self.timeout
+                ));
+            }
+            Some(_) => {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            }
+            None => {}
+        }
         if !self.claims().insert(id) {
-            let deadline = Instant::now() + FETCH_TIMEOUT;
+            let deadline = Instant::now() + self.timeout;
+            let mut ended = false;
             while Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 if !self.claims().contains(&id) {
+                    ended = true;
                     break;
                 }
             }
             if self.local.has(&id).unwrap_or(false) {
                 return Ok(());
             }
-            return self.fetch_one(id).await;
+            return Err(if ended {
+                format!("blob {id}: the fetch already under way for it failed")
+            } else {
+                format!(
+                    "blob {id}: the fetch already under way for it did not finish within {:?}",
+                    self.timeout
+                )
+            });
         }
         let r = self.fetch_one(id).await;
         self.claims().remove(&id);
@@ -240,7 +316,7 @@ impl<P: BlobPeers> Fetcher<P> {
             }
             let n = missing.len() as u64;
             self.active.fetch_add(n, Ordering::Relaxed);
-            let r = tokio::time::timeout(FETCH_TIMEOUT, self.peers.fetch_many(d, &missing)).await;
+            let r = tokio::time::timeout(self.timeout, self.peers.fetch_many(d, &missing)).await;
             self.active.fetch_sub(n, Ordering::Relaxed);
             let results = match r {
                 Ok(Ok(results)) => results,
@@ -432,6 +508,8 @@ pub(crate) mod testing {
         /// Serves this many blobs, then the connection drops for good.
         VanishesAfter(usize),
         Unreachable,
+        /// Accepts requests and never answers (a paused process).
+        Hangs,
     }
 
     pub struct MemPeer {
@@ -517,6 +595,9 @@ pub(crate) mod testing {
             if p.behaviour == Behaviour::Unreachable {
                 return Err("unreachable".into());
             }
+            if p.behaviour == Behaviour::Hangs {
+                std::future::pending::<()>().await;
+            }
             self.deliver(p, id)
         }
 
@@ -529,6 +610,9 @@ pub(crate) mod testing {
             p.asked.fetch_add(1, Ordering::SeqCst);
             if p.behaviour == Behaviour::Unreachable {
                 return Err("unreachable".into());
+            }
+            if p.behaviour == Behaviour::Hangs {
+                std::future::pending::<()>().await;
             }
             let mut out = Vec::new();
             for id in ids {
@@ -679,5 +763,57 @@ mod tests {
         });
         assert_eq!(f.peers.served_by(1), 1);
         assert!(local.has(&ids[0]).unwrap());
+    }
+
+    #[test]
+    fn a_peer_that_stops_answering_costs_one_timeout_then_the_next_is_asked() {
+        let (_a, paused) = store();
+        let (_b, honest) = store();
+        let (_c, local) = store();
+        let ids = filled(&paused, 2, 5);
+        filled(&honest, 2, 5);
+        let peers = MemPeers::new(local.clone())
+            .with(1, paused.clone(), Behaviour::Hangs)
+            .with(2, honest, Behaviour::Honest);
+        let f = Arc::new(
+            Fetcher::new(peers, local.clone(), Arc::new(AtomicBool::new(false)))
+                .with_timeout(Duration::from_millis(200)),
+        );
+        let rt = rt();
+        rt.block_on(f.fetch_deduped(ids[0])).unwrap();
+        local.verify(&ids[0]).unwrap();
+        assert_eq!(f.peers.served_by(2), 1);
+        assert_eq!(f.peers.served_by(1), 0);
+
+        // Only the paused peer has it: the fetch fails instead of hanging, and a second
+        // reader of the same blob shares that failure instead of asking the peer again.
+        let (_d, local2) = store();
+        let alone = MemPeers::new(local2.clone()).with(1, paused, Behaviour::Hangs);
+        let f = Arc::new(
+            Fetcher::new(alone, local2.clone(), Arc::new(AtomicBool::new(false)))
+                .with_timeout(Duration::from_millis(200)),
+        );
+        let (first, second) = rt.block_on(async {
+            let (f1, f2) = (f.clone(), f.clone());
+            let id = ids[1];
+            let a = tokio::spawn(async move { f1.fetch_deduped(id).await });
+            // The second reader starts once the first holds the claim.
+            while !f.claims().contains(&id) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let b = tokio::spawn(async move { f2.fetch_deduped(id).await });
+            (a.await.unwrap(), b.await.unwrap())
+        });
+        let first = first.unwrap_err();
+        assert!(first.contains("timed out"), "{first}");
+        let second = second.unwrap_err();
+        assert!(second.contains("already under way"), "{second}");
+        // A retry right away (the kernel re-reading a failed read-ahead) fails at once.
+        let again = rt.block_on(f.fetch_deduped(ids[1])).unwrap_err();
+        assert!(again.contains("asked again"), "{again}");
+        let asked = f.peers.peers[0].1.asked.load(Ordering::SeqCst);
+        assert_eq!(asked, 1, "the paused peer was asked again");
+        assert!(!local2.has(&ids[1]).unwrap());
+        assert!(f.claims().is_empty());
     }
 }

@@ -59,6 +59,7 @@ use crate::state::VaultState;
 use crate::status::PeerStatus;
 use crate::stores::Remote;
 
+pub use fetch::DEFAULT_FETCH_TIMEOUT;
 pub(crate) use fetch::Fetcher;
 use fetch::IrohPeers;
 use pool::BlobSlots;
@@ -79,6 +80,9 @@ pub struct NetSettings {
     pub direct: bool,
     /// The automatic prune while the daemon serves the vault (`None`: off).
     pub prune: Option<crate::prune::AutoPrune>,
+    /// How long one peer may take to deliver a blob before it is given up on (the next
+    /// peer is asked, or a read of content only it has fails with EIO).
+    pub fetch_timeout: Duration,
 }
 
 /// How long after start an unreachable relay is reported (once) in the log.
@@ -185,6 +189,7 @@ impl Net {
             members.clone(),
         );
         let relays_enabled = settings.relays.enabled();
+        let fetch_timeout = settings.fetch_timeout;
         let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
         let registry = RegistryProtocol::new(vault_state.registry.clone());
         registry.set_local(me, peer_addrs(&endpoint.addr()));
@@ -213,11 +218,14 @@ impl Net {
             registry,
             pairing,
             members: members.clone(),
-            fetcher: Arc::new(Fetcher::new(
-                IrohPeers::new(weak.clone(), blobs.clone()),
-                vault_state.blobs.clone(),
-                stop.clone(),
-            )),
+            fetcher: Arc::new(
+                Fetcher::new(
+                    IrohPeers::new(weak.clone(), blobs.clone()),
+                    vault_state.blobs.clone(),
+                    stop.clone(),
+                )
+                .with_timeout(fetch_timeout),
+            ),
             endpoint,
             blobs,
             peers: Mutex::new(HashMap::new()),
