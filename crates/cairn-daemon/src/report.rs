@@ -10,6 +10,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::faults::{FaultKind, PeerFault};
+use crate::ondemand::{Local, SyncMode, local_state};
 use crate::open_vault::OpenVault;
 use crate::state::VaultState;
 use crate::status::{DaemonStatus, Downloads, PeerStatus};
@@ -47,6 +48,22 @@ pub struct Report {
     /// not a daemon runs), and what the running daemon saw (bad file content, snapshots
     /// naming another device).
     pub peer_faults: Vec<PeerFault>,
+    /// What of the vault's content is on this device (files on demand).
+    pub local: LocalSummary,
+}
+
+/// Content on this device against the current state of the vault (plaintext bytes).
+#[derive(Serialize, Default)]
+pub struct LocalSummary {
+    pub mode: SyncMode,
+    pub pins: Vec<String>,
+    pub files: u64,
+    /// Files whose every chunk is here.
+    pub files_local: u64,
+    pub bytes: u64,
+    pub bytes_local: u64,
+    /// Bytes of the files pinned paths cover.
+    pub bytes_pinned: u64,
 }
 
 #[derive(Serialize)]
@@ -79,12 +96,19 @@ pub struct SnapshotInfo {
 }
 
 pub fn report(state: &VaultState) -> Result<Report> {
+    report_with_mode(state, SyncMode::Full)
+}
+
+/// [`report`] for a device whose configuration's `[sync] mode` is `default_mode` (what a
+/// vault that chose no mode of its own runs in).
+pub fn report_with_mode(state: &VaultState, default_mode: SyncMode) -> Result<Report> {
     let live = writable_mount(&state.dir);
     let daemon_status = live.as_ref().and_then(|m| {
         DaemonStatus::read(&state.dir).filter(|s| i64::from(s.pid) == i64::from(m.pid))
     });
     let pending_paths = cairn_overlay::read_pending(&state.dir.join("overlay"))?;
     let device = OpenVault::open(state)?;
+    device.ondemand.set_default_mode(default_mode);
     let vault_id = state.secret.vault_id();
     // Paths the ignore rules keep on this device are not pending: they never leave it.
     let (pending_paths, ignored_paths): (Vec<_>, Vec<_>) = {
@@ -118,14 +142,33 @@ pub fn report(state: &VaultState) -> Result<Report> {
     };
 
     let head = device.registry.get(&vault_id, &state.device.device_id())?;
+    let mut local = LocalSummary {
+        mode: device.ondemand.mode(),
+        pins: device.ondemand.pins(),
+        ..LocalSummary::default()
+    };
     let (last_snapshot, conflicts) = {
         let vault = device.engine();
         let view = view_of(vault.source());
         let mut conflicts = Vec::new();
         let mut entries = 0u64;
         for item in view.scan(&[], None)? {
-            let (key, _) = item?;
+            let (key, e) = item?;
             entries += 1;
+            if e.kind == cairn_vault::EntryKind::File {
+                let (l, have, total) = local_state(&device.blobs, &e);
+                local.files += 1;
+                local.files_local += u64::from(l == Local::Full);
+                local.bytes += total;
+                local.bytes_local += have;
+                if device
+                    .ondemand
+                    .pinned_by(&String::from_utf8_lossy(&key))
+                    .is_some()
+                {
+                    local.bytes_pinned += total;
+                }
+            }
             if let Ok(k) = cairn_vault::EntryKey::from_bytes(&key)
                 && k.path.name().contains(CONFLICT_MARK)
             {
@@ -178,6 +221,7 @@ pub fn report(state: &VaultState) -> Result<Report> {
         last_flush_ms: ds.last_flush_ms,
         last_error: ds.last_error,
         peer_faults,
+        local,
     })
 }
 

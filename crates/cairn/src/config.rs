@@ -21,6 +21,24 @@ pub struct Config {
     pub cache: CacheSettings,
     pub guard: GuardSettings,
     pub history: HistorySettings,
+    pub sync: SyncSettings,
+}
+
+/// `[sync]`: what this device fetches.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSettings {
+    /// `"full"` (every file's content, in the background) or `"on-demand"` (every name, size
+    /// and date, but content only when read or pinned). A vault that chose its own mode
+    /// (`cairn join --mode`, `cairn mode`) keeps it.
+    #[serde(deserialize_with = "sync_mode")]
+    pub mode: cairn_daemon::SyncMode,
+}
+
+fn sync_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<cairn_daemon::SyncMode, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
 }
 
 /// `[history]`: which snapshots are kept (restic-style, over every member's snapshots) and
@@ -429,6 +447,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("0.0 to 1.0"), "{err}");
+    }
+
+    #[test]
+    fn the_sync_mode_is_full_or_on_demand() {
+        let c = Config::parse("[sync]\nmode = \"on-demand\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.sync.mode, cairn_daemon::SyncMode::OnDemand);
+        assert_eq!(Config::default().sync.mode, cairn_daemon::SyncMode::Full);
+        let err = Config::parse("[sync]\nmode = \"lazy\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("on-demand"), "{err}");
     }
 
     #[test]

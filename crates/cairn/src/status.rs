@@ -65,6 +65,16 @@ pub fn print_human(r: &Report) {
         ),
         None => println!("snapshot:  none yet"),
     }
+    let l = &r.local;
+    println!(
+        "local:     {} of {} here ({} of {} files complete), {} pinned; mode {}",
+        bytes(l.bytes_local),
+        bytes(l.bytes),
+        l.files_local,
+        l.files,
+        bytes(l.bytes_pinned),
+        l.mode
+    );
     if r.conflicts.is_empty() {
         println!("conflicts: none");
     } else {

@@ -25,6 +25,7 @@
 
 mod admission;
 mod fetch;
+mod keep;
 mod pool;
 mod replicate;
 mod session;
@@ -61,6 +62,7 @@ use crate::stores::Remote;
 
 pub(crate) use fetch::Fetcher;
 use fetch::IrohPeers;
+pub use keep::EvictReport;
 use pool::BlobSlots;
 use replicate::Replicator;
 use sync::SyncWorker;
@@ -79,6 +81,8 @@ pub struct NetSettings {
     pub direct: bool,
     /// The automatic prune while the daemon serves the vault (`None`: off).
     pub prune: Option<crate::prune::AutoPrune>,
+    /// The configuration's sync mode, for a vault that never chose one (see `ondemand`).
+    pub mode: crate::ondemand::SyncMode,
 }
 
 /// How long after start an unreachable relay is reported (once) in the log.
@@ -185,6 +189,7 @@ impl Net {
             members.clone(),
         );
         let relays_enabled = settings.relays.enabled();
+        vault_state.ondemand.set_default_mode(settings.mode);
         let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
         let registry = RegistryProtocol::new(vault_state.registry.clone());
         registry.set_local(me, peer_addrs(&endpoint.addr()));
@@ -238,6 +243,10 @@ impl Net {
                 let _ = replicate_wake.try_send(());
             })));
         }
+        // Pins and mode changes (control socket, xattrs) start a walk at once.
+        vault_state
+            .ondemand
+            .set_waker(Some(node.replicate_wake.clone()));
         vault_state
             .remote_blobs
             .set_remote(Some(Arc::new(fetch::NetRemote {
@@ -309,6 +318,7 @@ impl Net {
         self.node.stop_notify.notify_waiters();
         self.node.publisher.set_announcer(None);
         self.node.publisher.vault.remote_blobs.set_remote(None);
+        self.node.publisher.vault.ondemand.set_waker(None);
         let _ = self.node.sync_wake.try_send(());
         let _ = self.node.replicate_wake.try_send(());
         for w in self.workers.drain(..) {
