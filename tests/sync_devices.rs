@@ -3269,3 +3269,88 @@ fn an_on_demand_device_lists_everything_and_stores_what_it_uses() {
     assert_eq!(local_attr(&b.path("only-b.bin")), "full");
     assert_eq!(hash_file(&b.path("only-b.bin")).unwrap(), only_b);
 }
+
+/// With `cache.max_gib`, an on-demand device's store stays near its budget however much is
+/// read (the least recently read content goes, since A holds it); evicted files read again
+/// correctly and pinned content stays. The mode comes from `[sync] mode` of the config here.
+#[test]
+fn a_cache_budget_keeps_an_on_demand_store_near_it() {
+    const MIB: usize = 1 << 20;
+    const FILES: usize = 12;
+    let a = Device::init("a", None);
+    fs::create_dir_all(a.path("media")).unwrap();
+    let hashes: Vec<blake3::Hash> = (0..FILES)
+        .map(|i| {
+            write_random(
+                &a.path(&format!("media/m{i}.bin")),
+                2 * MIB,
+                5000 + i as u64,
+            )
+        })
+        .collect();
+    let kept = write_random(&a.path("keep.bin"), MIB, 6000);
+    let want = sizes(&a.dir.mnt);
+
+    let ticket = a.invite("10m");
+    let mut b = Device::new("b", None);
+    let config = b.dir.base.join("config/cairn");
+    fs::create_dir_all(&config).unwrap();
+    // 8 MiB.
+    fs::write(
+        config.join("config.toml"),
+        "[sync]\nmode = \"on-demand\"\n\n[cache]\nmax_gib = 0.0078125\n",
+    )
+    .unwrap();
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt]);
+    let both = [&a, &b];
+    wait_until(&both, "every name and size on B", SYNC_DEADLINE, |why| {
+        let got = sizes(&b.dir.mnt);
+        *why = format!("{} of {} files", got.len(), want.len());
+        got == want
+    });
+    b.run_ok(&["pin", "keep.bin"]);
+    let budget = 8 * MIB as u64;
+    // Tree nodes, sealing overhead and the file just read, until the check after it runs.
+    let slack = 3 * MIB as u64;
+    for (i, h) in hashes.iter().enumerate() {
+        let p = b.path(&format!("media/m{i}.bin"));
+        assert_eq!(hash_file(&p).unwrap(), *h, "{p:?}");
+        wait_until(
+            &both,
+            "B's store back near its budget",
+            SYNC_DEADLINE,
+            |why| {
+                let n = b.store_bytes();
+                *why = format!("{n} bytes after reading m{i}");
+                n <= budget + slack
+            },
+        );
+    }
+    eprintln!(
+        "read {} MiB on B with an 8 MiB budget: store {} bytes",
+        FILES * 2,
+        b.store_bytes()
+    );
+    assert_eq!(
+        local_attr(&b.path("media/m0.bin")),
+        "none",
+        "the oldest read went"
+    );
+    assert_eq!(
+        local_attr(&b.path("keep.bin")),
+        "full",
+        "pinned content stays"
+    );
+    let status = b.run_ok(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(json["local"]["mode"], "on-demand", "{status}");
+    // Evicted content reads again, identical (a restart drops the kernel's page cache).
+    b.stop();
+    b.start();
+    for (i, h) in hashes.iter().enumerate().take(3) {
+        let p = b.path(&format!("media/m{i}.bin"));
+        assert_eq!(hash_file(&p).unwrap(), *h, "{p:?}");
+    }
+    assert_eq!(hash_file(&b.path("keep.bin")).unwrap(), kept);
+}

@@ -390,6 +390,9 @@ impl BaseLayer for VaultBase {
             buf[..n].copy_from_slice(&bytes[start..start + n]);
             return Ok(n);
         }
+        if let Some(od) = &self.ondemand {
+            od.touch(entry.content.as_bytes(), &e);
+        }
         let layout = self.layout(&entry.content, &e.content)?;
         if layout.manifest.size() != e.size {
             return Err(self.bad_content(

@@ -83,7 +83,13 @@ pub struct OnDemand {
     generation: AtomicU64,
     /// Wakes the replicator (set while the network runs).
     wake: Mutex<Option<SyncSender<()>>>,
+    /// Files read through the mount, least recently read first (by content, so a renamed
+    /// file stays one), for the cache budget. In memory: after a restart, reads rebuild it.
+    recent: Mutex<lru::LruCache<blake3::Hash, Entry>>,
 }
+
+/// Files remembered for the cache budget's least-recently-read order.
+const RECENT_FILES: usize = 65_536;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -128,6 +134,9 @@ impl OnDemand {
             default_mode: Mutex::new(SyncMode::Full),
             generation: AtomicU64::new(0),
             wake: Mutex::new(None),
+            recent: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(RECENT_FILES).expect("nonzero"),
+            )),
         })
     }
 
@@ -216,6 +225,29 @@ impl OnDemand {
     /// Whether the content of `path` is fetched in the background.
     pub fn wants(&self, path: &str) -> bool {
         self.mode() == SyncMode::Full || self.pinned_by(path).is_some()
+    }
+
+    /// A read of the file whose content reference is `content` (decoded: `entry`).
+    pub(crate) fn touch(&self, content: &[u8], entry: &Entry) {
+        let key = blake3::hash(content);
+        let mut recent = lock(&self.recent);
+        if recent.get(&key).is_none() {
+            recent.put(key, entry.clone());
+        }
+    }
+
+    /// The files read through the mount, least recently read first.
+    pub(crate) fn least_recent(&self) -> Vec<Entry> {
+        lock(&self.recent)
+            .iter()
+            .rev()
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    /// Forgets a file once its content was evicted.
+    pub(crate) fn forget(&self, entry: &Entry) {
+        lock(&self.recent).retain(|_, e| e != entry);
     }
 
     pub(crate) fn generation(&self) -> u64 {

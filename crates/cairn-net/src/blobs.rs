@@ -399,8 +399,8 @@ impl BlobService {
     /// For each blob it must send the last 1 KiB group with its bao proof, verified against
     /// the blob's hash, which proves it holds the end of the blob and its exact size (a
     /// peer whose serving index still names a blob it removed fails: the data is read from
-    /// its store). One `GetMany` request per [`HOLD_BATCH`] blobs; `Err` names the first
-    /// blob it could not serve.
+    /// its store). One `GetMany` request per [`HOLD_BATCH`] blobs; `Err` when some blob was
+    /// not served (the one named is where the response broke off, at or just before it).
     pub async fn holds_all(&self, conn: &Connection, ids: &[ChunkId]) -> Result<(), BlobError> {
         let peer = device_id_of(&conn.remote_id());
         for batch in ids.chunks(HOLD_BATCH) {

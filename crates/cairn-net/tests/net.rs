@@ -1001,7 +1001,10 @@ async fn holds_all_is_true_only_for_blobs_the_peer_can_serve() {
         .iter()
         .map(|d| a.blobs.blob_store().put(d, Durability::Immediate).unwrap())
         .collect();
-    b.blobs.blob_store().put(&data[0], Durability::Immediate).unwrap();
+    b.blobs
+        .blob_store()
+        .put(&data[0], Durability::Immediate)
+        .unwrap();
     let conn_a = c
         .endpoint
         .connect(a.addr(), iroh_blobs::ALPN)
@@ -1018,10 +1021,11 @@ async fn holds_all_is_true_only_for_blobs_the_peer_can_serve() {
     within("B holds one", c.blobs.holds_all(&conn_b, &ids[..1]))
         .await
         .unwrap();
-    let e = within("B lacks some", c.blobs.holds_all(&conn_b, &ids))
+    // The provider resets the stream at the first blob it lacks, which may cut off the one
+    // before it too: the answer is only "not all of them".
+    within("B lacks some", c.blobs.holds_all(&conn_b, &ids))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains(&ids[1].to_hex()[..8]), "{e}");
     // A removes a blob it already served (so it is in its serving index).
     assert!(a.blobs.blob_store().remove(&ids[3]).unwrap());
     let conn_a = c
@@ -1032,9 +1036,12 @@ async fn holds_all_is_true_only_for_blobs_the_peer_can_serve() {
     within("A lost one", c.blobs.holds_all(&conn_a, &ids))
         .await
         .unwrap_err();
-    within("A still holds the rest", c.blobs.holds_all(&conn_a, &ids[..3]))
-        .await
-        .unwrap();
+    within(
+        "A still holds the rest",
+        c.blobs.holds_all(&conn_a, &ids[..3]),
+    )
+    .await
+    .unwrap();
     // Nothing was stored by asking.
     assert!(!c.blobs.blob_store().has(&ids[1]).unwrap());
     for n in [a, b, c] {

@@ -265,13 +265,28 @@ impl Default for MountSettings {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
     /// Decrypted file chunks kept by the mount (MiB).
     pub chunk_cache_mib: usize,
     /// Decoded tree nodes kept by the engine (MiB).
     pub node_cache_mib: usize,
+    /// On an on-demand device, the local store's budget (GiB, fractions allowed; 0: none):
+    /// past it, the least recently read unpinned content that another member holds is
+    /// evicted.
+    #[serde(deserialize_with = "gib")]
+    pub max_gib: f64,
+}
+
+fn gib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(serde::de::Error::custom(format!(
+            "{v} is not a size in GiB; give 0 (no budget) or more, such as 20 or 0.5"
+        )));
+    }
+    Ok(v)
 }
 
 impl Default for CacheSettings {
@@ -279,11 +294,18 @@ impl Default for CacheSettings {
         Self {
             chunk_cache_mib: 8,
             node_cache_mib: 32,
+            max_gib: 0.0,
         }
     }
 }
 
 impl CacheSettings {
+    /// The store budget in bytes, if there is one.
+    pub fn max_bytes(&self) -> Option<u64> {
+        let bytes = self.max_gib * (1u64 << 30) as f64;
+        (bytes >= 1.0).then_some(bytes as u64)
+    }
+
     pub fn chunk_cache_bytes(&self) -> usize {
         self.chunk_cache_mib.saturating_mul(1 << 20)
     }
@@ -458,6 +480,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("on-demand"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_budget_is_a_size_in_gib() {
+        let c = Config::parse("[cache]\nmax_gib = 0.5\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.cache.max_bytes(), Some(512 << 20));
+        assert_eq!(Config::default().cache.max_bytes(), None);
+        let err = Config::parse("[cache]\nmax_gib = -1\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GiB"), "{err}");
     }
 
     #[test]

@@ -894,6 +894,7 @@ fn net_settings(config: &config::Config) -> daemon::NetSettings {
         direct: config.net.direct,
         prune: config.history.auto(),
         mode: config.sync.mode,
+        cache_max_bytes: config.cache.max_bytes(),
     }
 }
 

@@ -146,17 +146,7 @@ impl NetNode {
         }
         let files = files_under(self, path)?;
         // Chunks a pinned file shares (identical content) must stay.
-        let mut kept: HashSet<ChunkId> = HashSet::new();
-        for pin in od.pins() {
-            let Ok(p) = VaultPath::new(&pin) else {
-                continue;
-            };
-            for (_, e) in files_under(self, &p).unwrap_or_default() {
-                if let Ok(Some(m)) = manifest_of(vault.blobs.as_ref(), &e.content) {
-                    kept.extend(m.chunks().iter().map(|c| c.id));
-                }
-            }
-        }
+        let kept = self.pinned_chunks();
         let mut report = EvictReport::default();
         for (p, e) in files {
             if let Some(pin) = od.pinned_by(&p) {
@@ -190,27 +180,129 @@ impl NetNode {
                 ));
                 continue;
             }
-            // Under the engine lock: no flush publishes a snapshot that reuses one of these
-            // chunks while they go (such a snapshot's chunks are on the member that just
-            // served them).
-            let _engine = vault.engine();
-            let mut freed = 0;
-            for (id, len) in local {
-                if kept.contains(&id) {
-                    continue;
-                }
-                if vault
-                    .blobs
-                    .remove(&id)
-                    .with_context(|| format!("removing a chunk of {p}"))?
-                {
-                    freed += len;
-                }
-            }
+            report.freed_bytes += self
+                .remove_chunks(&local, &kept)
+                .with_context(|| format!("removing the chunks of {p}"))?;
             report.evicted_files += 1;
-            report.freed_bytes += freed;
+            od.forget(&e);
         }
         vault.blobs.sync()?;
         Ok(report)
+    }
+
+    /// Removes `chunks` but those in `kept`; their plaintext bytes.
+    fn remove_chunks(&self, chunks: &[(ChunkId, u64)], kept: &HashSet<ChunkId>) -> Result<u64> {
+        let vault = &self.publisher.vault;
+        // Under the engine lock: no flush publishes a snapshot that reuses one of these
+        // chunks while they go (such a snapshot's chunks are on the member that just
+        // served them).
+        let _engine = vault.engine();
+        let mut freed = 0;
+        for (id, len) in chunks {
+            if !kept.contains(id) && vault.blobs.remove(id)? {
+                freed += len;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// The chunks of every pinned file.
+    fn pinned_chunks(&self) -> HashSet<ChunkId> {
+        let vault = &self.publisher.vault;
+        let mut kept = HashSet::new();
+        for pin in vault.ondemand.pins() {
+            let Ok(p) = VaultPath::new(&pin) else {
+                continue;
+            };
+            for (_, e) in files_under(self, &p).unwrap_or_default() {
+                if let Ok(Some(m)) = manifest_of(vault.blobs.as_ref(), &e.content) {
+                    kept.extend(m.chunks().iter().map(|c| c.id));
+                }
+            }
+        }
+        kept
+    }
+
+    /// Brings the local store under `max` bytes if it is over: evicts the least recently
+    /// read files first, down to 90 % of `max`, with the rules of `cairn evict` (never
+    /// pinned content, never content no other member can serve right now). Returns the
+    /// store's size afterwards.
+    pub(crate) fn reclaim(&self, max: u64) -> Result<u64> {
+        let vault = &self.publisher.vault;
+        let (_, mut used) = vault.blobs.usage()?;
+        if used <= max || vault.ondemand.mode() != SyncMode::OnDemand {
+            return Ok(used);
+        }
+        let target = max - max / 10;
+        let kept = self.pinned_chunks();
+        let (mut files, mut freed) = (0u64, 0u64);
+        for e in vault.ondemand.least_recent() {
+            if used <= target || self.stopped() {
+                break;
+            }
+            let Ok(Some(m)) = manifest_of(vault.blobs.as_ref(), &e.content) else {
+                continue;
+            };
+            let local: Vec<(ChunkId, u64)> = m
+                .chunks()
+                .iter()
+                .filter(|c| !kept.contains(&c.id) && vault.blobs.has(&c.id).unwrap_or(false))
+                .map(|c| (c.id, u64::from(c.len)))
+                .collect();
+            if local.is_empty() {
+                continue;
+            }
+            let all: Vec<ChunkId> = m.chunks().iter().map(|c| c.id).collect();
+            if let Err(why) = self.held_elsewhere(&all) {
+                tracing::debug!(%why, "cache budget: keeping a file no other member can serve");
+                continue;
+            }
+            let n = self.remove_chunks(&local, &kept)?;
+            vault.ondemand.forget(&e);
+            files += 1;
+            freed += n;
+            used = used.saturating_sub(n);
+        }
+        vault.blobs.sync()?;
+        let (_, after) = vault.blobs.usage()?;
+        if files > 0 {
+            tracing::info!(
+                files,
+                freed_bytes = freed,
+                store_bytes = after,
+                budget = max,
+                "cache budget: evicted the least recently read content"
+            );
+        }
+        if after > max {
+            tracing::warn!(
+                store_bytes = after,
+                budget = max,
+                "the store is over the cache budget: the rest is pinned, only on this device, or not read through the mount since the daemon started"
+            );
+        }
+        Ok(after)
+    }
+}
+
+/// How often the cache budget is checked while content arrives.
+const RECLAIM_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps the store within `max` bytes while the daemon runs: checked whenever content was
+/// fetched since the last check.
+pub(crate) fn reclaim_loop(node: &NetNode, max: u64) {
+    let mut seen = u64::MAX;
+    while !node.stopped() {
+        let (_, fetched) = node.downloads();
+        if fetched != seen {
+            seen = fetched;
+            if let Err(e) = node.reclaim(max) {
+                tracing::warn!(error = %format!("{e:#}"), "cache budget check failed");
+            }
+        }
+        let until = std::time::Instant::now() + RECLAIM_EVERY;
+        while std::time::Instant::now() < until && !node.stopped() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

@@ -83,6 +83,8 @@ pub struct NetSettings {
     pub prune: Option<crate::prune::AutoPrune>,
     /// The configuration's sync mode, for a vault that never chose one (see `ondemand`).
     pub mode: crate::ondemand::SyncMode,
+    /// The local store's budget on an on-demand device (`None`: none; see `keep::reclaim`).
+    pub cache_max_bytes: Option<u64>,
 }
 
 /// How long after start an unreachable relay is reported (once) in the log.
@@ -190,6 +192,7 @@ impl Net {
         );
         let relays_enabled = settings.relays.enabled();
         vault_state.ondemand.set_default_mode(settings.mode);
+        let cache_max_bytes = settings.cache_max_bytes;
         let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
         let registry = RegistryProtocol::new(vault_state.registry.clone());
         registry.set_local(me, peer_addrs(&endpoint.addr()));
@@ -284,6 +287,12 @@ impl Net {
             let stop = stop.clone();
             workers.push(spawn_worker("cairn-replicate", move || {
                 replicator.run(replicate_rx, &stop)
+            })?);
+        }
+        if let Some(max) = cache_max_bytes {
+            let node = node.clone();
+            workers.push(spawn_worker("cairn-reclaim", move || {
+                keep::reclaim_loop(&node, max)
             })?);
         }
         node.wake_sync();
