@@ -120,6 +120,24 @@ impl Drop for ControlServer {
 fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
+    // Pinning a large tree, or asking the members about every chunk before an eviction, can
+    // take minutes: on their own threads, so other requests are answered meanwhile (the
+    // fetcher deduplicates concurrent fetches; removals are idempotent).
+    if matches!(line.split_whitespace().next(), Some("pin" | "evict")) {
+        let net = net.clone();
+        std::thread::Builder::new()
+            .name("cairn-control-long".into())
+            .spawn(move || {
+                if let Err(e) = answer(stream, &line, &net) {
+                    tracing::debug!(error = %e, "control request failed");
+                }
+            })?;
+        return Ok(());
+    }
+    answer(stream, &line, net)
+}
+
+fn answer(stream: UnixStream, line: &str, net: &Arc<NetNode>) -> Result<()> {
     let mut words = line.split_whitespace();
     let reply = match (words.next(), words.next()) {
         (Some("invite"), Some("cancel")) => {
@@ -263,7 +281,7 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
         }
         // Files on demand: `pin|unpin|evict JSON_PATH`, `mode full|on-demand`.
         (Some("pin"), Some(_)) => {
-            let r = json_path(&line, "pin").and_then(|p| {
+            let r = json_path(line, "pin").and_then(|p| {
                 net.publisher.vault.ondemand.pin(&p)?;
                 // Progress lines are best effort: a client that went away only stops them.
                 net.fetch_path(&p, |done, total| {
@@ -275,7 +293,7 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
                 Err(e) => format!("err {e:#}\n"),
             }
         }
-        (Some("unpin"), Some(_)) => match json_path(&line, "unpin").and_then(|p| {
+        (Some("unpin"), Some(_)) => match json_path(line, "unpin").and_then(|p| {
             if net.publisher.vault.ondemand.unpin(&p)? {
                 Ok(())
             } else {
@@ -285,7 +303,7 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
             Ok(()) => "ok\n".to_string(),
             Err(e) => format!("err {e:#}\n"),
         },
-        (Some("evict"), Some(_)) => match json_path(&line, "evict").and_then(|p| net.evict(&p)) {
+        (Some("evict"), Some(_)) => match json_path(line, "evict").and_then(|p| net.evict(&p)) {
             Ok(r) => format!("ok {}\n", serde_json::to_string(&r)?),
             Err(e) => format!("err {e:#}\n"),
         },
