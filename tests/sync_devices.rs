@@ -3229,3 +3229,337 @@ fn a_paused_peer_stalls_only_reads_of_what_only_it_has() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// files on demand
+// ---------------------------------------------------------------------------------------
+
+/// Bytes of every file below `dir` (what `du --apparent-size` counts), whatever the layout.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => n += dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => n += e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Every file below `root` with its size, from `stat` alone (no content is read).
+fn sizes(root: &Path) -> BTreeMap<String, u64> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, u64>) {
+        let Ok(rd) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if md.is_dir() {
+                if e.file_name() != ".cairn" {
+                    walk(root, &p, out);
+                }
+            } else if md.is_file() {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, md.len());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn local_attr(p: &Path) -> String {
+    common::getxattr(p, "user.cairn.local")
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_else(|e| format!("error {e}"))
+}
+
+impl Device {
+    /// The content store's size on disk (blobs, whatever their layout).
+    fn store_bytes(&self) -> u64 {
+        dir_bytes(&self.vault_dir().join("store"))
+    }
+}
+
+/// A full device and an on-demand device: B sees every name and size but stores almost no
+/// content; a read fetches that file only, `cairn pin` fetches exactly a tree and keeps it
+/// current, `user.cairn.local` tells which, and `cairn evict` frees what A holds but never
+/// what only B holds.
+#[test]
+fn an_on_demand_device_lists_everything_and_stores_what_it_uses() {
+    const SMALL: usize = 240;
+    const MEDIA: usize = 12;
+    const PINNED: usize = 8;
+    const MIB: usize = 1 << 20;
+    let mut a = Device::init("a", None);
+    let mut hashes = HashMap::new();
+    fs::create_dir_all(a.path("docs/deep")).unwrap();
+    fs::create_dir_all(a.path("media")).unwrap();
+    fs::create_dir_all(a.path("keep")).unwrap();
+    for i in 0..SMALL {
+        let dir = if i % 3 == 0 { "docs/deep" } else { "docs" };
+        let p = format!("{dir}/note{i}.txt");
+        hashes.insert(
+            p.clone(),
+            write_random(&a.path(&p), 2048 + i * 61, i as u64),
+        );
+    }
+    for i in 0..MEDIA {
+        let p = format!("media/m{i}.bin");
+        hashes.insert(
+            p.clone(),
+            write_random(&a.path(&p), 2 * MIB, 1000 + i as u64),
+        );
+    }
+    for i in 0..PINNED {
+        let p = format!("keep/k{i}.bin");
+        hashes.insert(p.clone(), write_random(&a.path(&p), MIB, 2000 + i as u64));
+    }
+    let want = sizes(&a.dir.mnt);
+    let total: u64 = want.values().sum();
+    assert_eq!(want.len(), SMALL + MEDIA + PINNED);
+
+    let ticket = a.invite("10m");
+    let mut b = Device::new("b", None);
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt, "--mode", "on-demand"]);
+    let both = [&a, &b];
+    wait_until(&both, "every name and size on B", SYNC_DEADLINE, |why| {
+        let got = sizes(&b.dir.mnt);
+        *why = format!("{} of {} files", got.len(), want.len());
+        got == want
+    });
+    // Listing fetched metadata only: tree nodes and small files stored inline.
+    let small_limit = 4 * MIB as u64;
+    assert_never(
+        &both,
+        "B's store growing past 4 MiB of a 30+ MiB vault while only listed",
+        Duration::from_secs(4),
+        || b.store_bytes() > small_limit,
+    );
+    let listed = b.store_bytes();
+    eprintln!(
+        "vault {} MiB in {} files; B's store after listing: {listed} bytes",
+        total >> 20,
+        want.len()
+    );
+    assert_eq!(local_attr(&b.path("media/m0.bin")), "none");
+
+    // One read fetches that file, and only that file.
+    let m0 = b.path("media/m0.bin");
+    assert_eq!(hash_file(&m0).unwrap(), hashes["media/m0.bin"]);
+    let after_read = b.store_bytes();
+    let grown = after_read - listed;
+    assert!(
+        grown >= 2 * MIB as u64 && grown < 2 * MIB as u64 + MIB as u64 / 2,
+        "reading a 2 MiB file grew B's store by {grown} bytes"
+    );
+    assert_eq!(local_attr(&m0), "full");
+    assert_eq!(local_attr(&b.path("media/m1.bin")), "none");
+
+    // A pin fetches exactly that tree, and keeps it current.
+    let out = b.run_ok(&["pin", "keep"]);
+    assert!(out.contains("pinned keep"), "{out}");
+    let pinned = b.store_bytes() - after_read;
+    assert!(
+        pinned >= (PINNED * MIB) as u64 && pinned < (PINNED * MIB + MIB) as u64,
+        "pinning an 8 MiB tree grew B's store by {pinned} bytes"
+    );
+    for i in 0..PINNED {
+        let p = b.path(&format!("keep/k{i}.bin"));
+        assert_eq!(local_attr(&p), "full", "{p:?}");
+        assert_eq!(common::getxattr(&p, "user.cairn.pin").unwrap(), b"1");
+    }
+    assert_eq!(common::getxattr(&m0, "user.cairn.pin").unwrap(), b"0");
+    assert_eq!(local_attr(&b.path("media/m2.bin")), "none");
+    let new_k3 = write_random(&a.path("keep/k3.bin"), MIB + 4096, 3000);
+    wait_until(
+        &both,
+        "A's edit of a pinned file local on B",
+        SYNC_DEADLINE,
+        |why| {
+            let p = b.path("keep/k3.bin");
+            let len = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            *why = format!("size {len}, local {}", local_attr(&p));
+            len == (MIB + 4096) as u64 && local_attr(&p) == "full"
+        },
+    );
+    assert_eq!(hash_file(&b.path("keep/k3.bin")).unwrap(), new_k3);
+    let status = b.run_ok(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(json["local"]["mode"], "on-demand", "{status}");
+    assert_eq!(
+        json["local"]["bytes_pinned"],
+        (PINNED * MIB + 4096) as u64,
+        "{status}"
+    );
+
+    // The xattr pins and unpins too, and is never synced to A.
+    setxattr(&b.path("media/m5.bin"), "user.cairn.pin", b"1", 0).unwrap();
+    wait_until(&both, "the xattr pin fetched on B", SYNC_DEADLINE, |why| {
+        *why = local_attr(&b.path("media/m5.bin"));
+        why == "full"
+    });
+    removexattr(&b.path("media/m5.bin"), "user.cairn.pin").unwrap();
+    assert_eq!(
+        common::getxattr(&b.path("media/m5.bin"), "user.cairn.pin").unwrap(),
+        b"0"
+    );
+    assert!(
+        common::getxattr(&a.path("media/m5.bin"), "user.cairn.pin")
+            .map(|v| v == b"0")
+            .unwrap_or(true),
+        "B's pin must not reach A"
+    );
+
+    // Evicting what A holds frees B's bytes; a later read fetches it again, identical.
+    let before = b.store_bytes();
+    let out = b.run_ok(&["evict", "media/m0.bin"]);
+    assert!(out.contains("evicted 1 file"), "{out}");
+    let freed = before - b.store_bytes();
+    assert!(
+        freed >= 2 * MIB as u64,
+        "evicting a 2 MiB file freed {freed} bytes"
+    );
+    assert_eq!(local_attr(&m0), "none");
+    assert_eq!(fs::metadata(&m0).unwrap().len(), 2 * MIB as u64);
+    // A restart empties the kernel's page cache and the mount's chunk cache, so the next read
+    // must fetch; the mode and the pins come back from disk.
+    b.stop();
+    b.start();
+    assert_eq!(local_attr(&m0), "none");
+    assert_eq!(hash_file(&m0).unwrap(), hashes["media/m0.bin"]);
+    assert_eq!(local_attr(&m0), "full");
+    assert_eq!(local_attr(&b.path("media/m1.bin")), "none");
+    assert_eq!(
+        common::getxattr(&b.path("keep/k0.bin"), "user.cairn.pin").unwrap(),
+        b"1"
+    );
+    // Pinned content stays.
+    let refused = b.run(&["evict", "keep/k1.bin"], Duration::from_secs(60));
+    assert!(
+        !refused.ok() && refused.stderr.contains("unpin"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(local_attr(&b.path("keep/k1.bin")), "full");
+
+    // What only B holds is never evicted.
+    a.stop();
+    let only_b = write_random(&b.path("only-b.bin"), MIB, 4000);
+    wait_until(&[&b], "B's file in a snapshot", SYNC_DEADLINE, |why| {
+        let s = common::getxattr(&b.path("only-b.bin"), "user.cairn.status")
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        *why = s.clone();
+        s == "synced"
+    });
+    let before = b.store_bytes();
+    let refused = b.run(&["evict", "only-b.bin"], Duration::from_secs(120));
+    assert!(
+        !refused.ok(),
+        "evicting B's only copy succeeded: {}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains("last copy"),
+        "the refusal should say why: {}",
+        refused.stderr
+    );
+    assert_eq!(b.store_bytes(), before);
+    assert_eq!(local_attr(&b.path("only-b.bin")), "full");
+    assert_eq!(hash_file(&b.path("only-b.bin")).unwrap(), only_b);
+}
+
+/// With `cache.max_gib`, an on-demand device's store stays near its budget however much is
+/// read (the least recently read content goes, since A holds it); evicted files read again
+/// correctly and pinned content stays. The mode comes from `[sync] mode` of the config here.
+#[test]
+fn a_cache_budget_keeps_an_on_demand_store_near_it() {
+    const MIB: usize = 1 << 20;
+    const FILES: usize = 12;
+    let a = Device::init("a", None);
+    fs::create_dir_all(a.path("media")).unwrap();
+    let hashes: Vec<blake3::Hash> = (0..FILES)
+        .map(|i| {
+            write_random(
+                &a.path(&format!("media/m{i}.bin")),
+                2 * MIB,
+                5000 + i as u64,
+            )
+        })
+        .collect();
+    let kept = write_random(&a.path("keep.bin"), MIB, 6000);
+    let want = sizes(&a.dir.mnt);
+
+    let ticket = a.invite("10m");
+    let mut b = Device::new("b", None);
+    let config = b.dir.base.join("config/cairn");
+    fs::create_dir_all(&config).unwrap();
+    // 8 MiB.
+    fs::write(
+        config.join("config.toml"),
+        "[sync]\nmode = \"on-demand\"\n\n[cache]\nmax_gib = 0.0078125\n",
+    )
+    .unwrap();
+    let mnt = b.dir.mnt_str();
+    b.spawn_daemon(&["join", &ticket, &mnt]);
+    let both = [&a, &b];
+    wait_until(&both, "every name and size on B", SYNC_DEADLINE, |why| {
+        let got = sizes(&b.dir.mnt);
+        *why = format!("{} of {} files", got.len(), want.len());
+        got == want
+    });
+    b.run_ok(&["pin", "keep.bin"]);
+    let budget = 8 * MIB as u64;
+    // Tree nodes, sealing overhead and the file just read, until the check after it runs.
+    let slack = 3 * MIB as u64;
+    for (i, h) in hashes.iter().enumerate() {
+        let p = b.path(&format!("media/m{i}.bin"));
+        assert_eq!(hash_file(&p).unwrap(), *h, "{p:?}");
+        wait_until(
+            &both,
+            "B's store back near its budget",
+            SYNC_DEADLINE,
+            |why| {
+                let n = b.store_bytes();
+                *why = format!("{n} bytes after reading m{i}");
+                n <= budget + slack
+            },
+        );
+    }
+    eprintln!(
+        "read {} MiB on B with an 8 MiB budget: store {} bytes",
+        FILES * 2,
+        b.store_bytes()
+    );
+    assert_eq!(
+        local_attr(&b.path("media/m0.bin")),
+        "none",
+        "the oldest read went"
+    );
+    assert_eq!(
+        local_attr(&b.path("keep.bin")),
+        "full",
+        "pinned content stays"
+    );
+    let status = b.run_ok(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(json["local"]["mode"], "on-demand", "{status}");
+    // Evicted content reads again, identical (a restart drops the kernel's page cache).
+    b.stop();
+    b.start();
+    for (i, h) in hashes.iter().enumerate().take(3) {
+        let p = b.path(&format!("media/m{i}.bin"));
+        assert_eq!(hash_file(&p).unwrap(), *h, "{p:?}");
+    }
+    assert_eq!(hash_file(&b.path("keep.bin")).unwrap(), kept);
+}

@@ -19,6 +19,7 @@ use cairn_vault::{Content, Entry, MergedView, VaultPath, VaultStores, manifest_o
 use lru::LruCache;
 
 use super::faults::{FaultKind, PeerFaults};
+use super::ondemand::{OnDemand, local_state};
 use super::stores::LocalOrRemote;
 
 /// Decrypted chunk budget when the configuration does not say (`[cache] chunk_cache_mib`).
@@ -46,6 +47,8 @@ pub struct VaultBase {
     faults: Option<Arc<PeerFaults>>,
     /// What the vault root's `user.cairn.status` says beyond the usual (held deletions).
     note: RwLock<Option<String>>,
+    /// Pins and mode, for `user.cairn.pin` (the live mount's only).
+    ondemand: Option<Arc<OnDemand>>,
 }
 
 fn vault_err(e: cairn_vault::VaultError) -> BaseError {
@@ -111,6 +114,7 @@ impl VaultBase {
             remote: None,
             faults: None,
             note: RwLock::new(None),
+            ondemand: None,
         }
     }
 
@@ -136,6 +140,11 @@ impl VaultBase {
         BaseError::Other(format!(
             "{what}; the file cannot be read. Restore an older version with `cairn restore`"
         ))
+    }
+
+    pub fn with_ondemand(mut self, ondemand: Arc<OnDemand>) -> Self {
+        self.ondemand = Some(ondemand);
+        self
     }
 
     pub fn with_remote(mut self, remote: Arc<LocalOrRemote>) -> Self {
@@ -347,6 +356,41 @@ impl BaseLayer for VaultBase {
             .any(|(c, _)| cache.lru.peek(&c.id).is_none() && not_local(&c.id))
     }
 
+    fn local_state(&self, content: &ContentRef) -> Result<Option<&'static str>, BaseError> {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        let e = entry_of(content)?;
+        Ok(Some(local_state(&remote.local, &e).0.as_str()))
+    }
+
+    fn pinned(&self, p: &str) -> Option<bool> {
+        let od = self.ondemand.as_ref()?;
+        Some(od.pinned_by(p).is_some())
+    }
+
+    fn set_pin(&self, p: &str, on: bool) -> Result<bool, BaseError> {
+        let Some(od) = &self.ondemand else {
+            return Ok(false);
+        };
+        let vp = path(p)?;
+        let r = if on {
+            od.pin(&vp).map(|_| ())
+        } else {
+            match od.unpin(&vp) {
+                Ok(false) if od.pinned_by(p).is_some() => {
+                    // Inside a pinned tree: only that pin can be removed.
+                    return Err(BaseError::Io(std::io::Error::from_raw_os_error(
+                        libc::EPERM,
+                    )));
+                }
+                r => r.map(|_| ()),
+            }
+        };
+        r.map_err(|e| BaseError::Other(format!("{e:#}")))?;
+        Ok(true)
+    }
+
     fn get(&self, p: &str) -> Result<Option<BaseEntry>, BaseError> {
         let view = self.current();
         Ok(view
@@ -393,6 +437,9 @@ impl BaseLayer for VaultBase {
             let n = buf.len().min(bytes.len() - start);
             buf[..n].copy_from_slice(&bytes[start..start + n]);
             return Ok(n);
+        }
+        if let Some(od) = &self.ondemand {
+            od.touch(entry.content.as_bytes(), &e);
         }
         let layout = self.layout(&entry.content, &e.content)?;
         if layout.manifest.size() != e.size {

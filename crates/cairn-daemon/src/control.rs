@@ -11,7 +11,9 @@
 //! answers `ok ADDED GAPS`), `prefetch ROOT_HEX [PATH]` (fetches the content of a past tree,
 //! answers `ok CHUNKS`), `nodes ROOT_HEX PATH` and `diff OLD_HEX NEW_HEX` (fetch the tree
 //! nodes a history listing reads), `prune dry|run WITHIN_MS HOURLY DAILY WEEKLY MONTHLY`
-//! (answers a JSON `PruneReport`). Replies start with `ok` or `err`; `peers` answers `ok` and a
+//! (answers a JSON `PruneReport`), `pin JSON_PATH` (records the pin, fetches the tree with
+//! `progress DONE TOTAL` lines, answers `ok CHUNKS`), `unpin JSON_PATH`, `evict JSON_PATH`
+//! (answers a JSON `EvictReport`), `mode full|on-demand`. Replies start with `ok` or `err`; `peers` answers `ok` and a
 //! JSON [`PeersReply`] (this device's addresses, then every member with its connection state,
 //! path, round-trip time and bytes); `remove` and `rotate` answer with the new key epoch:
 //! `ok [DEVICE] EPOCH` and, on the next line, its recovery phrase (the socket is the owner's
@@ -118,6 +120,24 @@ impl Drop for ControlServer {
 fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
+    // Pinning a large tree, or asking the members about every chunk before an eviction, can
+    // take minutes: on their own threads, so other requests are answered meanwhile (the
+    // fetcher deduplicates concurrent fetches; removals are idempotent).
+    if matches!(line.split_whitespace().next(), Some("pin" | "evict")) {
+        let net = net.clone();
+        std::thread::Builder::new()
+            .name("cairn-control-long".into())
+            .spawn(move || {
+                if let Err(e) = answer(stream, &line, &net) {
+                    tracing::debug!(error = %e, "control request failed");
+                }
+            })?;
+        return Ok(());
+    }
+    answer(stream, &line, net)
+}
+
+fn answer(stream: UnixStream, line: &str, net: &Arc<NetNode>) -> Result<()> {
     let mut words = line.split_whitespace();
     let reply = match (words.next(), words.next()) {
         (Some("invite"), Some("cancel")) => {
@@ -259,6 +279,42 @@ fn handle(stream: UnixStream, net: &Arc<NetNode>) -> Result<()> {
                 Err(e) => format!("err {e:#}\n"),
             }
         }
+        // Files on demand: `pin|unpin|evict JSON_PATH`, `mode full|on-demand`.
+        (Some("pin"), Some(_)) => {
+            let r = json_path(line, "pin").and_then(|p| {
+                net.publisher.vault.ondemand.pin(&p)?;
+                // Progress lines are best effort: a client that went away only stops them.
+                net.fetch_path(&p, |done, total| {
+                    let _ = (&stream).write_all(format!("progress {done} {total}\n").as_bytes());
+                })
+            });
+            match r {
+                Ok(n) => format!("ok {n}\n"),
+                Err(e) => format!("err {e:#}\n"),
+            }
+        }
+        (Some("unpin"), Some(_)) => match json_path(line, "unpin").and_then(|p| {
+            if net.publisher.vault.ondemand.unpin(&p)? {
+                Ok(())
+            } else {
+                bail!("{p} is not pinned itself{}", pinned_note(net, &p))
+            }
+        }) {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("err {e:#}\n"),
+        },
+        (Some("evict"), Some(_)) => match json_path(line, "evict").and_then(|p| net.evict(&p)) {
+            Ok(r) => format!("ok {}\n", serde_json::to_string(&r)?),
+            Err(e) => format!("err {e:#}\n"),
+        },
+        (Some("mode"), Some(m)) => match m
+            .parse::<crate::ondemand::SyncMode>()
+            .map_err(|e| anyhow::anyhow!(e))
+            .and_then(|m| net.publisher.vault.ondemand.set_mode(m))
+        {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("err {e:#}\n"),
+        },
         (Some("rotate"), None) => match net.rotate_keys() {
             Ok(epoch) => format!("ok {}\n{}\n", epoch.number, epoch.secret.to_phrase()),
             Err(e) => format!("err {e:#}\n"),
@@ -283,6 +339,21 @@ fn parse_root(text: &str) -> Result<cairn_tree::NodeId> {
     Ok(cairn_tree::NodeId(bytes.try_into().map_err(|_| {
         anyhow::anyhow!("the tree root is not 32 bytes")
     })?))
+}
+
+/// The vault path of a `WORD JSON_STRING` request (JSON, so any name fits on one line).
+fn json_path(line: &str, word: &str) -> Result<cairn_vault::VaultPath> {
+    let text = line.trim().strip_prefix(word).unwrap_or("").trim();
+    let s: String = serde_json::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{word}: the path is not a JSON string ({e})"))?;
+    cairn_vault::VaultPath::new(&s).map_err(|e| anyhow::anyhow!("{word}: {s:?}: {e}"))
+}
+
+fn pinned_note(net: &NetNode, p: &cairn_vault::VaultPath) -> String {
+    match net.publisher.vault.ondemand.pinned_by(p.as_str()) {
+        Some(pin) => format!(" (it is inside the pin {pin:?}; unpin that)"),
+        None => String::new(),
+    }
 }
 
 fn prefetch(net: &NetNode, root: &str, path: Option<&str>) -> Result<usize> {
@@ -317,6 +388,39 @@ fn resolve_among(members: &[DeviceId], text: &str) -> Result<DeviceId> {
         [] => bail!("no member's device id starts with {text:?}; see `cairn peers`"),
         _ => bail!("{text:?} matches several devices; give more characters of the id"),
     }
+}
+
+/// [`request_within`] for a request that reports progress: every `progress …` line before
+/// the reply goes to `progress` (its words after `progress`).
+pub fn request_with_progress(
+    vault_dir: &Path,
+    line: &str,
+    wait: Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Option<String>> {
+    let path = socket_path(vault_dir);
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(_) => return Ok(None),
+    };
+    stream.set_read_timeout(Some(wait))?;
+    (&stream).write_all(format!("{line}\n").as_bytes())?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    for l in BufReader::new(&stream).lines() {
+        let l = l.context("reading the daemon's reply")?;
+        match l.strip_prefix("progress ") {
+            Some(p) if reply.is_empty() => progress(p),
+            _ => {
+                reply.push_str(&l);
+                reply.push('\n');
+            }
+        }
+    }
+    if let Some(err) = reply.strip_prefix("err ") {
+        bail!("{}", err.trim());
+    }
+    Ok(Some(reply.strip_prefix("ok").unwrap_or(&reply).to_string()))
 }
 
 /// Sends one request to the daemon of `vault_dir`; `Ok(None)` if no daemon runs.

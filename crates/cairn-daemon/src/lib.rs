@@ -21,6 +21,7 @@ mod join;
 mod mount;
 mod names;
 mod net;
+mod ondemand;
 mod open_vault;
 mod prune;
 mod publisher;
@@ -48,13 +49,17 @@ pub use join::{join_vault, recover_vault};
 pub use mount::LiveMount;
 pub use mount::{CacheBudget, mount, sync_only, unmount, writable_mount};
 pub use names::{Labels, ensure_own_name, parse_name, set_own_name};
-pub use net::{DEFAULT_FETCH_TIMEOUT, NetSettings};
+pub use net::{DEFAULT_FETCH_TIMEOUT, EvictReport, NetSettings};
+pub use ondemand::{
+    Local, OnDemand, PinOutcome, SyncMode, evict_paths, local_state, pin_paths, set_sync_mode,
+    unpin_paths,
+};
 pub use open_vault::{OpenVault, now_ms};
 pub use prune::{
     AutoPrune, PruneOptions, PruneReport, PrunedBy, Step as PruneStep, prune, prune_vault,
     record_prune,
 };
-pub use report::{CONFLICT_MARK, DiskInfo, Report, report};
+pub use report::{CONFLICT_MARK, DiskInfo, LocalSummary, Report, ReportOptions, report};
 pub use restore::restore;
 pub use sink::view_of;
 pub use state::{VaultState, default_data_dir, vault_dir};

@@ -300,7 +300,8 @@ pub fn mount(
     let base = Arc::new(
         VaultBase::with_chunk_cache(device.stores.clone(), view_of(source), cache.chunk_bytes)
             .with_remote(device.remote_blobs.clone())
-            .with_faults(device.faults.clone()),
+            .with_faults(device.faults.clone())
+            .with_ondemand(device.ondemand.clone()),
     );
     let publisher = Arc::new(Publisher::with_policy(
         device.clone(),

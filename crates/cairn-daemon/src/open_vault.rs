@@ -34,6 +34,8 @@ pub struct OpenVault {
     pub dir: std::path::PathBuf,
     /// Misbehaviour of members seen while serving this vault, and where content came from.
     pub faults: Arc<PeerFaults>,
+    /// Which content this device keeps (mode and pins).
+    pub ondemand: Arc<crate::ondemand::OnDemand>,
     vault: Mutex<Vault>,
 }
 
@@ -79,6 +81,7 @@ impl OpenVault {
             );
             registry.merge_roster(&vault_id, &[me])?;
         }
+        let ondemand = Arc::new(crate::ondemand::OnDemand::load(&state.dir)?);
         let epochs = Arc::new(state.key_epochs());
         let remote_blobs = Arc::new(LocalOrRemote::new(blobs.clone()));
         let stores =
@@ -105,6 +108,7 @@ impl OpenVault {
             keys: epochs,
             dir: state.dir.clone(),
             faults: Arc::default(),
+            ondemand,
             vault: Mutex::new(vault),
         };
         // Names are cosmetic: a registry that cannot store one still opens.

@@ -10,6 +10,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::faults::{FaultKind, PeerFault};
+use crate::ondemand::{Local, SyncMode, local_state};
 use crate::open_vault::OpenVault;
 use crate::state::VaultState;
 use crate::status::{DaemonStatus, Downloads, PeerStatus};
@@ -49,6 +50,8 @@ pub struct Report {
     pub peer_faults: Vec<PeerFault>,
     /// Space on the disk that holds the state directory; `None` if it could not be read.
     pub disk: Option<DiskInfo>,
+    /// What of the vault's content is on this device (files on demand).
+    pub local: LocalSummary,
 }
 
 #[derive(Serialize)]
@@ -73,6 +76,20 @@ impl DiskInfo {
             full: d.free < reserve,
         })
     }
+}
+
+/// Content on this device against the current state of the vault (plaintext bytes).
+#[derive(Serialize, Default)]
+pub struct LocalSummary {
+    pub mode: SyncMode,
+    pub pins: Vec<String>,
+    pub files: u64,
+    /// Files whose every chunk is here.
+    pub files_local: u64,
+    pub bytes: u64,
+    pub bytes_local: u64,
+    /// Bytes of the files pinned paths cover.
+    pub bytes_pinned: u64,
 }
 
 #[derive(Serialize)]
@@ -104,9 +121,18 @@ pub struct SnapshotInfo {
     pub entries: u64,
 }
 
-/// The report for `state`; `min_free` is the mount's configured disk reserve.
-pub fn report(state: &VaultState, min_free: Option<u64>) -> Result<Report> {
-    let disk = DiskInfo::of(&state.dir, min_free);
+/// What `cairn status` needs from the configuration.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReportOptions {
+    /// The mount's configured disk reserve (`[mount] min_free_mib`).
+    pub min_free: Option<u64>,
+    /// The configuration's `[sync] mode`, for a vault that chose no mode of its own.
+    pub default_mode: SyncMode,
+}
+
+/// The report for `state`.
+pub fn report(state: &VaultState, opts: &ReportOptions) -> Result<Report> {
+    let disk = DiskInfo::of(&state.dir, opts.min_free);
     let live = writable_mount(&state.dir);
     let daemon_status = live.as_ref().and_then(|m| {
         DaemonStatus::read(&state.dir).filter(|s| i64::from(s.pid) == i64::from(m.pid))
@@ -129,8 +155,10 @@ pub fn report(state: &VaultState, min_free: Option<u64>) -> Result<Report> {
             live,
             daemon_status,
             pending_paths,
+            opts.default_mode,
         ));
     };
+    device.ondemand.set_default_mode(opts.default_mode);
     let vault_id = state.secret.vault_id();
     // Paths the ignore rules keep on this device are not pending: they never leave it.
     let (pending_paths, ignored_paths): (Vec<_>, Vec<_>) = {
@@ -155,14 +183,33 @@ pub fn report(state: &VaultState, min_free: Option<u64>) -> Result<Report> {
     };
 
     let head = device.registry.get(&vault_id, &state.device.device_id())?;
+    let mut local = LocalSummary {
+        mode: device.ondemand.mode(),
+        pins: device.ondemand.pins(),
+        ..LocalSummary::default()
+    };
     let (last_snapshot, conflicts) = {
         let vault = device.engine();
         let view = view_of(vault.source());
         let mut conflicts = Vec::new();
         let mut entries = 0u64;
         for item in view.scan(&[], None)? {
-            let (key, _) = item?;
+            let (key, e) = item?;
             entries += 1;
+            if e.kind == cairn_vault::EntryKind::File {
+                let (l, have, total) = local_state(&device.blobs, &e);
+                local.files += 1;
+                local.files_local += u64::from(l == Local::Full);
+                local.bytes += total;
+                local.bytes_local += have;
+                if device
+                    .ondemand
+                    .pinned_by(&String::from_utf8_lossy(&key))
+                    .is_some()
+                {
+                    local.bytes_pinned += total;
+                }
+            }
             if let Ok(k) = cairn_vault::EntryKey::from_bytes(&key)
                 && k.path.name().contains(CONFLICT_MARK)
             {
@@ -217,6 +264,7 @@ pub fn report(state: &VaultState, min_free: Option<u64>) -> Result<Report> {
         last_error: ds.last_error,
         peer_faults,
         disk,
+        local,
     })
 }
 
@@ -235,6 +283,7 @@ fn disk_full_report(
     live: Option<crate::LiveMount>,
     daemon_status: Option<DaemonStatus>,
     pending_paths: Vec<cairn_overlay::PendingPath>,
+    mode: SyncMode,
 ) -> Report {
     let ds = daemon_status.unwrap_or_default();
     let epoch = state.key_epochs().current();
@@ -266,6 +315,10 @@ fn disk_full_report(
         last_error: ds.last_error,
         peer_faults: ds.peer_faults,
         disk,
+        local: LocalSummary {
+            mode,
+            ..LocalSummary::default()
+        },
     }
 }
 
@@ -308,7 +361,7 @@ mod tests {
     fn a_fresh_vault_is_not_mounted_and_has_nothing_pending() {
         let d = tempfile::tempdir().unwrap();
         let s = VaultState::create(d.path(), "v").unwrap();
-        let r = report(&s, None).unwrap();
+        let r = report(&s, &ReportOptions::default()).unwrap();
         assert_eq!(r.state, "not mounted");
         assert_eq!(r.pending_uploads.files, 0);
         assert!(r.last_snapshot.is_none());

@@ -110,6 +110,20 @@ pub trait BaseLayer: Send + Sync {
     fn root_note(&self) -> Option<String> {
         None
     }
+    /// How much of `content` is on this device (`user.cairn.local`: `full`, `partial` or
+    /// `none`); `None` for a layer that holds everything it serves. Must not fetch.
+    fn local_state(&self, _content: &ContentRef) -> Result<Option<&'static str>, BaseError> {
+        Ok(None)
+    }
+    /// Whether `path` is pinned, itself or by an ancestor (`user.cairn.pin`); `None` for a
+    /// layer without pins.
+    fn pinned(&self, _path: &str) -> Option<bool> {
+        None
+    }
+    /// Pins or unpins `path`; `Ok(false)` for a layer without pins.
+    fn set_pin(&self, _path: &str, _on: bool) -> Result<bool, BaseError> {
+        Ok(false)
+    }
 }
 
 #[derive(Default)]

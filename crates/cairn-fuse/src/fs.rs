@@ -619,6 +619,10 @@ impl Filesystem for CairnFs {
         if key == STATUS_XATTR || key == cairn_overlay::LINK_XATTR {
             return reply.error(Errno::EPERM);
         }
+        if crate::local_attrs::is_local_attr(key) {
+            let r = self.set_local_attr(ino.0, key, Some(value));
+            return reply_result!(reply, r, |_v| reply.ok());
+        }
         if let Err(e) = self.core.space.admit(value.len() as u64) {
             return reply.error(e);
         }
@@ -646,6 +650,11 @@ impl Filesystem for CairnFs {
             reply_result!(reply, r, |v| reply_xattr_bytes(reply, size, &v));
             return;
         }
+        if crate::local_attrs::is_local_attr(name.as_bytes()) {
+            let r = self.local_attr(ino.0, name.as_bytes());
+            reply_result!(reply, r, |v| reply_xattr_bytes(reply, size, &v));
+            return;
+        }
         let r = self
             .xattrs_of(ino.0)
             .and_then(|x| x.get(name.as_bytes()).cloned().ok_or(Errno::NO_XATTR));
@@ -667,6 +676,10 @@ impl Filesystem for CairnFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         if name.as_bytes() == STATUS_XATTR || name.as_bytes() == cairn_overlay::LINK_XATTR {
             return reply.error(Errno::EPERM);
+        }
+        if crate::local_attrs::is_local_attr(name.as_bytes()) {
+            let r = self.set_local_attr(ino.0, name.as_bytes(), None);
+            return reply_result!(reply, r, |_v| reply.ok());
         }
         let r = self.modify_xattrs(ino.0, |rec| {
             rec.xattrs

@@ -23,6 +23,7 @@ mod history;
 mod history_fs;
 mod ignore;
 mod links;
+mod local_attrs;
 mod mount;
 mod namespace;
 mod ops;
@@ -35,6 +36,7 @@ pub use base::{BaseChildren, BaseEntry, BaseError, BaseLayer, ContentRef, EntryK
 pub use fs::CairnFs;
 pub use history::{HISTORY_ROOT, HistoryFolder, HistorySource, PastSnapshot};
 pub use ignore::{IGNORE_FILE, IgnoreRules, MAX_RULES_BYTES, read_base_file};
+pub use local_attrs::{LOCAL_XATTR, PIN_XATTR};
 pub use mount::{
     Invalidator, MountError, MountHandle, MountOptionError, MountOptions, is_mounted, lazy_unmount,
     mount,

@@ -44,7 +44,9 @@ use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr};
 use iroh_blobs::api::blobs::{AddPathOptions, ImportMode};
 use iroh_blobs::get::fsm;
-use iroh_blobs::protocol::{ChunkRanges, ChunkRangesSeq, GetManyRequest, GetRequest};
+use iroh_blobs::protocol::{
+    ChunkRanges, ChunkRangesExt, ChunkRangesSeq, GetManyRequest, GetRequest,
+};
 use iroh_blobs::provider::events::{
     AbortReason, ConnectMode, EventMask, EventSender, ObserveMode, ProviderMessage, RequestMode,
     ThrottleMode,
@@ -72,6 +74,8 @@ pub const MAX_CHUNK_BLOB: usize = cairn_store::MAX_CHUNK_SIZE + cairn_store::CHU
 /// How often the serving index drops entries of blobs the cairn store no longer holds (after
 /// `cairn prune`); see [`protect_stored`].
 const INDEX_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Blobs asked about in one [`BlobService::holds_all`] request.
+const HOLD_BATCH: usize = 256;
 /// Blobs [`BlobService::index_local`] imports into the serving index at once.
 const INDEX_AT_ONCE: usize = 8;
 /// Failed blobs in a row after which [`BlobService::fetch_many`] stops asking that peer.
@@ -389,6 +393,71 @@ impl BlobService {
     pub async fn index_local(&self, ids: &[ChunkId]) {
         let hashes = ids.iter().map(|id| Hash::from_bytes(*id.as_bytes()));
         ensure_all_indexed(&self.index, &self.blobs, hashes, INDEX_AT_ONCE).await;
+    }
+
+    /// Whether the peer at the other end of `conn` can serve every blob of `ids` right now.
+    /// For each blob it must send the last 1 KiB group with its bao proof, verified against
+    /// the blob's hash, which proves it holds the end of the blob and its exact size (a
+    /// peer whose serving index still names a blob it removed fails: the data is read from
+    /// its store). One `GetMany` request per [`HOLD_BATCH`] blobs; `Err` when some blob was
+    /// not served (the one named is where the response broke off, at or just before it).
+    pub async fn holds_all(&self, conn: &Connection, ids: &[ChunkId]) -> Result<(), BlobError> {
+        let peer = device_id_of(&conn.remote_id());
+        for batch in ids.chunks(HOLD_BATCH) {
+            let fail = |i: usize, reason: String| fetch_error(batch[i], peer, reason);
+            let hashes: Vec<Hash> = batch
+                .iter()
+                .map(|id| Hash::from_bytes(*id.as_bytes()))
+                .collect();
+            let ranges = ChunkRangesSeq::from_ranges(std::iter::repeat_n(
+                ChunkRanges::last_chunk(),
+                batch.len(),
+            ));
+            let request = GetManyRequest::new(hashes, ranges);
+            let mut child =
+                match fsm::start_get_many(conn.clone(), request, Default::default()).await {
+                    Ok(Ok(child)) => child,
+                    Ok(Err(_closing)) => return Err(fail(0, "the peer sent nothing".into())),
+                    Err(e) => return Err(fail(0, e.to_string())),
+                };
+            let mut done = 0;
+            loop {
+                let i = child.offset() as usize;
+                if i != done || i >= batch.len() {
+                    // A provider that lacks a blob skips it or ends the stream there.
+                    return Err(fail(done.min(batch.len() - 1), "not served".into()));
+                }
+                let header = child.next(Hash::from_bytes(*batch[i].as_bytes()));
+                let (mut content, _size) =
+                    header.next().await.map_err(|e| fail(i, e.to_string()))?;
+                let end = loop {
+                    match content.next().await {
+                        fsm::BlobContentNext::More((next, item)) => {
+                            item.map_err(|e| fail(i, e.to_string()))?;
+                            content = next;
+                        }
+                        fsm::BlobContentNext::Done(end) => break end,
+                    }
+                };
+                done += 1;
+                match end.next() {
+                    fsm::EndBlobNext::MoreChildren(c) => child = c,
+                    fsm::EndBlobNext::Closing(closing) => {
+                        if done < batch.len() {
+                            return Err(fail(done, "not served".into()));
+                        }
+                        if let Err(e) = closing.next().await {
+                            tracing::debug!(
+                                "has-check response from {} ended badly: {e}",
+                                peer.short()
+                            );
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Shuts the serving index down (also done by `Router::shutdown`).

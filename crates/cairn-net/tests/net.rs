@@ -986,3 +986,65 @@ async fn batch_fetch_refuses_non_members() {
         n.shutdown().await;
     }
 }
+
+/// The has-check evict relies on: a peer holding every blob passes, one missing any blob
+/// fails, and so does one that removed a blob after it was indexed for serving (its serving
+/// index still names it, but the data is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_all_is_true_only_for_blobs_the_peer_can_serve() {
+    let (_secret, a, b, c) = trio().await;
+    // Sizes around iroh-blobs' 1 KiB groups and 16 KiB chunk groups, and a tiny one.
+    let mut data = distinct_blobs(5, 70 * 1024, "holds");
+    data.push(b"tiny".to_vec());
+    data.push(vec![7u8; 1024]);
+    let ids: Vec<ChunkId> = data
+        .iter()
+        .map(|d| a.blobs.blob_store().put(d, Durability::Immediate).unwrap())
+        .collect();
+    b.blobs
+        .blob_store()
+        .put(&data[0], Durability::Immediate)
+        .unwrap();
+    let conn_a = c
+        .endpoint
+        .connect(a.addr(), iroh_blobs::ALPN)
+        .await
+        .unwrap();
+    within("A holds all", c.blobs.holds_all(&conn_a, &ids))
+        .await
+        .unwrap();
+    let conn_b = c
+        .endpoint
+        .connect(b.addr(), iroh_blobs::ALPN)
+        .await
+        .unwrap();
+    within("B holds one", c.blobs.holds_all(&conn_b, &ids[..1]))
+        .await
+        .unwrap();
+    // The provider resets the stream at the first blob it lacks, which may cut off the one
+    // before it too: the answer is only "not all of them".
+    within("B lacks some", c.blobs.holds_all(&conn_b, &ids))
+        .await
+        .unwrap_err();
+    // A removes a blob it already served (so it is in its serving index).
+    assert!(a.blobs.blob_store().remove(&ids[3]).unwrap());
+    let conn_a = c
+        .endpoint
+        .connect(a.addr(), iroh_blobs::ALPN)
+        .await
+        .unwrap();
+    within("A lost one", c.blobs.holds_all(&conn_a, &ids))
+        .await
+        .unwrap_err();
+    within(
+        "A still holds the rest",
+        c.blobs.holds_all(&conn_a, &ids[..3]),
+    )
+    .await
+    .unwrap();
+    // Nothing was stored by asking.
+    assert!(!c.blobs.blob_store().has(&ids[1]).unwrap());
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}

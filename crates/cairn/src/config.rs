@@ -24,10 +24,16 @@ pub struct Config {
     pub sync: SyncSettings,
 }
 
-/// `[sync]`: how content missing locally is fetched from the other members.
+/// `[sync]`: what this device fetches, and how content missing locally is fetched from
+/// the other members.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyncSettings {
+    /// `"full"` (every file's content, in the background) or `"on-demand"` (every name, size
+    /// and date, but content only when read or pinned). A vault that chose its own mode
+    /// (`cairn join --mode`, `cairn mode`) keeps it.
+    #[serde(deserialize_with = "sync_mode")]
+    pub mode: cairn_daemon::SyncMode,
     /// How long one member may take to deliver a chunk or tree node before it is given up
     /// on: the next member is asked, and when none delivers, a read of that content fails
     /// with EIO instead of hanging.
@@ -37,6 +43,7 @@ pub struct SyncSettings {
 impl Default for SyncSettings {
     fn default() -> Self {
         Self {
+            mode: cairn_daemon::SyncMode::default(),
             fetch_timeout_secs: cairn_daemon::DEFAULT_FETCH_TIMEOUT.as_secs(),
         }
     }
@@ -47,6 +54,12 @@ impl SyncSettings {
     pub fn fetch_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.fetch_timeout_secs.max(1))
     }
+}
+
+fn sync_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<cairn_daemon::SyncMode, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
 }
 
 /// `[history]`: which snapshots are kept (restic-style, over every member's snapshots) and
@@ -285,13 +298,28 @@ impl Default for MountSettings {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSettings {
     /// Decrypted file chunks kept by the mount (MiB).
     pub chunk_cache_mib: usize,
     /// Decoded tree nodes kept by the engine (MiB).
     pub node_cache_mib: usize,
+    /// On an on-demand device, the local store's budget (GiB, fractions allowed; 0: none):
+    /// past it, the least recently read unpinned content that another member holds is
+    /// evicted.
+    #[serde(deserialize_with = "gib")]
+    pub max_gib: f64,
+}
+
+fn gib<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(serde::de::Error::custom(format!(
+            "{v} is not a size in GiB; give 0 (no budget) or more, such as 20 or 0.5"
+        )));
+    }
+    Ok(v)
 }
 
 impl Default for CacheSettings {
@@ -299,11 +327,18 @@ impl Default for CacheSettings {
         Self {
             chunk_cache_mib: 8,
             node_cache_mib: 32,
+            max_gib: 0.0,
         }
     }
 }
 
 impl CacheSettings {
+    /// The store budget in bytes, if there is one.
+    pub fn max_bytes(&self) -> Option<u64> {
+        let bytes = self.max_gib * (1u64 << 30) as f64;
+        (bytes >= 1.0).then_some(bytes as u64)
+    }
+
     pub fn chunk_cache_bytes(&self) -> usize {
         self.chunk_cache_mib.saturating_mul(1 << 20)
     }
@@ -468,6 +503,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("0.0 to 1.0"), "{err}");
+    }
+
+    #[test]
+    fn the_sync_mode_is_full_or_on_demand() {
+        let c = Config::parse("[sync]\nmode = \"on-demand\"\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.sync.mode, cairn_daemon::SyncMode::OnDemand);
+        assert_eq!(Config::default().sync.mode, cairn_daemon::SyncMode::Full);
+        let err = Config::parse("[sync]\nmode = \"lazy\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("on-demand"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_budget_is_a_size_in_gib() {
+        let c = Config::parse("[cache]\nmax_gib = 0.5\n", Path::new("c.toml")).unwrap();
+        assert_eq!(c.cache.max_bytes(), Some(512 << 20));
+        assert_eq!(Config::default().cache.max_bytes(), None);
+        let err = Config::parse("[cache]\nmax_gib = -1\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GiB"), "{err}");
     }
 
     #[test]

@@ -146,6 +146,11 @@ enum Command {
         /// This device's name, shown to every member (default: the host name).
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// What this device fetches: `full` (every file's content) or `on-demand` (every
+        /// name, size and date; content only when read or pinned). Default: `[sync] mode`
+        /// of the configuration.
+        #[arg(long, value_name = "full|on-demand", value_parser = sync_mode)]
+        mode: Option<daemon::SyncMode>,
     },
     /// Rebuild this device from the vault's recovery phrase (read from stdin) and one
     /// reachable member, then mount at MOUNTPOINT (or only sync with --no-mount).
@@ -160,6 +165,9 @@ enum Command {
         /// This device's name, shown to every member (default: the host name).
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// What this device fetches: `full` or `on-demand` (see `cairn join --help`).
+        #[arg(long, value_name = "full|on-demand", value_parser = sync_mode)]
+        mode: Option<daemon::SyncMode>,
     },
     /// Run the sync daemon without mounting (an always-on replica).
     Sync,
@@ -235,6 +243,32 @@ enum Command {
         /// Only say what would be freed.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Show or set what this device fetches for this vault: `full` (every file's content, in
+    /// the background) or `on-demand` (every name, size and date, but content only when read
+    /// or pinned). Without MODE: the mode and the pins.
+    Mode {
+        #[arg(value_name = "full|on-demand", value_parser = sync_mode)]
+        mode: Option<daemon::SyncMode>,
+    },
+    /// Keep files or whole trees on this device: fetched now (with progress on a terminal)
+    /// and kept up to date as they change. PATH is relative to the vault root or inside the
+    /// mount. Also `setfattr -n user.cairn.pin -v 1 FILE` in the mount.
+    Pin {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<String>,
+    },
+    /// Stop keeping PATHs pinned (their content stays until evicted).
+    Unpin {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<String>,
+    },
+    /// Free the local content of files (on an on-demand device) that another member can
+    /// serve right now; files only this device holds, and pinned ones, are refused. A later
+    /// read fetches them again. The daemon must be running.
+    Evict {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<String>,
     },
     /// Run the mount as a systemd user service.
     Service {
@@ -344,7 +378,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { json } => {
             let report = daemon::report(
                 &VaultState::load(&data_dir, &cli.vault)?,
-                config.mount.min_free_bytes(),
+                &daemon::ReportOptions {
+                    min_free: config.mount.min_free_bytes(),
+                    default_mode: config.sync.mode,
+                },
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -523,12 +560,16 @@ fn run(cli: Cli) -> Result<()> {
             no_mount,
             debounce_ms,
             name,
+            mode,
         } => {
             let name = name.as_deref().map(daemon::parse_name).transpose()?;
             let settings = net_settings(&config);
             let state = daemon::join_vault(&data_dir, &cli.vault, &ticket, settings)?;
             if let Some(name) = name {
                 daemon::set_own_name(&daemon::OpenVault::open(&state)?, name)?;
+            }
+            if let Some(mode) = mode {
+                daemon::set_sync_mode(&state, mode)?;
             }
             eprintln!(
                 "cairn: joined vault {} as device {}",
@@ -542,6 +583,7 @@ fn run(cli: Cli) -> Result<()> {
             mountpoint,
             no_mount,
             name,
+            mode,
         } => {
             let name = name.as_deref().map(daemon::parse_name).transpose()?;
             let settings = net_settings(&config);
@@ -555,6 +597,9 @@ fn run(cli: Cli) -> Result<()> {
             let state = daemon::recover_vault(&data_dir, &cli.vault, &phrase, &from, settings)?;
             if let Some(name) = name {
                 daemon::set_own_name(&daemon::OpenVault::open(&state)?, name)?;
+            }
+            if let Some(mode) = mode {
+                daemon::set_sync_mode(&state, mode)?;
             }
             eprintln!(
                 "cairn: recovered vault {} as new device {}; its data now syncs from the members",
@@ -655,6 +700,68 @@ fn run(cli: Cli) -> Result<()> {
             config.history.policy(),
             dry_run,
         )?,
+        Command::Mode { mode } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            match mode {
+                Some(m) => {
+                    daemon::set_sync_mode(&state, m)?;
+                    println!("this device now fetches {}", describe_mode(m));
+                }
+                None => {
+                    let od = daemon::OnDemand::load(&state.dir)?;
+                    od.set_default_mode(config.sync.mode);
+                    println!("mode: {} ({})", od.mode(), describe_mode(od.mode()));
+                    for p in od.pins() {
+                        println!("pinned: {}", if p.is_empty() { "/" } else { &p });
+                    }
+                }
+            }
+        }
+        Command::Pin { paths } => {
+            let state = VaultState::load(&data_dir, &cli.vault)?;
+            let bar = pin_progress_bar();
+            let done = daemon::pin_paths(&state, &paths, |path, done, total| {
+                if let Some(b) = &bar {
+                    b.set_message(path.to_string());
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            });
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            for (path, outcome) in done? {
+                match outcome {
+                    daemon::PinOutcome::Fetched(n) => {
+                        println!("pinned {path}: {n} chunk(s) fetched, all of it is on this device")
+                    }
+                    daemon::PinOutcome::Recorded => println!(
+                        "pinned {path}; the daemon is not running: it fetches it when it next runs"
+                    ),
+                }
+            }
+        }
+        Command::Unpin { paths } => {
+            daemon::unpin_paths(&VaultState::load(&data_dir, &cli.vault)?, &paths)?;
+            println!(
+                "unpinned {}; the content stays until evicted (`cairn evict`)",
+                paths.join(", ")
+            );
+        }
+        Command::Evict { paths } => {
+            let r = daemon::evict_paths(&VaultState::load(&data_dir, &cli.vault)?, &paths)?;
+            println!(
+                "evicted {} file(s), freed {}",
+                r.evicted_files,
+                status::bytes(r.freed_bytes)
+            );
+            for (path, why) in &r.refused {
+                eprintln!("cairn: kept {path}: {why}");
+            }
+            if !r.refused.is_empty() {
+                bail!("{} file(s) were not evicted (see above)", r.refused.len());
+            }
+        }
         Command::Service { action } => match action {
             ServiceAction::Install { dir } => service::install(
                 &dir,
@@ -715,6 +822,32 @@ fn raise_fd_limit() {
     }
 }
 
+/// `--mode` of `join` / `recover`, and `cairn mode`.
+fn sync_mode(text: &str) -> Result<daemon::SyncMode, String> {
+    text.parse()
+}
+
+fn describe_mode(m: daemon::SyncMode) -> &'static str {
+    match m {
+        daemon::SyncMode::Full => "every file's content, in the background",
+        daemon::SyncMode::OnDemand => "every name, size and date; content only when read or pinned",
+    }
+}
+
+/// `cairn pin`'s progress, on a terminal only.
+fn pin_progress_bar() -> Option<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>20} [{bar:30}] {pos}/{len} chunks, {elapsed} (eta {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    Some(bar)
+}
+
 /// `--ttl` of `cairn invite`.
 fn invitation_ttl(text: &str) -> Result<std::time::Duration, String> {
     lifetime(text, daemon::MAX_INVITATION_TTL, "an invitation")
@@ -766,6 +899,8 @@ fn net_settings(config: &config::Config) -> daemon::NetSettings {
         direct: config.net.direct,
         prune: config.history.auto(),
         fetch_timeout: config.sync.fetch_timeout(),
+        mode: config.sync.mode,
+        cache_max_bytes: config.cache.max_bytes(),
     }
 }
 

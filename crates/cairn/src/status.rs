@@ -86,6 +86,16 @@ pub fn print_human(r: &Report) {
         }
         None => println!("snapshot:  none yet"),
     }
+    let l = &r.local;
+    println!(
+        "local:     {} of {} here ({} of {} files complete), {} pinned; mode {}",
+        bytes(l.bytes_local),
+        bytes(l.bytes),
+        l.files_local,
+        l.files,
+        bytes(l.bytes_pinned),
+        l.mode
+    );
     if r.state == "disk full" && r.last_snapshot.is_none() {
         // Conflicts come from the same databases: say nothing rather than "none".
     } else if r.conflicts.is_empty() {

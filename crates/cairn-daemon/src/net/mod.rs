@@ -25,6 +25,7 @@
 
 mod admission;
 mod fetch;
+mod keep;
 mod pool;
 mod replicate;
 mod session;
@@ -62,6 +63,7 @@ use crate::stores::Remote;
 pub use fetch::DEFAULT_FETCH_TIMEOUT;
 pub(crate) use fetch::Fetcher;
 use fetch::IrohPeers;
+pub use keep::EvictReport;
 use pool::BlobSlots;
 use replicate::Replicator;
 use sync::SyncWorker;
@@ -83,6 +85,10 @@ pub struct NetSettings {
     /// How long one peer may take to deliver a blob before it is given up on (the next
     /// peer is asked, or a read of content only it has fails with EIO).
     pub fetch_timeout: Duration,
+    /// The configuration's sync mode, for a vault that never chose one (see `ondemand`).
+    pub mode: crate::ondemand::SyncMode,
+    /// The local store's budget on an on-demand device (`None`: none; see `keep::reclaim`).
+    pub cache_max_bytes: Option<u64>,
 }
 
 /// How long after start an unreachable relay is reported (once) in the log.
@@ -190,6 +196,8 @@ impl Net {
         );
         let relays_enabled = settings.relays.enabled();
         let fetch_timeout = settings.fetch_timeout;
+        vault_state.ondemand.set_default_mode(settings.mode);
+        let cache_max_bytes = settings.cache_max_bytes;
         let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
         let registry = RegistryProtocol::new(vault_state.registry.clone());
         registry.set_local(me, peer_addrs(&endpoint.addr()));
@@ -246,6 +254,10 @@ impl Net {
                 let _ = replicate_wake.try_send(());
             })));
         }
+        // Pins and mode changes (control socket, xattrs) start a walk at once.
+        vault_state
+            .ondemand
+            .set_waker(Some(node.replicate_wake.clone()));
         vault_state
             .remote_blobs
             .set_remote(Some(Arc::new(fetch::NetRemote {
@@ -285,6 +297,12 @@ impl Net {
                 replicator.run(replicate_rx, &stop)
             })?);
         }
+        if let Some(max) = cache_max_bytes {
+            let node = node.clone();
+            workers.push(spawn_worker("cairn-reclaim", move || {
+                keep::reclaim_loop(&node, max)
+            })?);
+        }
         node.wake_sync();
         node.wake_replicator();
         tracing::info!(device = %me.short(), addrs = ?node.endpoint.addr().ip_addrs().collect::<Vec<_>>(), "network up");
@@ -317,6 +335,7 @@ impl Net {
         self.node.stop_notify.notify_waiters();
         self.node.publisher.set_announcer(None);
         self.node.publisher.vault.remote_blobs.set_remote(None);
+        self.node.publisher.vault.ondemand.set_waker(None);
         let _ = self.node.sync_wake.try_send(());
         let _ = self.node.replicate_wake.try_send(());
         for w in self.workers.drain(..) {

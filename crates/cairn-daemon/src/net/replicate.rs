@@ -18,6 +18,7 @@ use cairn_vault::{Content, EntryKind, VaultError, VaultStores, manifest_of};
 
 use super::RETRY_EVERY;
 use crate::faults::FaultKind;
+use crate::ondemand::SyncMode;
 use crate::open_vault::OpenVault;
 
 /// Chunks gathered before they are fetched (or indexed) as one batch.
@@ -36,8 +37,11 @@ pub(crate) trait ChunkFetch: Send + Sync {
 pub(crate) struct Replicator {
     vault: Arc<OpenVault>,
     fetch: Arc<dyn ChunkFetch>,
-    /// The root whose every chunk is local.
+    /// The root whose every wanted chunk is local.
     caught_up: NodeId,
+    /// The pins and mode `caught_up` was reached under: when they change, what is wanted
+    /// changes everywhere, so the next walk starts from the empty tree.
+    wanted_generation: u64,
 }
 
 fn progress_bar() -> indicatif::ProgressBar {
@@ -60,6 +64,7 @@ impl Replicator {
             vault,
             fetch,
             caught_up: VaultStores::empty_root(),
+            wanted_generation: 0,
         }
     }
 
@@ -90,6 +95,10 @@ impl Replicator {
             let v = self.vault.engine();
             (v.stores().clone(), v.root())
         };
+        let generation = self.vault.ondemand.generation();
+        if generation != self.wanted_generation {
+            self.caught_up = VaultStores::empty_root();
+        }
         if root == self.caught_up {
             return Some(true);
         }
@@ -121,6 +130,26 @@ impl Replicator {
                 continue;
             };
             if entry.kind != EntryKind::File || matches!(entry.content, Content::Inline(_)) {
+                continue;
+            }
+            // An on-demand device fetches nothing of what is not pinned (not even chunk
+            // lists); what it holds of such files, it still serves.
+            let wanted = self
+                .vault
+                .ondemand
+                .wants(String::from_utf8_lossy(&key).as_ref());
+            if !wanted {
+                if let Ok(Some(m)) = manifest_of(self.vault.blobs.as_ref(), &entry.content) {
+                    local.extend(
+                        m.chunks()
+                            .iter()
+                            .map(|c| c.id)
+                            .filter(|id| self.vault.blobs.has(id).unwrap_or(false)),
+                    );
+                }
+                if local.len() >= WALK_BATCH {
+                    self.fetch.index_local(std::mem::take(&mut local));
+                }
                 continue;
             }
             match manifest_of(stores.blobs.as_ref(), &entry.content) {
@@ -169,7 +198,10 @@ impl Replicator {
         }
         if bar.length().unwrap_or(0) > 0 {
             bar.finish_with_message(if complete {
-                "vault complete on this device"
+                match self.vault.ondemand.mode() {
+                    SyncMode::Full => "vault complete on this device",
+                    SyncMode::OnDemand => "pinned content complete on this device",
+                }
             } else {
                 "some chunks could not be fetched yet; retrying"
             });
@@ -180,6 +212,7 @@ impl Replicator {
         }
         if complete {
             self.caught_up = root;
+            self.wanted_generation = generation;
         }
         Some(complete)
     }
