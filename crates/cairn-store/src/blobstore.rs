@@ -206,23 +206,18 @@ impl BlobStore {
             pack::scan(&file, n, len, true).map_err(|e| StoreError::io("reading", &path, e))?
         };
         let dead = self.read_dead(n)?;
-        let mut info = PackInfo {
+        let info = PackInfo {
             file: Arc::new(file),
             len: scan.valid_len,
             live: 0,
             sealed: scan.sealed,
         };
+        st.packs.insert(n, info);
         for (id, loc) in scan.records {
-            if dead.contains(&loc.offset) {
-                continue;
-            }
-            // A second copy (a repack killed before it removed the old pack) stays dead.
-            if let std::collections::hash_map::Entry::Vacant(v) = st.index.entry(id) {
-                v.insert(loc);
-                info.live += loc.record_len();
+            if !dead.contains(&loc.offset) {
+                index_record(st, id, loc);
             }
         }
-        st.packs.insert(n, info);
         Ok(())
     }
 
@@ -261,17 +256,12 @@ impl BlobStore {
             }
             let scan = pack::scan_from(&info.file, n, info.len, len, true)
                 .map_err(|e| StoreError::io("reading", &path, e))?;
-            let mut live = 0;
-            for (id, loc) in scan.records {
-                if let std::collections::hash_map::Entry::Vacant(v) = st.index.entry(id) {
-                    v.insert(loc);
-                    live += loc.record_len();
-                }
-            }
             if let Some(info) = st.packs.get_mut(&n) {
                 info.len = scan.valid_len;
                 info.sealed = scan.sealed;
-                info.live += live;
+            }
+            for (id, loc) in scan.records {
+                index_record(st, id, loc);
             }
         }
         Ok(())
@@ -901,6 +891,20 @@ impl Drop for BlobStore {
         if let Err(e) = self.seal_writer(&mut st) {
             tracing::warn!("closing the blob store: {e}");
         }
+    }
+}
+
+/// Points the index at a record read from a pack. Of two copies of a blob (a repack killed
+/// before it removed the old pack, or two handles that wrote the same blob), the one read
+/// last, in the newer pack, wins; the other counts as dead space for repacking.
+fn index_record(st: &mut State, id: ChunkId, loc: Loc) {
+    if let Some(old) = st.index.insert(id, loc)
+        && let Some(p) = st.packs.get_mut(&old.pack)
+    {
+        p.live = p.live.saturating_sub(old.record_len());
+    }
+    if let Some(p) = st.packs.get_mut(&loc.pack) {
+        p.live += loc.record_len();
     }
 }
 

@@ -129,7 +129,6 @@ pub(crate) struct NetNode {
     pub registry: RegistryProtocol,
     pub pairing: Pairing,
     members: Members,
-    blobs: BlobService,
     peers: Mutex<HashMap<DeviceId, Peer>>,
     handle: tokio::runtime::Handle,
     fetcher: Arc<Fetcher<IrohPeers>>,
@@ -188,13 +187,18 @@ impl Net {
         let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
         let registry = RegistryProtocol::new(vault_state.registry.clone());
         registry.set_local(me, peer_addrs(&endpoint.addr()));
-        let blobs = rt
-            .block_on(BlobService::open(
-                &state.dir.join("serve-index"),
-                vault_state.blobs.clone(),
-                members.clone(),
-            ))
-            .context("opening the blob serving index")?;
+        // Blobs are served straight from the store's packs; the serving index earlier versions
+        // kept beside it is dead weight.
+        let old_index = state.dir.join("serve-index");
+        if old_index.exists()
+            && let Err(e) = std::fs::remove_dir_all(&old_index)
+        {
+            tracing::warn!(path = %old_index.display(), "cannot remove the old serving index: {e}");
+        }
+        let blobs = {
+            let _g = rt.enter();
+            BlobService::open(vault_state.blobs.clone(), members.clone())
+        };
         let router = {
             let _g = rt.enter();
             Router::builder(endpoint.clone())
@@ -214,12 +218,11 @@ impl Net {
             pairing,
             members: members.clone(),
             fetcher: Arc::new(Fetcher::new(
-                IrohPeers::new(weak.clone(), blobs.clone()),
+                IrohPeers::new(weak.clone(), blobs),
                 vault_state.blobs.clone(),
                 stop.clone(),
             )),
             endpoint,
-            blobs,
             peers: Mutex::new(HashMap::new()),
             handle: rt.handle().clone(),
             sync_wake,
@@ -269,7 +272,6 @@ impl Net {
                 Arc::new(fetch::BlockingFetch {
                     fetcher: node.fetcher.clone(),
                     handle: node.handle.clone(),
-                    service: Some(node.blobs.clone()),
                 }),
             );
             let stop = stop.clone();
