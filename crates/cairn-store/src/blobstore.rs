@@ -189,8 +189,14 @@ impl BlobStore {
         } else if try_lock(&file) {
             // Unsealed and nobody writes it: its writer died. Every record is checked, the
             // torn tail goes, and the seal spares the next open this pass.
-            let full =
+            let mut full =
                 pack::scan(&file, n, len, true).map_err(|e| StoreError::io("reading", &path, e))?;
+            if full.valid_len < PACK_MAGIC.len() as u64 {
+                // Created but its first write never reached the disk.
+                file.write_all_at(&PACK_MAGIC, 0)
+                    .map_err(|e| StoreError::io("repairing", &path, e))?;
+                full.valid_len = PACK_MAGIC.len() as u64;
+            }
             tracing::info!(pack = %path.display(), kept = full.valid_len, cut = len - full.valid_len, "repairing a pack left open by a crash");
             seal_at(&file, full.valid_len, &path)?;
             unlock(&file);
@@ -626,11 +632,17 @@ impl BlobStore {
     /// removed (unreferenced) blob back, for the next sweep to remove again.
     fn mark_dead(&self, st: &mut State, loc: Loc) -> Result<()> {
         let path = self.packs_dir.join(pack::dead_name(loc.pack));
+        // At a multiple of 8, not O_APPEND: after a torn entry (a crash mid-write) the next
+        // one overwrites it instead of shifting every later entry.
         OpenOptions::new()
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .open(&path)
-            .and_then(|mut f| f.write_all(&loc.offset.to_le_bytes()))
+            .and_then(|f| {
+                let end = f.metadata()?.len() / 8 * 8;
+                f.write_all_at(&loc.offset.to_le_bytes(), end)
+            })
             .map_err(|e| StoreError::io("marking a removed blob in", &path, e))?;
         st.dead_unsynced.insert(loc.pack);
         Ok(())
