@@ -937,7 +937,12 @@ fn check_format(root: &Path) -> Result<()> {
             })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let temp = root.join(format!("{TEMP_PREFIX}format"));
+            // Unique: handles opening a new store at once each write theirs, and the last
+            // rename wins with the same content.
+            let temp = root.join(format!(
+                "{TEMP_PREFIX}format-{:016x}",
+                rand::random::<u64>()
+            ));
             fs::write(&temp, FORMAT_LINE)
                 .and_then(|()| File::open(&temp)?.sync_all())
                 .and_then(|()| fs::rename(&temp, &path))

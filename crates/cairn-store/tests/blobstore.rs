@@ -425,3 +425,26 @@ fn a_sweep_repacks_mostly_dead_packs() {
         }
     }
 }
+
+/// Handles opening a new store at the same moment all succeed (each writes the format marker).
+#[test]
+fn concurrent_opens_of_a_new_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("new");
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|i: u32| {
+            let (root, barrier) = (root.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let store = BlobStore::open(&root).unwrap();
+                store.put(&i.to_le_bytes(), Durability::Immediate).unwrap()
+            })
+        })
+        .collect();
+    let ids: Vec<ChunkId> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let store = BlobStore::open(&root).unwrap();
+    for id in ids {
+        assert!(store.has(&id).unwrap());
+    }
+}
