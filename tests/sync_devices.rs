@@ -338,29 +338,19 @@ impl Device {
         )
     }
 
-    /// Files in the local content store (`<vault>/store/xx/yyyy…`): path → (inode, mtime ns).
-    fn store_files(&self) -> HashMap<PathBuf, (u64, i128)> {
-        let mut out = HashMap::new();
-        let Ok(rd) = fs::read_dir(self.vault_dir().join("store")) else {
-            return out;
+    /// Blobs in the local content store: hex id → (pack file, offset) of the copy it reads.
+    /// Read through a store handle of the test's own, which only reads a pack the daemon is
+    /// writing (and repairs one a killed daemon left, as the daemon would at its next start).
+    /// A blob fetched a second time is appended to a newer pack and read from there, so its
+    /// location changes.
+    fn store_files(&self) -> HashMap<String, (PathBuf, u64)> {
+        let Ok(store) = cairn_store::BlobStore::open(self.vault_dir().join("store")) else {
+            return HashMap::new();
         };
-        for sub in rd.flatten() {
-            if !sub.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                continue;
-            }
-            let Ok(inner) = fs::read_dir(sub.path()) else {
-                continue;
-            };
-            for f in inner.flatten() {
-                if f.file_name().to_string_lossy().starts_with('.') {
-                    continue; // a temp file being written
-                }
-                if let Ok(md) = f.metadata()
-                    && md.is_file()
-                {
-                    let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
-                    out.insert(f.path(), (md.ino(), mtime));
-                }
+        let mut out = HashMap::new();
+        for id in store.list().unwrap_or_default() {
+            if let Ok(Some(loc)) = store.locate(&id) {
+                out.insert(id.to_hex(), (loc.path, loc.offset));
             }
         }
         out
@@ -1063,7 +1053,7 @@ fn interrupted_large_transfer_resumes_without_refetching() {
     let hash = write_random(&a.path("huge.bin"), BIG, 7);
     // Chunks are ~64 KiB: the file is ~3,200 blobs. B starts fetching once A has flushed and
     // published; it is interrupted twice while it fetches (a tight poll: loopback is fast).
-    let mut kept: HashMap<PathBuf, (u64, i128)> = HashMap::new();
+    let mut kept: HashMap<String, (PathBuf, u64)> = HashMap::new();
     let mut interruptions = Vec::new();
     for (grown, how) in [(300, "SIGTERM"), (1500, "SIGKILL")] {
         let target = before_b + grown;
@@ -1113,15 +1103,15 @@ fn interrupted_large_transfer_resumes_without_refetching() {
         interruptions.iter().any(|(_, had)| had + 10 < total),
         "B had every blob before each interruption ({interruptions:?} of {total}); nothing was tested"
     );
-    // Every blob B had before a restart is still the same file: nothing was fetched twice
-    // (a fetched blob is written to a new file and renamed into place).
+    // Every blob B had before a restart is still where it was: nothing was fetched twice (a
+    // fetched blob is appended to B's pack, and the newest copy is the one read).
     let now = b.store_files();
-    let rewritten: Vec<&PathBuf> = kept
+    let rewritten: Vec<&String> = kept
         .iter()
         .filter(|(p, v)| now.get(*p).is_some_and(|w| w != *v))
         .map(|(p, _)| p)
         .collect();
-    let lost: Vec<&PathBuf> = kept.keys().filter(|p| !now.contains_key(*p)).collect();
+    let lost: Vec<&String> = kept.keys().filter(|p| !now.contains_key(*p)).collect();
     assert!(
         rewritten.is_empty() && lost.is_empty(),
         "{} of {} blobs B had before restarting were fetched again, {} vanished; e.g. {:?}\n{}",
@@ -1686,12 +1676,9 @@ fn try_recover(d: &mut Device, from: &str, phrase: &str) -> CmdOut {
     }
 }
 
-/// Names of the blobs in a device's store (`store/xx/<hex id>`).
+/// Ids (hex) of the blobs in a device's store.
 fn blob_names(d: &Device) -> BTreeSet<String> {
-    d.store_files()
-        .keys()
-        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect()
+    d.store_files().into_keys().collect()
 }
 
 /// A, B and C are members; A removes B. Nothing written afterwards is readable with anything
@@ -1756,11 +1743,12 @@ fn a_removed_device_reads_nothing_new_and_cannot_come_back() {
 
     // B's keys against every blob written since: no header opens with its age key, no tree
     // node with its epochs, and the new nodes name an epoch B does not hold.
-    let new_blobs: Vec<PathBuf> = c
+    let new_blobs: Vec<String> = c
         .store_files()
         .into_keys()
-        .filter(|p| !known_before.contains(&*p.file_name().unwrap().to_string_lossy()))
+        .filter(|id| !known_before.contains(id))
         .collect();
+    let c_store = cairn_store::BlobStore::open(c.vault_dir().join("store")).unwrap();
     assert!(!new_blobs.is_empty());
     let identity: cairn_crypto::AgeIdentity = fs::read_to_string(stolen.path().join("age.key"))
         .unwrap()
@@ -1778,7 +1766,7 @@ fn a_removed_device_reads_nothing_new_and_cannot_come_back() {
     let nodes = cairn_store::EpochMetaSealer::new(b_keys.clone(), "tree node");
     let mut foreign_epoch = 0;
     for p in &new_blobs {
-        let bytes = fs::read(p).unwrap();
+        let bytes = c_store.get(&p.parse().unwrap()).unwrap();
         assert!(
             cairn_crypto::open_sealed(&identity, &bytes).is_err(),
             "B's age key opens {p:?}"
@@ -2878,20 +2866,14 @@ fn history_made_on_one_device_is_listed_and_restorable_on_others() {
     assert!(un.ok(), "{}", un.stderr);
 }
 
-/// Blob ids (file names under `store/`) of `dev` with at least `min` bytes, and their sizes.
+/// Blob ids (hex) of `dev` with at least `min` bytes, and their sizes.
 fn large_blobs(dev: &Device, min: u64) -> BTreeMap<String, u64> {
-    let store = dev.vault_dir().join("store");
+    let store = cairn_store::BlobStore::open(dev.vault_dir().join("store")).unwrap();
     let mut out = BTreeMap::new();
-    for fan in fs::read_dir(&store).unwrap().flatten() {
-        if !fan.path().is_dir() {
-            continue;
-        }
-        for e in fs::read_dir(fan.path()).unwrap().flatten() {
-            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-            let name = e.file_name().to_string_lossy().into_owned();
-            if len >= min && !name.starts_with('.') {
-                out.insert(format!("{}/{name}", fan.file_name().to_string_lossy()), len);
-            }
+    for id in store.list().unwrap() {
+        let len = store.len_of(&id).unwrap().unwrap_or(0);
+        if len >= min {
+            out.insert(id.to_hex(), len);
         }
     }
     out
@@ -2925,8 +2907,12 @@ fn prune_keeps_what_another_members_newest_snapshot_needs() {
     // B lacks v1's chunks from now on: whatever it needs of them must come from A.
     let needed = large_blobs(&b, 16 << 10);
     assert!(needed.len() >= 10, "v1's chunks on B: {needed:?}");
-    for id in needed.keys() {
-        fs::remove_file(b.vault_dir().join("store").join(id)).unwrap();
+    {
+        let store = cairn_store::BlobStore::open(b.vault_dir().join("store")).unwrap();
+        for id in needed.keys() {
+            assert!(store.remove(&id.parse().unwrap()).unwrap());
+        }
+        store.sync().unwrap();
     }
 
     let v2 = write_random(&a.path("f.bin"), 2 << 20, 2);

@@ -3,29 +3,23 @@
 //! A [`ChunkId`] is the blake3 hash of the stored bytes, which is exactly an iroh-blobs
 //! [`Hash`] of a raw blob, so no id mapping is needed.
 //!
-//! **Bridge.** Serving: iroh-blobs' provider needs its own store (it serves from data plus
-//! a bao outboard). We keep an [`FsStore`] as a *serving index* beside the cairn store and
-//! import blobs into it ahead of requests ([`BlobService::index_local`], which the daemon
-//! calls for the chunks of what it publishes) or else on the first authorized request for a
-//! hash, with
-//! [`ImportMode::TryReference`]: the FsStore references the cairn blob file in place (cairn
-//! blob files are immutable; they are only ever replaced by an atomic rename of identical
-//! bytes), so the cost is one blake3 pass to build the outboard (~1/1024 of the blob size on
-//! disk, kept for later requests) and no copy of the data; blobs ≤ 16 KiB are copied into
-//! the FsStore's database instead (iroh-blobs inlines them). If a cairn blob is removed later,
-//! the FsStore reference dangles and requests for it fail; re-importing is a matter of
-//! deleting the serving index directory.
-//! Fetching bypasses the FsStore entirely: [`BlobService::fetch`] runs the iroh-blobs get
+//! **Serving.** iroh-blobs' provider reads through its store protocol (`api::proto::Command`),
+//! not files. [`PackServer`] answers that protocol straight from the cairn store (pack files):
+//! for `ExportBao` it reads the blob (verified against its id), builds its bao outboard in
+//! memory (one blake3 pass; blobs are small) and streams the requested ranges, each 16 KiB
+//! group validated again before it is sent. `Observe` and `BlobStatus` report presence; every
+//! other command is dropped, so its caller gets an error instead of a hang. Nothing is copied
+//! into a second store and there is nothing to index or garbage-collect: a blob `cairn prune`
+//! removed is simply no longer served. This relies on iroh-blobs' store protocol, which is
+//! public but hidden from its docs; the version is pinned and `tests/serve.rs` covers it.
+//!
+//! **Fetching** bypasses the store protocol: [`BlobService::fetch`] runs the iroh-blobs get
 //! state machine, which verifies every 16 KiB group against the requested hash as it
 //! arrives, collects the verified bytes (capped at [`BlobService::max_blob_size`]) and
-//! writes them to the cairn store under that hash (no second hash pass). A peer serving
+//! appends them to the cairn store under that hash (no second hash pass). A peer serving
 //! wrong bytes fails verification and nothing is stored; [`BlobService::fetch_from_any`]
 //! then tries the next peer. [`BlobService::fetch_many`] does the same for a batch of blobs
 //! in one request.
-//!
-//! **Pruning.** The serving index runs iroh-blobs' garbage collection hourly, protecting every
-//! blob the cairn store holds: entries of blobs `cairn prune` removed are dropped (see
-//! [`protect_stored`]).
 //!
 //! Authorization: the endpoint allowlist already refuses non-members on this ALPN; in
 //! addition every connection and every request is intercepted through iroh-blobs' event
@@ -34,15 +28,19 @@
 //! and stream for a batch of blobs) and `Observe` requests are served; `Push` is refused.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use bao_tree::io::BaoContentItem;
+use bao_tree::io::mixed::{EncodedItem, traverse_ranges_validated};
+use bao_tree::io::outboard::PreOrderMemOutboard;
 use cairn_crypto::DeviceId;
 use cairn_store::{BlobStore, ChunkId, Durability};
 use iroh::endpoint::Connection;
 use iroh::{Endpoint, EndpointAddr};
-use iroh_blobs::api::blobs::{AddPathOptions, ImportMode};
+use iroh_blobs::api::blobs::Bitfield;
+use iroh_blobs::api::proto::{
+    BlobStatus, Command, ExportBaoMsg, ExportBaoRequest, ObserveMsg, ObserveRequest,
+};
 use iroh_blobs::get::fsm;
 use iroh_blobs::protocol::{
     ChunkRanges, ChunkRangesExt, ChunkRangesSeq, GetManyRequest, GetRequest,
@@ -51,10 +49,9 @@ use iroh_blobs::provider::events::{
     AbortReason, ConnectMode, EventMask, EventSender, ObserveMode, ProviderMessage, RequestMode,
     ThrottleMode,
 };
-use iroh_blobs::store::fs::FsStore;
-use iroh_blobs::store::fs::options::Options;
-use iroh_blobs::store::{GcConfig, ProtectCb, ProtectOutcome};
-use iroh_blobs::{BlobFormat, BlobsProtocol, Hash};
+use iroh_blobs::store::IROH_BLOCK_SIZE;
+use iroh_blobs::store::mem::MemStore;
+use iroh_blobs::{BlobsProtocol, Hash};
 
 use crate::endpoint::{Members, device_id_of};
 
@@ -71,20 +68,15 @@ pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 * 1024 * 1024;
 /// announced size is the peer's claim until the last group verifies, so a larger blob's buffer
 /// grows with bytes already verified against the requested hash instead.
 pub const MAX_CHUNK_BLOB: usize = cairn_store::MAX_CHUNK_SIZE + cairn_store::CHUNK_OVERHEAD;
-/// How often the serving index drops entries of blobs the cairn store no longer holds (after
-/// `cairn prune`); see [`protect_stored`].
-const INDEX_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Blobs asked about in one [`BlobService::holds_all`] request.
 const HOLD_BATCH: usize = 256;
-/// Blobs [`BlobService::index_local`] imports into the serving index at once.
-const INDEX_AT_ONCE: usize = 8;
+/// Store-protocol commands waiting for [`PackServer`]; the provider sends one per request.
+const SERVER_QUEUE: usize = 64;
 /// Failed blobs in a row after which [`BlobService::fetch_many`] stops asking that peer.
 const MAX_FAILURES_IN_A_ROW: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
-    #[error("cannot open the blob serving index at {path}: {reason}")]
-    Open { path: String, reason: String },
     #[error("cannot connect to peer {peer} for blobs: {reason}")]
     Connect { peer: String, reason: String },
     #[error(
@@ -106,42 +98,18 @@ pub enum BlobError {
 /// Serves local blobs to members and fetches missing ones from peers.
 #[derive(Debug, Clone)]
 pub struct BlobService {
-    index: FsStore,
+    /// The store protocol client [`PackServer`] answers; the provider reads through it.
+    server: iroh_blobs::api::Store,
     blobs: Arc<BlobStore>,
     protocol: BlobsProtocol,
     max_blob_size: u64,
 }
 
 impl BlobService {
-    /// Opens the serving index in `index_dir` (created if needed; it holds only bao
-    /// outboards and references, never needs a backup) for the cairn store `blobs`.
-    /// Must be called inside a tokio runtime (it spawns the authorization task).
-    pub async fn open(
-        index_dir: &Path,
-        blobs: Arc<BlobStore>,
-        members: Members,
-    ) -> Result<Self, BlobError> {
-        Self::open_with_gc(index_dir, blobs, members, INDEX_GC_EVERY).await
-    }
-
-    /// [`open`](Self::open) with the serving index's cleanup every `gc_every` (tests).
-    async fn open_with_gc(
-        index_dir: &Path,
-        blobs: Arc<BlobStore>,
-        members: Members,
-        gc_every: std::time::Duration,
-    ) -> Result<Self, BlobError> {
-        let mut options = Options::new(index_dir);
-        options.gc = Some(GcConfig {
-            interval: gc_every,
-            add_protected: Some(protect_stored(blobs.clone())),
-        });
-        let index = FsStore::load_with_opts(index_dir.join("blobs.db"), options)
-            .await
-            .map_err(|e| BlobError::Open {
-                path: index_dir.display().to_string(),
-                reason: e.to_string(),
-            })?;
+    /// Serves the cairn store `blobs` to `members`. Must be called inside a tokio runtime (it
+    /// spawns the authorization task and the store server).
+    pub fn open(blobs: Arc<BlobStore>, members: Members) -> Self {
+        let server = PackServer::spawn(blobs.clone());
         let mask = EventMask {
             connected: ConnectMode::Intercept,
             get: RequestMode::Intercept,
@@ -151,18 +119,18 @@ impl BlobService {
             throttle: ThrottleMode::None,
         };
         let (events, rx) = EventSender::channel(64, mask);
-        tokio::spawn(authorize(rx, members, index.clone(), blobs.clone()));
-        let protocol = BlobsProtocol::new(&index, Some(events));
-        Ok(Self {
-            index,
+        tokio::spawn(authorize(rx, members));
+        let protocol = BlobsProtocol::new(&server, Some(events));
+        Self {
+            server,
             blobs,
             protocol,
             max_blob_size: DEFAULT_MAX_BLOB_SIZE,
-        })
+        }
     }
 
     /// The handler to register on the router under [`iroh_blobs::ALPN`]. Note that shutting
-    /// the router down also shuts the serving index down.
+    /// the router down also stops the store server.
     pub fn protocol(&self) -> BlobsProtocol {
         self.protocol.clone()
     }
@@ -387,19 +355,10 @@ impl BlobService {
             .unwrap_or(false)
     }
 
-    /// Makes local blobs servable ahead of the first request for them, so the cost of
-    /// indexing them (an outboard pass and database writes per blob) is not paid on a
-    /// peer's request path. Blobs not in the local store are skipped.
-    pub async fn index_local(&self, ids: &[ChunkId]) {
-        let hashes = ids.iter().map(|id| Hash::from_bytes(*id.as_bytes()));
-        ensure_all_indexed(&self.index, &self.blobs, hashes, INDEX_AT_ONCE).await;
-    }
-
     /// Whether the peer at the other end of `conn` can serve every blob of `ids` right now.
     /// For each blob it must send the last 1 KiB group with its bao proof, verified against
-    /// the blob's hash, which proves it holds the end of the blob and its exact size (a
-    /// peer whose serving index still names a blob it removed fails: the data is read from
-    /// its store). One `GetMany` request per [`HOLD_BATCH`] blobs; `Err` when some blob was
+    /// the blob's hash, which proves it holds the end of the blob and its exact size (blobs
+    /// are served straight from the peer's packs, so one it removed is not served). One `GetMany` request per [`HOLD_BATCH`] blobs; `Err` when some blob was
     /// not served (the one named is where the response broke off, at or just before it).
     pub async fn holds_all(&self, conn: &Connection, ids: &[ChunkId]) -> Result<(), BlobError> {
         let peer = device_id_of(&conn.remote_id());
@@ -460,9 +419,9 @@ impl BlobService {
         Ok(())
     }
 
-    /// Shuts the serving index down (also done by `Router::shutdown`).
+    /// Stops the store server (also done by `Router::shutdown`).
     pub async fn shutdown(&self) {
-        let _ = self.index.shutdown().await;
+        let _ = self.server.shutdown().await;
     }
 }
 
@@ -581,14 +540,8 @@ fn still_member(conns: &HashMap<u64, DeviceId>, members: &Members, connection: u
     conns.get(&connection).is_some_and(|d| members.contains(d))
 }
 
-/// Answers the provider's intercepted events: members only, and lazily imports requested
-/// blobs from the cairn store into the serving index.
-async fn authorize(
-    mut rx: tokio::sync::mpsc::Receiver<ProviderMessage>,
-    members: Members,
-    index: FsStore,
-    blobs: Arc<BlobStore>,
-) {
+/// Answers the provider's intercepted events: members only.
+async fn authorize(mut rx: tokio::sync::mpsc::Receiver<ProviderMessage>, members: Members) {
     let mut conns: HashMap<u64, DeviceId> = HashMap::new();
     while let Some(msg) = rx.recv().await {
         match msg {
@@ -610,28 +563,20 @@ async fn authorize(
                 conns.remove(&msg.connection_id);
             }
             ProviderMessage::GetRequestReceived(msg) => {
-                if !still_member(&conns, &members, msg.connection_id) {
-                    msg.tx.send(Err(AbortReason::Permission)).await.ok();
-                    continue;
-                }
-                let (index, blobs) = (index.clone(), blobs.clone());
-                tokio::spawn(async move {
-                    ensure_indexed(&index, &blobs, msg.request.hash).await;
-                    msg.tx.send(Ok(())).await.ok();
-                });
+                let res = if still_member(&conns, &members, msg.connection_id) {
+                    Ok(())
+                } else {
+                    Err(AbortReason::Permission)
+                };
+                msg.tx.send(res).await.ok();
             }
             ProviderMessage::GetManyRequestReceived(msg) => {
-                if !still_member(&conns, &members, msg.connection_id) {
-                    msg.tx.send(Err(AbortReason::Permission)).await.ok();
-                    continue;
-                }
-                let (index, blobs) = (index.clone(), blobs.clone());
-                tokio::spawn(async move {
-                    // A request is already bounded (the fetcher's batch size): all at once.
-                    let hashes = msg.request.hashes.iter().copied();
-                    ensure_all_indexed(&index, &blobs, hashes, usize::MAX).await;
-                    msg.tx.send(Ok(())).await.ok();
-                });
+                let res = if still_member(&conns, &members, msg.connection_id) {
+                    Ok(())
+                } else {
+                    Err(AbortReason::Permission)
+                };
+                msg.tx.send(res).await.ok();
             }
             ProviderMessage::ObserveRequestReceived(msg) => {
                 let res = if still_member(&conns, &members, msg.connection_id) {
@@ -646,125 +591,116 @@ async fn authorize(
     }
 }
 
-/// [`ensure_indexed`] for many blobs, `at_once` at a time: each import mostly waits on the
-/// serving index's actor and the disk, so they overlap well.
-async fn ensure_all_indexed(
-    index: &FsStore,
-    blobs: &Arc<BlobStore>,
-    hashes: impl IntoIterator<Item = Hash>,
-    at_once: usize,
-) {
-    let mut set = tokio::task::JoinSet::new();
-    for hash in hashes {
-        while set.len() >= at_once {
-            set.join_next().await;
-        }
-        let (index, blobs) = (index.clone(), blobs.clone());
-        set.spawn(async move { ensure_indexed(&index, &blobs, hash).await });
-    }
-    while set.join_next().await.is_some() {}
-}
+/// Answers iroh-blobs' store protocol from the cairn store, for the provider (see the module
+/// docs). Read-only: peers cannot push, and fetching writes to the cairn store directly.
+struct PackServer;
 
-/// The serving index's garbage collection keeps exactly what the cairn store holds: every
-/// entry is only a reference to (or, for small blobs, a copy of) a cairn blob, so once a prune
-/// removed the blob its entry goes too. A blob pruned and fetched again between the listing
-/// and the index's sweep is merely re-imported on its next request. If the store cannot be
-/// listed, the run is skipped.
-fn protect_stored(blobs: Arc<BlobStore>) -> ProtectCb {
-    Arc::new(move |live| {
-        let blobs = blobs.clone();
-        Box::pin(async move {
-            match tokio::task::spawn_blocking(move || blobs.list()).await {
-                Ok(Ok(ids)) => {
-                    live.extend(ids.into_iter().map(|id| Hash::from_bytes(id.0)));
-                    ProtectOutcome::Continue
+impl PackServer {
+    fn spawn(blobs: Arc<BlobStore>) -> iroh_blobs::api::Store {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Command>(SERVER_QUEUE);
+        tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    Command::ExportBao(ExportBaoMsg {
+                        inner: ExportBaoRequest { hash, ranges, .. },
+                        tx,
+                        ..
+                    }) => {
+                        tokio::spawn(export_bao(blobs.clone(), hash, ranges, tx));
+                    }
+                    Command::Observe(ObserveMsg {
+                        inner: ObserveRequest { hash },
+                        tx,
+                        ..
+                    }) => {
+                        let size = local_size(&blobs, hash).await;
+                        let bitfield = size.map_or_else(Bitfield::empty, Bitfield::complete);
+                        tx.send(bitfield).await.ok();
+                    }
+                    Command::BlobStatus(msg) => {
+                        let status = match local_size(&blobs, msg.inner.hash).await {
+                            Some(size) => BlobStatus::Complete { size },
+                            None => BlobStatus::NotFound,
+                        };
+                        msg.tx.send(status).await.ok();
+                    }
+                    Command::Shutdown(msg) => {
+                        msg.tx.send(()).await.ok();
+                        break;
+                    }
+                    // Dropping the message drops its reply channel: the caller gets an error.
+                    other => drop(other),
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!("serving index cleanup skipped: cannot list the store: {e}");
-                    ProtectOutcome::Abort
-                }
-                Err(_) => ProtectOutcome::Abort,
             }
-        })
-    })
+        });
+        MemStore::from_sender(tx.into()).into()
+    }
 }
 
-/// Makes sure the serving index can serve `hash` if the cairn store has it.
-async fn ensure_indexed(index: &FsStore, blobs: &BlobStore, hash: Hash) {
-    if index.blobs().has(hash).await.unwrap_or(false) {
-        return;
-    }
-    let path = blobs.path_of(&ChunkId(*hash.as_bytes()));
-    if !path.is_file() {
-        return; // The provider answers "not found".
-    }
-    // The serving index runs on its own threads and refuses relative paths.
-    let path = std::path::absolute(&path).unwrap_or(path);
-    let options = AddPathOptions {
-        path,
-        format: BlobFormat::Raw,
-        mode: ImportMode::TryReference,
+async fn local_size(blobs: &Arc<BlobStore>, hash: Hash) -> Option<u64> {
+    let blobs = blobs.clone();
+    let id = ChunkId(*hash.as_bytes());
+    tokio::task::spawn_blocking(move || blobs.len_of(&id).ok().flatten())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Streams `ranges` of blob `hash` in bao format. A blob that is missing or corrupt ends the
+/// stream with an error (the provider then resets the request): never unverified bytes.
+async fn export_bao(
+    blobs: Arc<BlobStore>,
+    hash: Hash,
+    ranges: ChunkRanges,
+    tx: irpc::channel::mpsc::Sender<EncodedItem>,
+) {
+    let id = ChunkId(*hash.as_bytes());
+    let read = tokio::task::spawn_blocking(move || {
+        // `get` checks the bytes against the id; the outboard is then built from them.
+        let bytes = blobs.get(&id)?;
+        let outboard = PreOrderMemOutboard::create(&bytes, IROH_BLOCK_SIZE);
+        Ok::<_, cairn_store::StoreError>((bytes, outboard))
+    })
+    .await;
+    let (bytes, outboard) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(e)) => {
+            tracing::debug!(blob = %id, "not serving: {e}");
+            let e = std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string());
+            tx.send(EncodedItem::Error(bao_tree::io::EncodeError::Io(e)))
+                .await
+                .ok();
+            return;
+        }
+        Err(e) => {
+            let e = std::io::Error::other(e.to_string());
+            tx.send(EncodedItem::Error(bao_tree::io::EncodeError::Io(e)))
+                .await
+                .ok();
+            return;
+        }
     };
-    // No named tag keeps the entry: the serving index runs no garbage collection
-    // (`FsStore::load` leaves `Options::gc` unset), so untagged entries stay, and a tag
-    // per blob cost a database write per first request.
-    match index.blobs().add_path_with_opts(options).temp_tag().await {
-        Ok(tt) if tt.hash() == hash => {}
-        Ok(tt) => tracing::warn!(
-            "local blob {hash} is corrupt on disk (hashes to {}); not serving it",
-            tt.hash()
-        ),
-        Err(e) => tracing::warn!("cannot index local blob {hash} for serving: {e}"),
+    let mut sender = IrpcSender(tx);
+    let data = bytes::Bytes::from(bytes);
+    if let Err(e) = traverse_ranges_validated(data, outboard, &ranges, &mut sender).await {
+        tracing::debug!(blob = %id, "serving ended early: {e}");
+    }
+}
+
+/// iroh-blobs' own adapter from the irpc channel to bao-tree's `Sender` is private.
+struct IrpcSender(irpc::channel::mpsc::Sender<EncodedItem>);
+
+impl bao_tree::io::mixed::Sender for IrpcSender {
+    type Error = irpc::channel::SendError;
+
+    async fn send(&mut self, item: EncodedItem) -> Result<(), Self::Error> {
+        self.0.send(item).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// After a prune removed a blob from the cairn store, the serving index drops it too; blobs
-    /// still stored stay servable.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_serving_index_forgets_pruned_blobs() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(BlobStore::open(dir.path().join("store")).unwrap());
-        // Large enough to be referenced, not inlined, and one small (copied into the index).
-        let kept = store
-            .put(&vec![7u8; 40_000], Durability::Immediate)
-            .unwrap();
-        let pruned = store
-            .put(&vec![9u8; 40_000], Durability::Immediate)
-            .unwrap();
-        let small = store
-            .put(b"a small pruned node", Durability::Immediate)
-            .unwrap();
-        let service = BlobService::open_with_gc(
-            &dir.path().join("index"),
-            store.clone(),
-            Members::new([]),
-            std::time::Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
-        service.index_local(&[kept, pruned, small]).await;
-        let has = |id: ChunkId| {
-            let index = service.index.clone();
-            async move { index.blobs().has(Hash::from_bytes(id.0)).await.unwrap() }
-        };
-        assert!(has(kept).await && has(pruned).await && has(small).await);
-        store.remove(&pruned).unwrap();
-        store.remove(&small).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while has(pruned).await || has(small).await {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the serving index still lists pruned blobs"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        assert!(has(kept).await);
-        service.shutdown().await;
-    }
 
     #[test]
     fn a_fetch_reserves_at_most_one_sealed_chunk() {

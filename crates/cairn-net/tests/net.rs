@@ -53,9 +53,7 @@ impl Node {
             assert!(s.ip().is_loopback(), "bound to {s}");
         }
         let store = Arc::new(BlobStore::open(dir.path().join("blobs")).unwrap());
-        let blobs = BlobService::open(&dir.path().join("serve-index"), store, members.clone())
-            .await
-            .unwrap();
+        let blobs = BlobService::open(store, members.clone());
         let registry = RegistryProtocol::new(Arc::new(registry));
         let router = Router::builder(endpoint.clone())
             .accept(REGISTRY_ALPN, registry.clone())
@@ -541,17 +539,18 @@ async fn blob_fetch_verified_missing_and_tampered() {
     assert!(err.to_string().contains(&missing.to_hex()), "{err}");
     assert!(!c.blobs.blob_store().has(&missing).unwrap());
 
-    // Tamper with A's copy in place (A already indexed it for serving, so it will stream the
-    // changed bytes under the original hash). A fresh node must reject A's data and get the
-    // blob from B instead.
+    // Tamper with A's copy in place (A re-hashes what it serves and refuses it; the client
+    // would reject changed bytes under the original hash anyway). A fresh node gets nothing
+    // from A and the blob from B instead.
     {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new()
+        use std::os::unix::fs::FileExt;
+        let loc = a.blobs.blob_store().locate(&id).unwrap().unwrap();
+        let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(a.blobs.blob_store().path_of(&id))
+            .open(&loc.path)
             .unwrap();
-        f.seek(SeekFrom::Start(3 * 1024 * 1024 + 17)).unwrap();
-        f.write_all(b"tampered").unwrap();
+        f.write_all_at(b"tampered", loc.offset + 3 * 1024 * 1024 + 17)
+            .unwrap();
         f.sync_all().unwrap();
     }
     let d_key = DeviceKey::generate();
@@ -901,18 +900,18 @@ async fn batch_fetch_stores_good_blobs_and_rejects_a_tampered_one() {
     }
     assert!(!c.blobs.blob_store().has(&missing).unwrap());
 
-    // Tamper with A's copy of the third blob (already indexed for serving). A fresh node
+    // Tamper with A's copy of the third blob (A refuses to serve it). A fresh node
     // fetching the batch from A keeps the five good blobs and rejects the bad one, then gets
     // that one from B.
     let bad = ids[2];
     {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new()
+        use std::os::unix::fs::FileExt;
+        let loc = a.blobs.blob_store().locate(&bad).unwrap().unwrap();
+        let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(a.blobs.blob_store().path_of(&bad))
+            .open(&loc.path)
             .unwrap();
-        f.seek(SeekFrom::Start(50 * 1024)).unwrap();
-        f.write_all(b"tampered").unwrap();
+        f.write_all_at(b"tampered", loc.offset + 50 * 1024).unwrap();
         f.sync_all().unwrap();
     }
     let d = Node::spawn(&secret, &[], DeviceKey::generate()).await;

@@ -75,9 +75,7 @@ impl Node {
             assert!(s.ip().is_loopback(), "bound to {s}");
         }
         let store = Arc::new(cairn_store::BlobStore::open(dir.path().join("blobs")).unwrap());
-        let blobs = BlobService::open(&dir.path().join("serve-index"), store, members.clone())
-            .await
-            .unwrap();
+        let blobs = BlobService::open(store, members.clone());
         let registry = RegistryProtocol::new(Arc::new(registry));
         let router = Router::builder(endpoint.clone())
             .accept(REGISTRY_ALPN, registry.clone())

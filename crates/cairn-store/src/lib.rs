@@ -18,9 +18,10 @@ pub mod error;
 pub mod file;
 pub mod id;
 pub mod meta;
+mod pack;
 pub mod sweep;
 
-pub use blobstore::{BlobIter, BlobReader, BlobStore, Durability};
+pub use blobstore::{BlobIter, BlobLocation, BlobReader, BlobStore, Durability, PACK_TARGET};
 pub use chunk::{AVG_CHUNK_SIZE, Chunk, Chunker, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 pub use cipher::{CHUNK_OVERHEAD, ChunkKey, ChunkSealer, SealedChunk, open_chunk};
 pub use error::{Result, StoreError};

@@ -14,16 +14,18 @@
 //! already present. Either the record comes first and the sweep keeps the blob, or the removal
 //! comes first and the put finds nothing and writes the blob again.
 //!
-//! Why a kill at any point is harmless: the sweep only ever unlinks whole blobs that were
-//! garbage when it started; each unlink is atomic, and nothing else is changed. A killed sweep
-//! leaves some garbage behind for the next one.
+//! Removing a blob only marks its pack record dead; the space comes back when the sweep then
+//! **repacks**: a pack mostly garbage is rewritten by copying its live records into the
+//! current pack, fsyncing that, and only then deleting the old pack (see
+//! [`BlobStore::repack`]). Packs are picked by [`BlobStore::repack_candidates`]: every pack
+//! under half live, then more until dead bytes are at most a sixth of the store.
 //!
-//! Only this module deletes blobs for collection, so when blobs move into pack files the same
-//! entry point can repack instead of unlinking.
+//! Why a kill at any point is harmless: a removal mark only ever names a record that was
+//! garbage when the sweep started (a lost mark merely keeps garbage), and a repack deletes a
+//! pack only after copies of its live records are durable (a kill in between leaves two good
+//! copies). A killed sweep leaves some garbage behind for the next one.
 
 use std::collections::HashSet;
-use std::fs;
-use std::io;
 use std::ops::ControlFlow;
 use std::time::Duration;
 
@@ -46,6 +48,10 @@ pub struct SweepReport {
     pub kept_touched: u64,
     /// Stale temp files of crashed writers removed before the sweep.
     pub temps: u64,
+    /// Packs rewritten to give the space of removed blobs back, and the bytes that freed
+    /// on disk.
+    pub repacked: u64,
+    pub repacked_bytes: u64,
 }
 
 /// How far a sweep got; handed to the progress callback after every blob.
@@ -76,26 +82,14 @@ impl BlobStore {
         *touched = Some(HashSet::new());
         Ok(Sweep { store: self })
     }
-
-    /// How many blobs the store holds and their total size in bytes (one directory walk).
-    pub fn usage(&self) -> Result<(u64, u64)> {
-        let (mut n, mut bytes) = (0, 0);
-        for id in self.iter()? {
-            let id = id?;
-            if let Ok(m) = fs::metadata(self.path_of(&id)) {
-                n += 1;
-                bytes += m.len();
-            }
-        }
-        Ok((n, bytes))
-    }
 }
 
 impl Sweep<'_> {
     /// Removes every blob for which `is_live` is false and that no writer touched since
     /// [`BlobStore::begin_sweep`] (a dry run only counts them). Stale temp files go first.
     /// `progress` sees every step and may stop the sweep early (`Break`): what was removed so
-    /// far stays removed, the rest is left for the next sweep.
+    /// far stays removed, the rest is left for the next sweep. A sweep that ran to the end
+    /// then repacks what is mostly garbage.
     pub fn sweep(
         &self,
         is_live: impl Fn(&ChunkId) -> bool,
@@ -110,11 +104,8 @@ impl Sweep<'_> {
             let id = id?;
             r.examined += 1;
             if !is_live(&id) {
-                let path = self.store.path_of(&id);
-                let len = match fs::metadata(&path) {
-                    Ok(m) => m.len(),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(StoreError::io("reading the size of", &path, e)),
+                let Some(len) = self.store.len_of(&id)? else {
+                    continue;
                 };
                 r.garbage += 1;
                 r.garbage_bytes += len;
@@ -135,8 +126,15 @@ impl Sweep<'_> {
                 removed_bytes: r.removed_bytes,
             };
             if progress(step).is_break() {
-                break;
+                return Ok(r);
             }
+        }
+        if !dry_run {
+            for n in self.store.repack_candidates() {
+                r.repacked_bytes += self.store.repack(n)?;
+                r.repacked += 1;
+            }
+            self.store.sync()?;
         }
         Ok(r)
     }

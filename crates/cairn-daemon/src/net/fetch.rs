@@ -393,8 +393,13 @@ impl BlobPeers for IrohPeers {
             log_fetch_error(peer, &id, &e);
             return Err(e.to_string());
         }
-        let path = self.service.blob_store().path_of(&id);
-        Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+        Ok(self
+            .service
+            .blob_store()
+            .len_of(&id)
+            .ok()
+            .flatten()
+            .unwrap_or(0))
     }
 
     async fn fetch_many(
@@ -471,8 +476,6 @@ impl<P: BlobPeers> Remote for NetRemote<P> {
 pub(crate) struct BlockingFetch<P> {
     pub fetcher: Arc<Fetcher<P>>,
     pub handle: tokio::runtime::Handle,
-    /// Where local chunks are made servable; `None` where nothing serves (tests).
-    pub service: Option<BlobService>,
 }
 
 impl<P: BlobPeers> super::replicate::ChunkFetch for BlockingFetch<P> {
@@ -480,13 +483,6 @@ impl<P: BlobPeers> super::replicate::ChunkFetch for BlockingFetch<P> {
         let (fetcher, bar) = (self.fetcher.clone(), progress.clone());
         self.handle
             .block_on(async move { fetcher.fetch_many(ids, Some(&bar)).await })
-    }
-
-    fn index_local(&self, ids: Vec<ChunkId>) {
-        if let Some(service) = &self.service {
-            self.handle
-                .block_on(async move { service.index_local(&ids).await });
-        }
     }
 }
 

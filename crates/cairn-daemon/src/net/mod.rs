@@ -139,10 +139,11 @@ pub(crate) struct NetNode {
     pub registry: RegistryProtocol,
     pub pairing: Pairing,
     members: Members,
-    blobs: BlobService,
     peers: Mutex<HashMap<DeviceId, Peer>>,
     handle: tokio::runtime::Handle,
     fetcher: Arc<Fetcher<IrohPeers>>,
+    /// This device's blob protocol: asking members what they hold (`keep`).
+    blobs: BlobService,
     sync_wake: SyncSender<()>,
     replicate_wake: SyncSender<()>,
     /// Woken when the roster changed: sessions re-exchange it, idle dialers retry.
@@ -201,13 +202,18 @@ impl Net {
         let endpoint = rt.block_on(bind_persistent(state, settings, &members, &pairing))?;
         let registry = RegistryProtocol::new(vault_state.registry.clone());
         registry.set_local(me, peer_addrs(&endpoint.addr()));
-        let blobs = rt
-            .block_on(BlobService::open(
-                &state.dir.join("serve-index"),
-                vault_state.blobs.clone(),
-                members.clone(),
-            ))
-            .context("opening the blob serving index")?;
+        // Blobs are served straight from the store's packs; the serving index earlier versions
+        // kept beside it is dead weight.
+        let old_index = state.dir.join("serve-index");
+        if old_index.exists()
+            && let Err(e) = std::fs::remove_dir_all(&old_index)
+        {
+            tracing::warn!(path = %old_index.display(), "cannot remove the old serving index: {e}");
+        }
+        let blobs = {
+            let _g = rt.enter();
+            BlobService::open(vault_state.blobs.clone(), members.clone())
+        };
         let router = {
             let _g = rt.enter();
             Router::builder(endpoint.clone())
@@ -234,8 +240,8 @@ impl Net {
                 )
                 .with_timeout(fetch_timeout),
             ),
-            endpoint,
             blobs,
+            endpoint,
             peers: Mutex::new(HashMap::new()),
             handle: rt.handle().clone(),
             sync_wake,
@@ -289,7 +295,6 @@ impl Net {
                 Arc::new(fetch::BlockingFetch {
                     fetcher: node.fetcher.clone(),
                     handle: node.handle.clone(),
-                    service: Some(node.blobs.clone()),
                 }),
             );
             let stop = stop.clone();

@@ -2,7 +2,7 @@
 //!
 //! Woken by merges (they bring chunks we lack) and by local publishes (they bring chunks
 //! peers will ask for), it walks what changed since it last caught up, fetches every chunk
-//! the current state references that is not local, and makes the local ones servable. A walk
+//! the current state references that is not local. A walk
 //! that could not finish (a peer was unreachable, a chunk list not fetched yet) is repeated
 //! every [`RETRY_EVERY`] until it does; lists are flushed in bounded batches so a huge vault
 //! never builds a huge list. On a terminal it draws a progress bar (indicatif hides itself
@@ -29,9 +29,6 @@ pub(crate) trait ChunkFetch: Send + Sync {
     /// Fetches `ids` into the local store, counting arrivals on `progress`; how many are
     /// still missing afterwards.
     fn fetch(&self, ids: Vec<ChunkId>, progress: &indicatif::ProgressBar) -> usize;
-    /// Makes chunks that are already local servable to peers now, rather than on a peer's
-    /// first request for each.
-    fn index_local(&self, ids: Vec<ChunkId>);
 }
 
 pub(crate) struct Replicator {
@@ -103,7 +100,6 @@ impl Replicator {
             return Some(true);
         }
         let mut missing = Vec::new();
-        let mut local = Vec::new();
         let mut complete = true;
         let bar = progress_bar();
         let fetch = |ids: Vec<ChunkId>| {
@@ -139,25 +135,12 @@ impl Replicator {
                 .ondemand
                 .wants(String::from_utf8_lossy(&key).as_ref());
             if !wanted {
-                if let Ok(Some(m)) = manifest_of(self.vault.blobs.as_ref(), &entry.content) {
-                    local.extend(
-                        m.chunks()
-                            .iter()
-                            .map(|c| c.id)
-                            .filter(|id| self.vault.blobs.has(id).unwrap_or(false)),
-                    );
-                }
-                if local.len() >= WALK_BATCH {
-                    self.fetch.index_local(std::mem::take(&mut local));
-                }
                 continue;
             }
             match manifest_of(stores.blobs.as_ref(), &entry.content) {
                 Ok(Some(m)) => {
                     for id in m.chunks().iter().map(|c| c.id) {
-                        if self.vault.blobs.has(&id).unwrap_or(false) {
-                            local.push(id);
-                        } else {
+                        if !self.vault.blobs.has(&id).unwrap_or(false) {
                             missing.push(id);
                         }
                     }
@@ -186,15 +169,9 @@ impl Replicator {
             if missing.len() >= WALK_BATCH && !fetch(std::mem::take(&mut missing)) {
                 complete = false;
             }
-            if local.len() >= WALK_BATCH {
-                self.fetch.index_local(std::mem::take(&mut local));
-            }
         }
         if !missing.is_empty() && !fetch(missing) {
             complete = false;
-        }
-        if !local.is_empty() {
-            self.fetch.index_local(local);
         }
         if bar.length().unwrap_or(0) > 0 {
             bar.finish_with_message(if complete {
@@ -247,7 +224,6 @@ mod tests {
     /// The replicator's fetch, swappable mid-test (peers come and go), counting index calls.
     struct Swap {
         inner: Mutex<Arc<dyn ChunkFetch>>,
-        indexed: Mutex<Vec<ChunkId>>,
     }
 
     impl ChunkFetch for Swap {
@@ -255,16 +231,12 @@ mod tests {
             let f = self.inner.lock().unwrap().clone();
             f.fetch(ids, progress)
         }
-        fn index_local(&self, ids: Vec<ChunkId>) {
-            self.indexed.lock().unwrap().extend(ids);
-        }
     }
 
     fn blocking(pair: &Pair, peers: &[Behaviour]) -> Arc<dyn ChunkFetch> {
         Arc::new(BlockingFetch {
             fetcher: pair.fetcher_on_b(peers),
             handle: pair.rt.handle().clone(),
-            service: None,
         })
     }
 
@@ -327,7 +299,6 @@ mod tests {
                 &pair,
                 &[Behaviour::VanishesAfter(5), Behaviour::Corrupts],
             )),
-            indexed: Mutex::new(Vec::new()),
         });
         let mut r = Replicator::new(pair.b.clone(), swap.clone());
         assert_eq!(r.pass(&AtomicBool::new(false)), Some(false));
@@ -341,8 +312,6 @@ mod tests {
         for c in &chunks {
             pair.b.blobs.verify(c).unwrap();
         }
-        // The chunks that were already local in the second pass were made servable.
-        assert_eq!(swap.indexed.lock().unwrap().len(), 5);
     }
 
     #[test]
