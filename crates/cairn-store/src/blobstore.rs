@@ -810,6 +810,18 @@ impl BlobStore {
     /// Packs worth rewriting, least live first: every pack under half live, and then more
     /// until dead bytes are at most a sixth of the store (so it stays within 1.2× of its live
     /// data). Packs another handle is still writing are left alone.
+    /// Repacks the packs that are mostly removed blobs, so bytes removed outside a sweep
+    /// (evicting content on demand) leave the disk; see [`Self::repack`] for why this is
+    /// crash-safe. Returns the bytes freed.
+    pub fn compact(&self) -> Result<u64> {
+        let mut freed = 0;
+        for n in self.repack_candidates() {
+            freed += self.repack(n)?;
+        }
+        self.sync()?;
+        Ok(freed)
+    }
+
     pub(crate) fn repack_candidates(&self) -> Vec<u32> {
         let st = self.state();
         let total: u64 = st.packs.values().map(|p| p.len).sum();

@@ -186,7 +186,8 @@ impl NetNode {
             report.evicted_files += 1;
             od.forget(&e);
         }
-        vault.blobs.sync()?;
+        // Removed blobs only leave the disk when their pack is rewritten.
+        vault.blobs.compact()?;
         Ok(report)
     }
 
@@ -263,7 +264,8 @@ impl NetNode {
             freed += n;
             used = used.saturating_sub(n);
         }
-        vault.blobs.sync()?;
+        // Removed blobs only leave the disk when their pack is rewritten.
+        vault.blobs.compact()?;
         let (_, after) = vault.blobs.usage()?;
         if files > 0 {
             tracing::info!(
