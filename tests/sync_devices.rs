@@ -3103,11 +3103,21 @@ fn a_paused_peer_stalls_only_reads_of_what_only_it_has() {
         },
     );
 
-    // A stops answering, and B no longer holds cold.bin's content: only A has it.
+    // A stops answering, and B no longer holds cold.bin's content: only A has it. (B is
+    // stopped meanwhile: its store must not hold the chunks in a pack it still reads.)
     a.pause();
-    for id in &cold {
-        fs::remove_file(b.vault_dir().join("store").join(id)).unwrap();
+    b.stop();
+    {
+        let store = cairn_store::BlobStore::open(b.vault_dir().join("store")).unwrap();
+        for id in &cold {
+            assert!(store.remove(&id.parse().unwrap()).unwrap());
+        }
+        store.compact().unwrap();
+        for id in &cold {
+            assert!(store.locate(&id.parse().unwrap()).unwrap().is_none());
+        }
     }
+    b.start();
     let (tx, rx) = std::sync::mpsc::channel();
     let cold_path = b.path("cold.bin");
     let reader = std::thread::spawn(move || {

@@ -430,19 +430,5 @@ pub fn request(vault_dir: &Path, line: &str) -> Result<Option<String>> {
 
 /// [`request`] for work that may fetch a lot from peers.
 pub fn request_within(vault_dir: &Path, line: &str, wait: Duration) -> Result<Option<String>> {
-    let path = socket_path(vault_dir);
-    let stream = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(_) => return Ok(None),
-    };
-    stream.set_read_timeout(Some(wait))?;
-    (&stream).write_all(format!("{line}\n").as_bytes())?;
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let mut reply = String::new();
-    std::io::Read::read_to_string(&mut &stream, &mut reply)
-        .context("reading the daemon's reply")?;
-    if let Some(err) = reply.strip_prefix("err ") {
-        bail!("{}", err.trim());
-    }
-    Ok(Some(reply.strip_prefix("ok").unwrap_or(&reply).to_string()))
+    request_with_progress(vault_dir, line, wait, |_| {})
 }

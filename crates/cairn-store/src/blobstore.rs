@@ -810,12 +810,25 @@ impl BlobStore {
     /// Packs worth rewriting, least live first: every pack under half live, and then more
     /// until dead bytes are at most a sixth of the store (so it stays within 1.2× of its live
     /// data). Packs another handle is still writing are left alone.
-    /// Repacks the packs that are mostly removed blobs, so bytes removed outside a sweep
-    /// (evicting content on demand) leave the disk; see [`Self::repack`] for why this is
+    /// Rewrites every pack that holds removed blobs, so bytes removed outside a sweep
+    /// (content evicted on demand, which the user asked to free now) leave the disk. Unlike
+    /// the sweep's repack it does not wait for packs to be mostly garbage: it may copy up to
+    /// a pack's size of live data per pack touched. See [`Self::repack`] for why this is
     /// crash-safe. Returns the bytes freed.
     pub fn compact(&self) -> Result<u64> {
+        let with_dead: Vec<u32> = {
+            let st = self.state();
+            st.packs
+                .iter()
+                .filter(|(_, p)| {
+                    let overhead = PACK_MAGIC.len() as u64 + if p.sealed { HEADER_LEN } else { 0 };
+                    p.len > p.live + overhead
+                })
+                .map(|(n, _)| *n)
+                .collect()
+        };
         let mut freed = 0;
-        for n in self.repack_candidates() {
+        for n in with_dead {
             freed += self.repack(n)?;
         }
         self.sync()?;

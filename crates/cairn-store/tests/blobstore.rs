@@ -448,3 +448,55 @@ fn concurrent_opens_of_a_new_store() {
         assert!(store.has(&id).unwrap());
     }
 }
+
+/// Removing blobs only marks them; `compact` gives their bytes back to the disk at once,
+/// keeps every other blob readable, and rewrites nothing when nothing was removed.
+#[test]
+fn compact_frees_removed_bytes_and_keeps_the_rest() {
+    let (_dir, store) = store();
+    let blobs: Vec<Vec<u8>> = (0..40u32)
+        .map(|i| {
+            let mut b = vec![0u8; 100_000];
+            for (j, x) in b.iter_mut().enumerate() {
+                *x = (i as usize * 31 + j * 7) as u8;
+            }
+            b
+        })
+        .collect();
+    let ids: Vec<ChunkId> = blobs
+        .iter()
+        .map(|b| store.put(b, Durability::Batch).unwrap())
+        .collect();
+    store.sync().unwrap();
+    assert_eq!(
+        store.compact().unwrap(),
+        0,
+        "nothing removed, nothing freed"
+    );
+    let (_, full) = store.usage().unwrap();
+
+    // A tenth removed: far below any repack threshold, yet freed by compact.
+    for id in &ids[..4] {
+        assert!(store.remove(id).unwrap());
+    }
+    let (_, marked) = store.usage().unwrap();
+    assert!(marked >= full, "a removal alone frees nothing on disk");
+    let freed = store.compact().unwrap();
+    let (_, after) = store.usage().unwrap();
+    assert!(freed >= 4 * 100_000, "compact freed only {freed} bytes");
+    assert!(after + 4 * 100_000 <= full, "usage {full} -> {after}");
+    for (id, b) in ids.iter().zip(&blobs).skip(4) {
+        assert_eq!(&store.get(id).unwrap(), b);
+    }
+    for id in &ids[..4] {
+        assert!(!store.has(id).unwrap());
+    }
+    // The same after a reopen: the rewritten packs are what is on disk.
+    let root = store.root().to_path_buf();
+    drop(store);
+    let store = BlobStore::open(&root).unwrap();
+    for (id, b) in ids.iter().zip(&blobs).skip(4) {
+        assert_eq!(&store.get(id).unwrap(), b);
+    }
+    assert!(!store.has(&ids[0]).unwrap());
+}

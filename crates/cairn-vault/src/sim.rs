@@ -394,42 +394,40 @@ fn random_changes(
 
 /// A write through one name of group `g`: every name gets the bytes.
 fn linked_writes(g: &LinkGroup, bytes: Vec<u8>, mtime_ns: i64) -> Vec<(VaultPath, Change)> {
-    let mut xattrs = BTreeMap::new();
-    LinkGroup::store(Some(g), &mut xattrs);
-    g.names
-        .iter()
-        .filter_map(|n| VaultPath::new(n).ok())
-        .map(|path| {
-            let change = Change::Write {
-                attrs: Attrs {
-                    mode: 0o644,
-                    mtime_ns,
-                    xattrs: xattrs.clone(),
-                },
-                size: bytes.len() as u64,
-                content: Content::Inline(bytes.clone()),
-            };
-            (path, change)
-        })
-        .collect()
+    let attrs = Attrs {
+        mode: 0o644,
+        mtime_ns,
+        xattrs: BTreeMap::new(),
+    };
+    group_writes(g, attrs, bytes.len() as u64, Content::Inline(bytes))
 }
 
 /// Every name of `g` rewritten to carry `g` (or no group, for a single name) and `e`'s content.
 fn regroup(e: &Entry, g: &LinkGroup) -> Vec<(VaultPath, Change)> {
-    let mut xattrs = e.xattrs.clone();
-    LinkGroup::store(Some(g), &mut xattrs);
+    let attrs = Attrs {
+        mode: e.mode,
+        mtime_ns: e.mtime_ns,
+        xattrs: e.xattrs.clone(),
+    };
+    group_writes(g, attrs, e.size, e.content.clone())
+}
+
+/// One write per name of `g`, each with `attrs` plus the group and the same content.
+fn group_writes(
+    g: &LinkGroup,
+    mut attrs: Attrs,
+    size: u64,
+    content: Content,
+) -> Vec<(VaultPath, Change)> {
+    LinkGroup::store(Some(g), &mut attrs.xattrs);
     g.names
         .iter()
         .filter_map(|n| VaultPath::new(n).ok())
         .map(|path| {
             let change = Change::Write {
-                attrs: Attrs {
-                    mode: e.mode,
-                    mtime_ns: e.mtime_ns,
-                    xattrs: xattrs.clone(),
-                },
-                size: e.size,
-                content: e.content.clone(),
+                attrs: attrs.clone(),
+                size,
+                content: content.clone(),
             };
             (path, change)
         })

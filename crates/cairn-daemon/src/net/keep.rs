@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cairn_store::ChunkId;
+use cairn_store::{ChunkId, FileManifest};
 use cairn_vault::{Content, Entry, EntryKind, VaultPath, manifest_of};
 use serde::{Deserialize, Serialize};
 
@@ -159,12 +159,7 @@ impl NetNode {
             let Ok(Some(m)) = manifest_of(vault.blobs.as_ref(), &e.content) else {
                 continue;
             };
-            let local: Vec<(ChunkId, u64)> = m
-                .chunks()
-                .iter()
-                .filter(|c| vault.blobs.has(&c.id).unwrap_or(false))
-                .map(|c| (c.id, u64::from(c.len)))
-                .collect();
+            let local = self.local_chunks(&m, &HashSet::new());
             if local.is_empty() {
                 continue;
             }
@@ -189,6 +184,16 @@ impl NetNode {
         // Removed blobs only leave the disk when their pack is rewritten.
         vault.blobs.compact()?;
         Ok(report)
+    }
+
+    /// The chunks of `m` held here, but those in `kept`, with their plaintext sizes.
+    fn local_chunks(&self, m: &FileManifest, kept: &HashSet<ChunkId>) -> Vec<(ChunkId, u64)> {
+        let blobs = &self.publisher.vault.blobs;
+        m.chunks()
+            .iter()
+            .filter(|c| !kept.contains(&c.id) && blobs.has(&c.id).unwrap_or(false))
+            .map(|c| (c.id, u64::from(c.len)))
+            .collect()
     }
 
     /// Removes `chunks` but those in `kept`; their plaintext bytes.
@@ -244,12 +249,7 @@ impl NetNode {
             let Ok(Some(m)) = manifest_of(vault.blobs.as_ref(), &e.content) else {
                 continue;
             };
-            let local: Vec<(ChunkId, u64)> = m
-                .chunks()
-                .iter()
-                .filter(|c| !kept.contains(&c.id) && vault.blobs.has(&c.id).unwrap_or(false))
-                .map(|c| (c.id, u64::from(c.len)))
-                .collect();
+            let local = self.local_chunks(&m, &kept);
             if local.is_empty() {
                 continue;
             }
