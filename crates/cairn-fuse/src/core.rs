@@ -876,14 +876,7 @@ impl Core {
                 Ok(r)
             };
         }
-        let size = i64::try_from(base_size).unwrap_or(i64::MAX);
-        match whence {
-            _ if offset < 0 => Err(Errno::EINVAL),
-            _ if offset >= size => Err(Errno::from_i32(libc::ENXIO)),
-            libc::SEEK_DATA => Ok(offset),
-            libc::SEEK_HOLE => Ok(size),
-            _ => Err(Errno::EINVAL),
-        }
+        seek_dense(base_size, offset, whence)
     }
 
     /// Whether a read of `size` bytes at `offset` may wait on the network (see
@@ -947,5 +940,18 @@ fn content_entry(r: &Record, content: ContentRef) -> BaseEntry {
         xattrs: BTreeMap::new(),
         target: Vec::new(),
         content,
+    }
+}
+
+/// `SEEK_DATA` / `SEEK_HOLE` in a file of `size` bytes that is all data: one extent, then
+/// the hole at its end (vault content has no holes; `ENXIO` past the end, as the kernel says).
+pub(crate) fn seek_dense(size: u64, offset: i64, whence: i32) -> FsResult<i64> {
+    let size = i64::try_from(size).unwrap_or(i64::MAX);
+    match whence {
+        _ if offset < 0 => Err(Errno::EINVAL),
+        _ if offset >= size => Err(Errno::from_i32(libc::ENXIO)),
+        libc::SEEK_DATA => Ok(offset),
+        libc::SEEK_HOLE => Ok(size),
+        _ => Err(Errno::EINVAL),
     }
 }

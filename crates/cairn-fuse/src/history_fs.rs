@@ -682,16 +682,9 @@ impl Filesystem for WithHistory {
             return self.inner.lseek(req, ino, fh, offset, whence, reply);
         };
         // A past file is all data: one extent, then the hole at its end.
-        let r = h.file_size(ino.0).and_then(|size| {
-            let size = i64::try_from(size).unwrap_or(i64::MAX);
-            match whence {
-                _ if offset < 0 => Err(Errno::EINVAL),
-                _ if offset >= size => Err(Errno::from_i32(libc::ENXIO)),
-                libc::SEEK_DATA => Ok(offset),
-                libc::SEEK_HOLE => Ok(size),
-                _ => Err(Errno::EINVAL),
-            }
-        });
+        let r = h
+            .file_size(ino.0)
+            .and_then(|size| crate::core::seek_dense(size, offset, whence));
         match r {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(e),
