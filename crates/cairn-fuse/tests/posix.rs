@@ -404,11 +404,7 @@ fn symlink_link_and_name_limits() {
         fs::metadata(m.p("docs/hard")).unwrap(),
     );
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
-    // Symlinks and directories are not linked.
-    assert_eq!(
-        errno(fs::hard_link(m.p("l2"), m.p("hard-l2")).unwrap_err()),
-        libc::EPERM
-    );
+    // Directories are not linked (symlinks are: see symlinks_can_be_hard_linked).
     assert_eq!(
         errno(fs::hard_link(m.p("docs"), m.p("hard-docs")).unwrap_err()),
         libc::EPERM
@@ -656,4 +652,37 @@ fn directory_nlink_counts_subdirectories() {
         found,
         ["", "/a", "/docs", "/docs/b", "/docs/peer", "/empty"]
     );
+}
+
+/// A symlink can have several names like a file (`cp -al` of a tree holding symlinks), and
+/// they stay one inode across a flush into the base.
+#[test]
+fn symlinks_can_be_hard_linked() {
+    let m = Mounted::new(base_fixture());
+    std::os::unix::fs::symlink("hello.txt", m.p("new-link")).unwrap();
+    fs::hard_link(m.p("new-link"), m.p("new-link2")).unwrap();
+    // A symlink that came from the base.
+    fs::hard_link(m.p("link"), m.p("docs/link2")).unwrap();
+    let md = |rel: &str| fs::symlink_metadata(m.p(rel)).unwrap();
+    for (a, b) in [("new-link", "new-link2"), ("link", "docs/link2")] {
+        for round in ["overlay", "flushed"] {
+            let (x, y) = (md(a), md(b));
+            assert!(
+                x.file_type().is_symlink() && y.file_type().is_symlink(),
+                "{round}"
+            );
+            assert_eq!((x.ino(), x.nlink()), (y.ino(), 2), "{a} {b} {round}");
+            assert_eq!(fs::read_link(m.p(b)).unwrap().to_str(), Some("hello.txt"));
+            m.flush();
+        }
+    }
+    fs::remove_file(m.p("new-link")).unwrap();
+    assert_eq!(md("new-link2").nlink(), 1);
+    assert_eq!(
+        fs::read_link(m.p("new-link2")).unwrap().to_str(),
+        Some("hello.txt")
+    );
+    m.flush();
+    fs::remove_file(m.p("docs/link2")).unwrap();
+    assert_eq!(md("link").nlink(), 1);
 }
