@@ -970,12 +970,22 @@ fn hard_links() {
     fs::rename(m.path("d2"), m.path("d3")).unwrap();
     let (ino2, n2) = id("d3/x");
     assert_eq!((id("d1/renamed"), n2), ((ino2, 2), 2));
-    // Directories and symlinks cannot be linked; FIFOs can (on this device).
+    // Directories cannot be linked; symlinks can, and FIFOs too (on this device).
     let e = fs::hard_link(m.path("d1"), m.path("dirlink")).unwrap_err();
     assert_eq!(errno_of(&e), libc::EPERM);
     symlink("d1", m.path("sl")).unwrap();
-    let e = fs::hard_link(m.path("sl"), m.path("sl2")).unwrap_err();
-    assert_eq!(errno_of(&e), libc::EPERM);
+    fs::hard_link(m.path("sl"), m.path("d1/sl2")).unwrap();
+    let lid = |rel: &str| {
+        let md = fs::symlink_metadata(m.path(rel)).unwrap();
+        assert!(md.file_type().is_symlink(), "{rel}");
+        (md.ino(), md.nlink())
+    };
+    let (sino, snl) = lid("sl");
+    assert_eq!((snl, lid("d1/sl2")), (2, (sino, 2)));
+    assert_eq!(fs::read_link(m.path("d1/sl2")).unwrap(), Path::new("d1"));
+    fs::hard_link(m.path("sl"), m.path("sl3")).unwrap();
+    fs::remove_file(m.path("sl")).unwrap();
+    assert_eq!((lid("d1/sl2").1, lid("sl3").1), (2, 2));
     let fifo = cpath(&m.path("fifo"));
     // SAFETY: mkfifo reads the NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
@@ -990,6 +1000,15 @@ fn hard_links() {
     let (a, n) = id("d1/renamed");
     assert_eq!(n, 2, "st_nlink after remount");
     assert_eq!(id("d3/x"), (a, 2), "one inode after remount");
+    let (p, q) = (
+        fs::symlink_metadata(m.path("d1/sl2")).unwrap(),
+        fs::symlink_metadata(m.path("sl3")).unwrap(),
+    );
+    assert_eq!(
+        (p.ino(), p.nlink()),
+        (q.ino(), 2),
+        "symlink names after remount"
+    );
     fs::write(m.path("d3/x"), b"after remount").unwrap();
     assert_eq!(fs::read(m.path("d1/renamed")).unwrap(), b"after remount");
     fs::remove_file(m.path("d3/x")).unwrap();

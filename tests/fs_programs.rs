@@ -792,3 +792,41 @@ fn hard_links_through_tar_cp_al_rsync_h_and_git_clone_local() {
     assert!(all.contains(&two), "after remount: {all:?}");
     run(Command::new("diff").arg("-r").arg(&src).arg(&x));
 }
+
+/// `cp -al` of a tree holding symlinks (one dangling) links them too: one inode, two names,
+/// the same target; and `find` (which trusts a directory's `st_nlink`) sees every directory.
+#[test]
+fn cp_al_links_symlinks_and_find_sees_every_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let m = TestMount::new();
+    let t = m.path("t");
+    fs::create_dir_all(t.join("sub/deeper")).unwrap();
+    fs::create_dir(t.join("sub2")).unwrap();
+    fs::write(t.join("f"), b"file\n").unwrap();
+    std::os::unix::fs::symlink("f", t.join("s")).unwrap();
+    std::os::unix::fs::symlink("nowhere", t.join("sub/dangling")).unwrap();
+    run(Command::new("cp").arg("-al").arg(&t).arg(m.path("t2")));
+    for rel in ["f", "s", "sub/dangling"] {
+        let (p, q) = (
+            fs::symlink_metadata(t.join(rel)).unwrap(),
+            fs::symlink_metadata(m.path("t2").join(rel)).unwrap(),
+        );
+        assert_eq!((p.ino(), p.nlink()), (q.ino(), 2), "cp -al: {rel}");
+    }
+    assert_eq!(
+        fs::read_link(m.path("t2/sub/dangling")).unwrap(),
+        Path::new("nowhere")
+    );
+    run(Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(&t)
+        .arg(m.path("t2")));
+    assert_eq!(fs::symlink_metadata(&t).unwrap().nlink(), 4);
+    let out = run(Command::new("find").arg(m.path("t2")).arg("-type").arg("d")).stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&out).lines().count(),
+        4,
+        "t2, sub, sub/deeper, sub2"
+    );
+}

@@ -3559,3 +3559,43 @@ fn a_cache_budget_keeps_an_on_demand_store_near_it() {
     }
     assert_eq!(hash_file(&b.path("keep.bin")).unwrap(), kept);
 }
+
+/// A symlink with two names reaches a peer as one inode with two names, and a directory
+/// received from a peer counts its subdirectories in `st_nlink` (2 + subdirectories).
+#[test]
+fn symlink_links_and_directory_counts_reach_a_peer() {
+    let a = Device::init("A", Some(50));
+    let b = Device::join("B", &a, Some(50));
+    let both = [&a, &b];
+    fs::create_dir_all(a.path("top/sub1")).unwrap();
+    fs::create_dir(a.path("top/sub2")).unwrap();
+    std::os::unix::fs::symlink("sub1", a.path("top/ln")).unwrap();
+    fs::hard_link(a.path("top/ln"), a.path("ln2")).unwrap();
+    wait_until(
+        &both,
+        "the linked symlink and the directory on B",
+        SYNC_DEADLINE,
+        |why| {
+            let (Ok(x), Ok(y), Ok(t)) = (
+                fs::symlink_metadata(b.path("top/ln")),
+                fs::symlink_metadata(b.path("ln2")),
+                fs::symlink_metadata(b.path("top")),
+            ) else {
+                *why = "B: a name is missing".into();
+                return false;
+            };
+            *why = format!(
+                "B: ino {} / {}, nlink {} / {}, top nlink {}",
+                x.ino(),
+                y.ino(),
+                x.nlink(),
+                y.nlink(),
+                t.nlink()
+            );
+            x.file_type().is_symlink()
+                && x.ino() == y.ino()
+                && (x.nlink(), y.nlink(), t.nlink()) == (2, 2, 4)
+                && fs::read_link(b.path("ln2")).is_ok_and(|p| p == Path::new("sub1"))
+        },
+    );
+}

@@ -49,6 +49,8 @@ pub struct VaultBase {
     note: RwLock<Option<String>>,
     /// Pins and mode, for `user.cairn.pin` (the live mount's only).
     ondemand: Option<Arc<OnDemand>>,
+    /// Moves after every [`Self::set_view`] (see [`BaseLayer::version`]).
+    version: std::sync::atomic::AtomicU64,
 }
 
 fn vault_err(e: cairn_vault::VaultError) -> BaseError {
@@ -115,6 +117,7 @@ impl VaultBase {
             faults: None,
             note: RwLock::new(None),
             ondemand: None,
+            version: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -154,6 +157,10 @@ impl VaultBase {
 
     pub fn set_view(&self, view: MergedView) {
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = view;
+        // After the swap: a reader that saw the old number may have listed either view, and
+        // is told to list again; one that sees the new number lists the new view.
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn set_note(&self, note: Option<String>) {
@@ -304,6 +311,10 @@ pub fn entry_of(content: &ContentRef) -> Result<Entry, BaseError> {
 }
 
 impl BaseLayer for VaultBase {
+    fn version(&self) -> Option<u64> {
+        Some(self.version.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     fn root_note(&self) -> Option<String> {
         self.note.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

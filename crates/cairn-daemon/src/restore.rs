@@ -464,6 +464,7 @@ fn through_engine(
                 Content::Target(t) => Change::Symlink {
                     target: t.clone(),
                     mtime_ns: e.mtime_ns,
+                    xattrs: attrs.xattrs.clone(),
                 },
                 _ => bail!("symlink {:?} has no target in the snapshot", item.rel),
             },

@@ -176,6 +176,7 @@ impl VaultSink {
             (Kind::Symlink, Data::Target(t)) => Some(Change::Symlink {
                 target: t.clone(),
                 mtime_ns: r.mtime_ns,
+                xattrs: attrs.xattrs,
             }),
             (Kind::Symlink, _) => {
                 return Err(rejected(format!("{}: symlink without target", item.path)));

@@ -105,6 +105,13 @@ pub trait BaseLayer: Send + Sync {
     fn may_wait(&self, _entry: &BaseEntry, _offset: u64, _len: usize) -> bool {
         false
     }
+    /// A number that moves whenever what [`Self::get`] and [`Self::children`] answer may
+    /// have changed (it must move after the change is visible, never only before), or `None`
+    /// for a layer that cannot tell: then nothing derived from a listing is cached (the
+    /// subdirectory counts behind a directory's `st_nlink`).
+    fn version(&self) -> Option<u64> {
+        None
+    }
     /// What the mount root's `user.cairn.status` says instead of `synced`, if anything (for
     /// instance, deletions held by the mass-delete guard).
     fn root_note(&self) -> Option<String> {
@@ -132,6 +139,8 @@ struct MemState {
     blobs: HashMap<u64, Arc<[u8]>>,
     next_blob: u64,
     flushes: u64,
+    /// Moves with every write, in the same critical section (see [`BaseLayer::version`]).
+    version: u64,
 }
 
 impl MemState {
@@ -171,7 +180,10 @@ impl MemBase {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, MemState> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        // Readers see the new number only together with whatever this writer changes.
+        st.version += 1;
+        st
     }
 
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, MemState> {
@@ -289,6 +301,10 @@ fn remove_subtree(entries: &mut BTreeMap<String, BaseEntry>, path: &str) {
 impl BaseLayer for MemBase {
     fn get(&self, path: &str) -> Result<Option<BaseEntry>, BaseError> {
         Ok(self.entry(path))
+    }
+
+    fn version(&self) -> Option<u64> {
+        Some(self.read_state().version)
     }
 
     fn children(&self, dir: &str) -> Result<BaseChildren<'_>, BaseError> {

@@ -29,6 +29,9 @@ pub(crate) const COPY_BLOCK: usize = 1 << 20;
 /// they run on the kernel request thread that received them.
 const SLOW_READS: usize = 32;
 
+/// Directories whose subdirectory count is remembered; the table is emptied when full.
+const DIR_LINKS_CACHED: usize = 4096;
+
 /// Lost races (a namespace change while reading the base unlocked) before an operation
 /// takes the lock for its whole run; see [`Core::unlocked`].
 const OPTIMISTIC_TRIES: usize = 3;
@@ -63,6 +66,16 @@ pub(crate) struct Core {
     pub root_ctime_ns: AtomicI64,
     /// Reads running on threads of their own (see [`SlowRead`]).
     slow_reads: AtomicUsize,
+    /// `st_nlink` of directories by path, valid while neither the namespace generation nor
+    /// the base version moved: a `stat` of a directory then does not list it again.
+    dir_links: Mutex<HashMap<String, DirLinks>>,
+}
+
+#[derive(Clone, Copy)]
+struct DirLinks {
+    generation: u64,
+    base: u64,
+    nlink: u32,
 }
 
 /// One of the [`SLOW_READS`] slots for a read that may wait on the network; freed on drop.
@@ -117,6 +130,7 @@ impl Core {
             root_mtime_ns: AtomicI64::new(now_ns()),
             root_ctime_ns: AtomicI64::new(now_ns()),
             slow_reads: AtomicUsize::new(0),
+            dir_links: Mutex::new(HashMap::new()),
         }
     }
 
@@ -182,20 +196,98 @@ impl Core {
 
     /// [`Self::stat_ino`] without holding the namespace lock across the base reads.
     pub(crate) fn stat_ino_unlocked(&self, ino: u64) -> FsResult<Stat> {
+        self.stat_ino_inner(ino, false)
+    }
+
+    /// [`Self::stat_ino_unlocked`] with a directory's `st_nlink` counted (see
+    /// [`Self::with_dir_links`]): the attributes `getattr` replies with.
+    pub(crate) fn attr_ino_unlocked(&self, ino: u64) -> FsResult<Stat> {
+        self.stat_ino_inner(ino, true)
+    }
+
+    fn stat_ino_inner(&self, ino: u64, dir_links: bool) -> FsResult<Stat> {
         self.unlocked(
             |ns| {
                 let inode = ns.inodes.get(&ino).ok_or(Errno::ENOENT)?;
                 Ok(match &inode.path {
-                    Some(p) => Ok(p.clone()),
+                    Some(p) => Ok((p.clone(), ns.generation)),
                     None => Err(inode.detached.clone().ok_or(Errno::ENOENT)?),
                 })
             },
             |p| match p {
-                Ok(path) => self.stat_path(path),
+                Ok((path, generation)) => {
+                    let st = self.stat_path(path)?;
+                    Ok(if dir_links {
+                        self.with_dir_links(path, st, *generation)
+                    } else {
+                        st
+                    })
+                }
                 Err(detached) => Ok(detached.clone()),
             },
             |_, _, st| Ok(st),
         )
+    }
+
+    /// `st` (the attributes of `path`) with, for a directory, `st_nlink` = 2 + its
+    /// subdirectories, the POSIX convention `find` relies on to skip leaves. Must run where
+    /// [`Self::unlocked`] reads (or under the namespace lock), with the generation its
+    /// `prepare` saw: a count taken while the namespace moved is then never used. A count
+    /// that cannot be taken stays 1, which tells `find` "unknown"; one too low would make it
+    /// skip subdirectories.
+    pub(crate) fn with_dir_links(&self, path: &str, st: Stat, generation: u64) -> Stat {
+        self.dir_links_inner(path, st, generation, true)
+    }
+
+    /// [`Self::with_dir_links`] from the cache only, 1 if it does not know: for listings
+    /// with attributes, where counting would list every subdirectory of the one listed (and
+    /// wait on whichever a slow peer holds).
+    pub(crate) fn with_cached_dir_links(&self, path: &str, st: Stat, generation: u64) -> Stat {
+        self.dir_links_inner(path, st, generation, false)
+    }
+
+    fn dir_links_inner(&self, path: &str, mut st: Stat, generation: u64, count: bool) -> Stat {
+        if st.kind != EntryKind::Dir || st.nlink == 0 {
+            return st;
+        }
+        let base = self.base.version();
+        if let Some(base) = base
+            && let Some(c) = lock(&self.dir_links).get(path)
+            && c.generation == generation
+            && c.base == base
+        {
+            st.nlink = c.nlink;
+            return st;
+        }
+        if !count {
+            return st;
+        }
+        let Ok(children) = self.merged_children(path) else {
+            return st;
+        };
+        let subdirs = children
+            .iter()
+            .filter(|(_, n)| n.kind() == EntryKind::Dir)
+            .count();
+        let Some(nlink) = u32::try_from(subdirs).ok().and_then(|n| n.checked_add(2)) else {
+            return st;
+        };
+        st.nlink = nlink;
+        if let Some(base) = base {
+            let mut cache = lock(&self.dir_links);
+            if cache.len() >= DIR_LINKS_CACHED {
+                cache.clear();
+            }
+            cache.insert(
+                path.to_string(),
+                DirLinks {
+                    generation,
+                    base,
+                    nlink,
+                },
+            );
+        }
+        st
     }
 
     /// The path of `ino` and what it resolves to, read without holding the namespace lock.

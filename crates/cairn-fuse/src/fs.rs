@@ -72,11 +72,16 @@ impl Filesystem for CairnFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_result!(reply, self.do_lookup(parent, name), |v| reply.entry(
-            &self.ttl(),
-            &v.1.attr(v.0),
-            GEN
-        ));
+        reply_result!(reply, self.do_lookup(parent, name), |v| {
+            // A directory whose subdirectories were not counted: its attributes expire at
+            // once, so a stat asks getattr, which counts them.
+            let attr_ttl = if v.1.kind == EntryKind::Dir && v.1.nlink == 1 {
+                std::time::Duration::ZERO
+            } else {
+                self.ttl()
+            };
+            reply.entry_with_ttls(&attr_ttl, &self.ttl(), &v.1.attr(v.0), GEN)
+        });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -84,7 +89,7 @@ impl Filesystem for CairnFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let r = self.core.stat_ino_unlocked(ino.0);
+        let r = self.core.attr_ino_unlocked(ino.0);
         reply_result!(reply, r, |s| reply.attr(&self.ttl(), &s.attr(ino.0)));
     }
 
@@ -512,20 +517,21 @@ impl Filesystem for CairnFs {
                 break;
             }
             let full = self.core.unlocked(
-                |ns| Ok(ns.path(dir_ino).map(str::to_string).ok()),
-                |dir| {
+                |ns| Ok((ns.path(dir_ino).map(str::to_string).ok(), ns.generation)),
+                |(dir, generation)| {
                     Ok(dir.as_ref().map(|dir| {
                         batch
                             .iter()
                             .enumerate()
                             .map(|(k, name)| {
                                 let (path, _) = entry_path(dir, next + k, name);
-                                self.core.stat_path(&path).ok()
+                                let st = self.core.stat_path(&path).ok()?;
+                                Some(self.core.with_cached_dir_links(&path, st, *generation))
                             })
                             .collect::<Vec<_>>()
                     }))
                 },
-                |ns, dir, stats| {
+                |ns, (dir, _), stats| {
                     // The directory itself went away while listing: nothing more to say.
                     let (Some(dir), Some(stats)) = (dir, stats) else {
                         return Ok(true);

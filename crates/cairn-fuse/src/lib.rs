@@ -9,7 +9,10 @@
 //! - Paths are the identity; a hard link is a set of paths that carry one link group (see
 //!   [`cairn_overlay::LinkGroup`]) and show as one inode. Inode numbers are stable for as
 //!   long as the kernel holds an inode, and follow renames.
-//! - Directories report `st_nlink == 1`.
+//! - A directory's `st_nlink` is 2 + its subdirectories in `getattr` and `mkdir` replies;
+//!   1 ("unknown" to `find`) where the count cannot be taken, and in `lookup`, `setattr`
+//!   and `readdirplus` replies unless already counted, rather than list the directory (a
+//!   lookup reply with 1 expires its attributes at once, so `stat` asks `getattr`).
 //! - Names must be UTF-8 (`EILSEQ` otherwise) and at most 255 bytes (`ENAMETOOLONG`).
 //! - An open file keeps the content it had when its data was last flushed or written, until
 //!   every handle is closed; base changes reach it after that.

@@ -17,12 +17,12 @@ use crate::fs::CairnFs;
 use crate::namespace::{NAME_MAX, Namespace, Node, join};
 use crate::stat::Stat;
 
-/// Record kinds that may have several names: regular files, and the special files that
-/// live on this device only (their groups never leave it either).
+/// Record kinds that may have several names: regular files, symlinks, and the special
+/// files that live on this device only (their groups never leave it either).
 fn linkable(kind: Kind) -> bool {
     matches!(
         kind,
-        Kind::File | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev
+        Kind::File | Kind::Symlink | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev
     )
 }
 
@@ -30,7 +30,7 @@ fn linkable(kind: Kind) -> bool {
 pub(crate) fn group_of(node: &Node) -> Option<LinkGroup> {
     let linkable = match node {
         Node::Rec(r) => linkable(r.kind),
-        Node::Base(b) => b.kind == crate::base::EntryKind::File,
+        Node::Base(b) => b.kind != crate::base::EntryKind::Dir,
     };
     if !linkable {
         return None;
@@ -200,9 +200,8 @@ impl CairnFs {
         let node = self.core.resolve(&src)?.ok_or(Errno::ENOENT)?;
         match &node {
             Node::Rec(r) if linkable(r.kind) => {}
-            Node::Base(b) if b.kind == crate::base::EntryKind::File => {}
-            // Directories cannot be linked (POSIX); a symlink's snapshot entry has no
-            // attributes to carry a group in, so its links would come apart at the next flush.
+            Node::Base(b) if b.kind != crate::base::EntryKind::Dir => {}
+            // Directories cannot be linked (POSIX).
             _ => return Err(Errno::EPERM),
         }
         if self.core.resolve(&dst)?.is_some() {

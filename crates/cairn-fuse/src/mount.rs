@@ -1,5 +1,6 @@
 //! Mounting, unmounting and kernel cache invalidation.
 
+use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -376,11 +377,17 @@ impl Invalidator {
         let mut cells = Vec::new();
         {
             let ns = self.core.ns();
+            let mut parents = HashSet::new();
             for p in changed_paths {
                 if !p.is_empty()
                     && let Some(&parent) = ns.paths.get(parent_of(p))
                 {
                     entries.push((parent, name_of(p).to_string()));
+                    // A directory's st_nlink counts its subdirectories: a peer's new or
+                    // removed one changes the parent's attributes too.
+                    if parents.insert(parent) {
+                        inodes.push(parent);
+                    }
                 }
                 if let Some(&ino) = ns.paths.get(p.as_str()) {
                     inodes.push(ino);

@@ -119,9 +119,14 @@ impl CairnFs {
 
     pub(crate) fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> FsResult<(u64, Stat)> {
         self.core.unlocked(
-            |ns| self.child_path(ns, parent, name),
-            |path| self.core.stat_path(path),
-            |ns, path, stat| {
+            |ns| Ok((self.child_path(ns, parent, name)?, ns.generation)),
+            |(path, generation)| {
+                let st = self.core.stat_path(path)?;
+                // Counting here would make a lookup wait on the directory's own listing
+                // (a slow peer's); the reply leaves an uncounted one to getattr instead.
+                Ok(self.core.with_cached_dir_links(path, st, *generation))
+            },
+            |ns, (path, _), stat| {
                 let ino = ns.ino_linked(&path, stat.link);
                 if let Some(i) = ns.inodes.get_mut(&ino) {
                     i.nlookup += 1;
@@ -158,7 +163,10 @@ impl CairnFs {
         self.core.drop_released(&ns, change.released);
         self.core.touch_dir(&ns, parent_of(&path), now_ns())?;
         self.core.touched();
-        self.entry_for(&mut ns, &path)
+        let (ino, st) = self.entry_for(&mut ns, &path)?;
+        // A new directory's count reads only what warm_child made local.
+        let generation = ns.generation;
+        Ok((ino, self.core.with_dir_links(&path, st, generation)))
     }
 
     pub(crate) fn do_setattr(&self, req: &Request, ino: u64, ch: AttrChange) -> FsResult<Stat> {

@@ -82,8 +82,6 @@ impl Stat {
             crtime: ns_to_time(self.mtime_ns),
             kind: self.special.unwrap_or(file_type(self.kind)),
             perm: (self.perm & 0o7777) as u16,
-            // Directories report 1 like btrfs: counting subdirectories would make every stat
-            // of a directory a listing of it; find and friends treat 1 as "unknown".
             nlink: self.nlink,
             uid: self.uid,
             gid: self.gid,

@@ -404,11 +404,7 @@ fn symlink_link_and_name_limits() {
         fs::metadata(m.p("docs/hard")).unwrap(),
     );
     assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
-    // Symlinks and directories are not linked.
-    assert_eq!(
-        errno(fs::hard_link(m.p("l2"), m.p("hard-l2")).unwrap_err()),
-        libc::EPERM
-    );
+    // Directories are not linked (symlinks are: see symlinks_can_be_hard_linked).
     assert_eq!(
         errno(fs::hard_link(m.p("docs"), m.p("hard-docs")).unwrap_err()),
         libc::EPERM
@@ -594,4 +590,99 @@ fn fsync_is_durable_and_triggers_a_flush() {
     }
     // fsyncdir works too.
     File::open(&m.mnt).unwrap().sync_all().unwrap();
+}
+
+/// A directory's st_nlink is 2 + its subdirectories (what `find` uses to skip leaves), in
+/// the overlay, in the base, across flushes and when the base changes under the mount.
+#[test]
+fn directory_nlink_counts_subdirectories() {
+    let m = Mounted::new(base_fixture());
+    let nlink = |rel: &str| fs::symlink_metadata(m.p(rel)).unwrap().nlink();
+    // Base directories: docs holds sub (and two files), sub and empty hold none.
+    assert_eq!(nlink("docs"), 3);
+    assert_eq!(nlink("docs/sub"), 2);
+    assert_eq!(nlink("empty"), 2);
+    // The root holds docs and empty.
+    assert_eq!(nlink(""), 4);
+
+    fs::create_dir(m.p("a")).unwrap();
+    assert_eq!(nlink("a"), 2);
+    fs::create_dir(m.p("a/b")).unwrap();
+    fs::create_dir(m.p("a/c")).unwrap();
+    fs::write(m.p("a/f"), b"files do not count").unwrap();
+    std::os::unix::fs::symlink("b", m.p("a/l")).unwrap();
+    assert_eq!(nlink("a"), 4);
+    assert_eq!(nlink(""), 5);
+    fs::remove_dir(m.p("a/c")).unwrap();
+    assert_eq!(nlink("a"), 3);
+    fs::rename(m.p("a/b"), m.p("docs/b")).unwrap();
+    assert_eq!(nlink("a"), 2);
+    assert_eq!(nlink("docs"), 4);
+    // A base directory moved in and out keeps the counts exact.
+    fs::rename(m.p("docs/sub"), m.p("a/sub")).unwrap();
+    assert_eq!((nlink("a"), nlink("docs")), (3, 3));
+
+    // The flush moves everything into the base: same counts.
+    m.flush();
+    assert_eq!((nlink("a"), nlink("docs"), nlink("")), (3, 3, 5));
+
+    // A peer's snapshot adds a directory under docs and removes a/sub.
+    m.base.insert_dir("docs/peer", 0o755);
+    m.base.remove("a/sub");
+    m.handle()
+        .base_changed(&["docs/peer".to_string(), "a/sub".to_string()]);
+    assert_eq!((nlink("docs"), nlink("a")), (4, 2));
+
+    // readdirplus replies carry the counts too: `find` (which trusts them) sees every
+    // directory.
+    let out = std::process::Command::new("find")
+        .arg(&m.mnt)
+        .arg("-type")
+        .arg("d")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut found: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix(m.mnt.to_str().unwrap()).map(str::to_string))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        ["", "/a", "/docs", "/docs/b", "/docs/peer", "/empty"]
+    );
+}
+
+/// A symlink can have several names like a file (`cp -al` of a tree holding symlinks), and
+/// they stay one inode across a flush into the base.
+#[test]
+fn symlinks_can_be_hard_linked() {
+    let m = Mounted::new(base_fixture());
+    std::os::unix::fs::symlink("hello.txt", m.p("new-link")).unwrap();
+    fs::hard_link(m.p("new-link"), m.p("new-link2")).unwrap();
+    // A symlink that came from the base.
+    fs::hard_link(m.p("link"), m.p("docs/link2")).unwrap();
+    let md = |rel: &str| fs::symlink_metadata(m.p(rel)).unwrap();
+    for (a, b) in [("new-link", "new-link2"), ("link", "docs/link2")] {
+        for round in ["overlay", "flushed"] {
+            let (x, y) = (md(a), md(b));
+            assert!(
+                x.file_type().is_symlink() && y.file_type().is_symlink(),
+                "{round}"
+            );
+            assert_eq!((x.ino(), x.nlink()), (y.ino(), 2), "{a} {b} {round}");
+            assert_eq!(fs::read_link(m.p(b)).unwrap().to_str(), Some("hello.txt"));
+            m.flush();
+        }
+    }
+    fs::remove_file(m.p("new-link")).unwrap();
+    assert_eq!(md("new-link2").nlink(), 1);
+    assert_eq!(
+        fs::read_link(m.p("new-link2")).unwrap().to_str(),
+        Some("hello.txt")
+    );
+    m.flush();
+    fs::remove_file(m.p("docs/link2")).unwrap();
+    assert_eq!(md("link").nlink(), 1);
 }

@@ -192,9 +192,11 @@ fn a_held_base_read_stalls_only_what_needs_it() {
         let f = p("slowdata/data.bin");
         in_thread(move || fs::read(f))
     };
+    let ok = gate.wait_entered(&held, Duration::from_secs(30));
+    let entered = gate.st.lock().unwrap().entered.clone();
     assert!(
-        gate.wait_entered(&held, Duration::from_secs(30)),
-        "the held operations never reached the base"
+        ok,
+        "the held operations never reached the base: {entered:?}"
     );
 
     // Meanwhile, everything else: lookups, attributes, listings with attributes, reads,

@@ -41,6 +41,8 @@ pub enum Change {
     Symlink {
         target: Vec<u8>,
         mtime_ns: i64,
+        /// Its link group when it has several names (a symlink's mode is always 0o777).
+        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     },
     Mkdir {
         attrs: Attrs,
@@ -472,7 +474,11 @@ impl Tx<'_> {
                 };
                 self.put_checked(path, fk, entry)
             }
-            Change::Symlink { target, mtime_ns } => {
+            Change::Symlink {
+                target,
+                mtime_ns,
+                xattrs,
+            } => {
                 self.require_parent(path)?;
                 if self.live(&dk)?.is_some() || self.live(&fk)?.is_some() {
                     return Err(VaultError::rejected(path, "already exists"));
@@ -482,7 +488,7 @@ impl Tx<'_> {
                     mode: 0o777,
                     mtime_ns,
                     size: target.len() as u64,
-                    xattrs: BTreeMap::new(),
+                    xattrs,
                     content: Content::Target(target),
                     version: self.next_version(&fk, clock, now)?,
                 };

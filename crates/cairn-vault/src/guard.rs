@@ -176,6 +176,7 @@ pub fn reject_changes(entries: &[HeldEntry]) -> Vec<(VaultPath, Change)> {
             (EntryKind::Symlink, Content::Target(t)) => Change::Symlink {
                 target: t.clone(),
                 mtime_ns: b.mtime_ns,
+                xattrs: b.xattrs.clone(),
             },
             (EntryKind::File, content) => Change::Write {
                 attrs,

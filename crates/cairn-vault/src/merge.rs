@@ -438,7 +438,7 @@ fn link_coherent(st: &mut State<'_>, key: &[u8], e: &Entry, g: &LinkGroup) -> Re
             continue;
         }
         let ok = st.get(&k)?.is_some_and(|o| {
-            o.kind == EntryKind::File
+            o.kind == e.kind
                 && o.content == e.content
                 && o.size == e.size
                 && LinkGroup::of(&o.xattrs).as_ref() == Some(g)
@@ -461,7 +461,8 @@ fn check_links(st: &mut State<'_>) -> Result<()> {
     let mut work: BTreeSet<Vec<u8>> = st.decided.keys().cloned().collect();
     while let Some(key) = work.pop_first() {
         let Some(e) = st.get(&key)? else { continue };
-        if e.kind != EntryKind::File {
+        // A symlink's target is its content: its names are linked like a file's.
+        if !matches!(e.kind, EntryKind::File | EntryKind::Symlink) {
             continue;
         }
         let Some(g) = LinkGroup::of(&e.xattrs) else {
