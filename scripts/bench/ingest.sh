@@ -37,26 +37,26 @@ def cpu():
 def revision():
     s = status()
     return (s["last_snapshot"] or {}).get("revision", 0), s["state"]
-# One random source in memory, so both writers copy the same bytes and neither reads a disk.
-block = [os.urandom(1 << 20) for _ in range(64)]
-def write(path, salt):
+def write(path, payload):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for i in range(mib):
-        b = block[i % 64]
-        # Unique content per MiB and run: no chunk is deduplicated against an earlier run.
-        os.write(fd, (i + salt * 100003).to_bytes(8, "little") + b[8:])
+    view = memoryview(payload)
+    for i in range(0, len(payload), 1 << 20):
+        os.write(fd, view[i:i + (1 << 20)])
     os.fsync(fd)
     os.close(fd)
 cairn, plain, cpus = [], [], []
 for r in range(runs):
+    # Fresh random bytes in memory per run: both writers copy the same bytes, neither reads a
+    # disk, and nothing deduplicates against an earlier run.
+    payload = os.urandom(mib << 20)
     t = time.monotonic()
-    write(f"{work}/plain/f.bin", 2 * r + 1)
+    write(f"{work}/plain/f.bin", payload)
     plain.append(time.monotonic() - t)
     os.remove(f"{work}/plain/f.bin")
     rev0, _ = revision()
     c0 = cpu()
     t = time.monotonic()
-    write(f"{work}/mnt/big{r}.bin", 2 * r)
+    write(f"{work}/mnt/big{r}.bin", payload)
     t_fsync = time.monotonic() - t
     while True:
         rev, state = revision()
