@@ -56,6 +56,8 @@ pub struct SimStats {
     pub final_entries: usize,
     /// Live names in the converged tree that belong to a link group.
     pub final_linked: usize,
+    /// Of those, symlinks.
+    pub final_linked_symlinks: usize,
     pub exchange_rounds: usize,
 }
 
@@ -289,7 +291,11 @@ pub fn run(cfg: &SimConfig) -> Result<SimStats, SimFailure> {
         )));
     }
     let root = devices[0].vault.root();
-    (stats.final_entries, stats.final_linked) = check(&stores, root, &events).map_err(fail)?;
+    (
+        stats.final_entries,
+        stats.final_linked,
+        stats.final_linked_symlinks,
+    ) = check(&stores, root, &events).map_err(fail)?;
     Ok(stats)
 }
 
@@ -311,28 +317,42 @@ fn random_changes(
     };
     let file = |rng: &mut StdRng| p(FILES[rng.random_range(0..FILES.len())]);
     let dir = |rng: &mut StdRng| p(DIRS[rng.random_range(0..DIRS.len())]);
-    let live_file = |path: &VaultPath| -> crate::Result<Option<Entry>> {
+    // Files and symlinks: both can be hard-linked.
+    let live_named = |path: &VaultPath| -> crate::Result<Option<Entry>> {
         Ok(vault
             .entry(&EntryKey::file(path.clone()))?
-            .filter(|e| e.is_live() && e.kind == EntryKind::File))
+            .filter(|e| e.is_live() && matches!(e.kind, EntryKind::File | EntryKind::Symlink)))
     };
     let group_of = |path: &VaultPath| -> crate::Result<Option<(Entry, LinkGroup)>> {
-        Ok(live_file(path)?.and_then(|e| LinkGroup::of(&e.xattrs).map(|g| (e, g))))
+        Ok(live_named(path)?.and_then(|e| LinkGroup::of(&e.xattrs).map(|g| (e, g))))
     };
     Ok(match rng.random_range(0..100u32) {
-        0..42 => {
+        0..38 => {
             let path = file(rng);
             let bytes = format!("dev{device}-write{counter}").into_bytes();
             match group_of(&path)? {
-                Some((_, g)) => linked_writes(&g, bytes, counter as i64),
+                Some((e, g)) if e.kind == EntryKind::File => {
+                    linked_writes(&g, bytes, counter as i64)
+                }
+                // Writing to a linked symlink's name would write its target, not the link.
+                Some(_) => Vec::new(),
                 None => vec![(path, Change::write_inline(bytes, 0o644, counter as i64))],
             }
+        }
+        38..42 => {
+            let target = format!("dev{device}-target{counter}").into_bytes();
+            let change = Change::Symlink {
+                target,
+                mtime_ns: counter as i64,
+                xattrs: BTreeMap::new(),
+            };
+            vec![(file(rng), change)]
         }
         42..56 => {
             let path = file(rng);
             let mut out = vec![(path.clone(), Change::Remove)];
             if let Some((e, g)) = group_of(&path)? {
-                out.extend(regroup(&e, &g.without_name(path.as_str())));
+                out.extend(regroup(&e, &g.without_name(path.as_str()), None));
             }
             out
         }
@@ -358,6 +378,7 @@ fn random_changes(
                 out.extend(regroup(
                     &e,
                     &g.without_name(from.as_str()).with_name(to.as_str()),
+                    None,
                 ));
             }
             out
@@ -373,7 +394,7 @@ fn random_changes(
         _ => {
             // link(from, to): `to` must be a new name.
             let (from, to) = (file(rng), file(rng));
-            let Some(e) = live_file(&from)? else {
+            let Some(e) = live_named(&from)? else {
                 return Ok(Vec::new());
             };
             if vault.lookup(&to)?.is_some() {
@@ -387,7 +408,7 @@ fn random_changes(
                 }
                 .with_name(to.as_str()),
             };
-            regroup(&e, &g)
+            regroup(&e, &g, Some(&to))
         }
     })
 }
@@ -402,14 +423,37 @@ fn linked_writes(g: &LinkGroup, bytes: Vec<u8>, mtime_ns: i64) -> Vec<(VaultPath
     group_writes(g, attrs, bytes.len() as u64, Content::Inline(bytes))
 }
 
-/// Every name of `g` rewritten to carry `g` (or no group, for a single name) and `e`'s content.
-fn regroup(e: &Entry, g: &LinkGroup) -> Vec<(VaultPath, Change)> {
-    let attrs = Attrs {
+/// Every name of `g` rewritten to carry `g` (or no group, for a single name) and `e`'s
+/// content; `fresh` is a name the commit creates. A symlink's names keep their target and
+/// change attributes only (the new name is a new symlink), as the mount does.
+fn regroup(e: &Entry, g: &LinkGroup, fresh: Option<&VaultPath>) -> Vec<(VaultPath, Change)> {
+    let mut attrs = Attrs {
         mode: e.mode,
         mtime_ns: e.mtime_ns,
         xattrs: e.xattrs.clone(),
     };
-    group_writes(g, attrs, e.size, e.content.clone())
+    let (EntryKind::Symlink, Content::Target(target)) = (&e.kind, &e.content) else {
+        return group_writes(g, attrs, e.size, e.content.clone());
+    };
+    LinkGroup::store(Some(g), &mut attrs.xattrs);
+    g.names
+        .iter()
+        .filter_map(|n| VaultPath::new(n).ok())
+        .map(|path| {
+            let change = if fresh == Some(&path) {
+                Change::Symlink {
+                    target: target.clone(),
+                    mtime_ns: e.mtime_ns,
+                    xattrs: attrs.xattrs.clone(),
+                }
+            } else {
+                Change::SetAttrs {
+                    attrs: attrs.clone(),
+                }
+            };
+            (path, change)
+        })
+        .collect()
 }
 
 /// One write per name of `g`, each with `attrs` plus the group and the same content.
@@ -479,13 +523,13 @@ fn record(
     Ok(())
 }
 
-/// Checks the converged tree against the oracle; returns the number of entries and of
-/// linked names.
+/// Checks the converged tree against the oracle; returns the number of entries, of linked
+/// names and of linked symlinks.
 fn check(
     stores: &VaultStores,
     root: NodeId,
     events: &BTreeMap<Vec<u8>, Vec<Event>>,
-) -> Result<(usize, usize), String> {
+) -> Result<(usize, usize, usize), String> {
     let src = stores.source(root);
     let all: Vec<(Vec<u8>, Entry)> = src
         .scan(b"", None)
@@ -517,14 +561,16 @@ fn check(
 
     // Links: every live member of a link group is listed by it, and every name it lists is
     // a live file with the same group and the same content.
-    let mut linked = 0;
+    let (mut linked, mut linked_symlinks) = (0, 0);
     for (k, e) in &live {
         let Some(g) = LinkGroup::of(&e.xattrs) else {
             continue;
         };
         linked += 1;
+        linked_symlinks += usize::from(e.kind == EntryKind::Symlink);
         let key = EntryKey::from_bytes(k).map_err(|e| e.to_string())?;
-        if e.kind != EntryKind::File || !g.names.iter().any(|n| n == key.path.as_str()) {
+        let linkable = matches!(e.kind, EntryKind::File | EntryKind::Symlink);
+        if !linkable || !g.names.iter().any(|n| n == key.path.as_str()) {
             return Err(format!(
                 "{} carries link group {:?} that does not list it",
                 show(k),
@@ -536,7 +582,8 @@ fn check(
                 .ok()
                 .and_then(|p| live.get(p.file_key().as_slice()).copied());
             let coherent = other.is_some_and(|o| {
-                o.content == e.content
+                o.kind == e.kind
+                    && o.content == e.content
                     && o.size == e.size
                     && LinkGroup::of(&o.xattrs).as_ref() == Some(&g)
             });
@@ -646,7 +693,7 @@ fn check(
             }
         }
     }
-    Ok((all.len(), linked))
+    Ok((all.len(), linked, linked_symlinks))
 }
 
 fn in_conflict_copy(live: &BTreeMap<&[u8], &Entry>, path: &VaultPath, bytes: &[u8]) -> bool {

@@ -17,7 +17,7 @@ fn simulated_devices_converge_without_loss() {
             (0..count).chain([473]).collect()
         }
     };
-    let mut totals = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut totals = (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
     let single = std::env::var("CAIRN_SIM_SEED").is_ok();
     for seed in seeds {
         match run(&SimConfig::new(seed)) {
@@ -27,16 +27,21 @@ fn simulated_devices_converge_without_loss() {
                 totals.2 += s.conflicts;
                 totals.3 += s.final_entries;
                 totals.4 += s.final_linked;
+                totals.5 += s.final_linked_symlinks;
             }
             Err(f) => panic!("{f}"),
         }
     }
     eprintln!(
-        "sim totals: {} ops applied, {} deliveries, {} conflicts, {} final entries, {} linked",
-        totals.0, totals.1, totals.2, totals.3, totals.4
+        "sim totals: {} ops applied, {} deliveries, {} conflicts, {} final entries, {} linked ({} symlinks)",
+        totals.0, totals.1, totals.2, totals.3, totals.4, totals.5
     );
     // The runs must actually exercise the merge, not pass vacuously; over many seeds some
     // hard links must survive to the end, or the link rules went untested.
     assert!(totals.0 > 0 && totals.1 > 0);
     assert!(single || totals.4 > 0, "no seed ended with a hard link");
+    assert!(
+        single || totals.5 > 0,
+        "no seed ended with a hard-linked symlink"
+    );
 }
