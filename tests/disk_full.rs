@@ -79,7 +79,7 @@ fn fill(dir: &Path) -> PathBuf {
         match f.write(&block) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc_enospc()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
             Err(e) => panic!("filling {}: {e}", path.display()),
         }
     }
@@ -90,11 +90,6 @@ fn fill(dir: &Path) -> PathBuf {
         }
     }
     path
-}
-
-/// ENOSPC on Linux (the tests do not link libc).
-fn libc_enospc() -> i32 {
-    28
 }
 
 #[test]
@@ -126,12 +121,12 @@ fn a_full_disk_refuses_writes_keeps_everything_and_recovers_by_itself() {
     let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
     assert_eq!(
         errno(write_synced(&dir.mnt.join("new.bin"), &[7u8; 1 << 20])),
-        Some(libc_enospc()),
+        Some(libc::ENOSPC),
         "a new file on a full disk"
     );
     assert_eq!(
         errno(fs::create_dir(dir.mnt.join("newdir"))),
-        Some(libc_enospc())
+        Some(libc::ENOSPC)
     );
     // With the kernel's writeback cache an append may be accepted into the page cache;
     // the refusal then comes at fsync, as it would on any writeback filesystem.
@@ -144,7 +139,7 @@ fn a_full_disk_refuses_writes_keeps_everything_and_recovers_by_itself() {
         });
     assert_eq!(
         errno(append),
-        Some(libc_enospc()),
+        Some(libc::ENOSPC),
         "an append on a full disk"
     );
 

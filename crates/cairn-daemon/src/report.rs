@@ -141,22 +141,19 @@ pub fn report(state: &VaultState, opts: &ReportOptions) -> Result<Report> {
     // On a full disk the databases may not even open (SQLite needs room to start a
     // transaction); the report then says what it can without them instead of failing.
     let device = match OpenVault::open(state) {
-        Ok(d) => Some(d),
+        Ok(d) => d,
         Err(e) if disk.as_ref().is_some_and(|d| d.full) => {
             tracing::debug!(error = %format!("{e:#}"), "status without the vault's databases");
-            None
+            return Ok(disk_full_report(
+                state,
+                disk,
+                live,
+                daemon_status,
+                pending_paths,
+                opts.default_mode,
+            ));
         }
         Err(e) => return Err(e),
-    };
-    let Some(device) = device else {
-        return Ok(disk_full_report(
-            state,
-            disk,
-            live,
-            daemon_status,
-            pending_paths,
-            opts.default_mode,
-        ));
     };
     device.ondemand.set_default_mode(opts.default_mode);
     let vault_id = state.secret.vault_id();
